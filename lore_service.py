@@ -1,0 +1,2776 @@
+#!/usr/bin/env python3
+"""lore-service: run `lore` (gitlore) sync by itself, per project, on the OS scheduler.
+
+`lore` syncs GitLab issues and merge requests into a local store in four stages
+(issues, mrs, docs, embeddings). `lore-service install` registers one schedule
+per project with the operating system's own scheduler (systemd user timers,
+cron, launchd, Task Scheduler, or none); when it fires, `lore-service run`
+executes the stages under a policy (lock, persisted full-jitter backoff,
+circuit breaker, critical vs optional stages) and records the outcome in
+versioned, atomically written state.
+
+Contents (sections appear in dependency order; each is bannered):
+    1. Errors and exit codes      LoreServiceError and its exit-code family
+    2. System                     the one injectable object for OS calls
+    3. Utilities                  time formatting, intervals, atomic files
+    4. Identity and paths         service ids, per-user folders
+    5. Config and manifest        service.toml, manifest.json
+    6. Status                     status.json, run records, derived state
+    7. Secrets                    env-file, keyring stores, embedded
+    8. Policy                     lock, skip rules, backoff, circuit breaker
+    9. Runner                     stage processes, timeouts, streaming
+   10. Logs                       rotating service log, tail, follow
+   11. Backends                   SchedulerBackend, registry, none backend
+   12. Doctor                     checks with ok/warn/fail and a fix
+   13. CLI                        argparse, commands, robot envelope, main()
+
+Start-up cost matters: `status` must start in a few multiples of a bare
+interpreter, so only json, argparse and dataclasses are imported at the top;
+everything else (subprocess, threading, tomllib, keyring, ...) is imported in
+the function that needs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:  # typing-only imports cost nothing at run time
+    import subprocess
+    from collections.abc import Callable, Iterator, Sequence
+
+__version__ = "0.1.0"
+APP_NAME = "lore"
+TOOL_NAME = "lore-service"
+SCHEMA_VERSION = 1
+
+# ============================================================================
+# 1. Errors and exit codes
+# ============================================================================
+
+EXIT_OK = 0  # success, including a run skipped by policy
+EXIT_FAILED = 1  # the operation failed (critical stage failed, doctor fail)
+EXIT_USAGE = 2  # bad input or usage
+EXIT_NOT_INSTALLED = 3  # no such service installed
+EXIT_STATE = 4  # state file corrupt, unreadable or from a newer schema
+EXIT_BUSY = 5  # another run holds the lock
+EXIT_SCHEDULER = 6  # scheduler or prerequisite failure
+
+EXIT_CODES = {
+    EXIT_OK: "success (a run skipped by policy is a success)",
+    EXIT_FAILED: "the operation failed",
+    EXIT_USAGE: "bad input or usage",
+    EXIT_NOT_INSTALLED: "no such service installed",
+    EXIT_STATE: "state file corrupt, unreadable, or written by a newer schema",
+    EXIT_BUSY: "busy: another run holds the lock",
+    EXIT_SCHEDULER: "scheduler or prerequisite failure",
+}
+
+
+class LoreServiceError(Exception):
+    """The one error type: main() turns it into output and an exit status."""
+
+    default_code = "failed"
+    default_exit = EXIT_FAILED
+
+    def __init__(self, message: str, hint: str = "", *, code: str | None = None, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.code = code or self.default_code
+        self.exit_code = self.default_exit if exit_code is None else exit_code
+
+
+class UsageError(LoreServiceError):
+    default_code = "usage"
+    default_exit = EXIT_USAGE
+
+
+class NotInstalledError(LoreServiceError):
+    default_code = "not_installed"
+    default_exit = EXIT_NOT_INSTALLED
+
+
+class StateFileError(LoreServiceError):
+    default_code = "state_corrupt"
+    default_exit = EXIT_STATE
+
+
+class BusyError(LoreServiceError):
+    default_code = "busy"
+    default_exit = EXIT_BUSY
+
+
+class SchedulerError(LoreServiceError):
+    default_code = "scheduler"
+    default_exit = EXIT_SCHEDULER
+
+
+# ============================================================================
+# 2. System: every OS interaction goes through one injectable object
+# ============================================================================
+
+
+@dataclass
+class CommandResult:
+    argv: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    def summary(self) -> str:
+        text = (self.stderr.strip() or self.stdout.strip()).splitlines()
+        return text[-1] if text else f"exit status {self.returncode}"
+
+
+class System:
+    """Clock, randomness, environment and processes.
+
+    Tests subclass this (or swap single methods) instead of patching the
+    standard library; production code never calls subprocess, time or random
+    directly.
+    """
+
+    def __init__(self, environ: dict[str, str] | None = None) -> None:
+        self.environ: dict[str, str] = dict(os.environ) if environ is None else environ
+        self._rng: Any = None
+
+    # -- platform and identity
+    @property
+    def platform(self) -> str:
+        return sys.platform
+
+    def uid(self) -> int:
+        return os.getuid() if hasattr(os, "getuid") else 0
+
+    def euid(self) -> int:
+        return os.geteuid() if hasattr(os, "geteuid") else 0
+
+    def username(self) -> str:
+        for key in ("USER", "LOGNAME", "USERNAME"):
+            if self.environ.get(key):
+                return self.environ[key]
+        try:
+            import pwd
+
+            return pwd.getpwuid(self.uid()).pw_name
+        except (ImportError, KeyError):
+            return "unknown"
+
+    # -- time and randomness
+    def now_ms(self) -> int:
+        return time.time_ns() // 1_000_000
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    def uniform(self, low: float, high: float) -> float:
+        if self._rng is None:
+            import random
+
+            self._rng = random.SystemRandom()
+        return self._rng.uniform(low, high)
+
+    # -- programs
+    def which(self, name: str) -> str | None:
+        import shutil
+
+        return shutil.which(name, path=self.environ.get("PATH", os.defpath))
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        input: str | None = None,
+        env: dict[str, str] | None = None,
+        timeout: float = 60.0,
+    ) -> CommandResult:
+        """Run a short command (scheduler tools) and capture its output."""
+        import subprocess
+
+        argv = list(argv)
+        try:
+            proc = subprocess.run(
+                argv,
+                input=input,
+                capture_output=True,
+                text=True,
+                env=self.environ if env is None else env,
+                timeout=timeout,
+                stdin=None if input is not None else subprocess.DEVNULL,
+            )
+        except FileNotFoundError:
+            return CommandResult(argv, 127, "", f"{argv[0]}: command not found")
+        except PermissionError as exc:
+            return CommandResult(argv, 126, "", f"{argv[0]}: {exc.strerror}")
+        except subprocess.TimeoutExpired:
+            return CommandResult(argv, 124, "", f"{argv[0]}: timed out after {timeout:g}s")
+        return CommandResult(argv, proc.returncode, proc.stdout, proc.stderr)
+
+    def spawn(self, argv: Sequence[str], *, cwd: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        """Start a stage in its own process group, output merged into one pipe."""
+        import subprocess
+
+        kwargs: dict[str, Any] = {}
+        if os.name == "nt":
+            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "CREATE_NO_WINDOW", 0)
+        else:
+            kwargs["start_new_session"] = True
+        return subprocess.Popen(
+            list(argv),
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            **kwargs,
+        )
+
+    def kill_group(self, proc: subprocess.Popen[bytes], *, hard: bool) -> None:
+        """Signal the stage's whole process group, grandchildren included."""
+        if os.name == "nt":
+            self.run(["taskkill", "/T", "/F", "/PID", str(proc.pid)], timeout=30)
+            return
+        import signal
+
+        try:
+            os.killpg(proc.pid, signal.SIGKILL if hard else signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    # -- terminal
+    def stdin_isatty(self) -> bool:
+        return sys.stdin is not None and sys.stdin.isatty()
+
+    def read_stdin(self) -> str:
+        return sys.stdin.read() if sys.stdin is not None else ""
+
+    def prompt_secret(self, prompt: str) -> str:
+        import getpass
+
+        return getpass.getpass(prompt)
+
+
+# ============================================================================
+# 3. Utilities: time formatting, intervals, atomic files
+# ============================================================================
+
+MIN_INTERVAL = 5 * 60
+MAX_INTERVAL = 24 * 3600
+
+
+def iso_from_ms(ms: int) -> str:
+    """UTC ISO 8601 with milliseconds, e.g. 2026-11-28T00:30:00.000Z."""
+    secs, rem = divmod(int(ms), 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{rem:03d}Z"
+
+
+def local_time(ms: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000))
+
+
+def human_duration(seconds: float) -> str:
+    seconds = abs(seconds)
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    if seconds < 120:
+        return f"{int(seconds)}s"
+    minutes = int(seconds // 60)
+    if minutes < 120:
+        return f"{minutes}m"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if minutes else f"{hours}h"
+
+
+def parse_interval(text: str) -> int:
+    """'30m' or '2h' -> seconds; only m and h, between 5m and 24h."""
+    raw = (text or "").strip().lower()
+    hint = "use minutes or hours between 5m and 24h, e.g. --interval 30m or --interval 2h"
+    if len(raw) < 2 or raw[-1] not in "mh" or not raw[:-1].isdigit():
+        raise UsageError(f"invalid interval {text!r}", hint, code="bad_interval")
+    seconds = int(raw[:-1]) * (60 if raw[-1] == "m" else 3600)
+    if not MIN_INTERVAL <= seconds <= MAX_INTERVAL:
+        raise UsageError(f"interval {text!r} is outside 5m..24h", hint, code="bad_interval")
+    return seconds
+
+
+def format_interval(seconds: int) -> str:
+    return f"{seconds // 3600}h" if seconds % 3600 == 0 else f"{seconds // 60}m"
+
+
+def ensure_dir(path: str) -> None:
+    """Create a private folder (0700) and its missing parents."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+
+
+def _fsync_dir(path: str) -> None:
+    if os.name == "nt":  # folders cannot be opened for fsync on Windows
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, data: bytes | str, mode: int = 0o600) -> None:
+    """Temp file in the same folder, fsync, rename over, fsync the folder."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    folder = os.path.dirname(os.path.abspath(path))
+    ensure_dir(folder)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)  # the umask may have narrowed or widened O_CREAT
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(folder)
+
+
+def remove_file(path: str) -> bool:
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def dump_json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def read_json_file(path: str, what: str) -> dict[str, Any] | None:
+    """A dict, None when the file does not exist, StateFileError otherwise."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StateFileError(
+            f"cannot read {what} {path}: {exc.strerror}",
+            "check the file's owner and permissions (lore-service doctor)",
+            code="state_unreadable",
+        ) from None
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise StateFileError(
+            f"{what} {path} is corrupt ({exc.__class__.__name__})",
+            f"move it aside and re-run `{TOOL_NAME} install` (it was not modified)",
+        ) from None
+    if not isinstance(obj, dict):
+        raise StateFileError(f"{what} {path} is corrupt (not an object)", "move it aside and re-run install")
+    version = obj.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise StateFileError(f"{what} {path} has no valid schema_version", "move it aside and re-run install")
+    if version > SCHEMA_VERSION:
+        raise StateFileError(
+            f"{what} {path} was written by a newer lore-service (schema {version}, this one reads {SCHEMA_VERSION})",
+            "upgrade lore-service; the file was left untouched",
+            code="state_newer_schema",
+        )
+    return obj
+
+
+class _Fields:
+    """Typed reads from a decoded JSON object; any mismatch is exit 4."""
+
+    def __init__(self, obj: dict[str, Any], what: str) -> None:
+        self.obj = obj
+        self.what = what
+
+    def _bad(self, key: str, expected: str) -> StateFileError:
+        return StateFileError(
+            f"{self.what}: field {key!r} should be {expected}, got {self.obj.get(key)!r}",
+            "the file is corrupt or hand-edited; move it aside and re-run install",
+        )
+
+    def get(self, key: str, kind: type | tuple[type, ...], *, optional: bool = False, default: Any = None) -> Any:
+        if key not in self.obj or self.obj[key] is None:
+            if optional:
+                return default
+            raise self._bad(key, getattr(kind, "__name__", str(kind)))
+        value = self.obj[key]
+        if isinstance(value, bool) and kind is not bool and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            raise self._bad(key, getattr(kind, "__name__", str(kind)))
+        if not isinstance(value, kind):
+            raise self._bad(key, getattr(kind, "__name__", str(kind)))
+        return value
+
+    def choice(self, key: str, choices: Sequence[str], *, optional: bool = False) -> Any:
+        value = self.get(key, str, optional=optional)
+        if value is not None and value not in choices:
+            raise self._bad(key, "one of " + "|".join(choices))
+        return value
+
+    def str_list(self, key: str) -> list[str]:
+        value = self.get(key, list)
+        if not all(isinstance(v, str) for v in value):
+            raise self._bad(key, "a list of strings")
+        return list(value)
+
+
+# ============================================================================
+# 4. Identity and paths
+# ============================================================================
+
+SERVICE_ID_MAX = 48
+
+
+def is_valid_service_id(value: str) -> bool:
+    if not 1 <= len(value) <= SERVICE_ID_MAX or not value.isascii():
+        return False
+    if not (value[0].islower() or value[0].isdigit()):
+        return False
+    return all(c.islower() or c.isdigit() or c == "-" for c in value)
+
+
+def validate_service_id(value: str) -> str:
+    if not is_valid_service_id(value):
+        raise UsageError(
+            f"invalid service name {value!r}",
+            "names are 1-48 characters of a-z, 0-9 and '-', starting with a letter or digit "
+            "(they become unit, label, task and file names)",
+            code="bad_name",
+        )
+    return value
+
+
+def slugify(name: str) -> str:
+    out: list[str] = []
+    for ch in name.lower():
+        if ch.isascii() and ch.isalnum():
+            out.append(ch)
+        elif out and out[-1] != "-":
+            out.append("-")
+    # 39 + '-' + 8 hex stays within the 48-character id limit
+    return "".join(out).strip("-")[:39].strip("-") or "project"
+
+
+def derive_service_id(project_root: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256(project_root.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return f"{slugify(os.path.basename(project_root.rstrip(os.sep)) or 'root')}-{digest}"
+
+
+def canonical_project(path: str) -> str:
+    return os.path.realpath(os.path.abspath(os.path.expanduser(path)))
+
+
+class Paths:
+    """Where every file lives: platformdirs' per-user folders for app `lore`,
+    or one relocated tree under LORE_SERVICE_HOME / --home."""
+
+    def __init__(self, system: System, home: str | None = None) -> None:
+        home = home or system.environ.get("LORE_SERVICE_HOME") or None
+        self.home = os.path.abspath(os.path.expanduser(home)) if home else None
+        if self.home:
+            self.config_root = os.path.join(self.home, "config")
+            self.state_root = os.path.join(self.home, "state")
+            self.log_root = os.path.join(self.home, "logs")
+            self.data_root = os.path.join(self.home, "data")
+        else:
+            config, state, log, data = _user_dirs(system)
+            self.config_root = os.path.join(config, "services")
+            self.state_root = os.path.join(state, "services")
+            self.log_root = os.path.join(log, "services")
+            self.data_root = data
+
+    def config_dir(self, sid: str) -> str:
+        return os.path.join(self.config_root, sid)
+
+    def state_dir(self, sid: str) -> str:
+        return os.path.join(self.state_root, sid)
+
+    def log_dir(self, sid: str) -> str:
+        return os.path.join(self.log_root, sid)
+
+    def manifest(self, sid: str) -> str:
+        return os.path.join(self.config_dir(sid), "manifest.json")
+
+    def config(self, sid: str) -> str:
+        return os.path.join(self.config_dir(sid), "service.toml")
+
+    def env_file(self, sid: str) -> str:
+        return os.path.join(self.config_dir(sid), "token.env")
+
+    def status(self, sid: str) -> str:
+        return os.path.join(self.state_dir(sid), "status.json")
+
+    def run_lock(self, sid: str) -> str:
+        return os.path.join(self.state_dir(sid), "run.lock")
+
+    def status_lock(self, sid: str) -> str:
+        return os.path.join(self.state_dir(sid), "status.lock")
+
+    def log(self, sid: str) -> str:
+        return os.path.join(self.log_dir(sid), "service.log")
+
+    def crash_log(self, sid: str) -> str:
+        return os.path.join(self.log_dir(sid), "scheduler-output.log")
+
+    def installed_ids(self) -> list[str]:
+        try:
+            names = os.listdir(self.config_root)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted(n for n in names if is_valid_service_id(n) and os.path.exists(self.manifest(n)))
+
+
+def _user_dirs(system: System) -> tuple[str, str, str, str]:
+    """(config, state, log, data) folders for app `lore`.
+
+    On Linux this is the XDG rule platformdirs applies, computed here because
+    importing platformdirs (pathlib, tempfile, ...) would triple the start-up
+    time of `status`; tests pin it to platformdirs' own answer. Elsewhere we
+    ask platformdirs.
+    """
+    if system.platform.startswith("linux"):
+        env = system.environ
+        home = env.get("HOME") or os.path.expanduser("~")
+
+        def xdg(var: str, default: str) -> str:
+            value = env.get(var, "").strip()
+            return value if value else os.path.join(home, default)
+
+        state = os.path.join(xdg("XDG_STATE_HOME", ".local/state"), APP_NAME)
+        return (
+            os.path.join(xdg("XDG_CONFIG_HOME", ".config"), APP_NAME),
+            state,
+            os.path.join(state, "log"),
+            os.path.join(xdg("XDG_DATA_HOME", ".local/share"), APP_NAME),
+        )
+    import platformdirs
+
+    dirs = platformdirs.PlatformDirs(APP_NAME, appauthor=False)
+    return dirs.user_config_dir, dirs.user_state_dir, dirs.user_log_dir, dirs.user_data_dir
+
+
+# ============================================================================
+# 5. Config and manifest
+# ============================================================================
+
+STAGES = ("issues", "mrs", "docs", "embeddings")
+CRITICAL_STAGES = ("issues", "mrs")
+PROFILES: dict[str, tuple[str, ...]] = {
+    "fast": ("issues", "mrs"),
+    "balanced": ("issues", "mrs", "docs"),
+    "full": ("issues", "mrs", "docs", "embeddings"),
+}
+DEFAULT_PROFILE = "balanced"
+DEFAULT_INTERVAL = 30 * 60
+DEFAULT_TOKEN_ENV = "GITLAB_TOKEN"
+DEFAULT_PERMANENT_CODES = (2, 64, 65, 66, 67, 77, 78, 126, 127)
+# systemd's TimeoutStartSec is 900 (the review's figure): our own budget ends
+# a minute earlier so the run records its own timeout before systemd kills it.
+DEFAULT_RUN_BUDGET = 840
+SCHEDULER_TIMEOUT = 900
+DEFAULT_STAGE_TIMEOUT = 600
+BACKENDS_CLI = ("auto", "none", "systemd", "launchd", "schtasks", "cron")
+TOKEN_SOURCES = ("env-file", "keychain", "credential-manager", "embedded")
+TOKEN_SOURCES_CLI = ("auto", *TOKEN_SOURCES)
+
+
+def stage_argv(lore: str, stage: str) -> list[str]:
+    return {
+        "issues": [lore, "ingest", "--type", "issues"],
+        "mrs": [lore, "ingest", "--type", "mrs"],
+        "docs": [lore, "generate-docs"],
+        "embeddings": [lore, "embed"],
+    }[stage]
+
+
+@dataclass
+class StageConfig:
+    name: str
+    command: list[str]
+    timeout_seconds: int = DEFAULT_STAGE_TIMEOUT
+    critical: bool = False
+
+
+@dataclass
+class ServiceConfig:
+    """service.toml: the user-editable half of an install."""
+
+    interval_seconds: int = DEFAULT_INTERVAL
+    profile: str = DEFAULT_PROFILE
+    token_env: str = DEFAULT_TOKEN_ENV
+    run_budget_seconds: int = DEFAULT_RUN_BUDGET
+    backoff_base_seconds: int = 60
+    backoff_cap_seconds: int = 3600
+    circuit_breaker_threshold: int = 8
+    permanent_exit_codes: list[int] = field(default_factory=lambda: list(DEFAULT_PERMANENT_CODES))
+    log_max_bytes: int = 5 * 1024 * 1024
+    log_backups: int = 3
+    extra_write_paths: list[str] = field(default_factory=list)
+    stages: dict[str, StageConfig] = field(default_factory=dict)
+
+    @classmethod
+    def defaults(cls, lore: str) -> ServiceConfig:
+        return cls(
+            stages={s: StageConfig(s, stage_argv(lore, s), DEFAULT_STAGE_TIMEOUT, s in CRITICAL_STAGES) for s in STAGES}
+        )
+
+    def active_stages(self) -> list[StageConfig]:
+        return [self.stages[s] for s in PROFILES[self.profile] if s in self.stages]
+
+    def to_toml(self, service_id: str) -> str:
+        import tomli_w
+
+        doc: dict[str, Any] = {
+            "interval": format_interval(self.interval_seconds),
+            "profile": self.profile,
+            "token_env": self.token_env,
+            "run_budget_seconds": self.run_budget_seconds,
+            "extra_write_paths": self.extra_write_paths,
+            "backoff": {"base_seconds": self.backoff_base_seconds, "cap_seconds": self.backoff_cap_seconds},
+            "circuit_breaker": {
+                "threshold": self.circuit_breaker_threshold,
+                "permanent_exit_codes": self.permanent_exit_codes,
+            },
+            "log": {"max_bytes": self.log_max_bytes, "backups": self.log_backups},
+            "stages": {
+                s.name: {"command": s.command, "timeout_seconds": s.timeout_seconds, "critical": s.critical}
+                for s in self.stages.values()
+            },
+        }
+        header = (
+            f"# lore-service configuration for service {service_id}.\n"
+            "# Edit freely; `run` reads it every time. interval and profile take effect\n"
+            "# in the OS scheduler after `lore-service install` is run again.\n"
+            "# extra_write_paths: folders outside the project that stages write to\n"
+            "# (where lore keeps its database); the systemd sandbox allows exactly these.\n\n"
+        )
+        return header + tomli_w.dumps(doc)
+
+    @classmethod
+    def from_toml(cls, text: str, path: str) -> ServiceConfig:
+        import tomllib
+
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise StateFileError(
+                f"config {path} is not valid TOML: {exc}",
+                "fix the file by hand or re-run install",
+                code="config_invalid",
+            ) from None
+        try:
+            return cls._from_doc(doc)
+        except (KeyError, TypeError, ValueError, UsageError) as exc:
+            detail = exc.message if isinstance(exc, LoreServiceError) else str(exc)
+            raise StateFileError(
+                f"config {path} is invalid: {detail}",
+                "fix the value by hand, or delete the file and re-run install",
+                code="config_invalid",
+            ) from None
+
+    @classmethod
+    def _from_doc(cls, doc: dict[str, Any]) -> ServiceConfig:
+        def integer(value: Any, name: str, low: int, high: int) -> int:
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(f"{name} must be an integer in {low}..{high}")
+            return value
+
+        cfg = cls()
+        cfg.interval_seconds = parse_interval(str(doc.get("interval", "30m")))
+        cfg.profile = str(doc.get("profile", DEFAULT_PROFILE))
+        if cfg.profile not in PROFILES:
+            raise ValueError(f"profile must be one of {', '.join(PROFILES)}")
+        cfg.token_env = validate_env_name(str(doc.get("token_env", DEFAULT_TOKEN_ENV)))
+        cfg.run_budget_seconds = integer(
+            doc.get("run_budget_seconds", DEFAULT_RUN_BUDGET), "run_budget_seconds", 1, 86400
+        )
+        paths = doc.get("extra_write_paths", [])
+        if not isinstance(paths, list) or not all(isinstance(p, str) and os.path.isabs(p) for p in paths):
+            raise ValueError("extra_write_paths must be a list of absolute paths")
+        cfg.extra_write_paths = list(paths)
+        backoff = doc.get("backoff", {})
+        cfg.backoff_base_seconds = integer(backoff.get("base_seconds", 60), "backoff.base_seconds", 1, 86400)
+        cfg.backoff_cap_seconds = integer(backoff.get("cap_seconds", 3600), "backoff.cap_seconds", 1, 7 * 86400)
+        breaker = doc.get("circuit_breaker", {})
+        cfg.circuit_breaker_threshold = integer(breaker.get("threshold", 8), "circuit_breaker.threshold", 1, 1000)
+        codes = breaker.get("permanent_exit_codes", list(DEFAULT_PERMANENT_CODES))
+        cfg.permanent_exit_codes = [integer(c, "permanent_exit_codes[]", 1, 255) for c in codes]
+        log = doc.get("log", {})
+        cfg.log_max_bytes = integer(log.get("max_bytes", 5 * 1024 * 1024), "log.max_bytes", 4096, 1 << 40)
+        cfg.log_backups = integer(log.get("backups", 3), "log.backups", 0, 100)
+        stages = doc.get("stages", {})
+        if not isinstance(stages, dict):
+            raise ValueError("[stages] must be a table")
+        for name, spec in stages.items():
+            if name not in STAGES:
+                raise ValueError(f"unknown stage {name!r} (stages are {', '.join(STAGES)})")
+            command = spec.get("command")
+            if not isinstance(command, list) or not command or not all(isinstance(a, str) for a in command):
+                raise ValueError(f"stages.{name}.command must be a non-empty list of strings")
+            cfg.stages[name] = StageConfig(
+                name,
+                command,
+                integer(spec.get("timeout_seconds", DEFAULT_STAGE_TIMEOUT), f"stages.{name}.timeout_seconds", 1, 86400),
+                bool(spec.get("critical", name in CRITICAL_STAGES)),
+            )
+        missing = [s for s in PROFILES[cfg.profile] if s not in cfg.stages]
+        if missing:
+            raise ValueError(f"profile {cfg.profile} needs [stages.{missing[0]}]")
+        return cfg
+
+
+def validate_env_name(name: str) -> str:
+    ok = bool(name) and len(name) <= 128 and name.isascii() and not name[0].isdigit()
+    if not ok or not all(c.isalnum() or c == "_" for c in name):
+        raise UsageError(
+            f"invalid environment variable name {name!r}",
+            "use letters, digits and '_', e.g. GITLAB_TOKEN",
+            code="bad_env",
+        )
+    return name
+
+
+def load_config(paths: Paths, sid: str) -> ServiceConfig:
+    path = paths.config(sid)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        raise StateFileError(
+            f"config {path} is missing", f"re-run `{TOOL_NAME} install` to recreate it", code="config_missing"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StateFileError(
+            f"cannot read config {path}: {exc}", "check its permissions", code="config_invalid"
+        ) from None
+    return ServiceConfig.from_toml(text, path)
+
+
+@dataclass
+class Manifest:
+    """manifest.json: what `install` registered, read by every command."""
+
+    service_id: str
+    project_root: str
+    backend: str
+    backend_reason: str
+    interval_seconds: int
+    schedule_step_seconds: int  # how often the scheduler fires; < interval only for cron
+    profile: str
+    token_source: str
+    token_env: str
+    program: list[str]  # argv the scheduler runs
+    lore_path: str | None
+    home: str | None
+    created_at_iso: str
+    updated_at_iso: str
+    tool_version: str = __version__
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "updated_at_iso": self.updated_at_iso,
+            "created_at_iso": self.created_at_iso,
+            "tool_version": self.tool_version,
+            "service_id": self.service_id,
+            "project_root": self.project_root,
+            "backend": self.backend,
+            "backend_reason": self.backend_reason,
+            "interval_seconds": self.interval_seconds,
+            "schedule_step_seconds": self.schedule_step_seconds,
+            "profile": self.profile,
+            "token_source": self.token_source,
+            "token_env": self.token_env,
+            "program": self.program,
+            "lore_path": self.lore_path,
+            "home": self.home,
+        }
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any], path: str) -> Manifest:
+        f = _Fields(obj, f"manifest {path}")
+        sid = f.get("service_id", str)
+        if not is_valid_service_id(sid):
+            raise f._bad("service_id", "a valid service id")
+        interval = f.get("interval_seconds", int)
+        if not MIN_INTERVAL <= interval <= MAX_INTERVAL:
+            raise f._bad("interval_seconds", "300..86400")
+        return cls(
+            service_id=sid,
+            project_root=f.get("project_root", str),
+            backend=f.get("backend", str),
+            backend_reason=f.get("backend_reason", str, optional=True, default=""),
+            interval_seconds=interval,
+            schedule_step_seconds=f.get("schedule_step_seconds", int, optional=True, default=interval),
+            profile=f.choice("profile", tuple(PROFILES)),
+            token_source=f.choice("token_source", TOKEN_SOURCES),
+            token_env=f.get("token_env", str),
+            program=f.str_list("program"),
+            lore_path=f.get("lore_path", str, optional=True),
+            home=f.get("home", str, optional=True),
+            created_at_iso=f.get("created_at_iso", str, optional=True, default=""),
+            updated_at_iso=f.get("updated_at_iso", str),
+            tool_version=f.get("tool_version", str, optional=True, default=""),
+            schema_version=f.get("schema_version", int),
+        )
+
+
+def load_manifest(paths: Paths, sid: str) -> Manifest | None:
+    path = paths.manifest(sid)
+    obj = read_json_file(path, "manifest")
+    return None if obj is None else Manifest.from_dict(obj, path)
+
+
+def save_manifest(paths: Paths, manifest: Manifest) -> None:
+    atomic_write(paths.manifest(manifest.service_id), dump_json(manifest.to_dict()))
+
+
+# ============================================================================
+# 6. Status: status.json, run records, derived state
+# ============================================================================
+
+HISTORY_LIMIT = 20
+STAGE_OUTCOMES = ("success", "failed", "timeout", "skipped")
+RUN_OUTCOMES = ("success", "degraded", "failed")
+ERROR_CLASSES = ("transient", "permanent")
+PAUSE_KINDS = ("permanent_error", "circuit_breaker", "manual")
+TRIGGERS = ("scheduled", "manual")
+STATES = ("not_installed", "idle", "healthy", "degraded", "backoff", "paused", "running")
+
+
+@dataclass
+class StageResult:
+    stage: str
+    critical: bool
+    outcome: str
+    exit_code: int | None
+    duration_ms: int
+    error_class: str | None
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "critical": self.critical,
+            "outcome": self.outcome,
+            "exit_code": self.exit_code,
+            "duration_ms": self.duration_ms,
+            "error_class": self.error_class,
+            "message": self.message,
+        }
+
+    @classmethod
+    def from_dict(cls, obj: Any, what: str) -> StageResult:
+        if not isinstance(obj, dict):
+            raise StateFileError(f"{what}: a stage result is not an object", "move the file aside")
+        f = _Fields(obj, what)
+        return cls(
+            stage=f.get("stage", str),
+            critical=f.get("critical", bool),
+            outcome=f.choice("outcome", STAGE_OUTCOMES),
+            exit_code=f.get("exit_code", int, optional=True),
+            duration_ms=f.get("duration_ms", int),
+            error_class=f.choice("error_class", ERROR_CLASSES, optional=True),
+            message=f.get("message", str, optional=True, default=""),
+        )
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    trigger: str
+    started_at_iso: str
+    finished_at_iso: str
+    duration_ms: int
+    outcome: str
+    error_class: str | None
+    stage_results: list[StageResult]
+    started_at_ms: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "trigger": self.trigger,
+            "started_at_iso": self.started_at_iso,
+            "started_at_ms": self.started_at_ms,
+            "finished_at_iso": self.finished_at_iso,
+            "duration_ms": self.duration_ms,
+            "outcome": self.outcome,
+            "error_class": self.error_class,
+            "stage_results": [s.to_dict() for s in self.stage_results],
+        }
+
+    @classmethod
+    def from_dict(cls, obj: Any, what: str) -> RunRecord:
+        if not isinstance(obj, dict):
+            raise StateFileError(f"{what}: a run record is not an object", "move the file aside")
+        f = _Fields(obj, what)
+        return cls(
+            run_id=f.get("run_id", str),
+            trigger=f.choice("trigger", TRIGGERS),
+            started_at_iso=f.get("started_at_iso", str),
+            started_at_ms=f.get("started_at_ms", int, optional=True, default=0),
+            finished_at_iso=f.get("finished_at_iso", str),
+            duration_ms=f.get("duration_ms", int),
+            outcome=f.choice("outcome", RUN_OUTCOMES),
+            error_class=f.choice("error_class", ERROR_CLASSES, optional=True),
+            stage_results=[StageResult.from_dict(s, what) for s in f.get("stage_results", list)],
+        )
+
+
+@dataclass
+class Pause:
+    kind: str
+    reason: str
+    since_iso: str
+    hint: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "reason": self.reason, "since_iso": self.since_iso, "hint": self.hint}
+
+
+@dataclass
+class Status:
+    """status.json: what happened, and what the policy decided next."""
+
+    service_id: str
+    updated_at_iso: str = ""
+    last_run: RunRecord | None = None
+    consecutive_failures: int = 0
+    next_retry_at_ms: int | None = None
+    next_due_at_ms: int | None = None  # earliest next scheduled run (coarse cron steps)
+    paused: Pause | None = None
+    history: list[RunRecord] = field(default_factory=list)
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "updated_at_iso": self.updated_at_iso,
+            "service_id": self.service_id,
+            "last_run": self.last_run.to_dict() if self.last_run else None,
+            "consecutive_failures": self.consecutive_failures,
+            "next_retry_at_ms": self.next_retry_at_ms,
+            "next_due_at_ms": self.next_due_at_ms,
+            "paused": self.paused.to_dict() if self.paused else None,
+            "history": [r.to_dict() for r in self.history],
+        }
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any], path: str) -> Status:
+        what = f"status {path}"
+        f = _Fields(obj, what)
+        paused = f.get("paused", dict, optional=True)
+        pause = None
+        if paused is not None:
+            p = _Fields(paused, what + " (paused)")
+            pause = Pause(
+                p.choice("kind", PAUSE_KINDS),
+                p.get("reason", str, optional=True, default=""),
+                p.get("since_iso", str, optional=True, default=""),
+                p.get("hint", str, optional=True, default=""),
+            )
+        failures = f.get("consecutive_failures", int)
+        if failures < 0:
+            raise f._bad("consecutive_failures", "a count >= 0")
+        last = f.get("last_run", dict, optional=True)
+        return cls(
+            service_id=f.get("service_id", str),
+            updated_at_iso=f.get("updated_at_iso", str),
+            last_run=RunRecord.from_dict(last, what) if last is not None else None,
+            consecutive_failures=failures,
+            next_retry_at_ms=f.get("next_retry_at_ms", int, optional=True),
+            next_due_at_ms=f.get("next_due_at_ms", int, optional=True),
+            paused=pause,
+            history=[RunRecord.from_dict(r, what) for r in f.get("history", list, optional=True, default=[])],
+            schema_version=f.get("schema_version", int),
+        )
+
+
+def load_status(paths: Paths, sid: str) -> Status:
+    """The service's status; a fresh one (no runs yet) when the file is absent."""
+    path = paths.status(sid)
+    obj = read_json_file(path, "status")
+    return Status(service_id=sid) if obj is None else Status.from_dict(obj, path)
+
+
+def save_status(paths: Paths, status: Status, now_ms: int) -> None:
+    status.updated_at_iso = iso_from_ms(now_ms)
+    atomic_write(paths.status(status.service_id), dump_json(status.to_dict()))
+
+
+def derive_state(status: Status, now_ms: int, running: bool) -> str:
+    if running:
+        return "running"
+    if status.paused:
+        return "paused"
+    if status.consecutive_failures > 0 or (status.next_retry_at_ms or 0) > now_ms:
+        return "backoff"
+    if status.last_run is None:
+        return "idle"
+    return "degraded" if status.last_run.outcome == "degraded" else "healthy"
+
+
+# ============================================================================
+# 7. Secrets: the GitLab token's stores
+# ============================================================================
+
+KEYRING_SERVICE = "lore-service"
+SECRET_PLACEHOLDER = "<redacted>"
+
+
+def default_token_source(backend: str) -> str:
+    """auto: keychain on macOS, Credential Manager on Windows, env-file elsewhere."""
+    return {"launchd": "keychain", "schtasks": "credential-manager"}.get(backend, "env-file")
+
+
+def check_token_source(source: str, backend: str) -> None:
+    if source == "env-file" and backend == "launchd":
+        raise UsageError(
+            "the env-file token store is not offered on macOS",
+            "use --token-source keychain (the default there) so nothing secret sits in a file",
+            code="bad_token_source",
+        )
+    if source == "embedded" and backend == "none":
+        raise UsageError(
+            "--token-source embedded needs a scheduler entry to embed into, and backend none has none",
+            "use --token-source env-file, or set the token variable in the environment that calls `run`",
+            code="bad_token_source",
+        )
+
+
+def validate_token(token: str) -> str:
+    token = token.strip()
+    if not token:
+        raise UsageError("the token is empty", "pass a GitLab personal access token", code="no_token")
+    if any(c in token for c in "\r\n\0"):
+        raise UsageError("the token contains a line break or NUL", "pass the token on one line", code="bad_token")
+    return token
+
+
+def _keyring() -> Any:
+    try:
+        import keyring
+        import keyring.errors
+    except ImportError:
+        raise SchedulerError(
+            "the keyring package is not installed", "pip install keyring, or use --token-source env-file"
+        ) from None
+    return keyring
+
+
+def _keyring_error(action: str, exc: Exception) -> SchedulerError:
+    return SchedulerError(
+        f"cannot {action} the token in the OS secret store: {exc.__class__.__name__}: {exc}",
+        "unlock the keychain / credential store (on Linux a Secret Service is needed), or use --token-source env-file",
+        code="secret_store",
+    )
+
+
+def store_secret(paths: Paths, manifest: Manifest, token: str) -> str | None:
+    """Persist the token; returns the file written, if any."""
+    if manifest.token_source == "env-file":
+        path = paths.env_file(manifest.service_id)
+        atomic_write(path, f"{manifest.token_env}={token}\n", 0o600)
+        return path
+    if manifest.token_source in ("keychain", "credential-manager"):
+        keyring = _keyring()
+        try:
+            keyring.set_password(KEYRING_SERVICE, manifest.service_id, token)
+        except Exception as exc:  # keyring backends raise many unrelated types
+            raise _keyring_error("store", exc) from None
+    return None
+
+
+def has_stored_secret(paths: Paths, manifest: Manifest) -> bool:
+    try:
+        return read_secret(paths, manifest, {}) is not None
+    except LoreServiceError:
+        return False
+
+
+def read_secret(paths: Paths, manifest: Manifest, environ: dict[str, str]) -> str | None:
+    """The token for a run, or None; the variable in the caller's environment
+    (embedded entries, or `run` called from the user's own cron) is the fallback."""
+    token: str | None = None
+    if manifest.token_source == "env-file":
+        try:
+            with open(paths.env_file(manifest.service_id), encoding="utf-8") as fh:
+                for line in fh:
+                    key, sep, value = line.rstrip("\n").partition("=")
+                    if sep and key == manifest.token_env:
+                        token = value
+        except FileNotFoundError:
+            pass
+        except (OSError, UnicodeDecodeError) as exc:
+            raise StateFileError(f"cannot read the token file: {exc}", "check its permissions (0600, yours)") from None
+    elif manifest.token_source in ("keychain", "credential-manager"):
+        keyring = _keyring()
+        try:
+            token = keyring.get_password(KEYRING_SERVICE, manifest.service_id)
+        except Exception as exc:
+            raise _keyring_error("read", exc) from None
+    return token or environ.get(manifest.token_env) or None
+
+
+def delete_secret(paths: Paths, manifest: Manifest) -> None:
+    if manifest.token_source == "env-file":
+        remove_file(paths.env_file(manifest.service_id))
+    elif manifest.token_source in ("keychain", "credential-manager"):
+        keyring = _keyring()
+        try:
+            keyring.delete_password(KEYRING_SERVICE, manifest.service_id)
+        except keyring.errors.PasswordDeleteError:
+            pass  # already gone
+        except Exception as exc:
+            raise _keyring_error("delete", exc) from None
+
+
+def redact(text: str, secret: str | None) -> str:
+    return text.replace(secret, SECRET_PLACEHOLDER) if secret else text
+
+
+# ============================================================================
+# 8. Policy: lock, skip rules, backoff, circuit breaker
+# ============================================================================
+
+
+class FileLock:
+    """An OS file lock (flock / msvcrt) that dies with its process, so a
+    crashed run never leaves a stale lock behind."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def _lock(self, fd: int, blocking: bool) -> bool:
+        if os.name == "nt":
+            import msvcrt
+
+            mode = msvcrt.LK_LOCK if blocking else msvcrt.LK_NBLCK
+            try:
+                msvcrt.locking(fd, mode, 1)
+                return True
+            except OSError:
+                return False
+        import fcntl
+
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            return True
+        except BlockingIOError:
+            return False
+
+    def try_acquire(self, blocking: bool = False) -> bool:
+        ensure_dir(os.path.dirname(self.path))
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        if self._lock(fd, blocking):
+            self._fd = fd
+            return True
+        os.close(fd)
+        return False
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the lock on every OS
+            self._fd = None
+
+    def __enter__(self) -> FileLock:
+        self.try_acquire(blocking=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def lock_is_held(path: str) -> bool:
+    if not os.path.exists(path):
+        return False
+    probe = FileLock(path)
+    try:
+        if probe.try_acquire():
+            probe.release()
+            return False
+    except OSError:
+        return False
+    return True
+
+
+def update_status(paths: Paths, sid: str, system: System, change: Callable[[Status], None]) -> Status:
+    """Read-modify-write of status.json under its own short lock, so `pause`
+    during a run and the run's own update never lose each other's change."""
+    with FileLock(paths.status_lock(sid)):
+        status = load_status(paths, sid)
+        change(status)
+        save_status(paths, status, system.now_ms())
+    return status
+
+
+def skip_reason(status: Status, manifest: Manifest, now_ms: int, trigger: str) -> str | None:
+    """Why a run must not start now, or None. Only compares persisted times."""
+    if status.paused:
+        return f"paused ({status.paused.kind})"
+    if trigger == "manual":
+        return None
+    if status.next_retry_at_ms is not None and now_ms < status.next_retry_at_ms:
+        return f"backing off until {iso_from_ms(status.next_retry_at_ms)}"
+    coarse = manifest.schedule_step_seconds < manifest.interval_seconds
+    if coarse and status.next_due_at_ms is not None and now_ms < status.next_due_at_ms:
+        return f"not due until {iso_from_ms(status.next_due_at_ms)}"
+    return None
+
+
+def next_due_ms(manifest: Manifest, started_ms: int) -> int:
+    # the slack absorbs the scheduler's own lateness (cron fires on minute
+    # boundaries, a little after the run before it started)
+    slack = min(60, manifest.schedule_step_seconds // 2) * 1000
+    return started_ms + manifest.interval_seconds * 1000 - slack
+
+
+def backoff_delay_ms(failures: int, cfg: ServiceConfig, system: System) -> int:
+    """Full jitter: uniform(0, min(cap, base * 2**(n-1))), drawn once."""
+    ceiling = min(cfg.backoff_cap_seconds, cfg.backoff_base_seconds * 2 ** min(failures - 1, 62))
+    return int(system.uniform(0, ceiling) * 1000)
+
+
+def apply_outcome(status: Status, record: RunRecord, cfg: ServiceConfig, system: System, now_ms: int) -> None:
+    """Fold a finished run into the status: the one place policy decides."""
+    status.last_run = record
+    status.history = [record, *status.history][:HISTORY_LIMIT]
+    if record.outcome in ("success", "degraded"):
+        status.consecutive_failures = 0
+        status.next_retry_at_ms = None
+        return
+    failed = [s for s in record.stage_results if s.critical and s.outcome in ("failed", "timeout")]
+    culprit = failed[0] if failed else None
+    detail = f"stage {culprit.stage}: {culprit.message}" if culprit else "a critical stage failed"
+    if record.error_class == "permanent":
+        status.next_retry_at_ms = None
+        if status.paused is None or status.paused.kind != "manual":
+            status.paused = Pause(
+                "permanent_error",
+                f"permanent failure in {detail}",
+                iso_from_ms(now_ms),
+                f"fix the cause (see `{TOOL_NAME} logs`), then run `{TOOL_NAME} resume`",
+            )
+        return
+    status.consecutive_failures += 1
+    status.next_retry_at_ms = now_ms + backoff_delay_ms(status.consecutive_failures, cfg, system)
+    if status.consecutive_failures >= cfg.circuit_breaker_threshold and status.paused is None:
+        status.paused = Pause(
+            "circuit_breaker",
+            f"{status.consecutive_failures} transient failures in a row; last: {detail}",
+            iso_from_ms(now_ms),
+            f"check the network, GitLab and `{TOOL_NAME} logs`, then run `{TOOL_NAME} resume`",
+        )
+
+
+# ============================================================================
+# 9. Runner: stage processes, timeouts, output streaming
+# (it writes through ServiceLog, defined with tail/follow in the next section)
+# ============================================================================
+
+KILL_GRACE_SECONDS = 3.0
+MAX_LINE_BYTES = 64 * 1024  # longer lines are split: memory stays flat
+
+
+def classify_exit(exit_code: int | None, permanent_codes: Sequence[int]) -> tuple[str, str | None]:
+    """(outcome, error_class) of a stage that ran to its end."""
+    if exit_code == 0:
+        return "success", None
+    if exit_code is not None and exit_code > 0 and exit_code in permanent_codes:
+        return "failed", "permanent"
+    return "failed", "transient"  # other codes and signals (negative)
+
+
+def _pump(stream: Any, stage: str, log: ServiceLog, secret: str | None) -> None:
+    try:
+        while True:
+            chunk = stream.readline(MAX_LINE_BYTES)
+            if not chunk:
+                return
+            log.write_line(stage, redact(chunk.decode("utf-8", "replace").rstrip("\r\n"), secret))
+    except (OSError, ValueError):
+        return  # pipe closed under us after a kill
+
+
+def run_stage(
+    system: System,
+    stage: StageConfig,
+    cwd: str,
+    env: dict[str, str],
+    deadline: float,
+    log: ServiceLog,
+    cfg: ServiceConfig,
+    secret: str | None,
+) -> StageResult:
+    import threading
+
+    start = system.monotonic()
+    budget = deadline - start
+    if budget <= 0:
+        log.write_line(stage.name, "not started: the run budget is used up")
+        return StageResult(
+            stage.name, stage.critical, "timeout", None, 0, "transient", "run budget exhausted before start"
+        )
+    limit = min(float(stage.timeout_seconds), budget)
+    log.write_line(stage.name, "start: " + " ".join(stage.command))
+    try:
+        proc = system.spawn(stage.command, cwd=cwd, env=env)
+    except OSError as exc:
+        message = f"cannot start {stage.command[0]}: {exc.strerror or exc}"
+        log.write_line(stage.name, message)
+        return StageResult(stage.name, stage.critical, "failed", None, 0, "permanent", message)
+    pump = threading.Thread(target=_pump, args=(proc.stdout, stage.name, log, secret), daemon=True)
+    pump.start()
+    timed_out = False
+    try:
+        code: int | None = proc.wait(timeout=limit)
+    except Exception:  # subprocess.TimeoutExpired, kept lazy
+        timed_out = True
+        system.kill_group(proc, hard=False)
+        try:
+            code = proc.wait(timeout=KILL_GRACE_SECONDS)
+        except Exception:
+            system.kill_group(proc, hard=True)
+            code = proc.wait()
+    # stragglers of a finished stage (or a timed-out one) die with their group
+    system.kill_group(proc, hard=True)
+    pump.join(timeout=5)
+    if proc.stdout is not None and not pump.is_alive():
+        proc.stdout.close()
+    duration = int((system.monotonic() - start) * 1000)
+    if timed_out:
+        why = "stage timeout" if limit == stage.timeout_seconds else "run budget"
+        message = f"timed out after {human_duration(limit)} ({why}); process group killed"
+        outcome, error_class = "timeout", "transient"
+    else:
+        outcome, error_class = classify_exit(code, cfg.permanent_exit_codes)
+        if code is not None and code < 0:
+            message = f"killed by signal {-code}"
+        else:
+            message = "ok" if outcome == "success" else f"exit status {code}"
+    log.write_line(stage.name, f"end: {outcome} ({message}) in {human_duration(duration / 1000)}")
+    return StageResult(stage.name, stage.critical, outcome, None if timed_out else code, duration, error_class, message)
+
+
+def run_stages(
+    system: System, manifest: Manifest, cfg: ServiceConfig, trigger: str, log: ServiceLog, secret: str | None
+) -> RunRecord:
+    """Critical stages always run; optional ones only after a critical success."""
+    started_ms = system.now_ms()
+    start = system.monotonic()
+    deadline = start + cfg.run_budget_seconds
+    run_id = f"{started_ms:x}-{int(system.uniform(0, 0xFFFF)):04x}"
+    env = dict(system.environ)
+    env["LORE_SERVICE_ID"] = manifest.service_id
+    env["LORE_SERVICE_RUN_ID"] = run_id
+    if secret:
+        env[cfg.token_env] = secret
+    log.write_line("run", f"run {run_id} ({trigger}) profile {cfg.profile} in {manifest.project_root}")
+    results: list[StageResult] = []
+    stages = cfg.active_stages()
+    for stage in (s for s in stages if s.critical):
+        results.append(run_stage(system, stage, manifest.project_root, env, deadline, log, cfg, secret))
+    any_critical_ok = any(r.outcome == "success" for r in results) or not results
+    for stage in (s for s in stages if not s.critical):
+        if any_critical_ok:
+            results.append(run_stage(system, stage, manifest.project_root, env, deadline, log, cfg, secret))
+        else:
+            results.append(
+                StageResult(stage.name, False, "skipped", None, 0, None, "skipped: no critical stage succeeded")
+            )
+    order = {name: i for i, name in enumerate(PROFILES[cfg.profile])}
+    results.sort(key=lambda r: order.get(r.stage, 99))
+    critical_bad = [r for r in results if r.critical and r.outcome in ("failed", "timeout")]
+    optional_bad = [r for r in results if not r.critical and r.outcome in ("failed", "timeout")]
+    if critical_bad:
+        outcome = "failed"
+        error_class = "permanent" if any(r.error_class == "permanent" for r in critical_bad) else "transient"
+    else:
+        outcome, error_class = ("degraded" if optional_bad else "success"), None
+    duration = int((system.monotonic() - start) * 1000)
+    log.write_line("run", f"run {run_id} {outcome} in {human_duration(duration / 1000)}")
+    return RunRecord(
+        run_id=run_id,
+        trigger=trigger,
+        started_at_iso=iso_from_ms(started_ms),
+        started_at_ms=started_ms,
+        finished_at_iso=iso_from_ms(started_ms + duration),
+        duration_ms=duration,
+        outcome=outcome,
+        error_class=error_class,
+        stage_results=results,
+    )
+
+
+# ============================================================================
+# 10. Logs: rotating service log, tail from the end, follow across rotation
+# ============================================================================
+
+
+class ServiceLog:
+    """Appends timestamped lines; rotates by size (service.log -> .1 -> .2 ...)."""
+
+    def __init__(self, path: str, system: System, max_bytes: int = 5 * 1024 * 1024, backups: int = 3) -> None:
+        self.path = path
+        self.system = system
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self._fh: Any = None
+        self._size = 0
+
+    def _open(self) -> None:
+        ensure_dir(os.path.dirname(self.path))
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._fh = os.fdopen(fd, "ab", buffering=0)
+        self._size = os.fstat(fd).st_size
+
+    def _rotate(self) -> None:
+        self.close()
+        if self.backups == 0:
+            remove_file(self.path)
+        else:
+            for i in range(self.backups - 1, 0, -1):
+                src = f"{self.path}.{i}"
+                if os.path.exists(src):
+                    os.replace(src, f"{self.path}.{i + 1}")
+            if os.path.exists(self.path):
+                os.replace(self.path, f"{self.path}.1")
+        self._open()
+
+    def write_line(self, prefix: str, text: str) -> None:
+        if self._fh is None:
+            self._open()
+        stamp = iso_from_ms(self.system.now_ms())
+        data = f"{stamp} [{prefix}] {text}\n".encode("utf-8", "replace")
+        if self._size and self._size + len(data) > self.max_bytes:
+            self._rotate()
+        self._fh.write(data)
+        self._size += len(data)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def _tail_file(path: str, n: int, block: int = 64 * 1024) -> list[bytes]:
+    """Last n lines, reading backwards: the cost depends on n, not file size."""
+    with open(path, "rb") as fh:
+        end = fh.seek(0, os.SEEK_END)
+        pos, data = end, b""
+        while pos > 0 and data.count(b"\n") <= n:
+            step = min(block, pos)
+            pos -= step
+            fh.seek(pos)
+            data = fh.read(step) + data
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    if pos > 0:
+        lines = lines[1:]  # the first piece may be half a line
+    return lines[-n:] if n else []
+
+
+def tail_lines(path: str, n: int) -> list[str]:
+    """Last n lines of the log, reaching into service.log.1 if rotation just happened."""
+    lines: list[bytes] = []
+    for candidate in (path, path + ".1"):
+        if len(lines) >= n:
+            break
+        try:
+            lines = _tail_file(candidate, n - len(lines)) + lines
+        except FileNotFoundError:
+            continue
+    return [line.decode("utf-8", "replace") for line in lines]
+
+
+def follow_lines(path: str, system: System, poll: float = 0.25) -> Iterator[str]:
+    """New lines as they are written; reopens the file when it is rotated."""
+    fh: Any = None
+    ident: tuple[int, int] | None = None
+    partial = b""
+    first = True  # only the file open at start is read from its end
+    try:
+        while True:
+            if fh is None:
+                try:
+                    fh = open(path, "rb")  # noqa: SIM115 (reopened on rotation; closed in finally)
+                except FileNotFoundError:
+                    first = False
+                    system.sleep(poll)
+                    continue
+                st = os.fstat(fh.fileno())
+                ident = (st.st_dev, st.st_ino)
+                if first:
+                    fh.seek(0, os.SEEK_END)
+                first = False
+            chunk = fh.read(64 * 1024)
+            if chunk:
+                partial += chunk
+                *complete, partial = partial.split(b"\n")
+                for line in complete:
+                    yield line.decode("utf-8", "replace")
+                continue
+            try:
+                st = os.stat(path)
+                rotated = (st.st_dev, st.st_ino) != ident or st.st_size < fh.tell()
+            except FileNotFoundError:
+                rotated = True
+            if rotated:
+                fh.close()
+                fh = None
+                continue
+            system.sleep(poll)
+    finally:
+        if fh is not None:
+            fh.close()
+
+
+# ============================================================================
+# 11. Backends: the SchedulerBackend interface, its registry, `none`
+# ============================================================================
+
+from abc import ABC, abstractmethod  # noqa: E402  (abc is loaded at interpreter start: free)
+
+
+@dataclass
+class PlannedFile:
+    path: str
+    content: str
+    mode: int = 0o644
+    redacted: str | None = None  # what --dry-run shows when content carries a secret
+
+    def shown(self) -> str:
+        return self.content if self.redacted is None else self.redacted
+
+
+@dataclass
+class Plan:
+    """What an install would write and run: --dry-run prints it, install applies it."""
+
+    files: list[PlannedFile] = field(default_factory=list)
+    commands: list[list[str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # ok | warn | fail
+    message: str
+    hint: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        return {"name": self.name, "status": self.status, "message": self.message, "hint": self.hint}
+
+
+class SchedulerBackend(ABC):
+    """One OS scheduler. Backends never touch the run policy: they only make
+    the scheduler call `program` (the manifest's argv) every interval."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    def __init__(self, system: System, paths: Paths) -> None:
+        self.system = system
+        self.paths = paths
+
+    @classmethod
+    @abstractmethod
+    def detect(cls, system: System) -> tuple[bool, str]:
+        """Whether this machine can use the backend, and why (for auto and doctor)."""
+
+    def schedule_step(self, interval_seconds: int) -> int:
+        """How often the scheduler fires for an interval; == interval unless coarse."""
+        return interval_seconds
+
+    @abstractmethod
+    def plan(self, manifest: Manifest, embedded_token: str | None) -> Plan:
+        """Files to write and commands to run; pure, safe for --dry-run on any OS."""
+
+    def prerequisites(self, manifest: Manifest | None) -> list[Check]:
+        """Checks that must not fail before install touches the scheduler."""
+        return []
+
+    def install(self, manifest: Manifest, embedded_token: str | None) -> Plan:
+        plan = self.plan(manifest, embedded_token)
+        for planned in plan.files:
+            atomic_write(planned.path, planned.content, planned.mode)
+        for argv in plan.commands:
+            self.run_checked(argv)
+        return plan
+
+    @abstractmethod
+    def uninstall(self, manifest: Manifest) -> None: ...
+
+    @abstractmethod
+    def state(self, manifest: Manifest) -> dict[str, Any]:
+        """The scheduler's own view: registered, active, next_run_iso,
+        last_trigger_iso, last_result, drift (list of problems), detail."""
+
+    @abstractmethod
+    def file_paths(self, manifest: Manifest) -> list[str]: ...
+
+    def next_run(self, manifest: Manifest) -> str | None:
+        return self.state(manifest).get("next_run_iso")
+
+    def diagnose(self, manifest: Manifest | None) -> list[Check]:
+        return self.prerequisites(manifest)
+
+    # -- helpers shared by backends
+    def run_checked(self, argv: Sequence[str], *, hint: str = "", **kwargs: Any) -> CommandResult:
+        result = self.system.run(argv, **kwargs)
+        if not result.ok:
+            raise SchedulerError(
+                f"`{' '.join(argv)}` failed ({result.returncode}): {result.summary()}",
+                hint or f"run `{TOOL_NAME} doctor` for the {self.name} prerequisites",
+            )
+        return result
+
+
+BACKENDS: dict[str, type[SchedulerBackend]] = {}
+
+
+def register_backend(cls: type[SchedulerBackend]) -> type[SchedulerBackend]:
+    BACKENDS[cls.name] = cls
+    return cls
+
+
+def get_backend(name: str, system: System, paths: Paths) -> SchedulerBackend:
+    try:
+        return BACKENDS[name](system, paths)
+    except KeyError:
+        raise UsageError(
+            f"unknown backend {name!r}", f"choose one of: {', '.join(sorted(BACKENDS))}", code="bad_backend"
+        ) from None
+
+
+# auto's preference per OS; a backend that is not registered is passed over
+AUTO_ORDER = {"darwin": ("launchd",), "win32": ("schtasks",), "linux": ("systemd", "cron")}
+
+
+def choose_backend(system: System) -> tuple[str | None, str, list[str]]:
+    """(backend or None, reason, what was tried) for --backend auto."""
+    tried: list[str] = []
+    key = "linux" if system.platform.startswith("linux") else system.platform
+    for name in AUTO_ORDER.get(key, ()):
+        cls = BACKENDS.get(name)
+        if cls is None:
+            continue
+        ok, why = cls.detect(system)
+        if ok:
+            return name, f"auto: {why}", tried
+        tried.append(f"{name}: {why}")
+    reason = "no OS scheduler is usable here" + (f" ({'; '.join(tried)})" if tried else "")
+    return None, reason, tried
+
+
+@register_backend
+class NoneBackend(SchedulerBackend):
+    """Manifest and config only: for people who call `run` from their own
+    cron, CI job or Kubernetes CronJob."""
+
+    name = "none"
+    description = "no OS scheduler; call `lore-service run` yourself"
+
+    @classmethod
+    def detect(cls, system: System) -> tuple[bool, str]:
+        return True, "nothing to detect: runs only when you call it"
+
+    def plan(self, manifest: Manifest, embedded_token: str | None) -> Plan:
+        return Plan(warnings=[f"nothing is scheduled: call `{' '.join(manifest.program)}` every interval yourself"])
+
+    def uninstall(self, manifest: Manifest) -> None:
+        return None
+
+    def state(self, manifest: Manifest) -> dict[str, Any]:
+        return {
+            "registered": False,
+            "active": None,
+            "next_run_iso": None,
+            "last_trigger_iso": None,
+            "last_result": None,
+            "drift": [],
+            "detail": "no OS scheduler: `run` is called by you",
+        }
+
+    def file_paths(self, manifest: Manifest) -> list[str]:
+        return []
+
+
+# ============================================================================
+# 12. Doctor: checks with ok / warn / fail and the step that fixes each
+# ============================================================================
+
+DISPOSABLE_MARKERS = ("/tmp/", "/var/tmp/", "/_MEI", "\\Temp\\", "/.tox/", "/pip-build-env")
+
+
+def _mode_check(name: str, path: str, want: int) -> Check:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return Check(name, "fail", f"{path} is missing", f"re-run `{TOOL_NAME} install`")
+    if os.name != "nt" and st.st_mode & 0o077:
+        return Check(
+            name, "warn", f"{path} is readable by others (mode {st.st_mode & 0o777:o})", f"chmod {want:o} '{path}'"
+        )
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        return Check(name, "warn", f"{path} belongs to uid {st.st_uid}, not you", f"chown $(id -u) '{path}'")
+    return Check(name, "ok", f"{path} is private")
+
+
+def program_checks(program: Sequence[str]) -> list[Check]:
+    """Is the argv the scheduler runs still there, and not in a folder that vanishes?"""
+    checks: list[Check] = []
+    for path in [p for p in program[:2] if os.path.isabs(p)]:
+        if not os.path.exists(path):
+            checks.append(Check("program", "fail", f"{path} no longer exists", f"re-run `{TOOL_NAME} install`"))
+        elif any(m in path for m in DISPOSABLE_MARKERS):
+            checks.append(
+                Check(
+                    "program",
+                    "warn",
+                    f"{path} is in a temporary folder the scheduler may lose",
+                    f"install lore-service somewhere permanent and re-run `{TOOL_NAME} install`",
+                )
+            )
+    if not checks:
+        checks.append(Check("program", "ok", f"the scheduler runs {program[0]}"))
+    return checks
+
+
+def core_checks(paths: Paths, system: System, manifest: Manifest) -> list[Check]:
+    sid = manifest.service_id
+    checks = [Check("manifest", "ok", f"{paths.manifest(sid)} is valid (schema {manifest.schema_version})")]
+    for label, folder in (("config dir", paths.config_dir(sid)), ("state dir", paths.state_dir(sid))):
+        checks.append(
+            _mode_check(label, folder, 0o700)
+            if os.path.isdir(folder) or label == "config dir"
+            else Check(label, "ok", f"{folder} will be created by the first run")
+        )
+    checks.append(_mode_check("manifest file", paths.manifest(sid), 0o600))
+    cfg: ServiceConfig | None = None
+    try:
+        cfg = load_config(paths, sid)
+        checks.append(Check("config", "ok", f"{paths.config(sid)} is valid (profile {cfg.profile})"))
+    except LoreServiceError as exc:
+        checks.append(Check("config", "fail", exc.message, exc.hint))
+    try:
+        status = load_status(paths, sid)
+        checks.append(Check("status", "ok", "status.json is readable" if status.updated_at_iso else "no runs yet"))
+        if status.paused:
+            checks.append(
+                Check("paused", "warn", f"paused ({status.paused.kind}): {status.paused.reason}", status.paused.hint)
+            )
+    except LoreServiceError as exc:
+        checks.append(Check("status", "fail", exc.message, exc.hint))
+    if not os.path.isdir(manifest.project_root):
+        checks.append(
+            Check(
+                "project",
+                "fail",
+                f"project folder {manifest.project_root} is gone",
+                f"`{TOOL_NAME} uninstall --name {sid}`, or restore the folder",
+            )
+        )
+    else:
+        checks.append(Check("project", "ok", f"project {manifest.project_root}"))
+    if manifest.token_source == "env-file":
+        checks.append(_mode_check("token file", paths.env_file(sid), 0o600))
+    try:
+        found = read_secret(paths, manifest, {} if manifest.token_source != "embedded" else system.environ)
+        if found:
+            checks.append(Check("token", "ok", f"token found in {manifest.token_source} (not shown)"))
+        elif manifest.token_source == "embedded":
+            checks.append(Check("token", "ok", "token is embedded in the scheduler entry (not shown)"))
+        else:
+            checks.append(
+                Check(
+                    "token",
+                    "fail",
+                    f"no token in {manifest.token_source}",
+                    f"set {manifest.token_env} and re-run `{TOOL_NAME} install`",
+                )
+            )
+    except LoreServiceError as exc:
+        checks.append(Check("token", "fail", exc.message, exc.hint))
+    if cfg is not None:
+        for stage in cfg.active_stages():
+            exe = stage.command[0]
+            resolved = exe if os.path.isabs(exe) else system.which(exe)
+            if not resolved or not os.access(resolved, os.X_OK):
+                checks.append(
+                    Check(
+                        f"stage {stage.name}",
+                        "fail",
+                        f"{exe} is not an executable file",
+                        f"`{TOOL_NAME} install --lore /path/to/lore`, or edit {paths.config(sid)}",
+                    )
+                )
+        if not any(c.name.startswith("stage ") for c in checks):
+            checks.append(Check("lore", "ok", f"stage commands resolve ({cfg.active_stages()[0].command[0]})"))
+    checks.extend(program_checks(manifest.program))
+    return checks
+
+
+def readiness_checks(system: System, paths: Paths) -> list[Check]:
+    """doctor with no service installed: can this machine take an install?"""
+    checks: list[Check] = []
+    chosen, reason, tried = choose_backend(system)
+    if chosen:
+        checks.append(Check("backend", "ok", f"install would use {chosen}: {reason}"))
+        checks.extend(get_backend(chosen, system, paths).diagnose(None))
+    else:
+        checks.append(
+            Check(
+                "backend",
+                "fail",
+                reason,
+                "start a systemd user manager or install cron, or use `--backend none` "
+                "and call `lore-service run` yourself",
+            )
+        )
+    for entry in tried:
+        checks.append(Check("backend candidate", "warn", entry, "see the message; auto passed it over"))
+    lore = system.which("lore")
+    checks.append(
+        Check("lore", "ok", f"lore is {lore}")
+        if lore
+        else Check("lore", "fail", "`lore` is not on PATH", "install gitlore, or pass --lore /path/to/lore")
+    )
+    checks.append(
+        Check("token", "ok", f"{DEFAULT_TOKEN_ENV} is set (not shown)")
+        if system.environ.get(DEFAULT_TOKEN_ENV)
+        else Check(
+            "token",
+            "warn",
+            f"{DEFAULT_TOKEN_ENV} is not set",
+            f"export {DEFAULT_TOKEN_ENV}=... before install, or use --token-stdin",
+        )
+    )
+    checks.extend(program_checks(self_command()))
+    return checks
+
+
+# ============================================================================
+# 13. CLI: argument parsing, commands, output, main()
+# ============================================================================
+
+import argparse  # noqa: E402  (only the CLI needs it; kept next to its users)
+
+COMMANDS = ("install", "uninstall", "status", "list", "run", "trigger", "pause", "resume", "logs", "doctor")
+
+
+class _ParserExit(Exception):
+    def __init__(self, status: int) -> None:
+        self.status = status
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage and calling sys.exit."""
+
+    def error(self, message: str) -> Any:
+        raise UsageError(message, f"see `{self.prog} --help`", code="usage")
+
+    def exit(self, status: int = 0, message: str | None = None) -> Any:
+        if message:
+            sys.stderr.write(message)
+        raise _ParserExit(status)
+
+
+def build_parser() -> _Parser:
+    common = _Parser(add_help=False)
+    # SUPPRESS: an option given before the command is not reset by the subparser
+    common.add_argument(
+        "--home",
+        metavar="DIR",
+        default=argparse.SUPPRESS,
+        help="keep all lore-service files under DIR (also LORE_SERVICE_HOME)",
+    )
+    target = _Parser(add_help=False)
+    target.add_argument(
+        "--name", "--service-id", dest="name", metavar="NAME", default=argparse.SUPPRESS, help="the service id"
+    )
+    target.add_argument(
+        "--project",
+        metavar="DIR",
+        default=argparse.SUPPRESS,
+        help="find the service by project folder (default: the current folder)",
+    )
+
+    parser = _Parser(prog=TOOL_NAME, description=__doc__.split("\n\n")[0] if __doc__ else None, parents=[common])
+    parser.add_argument("--version", action="store_true", help="print version, build and platform")
+    parser.add_argument("--json", "--robot", action="store_true", help="one JSON document on stdout")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def add(name: str, help_text: str, with_target: bool = True) -> _Parser:
+        return sub.add_parser(
+            name, help=help_text, description=help_text, parents=[common, target] if with_target else [common]
+        )
+
+    p = add("install", "register the sync for a project with the OS scheduler", with_target=False)
+    p.add_argument("--project", metavar="DIR", help="project root (default: the current folder)")
+    p.add_argument("--name", metavar="NAME", help="service id (default: <folder>-<hash of path>)")
+    p.add_argument("--interval", metavar="30m", help="5m..24h, in m or h (default 30m)")
+    p.add_argument("--profile", choices=tuple(PROFILES), help="fast|balanced|full (default balanced)")
+    p.add_argument("--backend", choices=BACKENDS_CLI, help="scheduler (default auto)")
+    p.add_argument("--token-source", choices=TOKEN_SOURCES_CLI, help="where the token is kept (default auto)")
+    p.add_argument("--token-env", metavar="VAR", help=f"variable holding the token (default {DEFAULT_TOKEN_ENV})")
+    p.add_argument("--token-stdin", action="store_true", help="read the token from standard input")
+    p.add_argument("--lore", metavar="PATH", help="the lore program (default: found on PATH)")
+    p.add_argument("--dry-run", action="store_true", help="print what would be written and run; change nothing")
+    add("uninstall", "remove the scheduler entry, manifest, config and token").add_argument(
+        "--purge", action="store_true", help="also delete status and logs"
+    )
+    add("status", "show state, last run and next run").add_argument(
+        "--all", action="store_true", help="every installed service"
+    )
+    add("list", "list installed services", with_target=False)
+    add("run", "run the sync under the policy (what the scheduler calls)")
+    add("trigger", "run one attempt now, ignoring the backoff wait")
+    add("pause", "stop scheduled runs until resume").add_argument("--reason", default="paused by user")
+    add("resume", "clear a pause, the failure count and the retry time")
+    p = add("logs", "print the service log")
+    p.add_argument("--tail", type=int, default=50, metavar="N", help="last N lines (default 50)")
+    p.add_argument("--follow", action="store_true", help="keep printing new lines (Ctrl-C stops)")
+    add("doctor", "check everything the service needs, with the fix for each problem")
+    return parser
+
+
+class Context:
+    def __init__(self, system: System, paths: Paths, robot: bool) -> None:
+        self.system = system
+        self.paths = paths
+        self.robot = robot
+
+
+@dataclass
+class Outcome:
+    data: dict[str, Any]
+    text: str = ""
+    exit_code: int = EXIT_OK
+
+
+def self_command() -> list[str]:
+    """The argv prefix that starts this very program, in absolute paths."""
+    if getattr(sys, "frozen", False):
+        return [os.path.abspath(sys.executable)]
+    return [os.path.abspath(sys.executable), os.path.abspath(__file__)]
+
+
+def scheduled_program(paths: Paths, sid: str) -> list[str]:
+    home = ["--home", paths.home] if paths.home else []
+    return [*self_command(), *home, "run", "--service-id", sid]
+
+
+def find_service(ctx: Context, args: argparse.Namespace) -> Manifest:
+    """By --name/--service-id, else by the project folder's realpath."""
+    name = getattr(args, "name", None)
+    if name:
+        manifest = load_manifest(ctx.paths, validate_service_id(name))
+        if manifest is None:
+            raise NotInstalledError(
+                f"no service named {name!r} is installed", f"`{TOOL_NAME} list` shows what is installed"
+            )
+        return manifest
+    project = canonical_project(getattr(args, "project", None) or os.getcwd())
+    matches: list[Manifest] = []
+    broken: StateFileError | None = None
+    for sid in ctx.paths.installed_ids():
+        try:
+            manifest = load_manifest(ctx.paths, sid)
+        except StateFileError as exc:
+            broken = exc
+            continue
+        if manifest is not None and manifest.project_root == project:
+            matches.append(manifest)
+    if len(matches) > 1:
+        raise UsageError(
+            f"{len(matches)} services are installed for {project}: " + ", ".join(m.service_id for m in matches),
+            "pick one with --name",
+            code="ambiguous",
+        )
+    if matches:
+        return matches[0]
+    if broken is not None:  # a corrupt manifest is never read as "not installed"
+        raise broken
+    raise NotInstalledError(
+        f"no service is installed for {project}",
+        f"`{TOOL_NAME} install --project '{project}'`, or --name NAME (see `{TOOL_NAME} list`)",
+    )
+
+
+# -- install ------------------------------------------------------------------
+
+
+def _obtain_token(ctx: Context, args: argparse.Namespace, token_env: str) -> str | None:
+    """From --token-stdin, the named variable, or a hidden prompt; never argv."""
+    if args.token_stdin:
+        return validate_token(ctx.system.read_stdin().splitlines()[0] if ctx.system.read_stdin else "")
+    value = ctx.system.environ.get(token_env)
+    if value:
+        return validate_token(value)
+    if ctx.system.stdin_isatty() and not ctx.robot and not args.dry_run:
+        return validate_token(ctx.system.prompt_secret("GitLab token (stored in the OS store, not shown): "))
+    return None
+
+
+def _resolve_lore(ctx: Context, args: argparse.Namespace, existing: Manifest | None) -> str | None:
+    if args.lore:
+        path = os.path.abspath(os.path.expanduser(args.lore))
+        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+            raise UsageError(
+                f"--lore {args.lore}: not an executable file", "give the full path of the lore program", code="bad_lore"
+            )
+        return path
+    if existing and existing.lore_path and os.path.exists(existing.lore_path):
+        return existing.lore_path
+    found = ctx.system.which("lore")
+    return os.path.abspath(found) if found else None
+
+
+def _file_changed(path: str, content: str) -> bool:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read() != content
+    except (OSError, UnicodeDecodeError):
+        return True
+
+
+def cmd_install(ctx: Context, args: argparse.Namespace) -> Outcome:
+    system, paths = ctx.system, ctx.paths
+    project = canonical_project(args.project or os.getcwd())
+    if not os.path.isdir(project):
+        raise UsageError(
+            f"project folder {project} does not exist", "pass --project DIR of a lore workspace", code="bad_project"
+        )
+    sid = validate_service_id(args.name) if args.name else derive_service_id(project)
+    existing = load_manifest(paths, sid)
+    if existing is not None and existing.project_root != project:
+        raise UsageError(
+            f"service id {sid!r} already belongs to {existing.project_root}",
+            "choose another --name for this project",
+            code="id_taken",
+        )
+    old_cfg = load_config(paths, sid) if existing is not None and os.path.exists(paths.config(sid)) else None
+    interval = (
+        parse_interval(args.interval)
+        if args.interval is not None
+        else (existing.interval_seconds if existing else DEFAULT_INTERVAL)
+    )
+    profile = args.profile or (existing.profile if existing else DEFAULT_PROFILE)
+    missing: list[str] = []
+
+    requested = args.backend or (existing.backend if existing else "auto")
+    if requested == "auto":
+        chosen, reason, _ = choose_backend(system)
+        if chosen is None:
+            if not args.dry_run:
+                raise SchedulerError(
+                    reason,
+                    "start a systemd user manager (Linux) or install cron, or pass "
+                    "`--backend none` and call `lore-service run` from your own scheduler",
+                )
+            missing.append(reason)
+            chosen, reason = "none", f"auto found nothing usable; previewing backend none ({reason})"
+        backend_name = chosen
+    else:
+        backend_name, reason = requested, f"--backend {requested}"
+        if existing is not None and args.backend is None:
+            reason = existing.backend_reason
+    backend = get_backend(backend_name, system, paths)
+
+    source = args.token_source or "auto"
+    if source == "auto" and existing is not None and existing.backend == backend_name and args.token_source is None:
+        source = existing.token_source
+    if source == "auto":
+        source = default_token_source(backend_name)
+    check_token_source(source, backend_name)
+    token_env = validate_env_name(args.token_env or (existing.token_env if existing else DEFAULT_TOKEN_ENV))
+
+    lore = _resolve_lore(ctx, args, existing)
+    if lore is None:
+        if not args.dry_run:
+            raise SchedulerError(
+                "`lore` was not found on PATH", "install gitlore, or pass --lore /path/to/lore", code="lore_missing"
+            )
+        missing.append("`lore` is not on PATH (pass --lore PATH)")
+    cfg = old_cfg or ServiceConfig.defaults(lore or "lore")
+    if old_cfg is not None and lore and existing and existing.lore_path and existing.lore_path != lore:
+        for stage in cfg.stages.values():  # follow a moved lore, keep hand-written commands
+            if stage.command and stage.command[0] == existing.lore_path:
+                stage.command[0] = lore
+    cfg.interval_seconds, cfg.profile, cfg.token_env = interval, profile, token_env
+
+    now_iso = iso_from_ms(system.now_ms())
+    manifest = Manifest(
+        service_id=sid,
+        project_root=project,
+        backend=backend_name,
+        backend_reason=reason,
+        interval_seconds=interval,
+        schedule_step_seconds=backend.schedule_step(interval),
+        profile=profile,
+        token_source=source,
+        token_env=token_env,
+        program=scheduled_program(paths, sid),
+        lore_path=lore,
+        home=paths.home,
+        created_at_iso=existing.created_at_iso if existing else now_iso,
+        updated_at_iso=now_iso,
+    )
+    if existing is not None:
+        same = {**existing.to_dict(), "updated_at_iso": "", "tool_version": ""} == {
+            **manifest.to_dict(),
+            "updated_at_iso": "",
+            "tool_version": "",
+        }
+        if same:
+            manifest.updated_at_iso = existing.updated_at_iso
+
+    token = _obtain_token(ctx, args, token_env)
+    if token is None:
+        reuse = existing is not None and existing.token_source == source and source != "embedded"
+        if not (reuse and has_stored_secret(paths, existing)):  # type: ignore[arg-type]
+            if not args.dry_run:
+                raise UsageError(
+                    f"no token: {token_env} is not set",
+                    f"export {token_env}=<GitLab token>, or pipe it with --token-stdin",
+                    code="no_token",
+                )
+            missing.append(f"no token yet ({token_env} is not set)")
+    embedded = token if source == "embedded" else None
+    warnings: list[str] = []
+    if source == "embedded":
+        warnings.append(
+            "--token-source embedded writes the token in plain text into the scheduler entry; anyone "
+            "who can read that file can use your GitLab account"
+        )
+
+    prereq = backend.prerequisites(manifest)
+    failing = [c for c in prereq if c.status == "fail"]
+    warnings.extend(f"{c.message} (fix: {c.hint})" for c in prereq if c.status == "warn")
+    if failing and not args.dry_run:
+        raise SchedulerError(failing[0].message, failing[0].hint, code="prerequisite")
+    missing.extend(f"{c.message} (fix: {c.hint})" for c in failing)
+
+    plan = backend.plan(manifest, embedded)
+    warnings.extend(plan.warnings)
+    config_text = cfg.to_toml(sid)
+    manifest_text = dump_json(manifest.to_dict())
+    core_files = [
+        PlannedFile(paths.config(sid), config_text, 0o600),
+        PlannedFile(paths.manifest(sid), manifest_text, 0o600),
+    ]
+    if source == "env-file":
+        core_files.insert(
+            0,
+            PlannedFile(
+                paths.env_file(sid),
+                f"{token_env}={token or ''}\n",
+                0o600,
+                redacted=f"{token_env}={SECRET_PLACEHOLDER}\n",
+            ),
+        )
+    data: dict[str, Any] = {
+        "service_id": sid,
+        "project_root": project,
+        "backend": backend_name,
+        "backend_reason": reason,
+        "interval_seconds": interval,
+        "schedule_step_seconds": manifest.schedule_step_seconds,
+        "profile": profile,
+        "token_source": source,
+        "token_env": token_env,
+        "program": manifest.program,
+        "dry_run": bool(args.dry_run),
+        "warnings": warnings,
+        "missing": missing,
+    }
+    if args.dry_run:
+        shown = core_files + plan.files
+        data["files"] = [{"path": f.path, "mode": f"{f.mode:04o}", "content": f.shown()} for f in shown]
+        data["commands"] = plan.commands
+        data["changed"] = False
+        return Outcome(data, _render_install(data))
+
+    created = existing is None
+    if existing is not None and existing.backend != backend_name and existing.backend in BACKENDS:
+        get_backend(existing.backend, system, paths).uninstall(existing)  # never run twice
+        warnings.append(f"removed the {existing.backend} entry before registering with {backend_name}")
+    changed = created or existing.to_dict() != manifest.to_dict() or token is not None
+    try:
+        if token is not None and source != "embedded":
+            store_secret(paths, manifest, token)
+        if _file_changed(paths.config(sid), config_text):
+            atomic_write(paths.config(sid), config_text, 0o600)
+            changed = True
+        ensure_dir(paths.state_dir(sid))
+        ensure_dir(paths.log_dir(sid))
+        applied = backend.install(manifest, embedded)
+    except BaseException:
+        if created:  # leave no half-installed service behind
+            remove_file(paths.config(sid))
+            if token is not None and source != "embedded":
+                try:
+                    delete_secret(paths, manifest)
+                except LoreServiceError:
+                    pass
+        raise
+    if _file_changed(paths.manifest(sid), manifest_text):
+        save_manifest(paths, manifest)
+    data["files"] = [f.path for f in core_files + applied.files]
+    data["commands"] = applied.commands
+    data["changed"] = changed
+    return Outcome(data, _render_install(data))
+
+
+def _render_install(d: dict[str, Any]) -> str:
+    head = "would install" if d["dry_run"] else ("installed" if d["changed"] else "already installed (no change)")
+    lines = [
+        f"{head} {d['service_id']} for {d['project_root']}",
+        f"  schedule  every {format_interval(d['interval_seconds'])} via {d['backend']} ({d['backend_reason']})",
+        f"  profile   {d['profile']}; token from {d['token_source']} ({d['token_env']})",
+        "  runs      " + " ".join(_shell_quote(a) for a in d["program"]),
+    ]
+    for f in d.get("files", []):
+        if isinstance(f, dict):
+            lines.append(f"\n--- file {f['path']} (mode {f['mode']})")
+            lines.append(f["content"].rstrip("\n"))
+        else:
+            lines.append(f"  wrote     {f}")
+    if d.get("commands"):
+        lines.append("\n--- commands" if d["dry_run"] else "  ran:")
+        lines.extend("  $ " + " ".join(_shell_quote(a) for a in c) for c in d["commands"])
+    lines.extend(f"warning: {w}" for w in d["warnings"])
+    lines.extend(f"missing: {m}" for m in d.get("missing", []))
+    return "\n".join(lines)
+
+
+def _shell_quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)
+
+
+# -- uninstall, pause, resume ---------------------------------------------------------
+
+
+def cmd_uninstall(ctx: Context, args: argparse.Namespace) -> Outcome:
+    manifest = find_service(ctx, args)
+    sid, paths = manifest.service_id, ctx.paths
+    if manifest.backend in BACKENDS:
+        backend = get_backend(manifest.backend, ctx.system, paths)
+        removed = backend.file_paths(manifest)
+        backend.uninstall(manifest)
+    else:
+        raise SchedulerError(
+            f"this lore-service cannot remove a {manifest.backend} entry",
+            f"uninstall with the lore-service build that installed it ({manifest.tool_version})",
+        )
+    delete_secret(paths, manifest)
+    for path in (paths.config(sid), paths.manifest(sid)):
+        remove_file(path)
+    removed += [paths.config(sid), paths.manifest(sid)]
+    kept: list[str] = []
+    if args.purge:
+        import shutil
+
+        for folder in (paths.state_dir(sid), paths.log_dir(sid)):
+            shutil.rmtree(folder, ignore_errors=True)
+        removed += [paths.state_dir(sid), paths.log_dir(sid)]
+    else:
+        kept = [p for p in (paths.status(sid), paths.log(sid)) if os.path.exists(p)]
+    try:
+        os.rmdir(paths.config_dir(sid))
+    except OSError:
+        pass
+    data = {"service_id": sid, "removed": removed, "kept": kept, "purged": bool(args.purge)}
+    text = f"uninstalled {sid}" + (f"; kept {', '.join(kept)} (use --purge to delete)" if kept else "")
+    return Outcome(data, text)
+
+
+def cmd_pause(ctx: Context, args: argparse.Namespace) -> Outcome:
+    manifest = find_service(ctx, args)
+    now = ctx.system.now_ms()
+    reason = args.reason.strip() or "paused by user"
+
+    def change(s: Status) -> None:
+        s.paused = Pause("manual", reason, iso_from_ms(now), f"`{TOOL_NAME} resume` to start again")
+
+    status = update_status(ctx.paths, manifest.service_id, ctx.system, change)
+    return Outcome(
+        {"service_id": manifest.service_id, "paused": status.paused.to_dict() if status.paused else None},
+        f"paused {manifest.service_id}: {reason}",
+    )
+
+
+def cmd_resume(ctx: Context, args: argparse.Namespace) -> Outcome:
+    manifest = find_service(ctx, args)
+    before: list[Pause | None] = []
+
+    def change(s: Status) -> None:
+        before.append(s.paused)
+        s.paused, s.consecutive_failures, s.next_retry_at_ms = None, 0, None
+
+    update_status(ctx.paths, manifest.service_id, ctx.system, change)
+    was = before[0]
+    text = f"resumed {manifest.service_id}" + (f" (was paused: {was.kind})" if was else " (it was not paused)")
+    return Outcome({"service_id": manifest.service_id, "was_paused": was.to_dict() if was else None}, text)
+
+
+# -- run, trigger ------------------------------------------------------------------
+
+
+def _run(ctx: Context, args: argparse.Namespace, trigger: str) -> Outcome:
+    system, paths = ctx.system, ctx.paths
+    manifest = find_service(ctx, args)
+    sid = manifest.service_id
+    cfg = load_config(paths, sid)
+    load_status(paths, sid)  # a corrupt status is exit 4 before anything runs
+    log = ServiceLog(paths.log(sid), system, cfg.log_max_bytes, cfg.log_backups)
+    lock = FileLock(paths.run_lock(sid))
+    try:
+        if not lock.try_acquire():
+            if trigger == "manual":
+                raise BusyError("another run of this service is in progress", "wait for it; `status` shows it running")
+            log.write_line("skip", "another run holds the lock")
+            return _skipped(sid, "another run holds the lock")
+        status = load_status(paths, sid)
+        reason = skip_reason(status, manifest, system.now_ms(), trigger)
+        if reason and trigger == "manual":
+            raise LoreServiceError(
+                f"{sid} is {reason}: {status.paused.reason if status.paused else ''}".rstrip(": "),
+                f"`{TOOL_NAME} resume`, then trigger again",
+                code="paused",
+            )
+        if reason:
+            log.write_line("skip", reason)
+            return _skipped(sid, reason)
+        secret = read_secret(paths, manifest, system.environ)
+        if secret is None:
+            log.write_line(
+                "run", f"warning: no token found in {manifest.token_source}; stages run without {cfg.token_env}"
+            )
+        record = run_stages(system, manifest, cfg, trigger, log, secret)
+
+        def change(s: Status) -> None:
+            apply_outcome(s, record, cfg, system, system.now_ms())
+            s.next_due_at_ms = next_due_ms(manifest, record.started_at_ms)
+
+        status = update_status(paths, sid, system, change)
+    finally:
+        lock.release()
+        log.close()
+    data = {
+        "service_id": sid,
+        "skipped": False,
+        "skip_reason": None,
+        "run": record.to_dict(),
+        "state": derive_state(status, system.now_ms(), False),
+        "consecutive_failures": status.consecutive_failures,
+        "next_retry_at_ms": status.next_retry_at_ms,
+        "paused": status.paused.to_dict() if status.paused else None,
+    }
+    text = _render_run(record, status)
+    if record.outcome == "failed":
+        bad = next(r for r in record.stage_results if r.critical and r.outcome in ("failed", "timeout"))
+        err = LoreServiceError(
+            f"critical stage {bad.stage} {bad.outcome}: {bad.message}",
+            status.paused.hint
+            if status.paused
+            else f"will retry after {iso_from_ms(status.next_retry_at_ms or 0)}; see `{TOOL_NAME} logs`",
+            code="run_failed",
+        )
+        err.data = data  # type: ignore[attr-defined]
+        err.text = text  # type: ignore[attr-defined]
+        raise err
+    return Outcome(data, text)
+
+
+def _skipped(sid: str, reason: str) -> Outcome:
+    return Outcome({"service_id": sid, "skipped": True, "skip_reason": reason, "run": None}, f"skipped {sid}: {reason}")
+
+
+def _render_run(record: RunRecord, status: Status) -> str:
+    lines = [f"run {record.run_id}: {record.outcome} in {human_duration(record.duration_ms / 1000)}"]
+    for r in record.stage_results:
+        lines.append(f"  {r.stage:<11}{r.outcome:<9}{human_duration(r.duration_ms / 1000):>7}  {r.message}")
+    if status.paused:
+        lines.append(f"paused ({status.paused.kind}): {status.paused.reason}\n  fix: {status.paused.hint}")
+    elif status.next_retry_at_ms:
+        lines.append(f"retry not before {local_time(status.next_retry_at_ms)}")
+    return "\n".join(lines)
+
+
+def cmd_run(ctx: Context, args: argparse.Namespace) -> Outcome:
+    return _run(ctx, args, "scheduled")
+
+
+def cmd_trigger(ctx: Context, args: argparse.Namespace) -> Outcome:
+    return _run(ctx, args, "manual")
+
+
+# -- status, list ------------------------------------------------------------------
+
+
+def service_status(ctx: Context, manifest: Manifest, with_scheduler: bool = True) -> dict[str, Any]:
+    sid, paths, now = manifest.service_id, ctx.paths, ctx.system.now_ms()
+    status = load_status(paths, sid)
+    running = lock_is_held(paths.run_lock(sid))
+    data: dict[str, Any] = {
+        "service_id": sid,
+        "project_root": manifest.project_root,
+        "state": derive_state(status, now, running),
+        "backend": manifest.backend,
+        "backend_reason": manifest.backend_reason,
+        "interval_seconds": manifest.interval_seconds,
+        "profile": manifest.profile,
+        "token_source": manifest.token_source,
+        "last_run": status.last_run.to_dict() if status.last_run else None,
+        "consecutive_failures": status.consecutive_failures,
+        "next_retry_at_ms": status.next_retry_at_ms,
+        "next_retry_at_iso": iso_from_ms(status.next_retry_at_ms) if status.next_retry_at_ms else None,
+        "next_due_at_ms": status.next_due_at_ms,
+        "paused": status.paused.to_dict() if status.paused else None,
+        "history": [r.to_dict() for r in status.history],
+        "log_path": paths.log(sid),
+        "status_path": paths.status(sid),
+    }
+    if with_scheduler:
+        if manifest.backend in BACKENDS:
+            try:
+                data["scheduler"] = get_backend(manifest.backend, ctx.system, paths).state(manifest)
+            except LoreServiceError as exc:
+                data["scheduler"] = {"error": {"code": exc.code, "message": exc.message, "hint": exc.hint}}
+        else:
+            data["scheduler"] = {
+                "error": {
+                    "code": "unknown_backend",
+                    "message": f"unknown backend {manifest.backend}",
+                    "hint": "upgrade lore-service",
+                }
+            }
+    return data
+
+
+def _render_status(d: dict[str, Any]) -> str:
+    now_ms = int(time.time() * 1000)
+    lines = [f"{d['service_id']}: {d['state'].upper()}", f"  project     {d['project_root']}"]
+    sched = d.get("scheduler") or {}
+    lines.append(
+        f"  schedule    every {format_interval(d['interval_seconds'])} via {d['backend']}"
+        f" ({d['backend_reason']}), profile {d['profile']}"
+    )
+    if sched.get("error"):
+        lines.append(f"  scheduler   error: {sched['error']['message']}\n              fix: {sched['error']['hint']}")
+    else:
+        if sched.get("next_run_iso"):
+            lines.append(f"  next run    {sched['next_run_iso']}")
+        if sched.get("detail"):
+            lines.append(f"  scheduler   {sched['detail']}")
+        for problem in sched.get("drift") or []:
+            lines.append(f"  DRIFT       {problem}\n              fix: `{TOOL_NAME} install` rewrites the entry")
+    run = d.get("last_run")
+    if run:
+        stages = ", ".join(f"{s['stage']} {s['outcome']}" for s in run["stage_results"])
+        lines.append(
+            f"  last run    {run['started_at_iso']} ({run['trigger']}): {run['outcome']} in "
+            f"{human_duration(run['duration_ms'] / 1000)}"
+        )
+        lines.append(f"              {stages}")
+    else:
+        lines.append("  last run    none yet")
+    if d["consecutive_failures"]:
+        lines.append(f"  failures    {d['consecutive_failures']} in a row")
+    if d.get("next_retry_at_ms") and d["next_retry_at_ms"] > now_ms:
+        lines.append(
+            f"  next retry  {local_time(d['next_retry_at_ms'])} "
+            f"(in {human_duration((d['next_retry_at_ms'] - now_ms) / 1000)})"
+        )
+    pause = d.get("paused")
+    if pause:
+        lines.append(f"  PAUSED      {pause['kind']} since {pause['since_iso']}: {pause['reason']}")
+        lines.append(f"              fix: {pause['hint']}")
+    lines.append(f"  log         {d['log_path']}")
+    return "\n".join(lines)
+
+
+def cmd_status(ctx: Context, args: argparse.Namespace) -> Outcome:
+    if args.all:
+        services: list[dict[str, Any]] = []
+        worst = EXIT_OK
+        for sid in ctx.paths.installed_ids():
+            try:
+                manifest = load_manifest(ctx.paths, sid)
+                if manifest is not None:
+                    services.append(service_status(ctx, manifest))
+            except LoreServiceError as exc:
+                worst = exc.exit_code
+                services.append(
+                    {"service_id": sid, "error": {"code": exc.code, "message": exc.message, "hint": exc.hint}}
+                )
+        text = (
+            "\n\n".join(
+                _render_status(s)
+                if "error" not in s
+                else f"{s['service_id']}: ERROR {s['error']['message']}\n  fix: {s['error']['hint']}"
+                for s in services
+            )
+            or "no services installed"
+        )
+        return Outcome({"services": services}, text, worst)
+    try:
+        manifest = find_service(ctx, args)
+    except NotInstalledError as exc:
+        exc.data = {"state": "not_installed"}  # type: ignore[attr-defined]
+        raise
+    data = service_status(ctx, manifest)
+    return Outcome(data, _render_status(data))
+
+
+def cmd_list(ctx: Context, args: argparse.Namespace) -> Outcome:
+    rows: list[dict[str, Any]] = []
+    for sid in ctx.paths.installed_ids():
+        try:
+            manifest = load_manifest(ctx.paths, sid)
+            if manifest is None:
+                continue
+            status = load_status(ctx.paths, sid)
+            state = derive_state(status, ctx.system.now_ms(), lock_is_held(ctx.paths.run_lock(sid)))
+            rows.append(
+                {
+                    "service_id": sid,
+                    "project_root": manifest.project_root,
+                    "backend": manifest.backend,
+                    "interval_seconds": manifest.interval_seconds,
+                    "profile": manifest.profile,
+                    "state": state,
+                }
+            )
+        except LoreServiceError as exc:
+            rows.append(
+                {
+                    "service_id": sid,
+                    "state": "error",
+                    "error": {"code": exc.code, "message": exc.message, "hint": exc.hint},
+                }
+            )
+    text = (
+        "\n".join(
+            f"{r['service_id']:<{SERVICE_ID_MAX}}  {r['state']:<9} "
+            + (
+                f"{r['backend']:<8} {format_interval(r['interval_seconds']):>4}  {r['project_root']}"
+                if "error" not in r
+                else r["error"]["message"]
+            )
+            for r in rows
+        )
+        or "no services installed"
+    )
+    return Outcome({"services": rows}, text)
+
+
+# -- logs, doctor ------------------------------------------------------------------
+
+
+def cmd_logs(ctx: Context, args: argparse.Namespace) -> Outcome:
+    manifest = find_service(ctx, args)
+    if args.tail < 0:
+        raise UsageError("--tail must be 0 or more", "e.g. --tail 100", code="bad_tail")
+    if args.follow and ctx.robot:
+        raise UsageError(
+            "--follow streams text and cannot be one JSON document", "drop --json, or use --tail N", code="usage"
+        )
+    path = ctx.paths.log(manifest.service_id)
+    lines = tail_lines(path, args.tail)
+    if args.follow:
+        out = sys.stdout
+        for line in lines:
+            out.write(line + "\n")
+        out.flush()
+        try:
+            for line in follow_lines(path, ctx.system):
+                out.write(line + "\n")
+                out.flush()
+        except KeyboardInterrupt:
+            pass
+        return Outcome({}, "")
+    return Outcome(
+        {"service_id": manifest.service_id, "path": path, "lines": lines},
+        "\n".join(lines) if lines else f"(no log lines yet in {path})",
+    )
+
+
+def cmd_doctor(ctx: Context, args: argparse.Namespace) -> Outcome:
+    manifest: Manifest | None = None
+    try:
+        manifest = find_service(ctx, args)
+    except NotInstalledError:
+        if getattr(args, "name", None):
+            raise
+    if manifest is None:
+        checks = readiness_checks(ctx.system, ctx.paths)
+        subject = "this machine (no service installed here)"
+    else:
+        checks = core_checks(ctx.paths, ctx.system, manifest)
+        checks.insert(0, Check("backend", "ok", f"{manifest.backend}: {manifest.backend_reason}"))
+        if manifest.backend in BACKENDS:
+            backend = get_backend(manifest.backend, ctx.system, ctx.paths)
+            checks.extend(backend.diagnose(manifest))
+            try:
+                for problem in backend.state(manifest).get("drift") or []:
+                    checks.append(Check("scheduler entry", "fail", problem, f"`{TOOL_NAME} install` rewrites it"))
+            except LoreServiceError as exc:
+                checks.append(Check("scheduler entry", "fail", exc.message, exc.hint))
+        else:
+            checks.append(Check("backend", "fail", f"unknown backend {manifest.backend}", "upgrade lore-service"))
+        subject = manifest.service_id
+    failed = sum(c.status == "fail" for c in checks)
+    warned = sum(c.status == "warn" for c in checks)
+    lines = [f"doctor: {subject}"]
+    for c in checks:
+        lines.append(f"  {c.status:<5} {c.name}: {c.message}")
+        if c.status != "ok" and c.hint:
+            lines.append(f"        fix: {c.hint}")
+    lines.append(f"{failed} failing, {warned} warning, {len(checks) - failed - warned} ok")
+    data = {
+        "subject": subject,
+        "service_id": manifest.service_id if manifest else None,
+        "checks": [c.to_dict() for c in checks],
+        "failed": failed,
+        "warned": warned,
+    }
+    return Outcome(data, "\n".join(lines), EXIT_FAILED if failed else EXIT_OK)
+
+
+HANDLERS: dict[str, Callable[[Context, argparse.Namespace], Outcome]] = {
+    "install": cmd_install,
+    "uninstall": cmd_uninstall,
+    "status": cmd_status,
+    "list": cmd_list,
+    "run": cmd_run,
+    "trigger": cmd_trigger,
+    "pause": cmd_pause,
+    "resume": cmd_resume,
+    "logs": cmd_logs,
+    "doctor": cmd_doctor,
+}
+
+
+# -- output and main ---------------------------------------------------------------
+
+
+def version_info() -> dict[str, Any]:
+    import platform
+
+    return {
+        "version": __version__,
+        "frozen": bool(getattr(sys, "frozen", False)),
+        "python": platform.python_version(),
+        "platform": f"{sys.platform}-{platform.machine()}",
+        "executable": self_command()[0],
+    }
+
+
+def _emit(robot: bool, command: str, outcome: Outcome | None, error: LoreServiceError | None) -> None:
+    if robot:
+        if error is None:
+            doc: dict[str, Any] = {"ok": True, "command": command, "data": outcome.data if outcome else {}}
+        else:
+            doc = {
+                "ok": False,
+                "command": command,
+                "error": {"code": error.code, "message": error.message, "hint": error.hint},
+            }
+            if getattr(error, "data", None) is not None:
+                doc["data"] = error.data  # type: ignore[attr-defined]
+        sys.stdout.write(json.dumps(doc, ensure_ascii=False) + "\n")
+        return
+    if outcome is not None and outcome.text:
+        sys.stdout.write(outcome.text + "\n")
+    if error is not None:
+        if getattr(error, "text", None):
+            sys.stdout.write(error.text + "\n")  # type: ignore[attr-defined]
+        sys.stderr.write(f"error: {error.message}\n")
+        if error.hint:
+            sys.stderr.write(f"hint: {error.hint}\n")
+
+
+def main(argv: Sequence[str] | None = None, system: System | None = None) -> int:
+    """Entry point: parse, dispatch, print; the only place errors become exit codes."""
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    cut = args_in.index("--") if "--" in args_in else len(args_in)
+    robot = any(a in ("--json", "--robot") for a in args_in[:cut])
+    args_in = [a for i, a in enumerate(args_in) if i >= cut or a not in ("--json", "--robot")]
+    command = next((a for a in args_in if a in COMMANDS), "")
+    try:
+        try:
+            args = build_parser().parse_args(args_in)
+        except _ParserExit as exc:  # --help
+            return exc.status
+        if args.version:
+            info = version_info()
+            text = (
+                f"{TOOL_NAME} {info['version']} ({'frozen' if info['frozen'] else 'source'}, "
+                f"Python {info['python']}, {info['platform']})"
+            )
+            _emit(robot, "version", Outcome(info, text), None)
+            return EXIT_OK
+        if not args.command:
+            raise UsageError("no command given", f"`{TOOL_NAME} --help` lists the commands")
+        system = system or System()
+        ctx = Context(system, Paths(system, getattr(args, "home", None)), robot)
+        outcome = HANDLERS[args.command](ctx, args)
+        _emit(robot, command, outcome, None)
+        return outcome.exit_code
+    except LoreServiceError as exc:
+        _emit(robot, command, None, exc)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _emit(robot, command, None, LoreServiceError("interrupted", "", code="interrupted"))
+        return 130
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        err = LoreServiceError(
+            f"{exc.strerror or exc}{where}", "check permissions and free disk space", code="os_error"
+        )
+        _emit(robot, command, None, err)
+        return EXIT_FAILED
+    except Exception as exc:  # the promise: never a traceback for any input
+        if os.environ.get("LORE_SERVICE_DEBUG"):
+            raise
+        err = LoreServiceError(
+            f"internal error: {exc.__class__.__name__}: {exc}",
+            "please report this; LORE_SERVICE_DEBUG=1 shows the traceback",
+            code="internal",
+        )
+        _emit(robot, command, None, err)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
