@@ -589,7 +589,6 @@ DEFAULT_PERMANENT_CODES = (2, 64, 65, 66, 67, 77, 78, 126, 127)
 DEFAULT_RUN_BUDGET = 840
 SCHEDULER_TIMEOUT = 900
 DEFAULT_STAGE_TIMEOUT = 600
-BACKENDS_CLI = ("auto", "none", "systemd", "launchd", "schtasks", "cron")
 TOKEN_SOURCES = ("env-file", "keychain", "credential-manager", "embedded")
 TOKEN_SOURCES_CLI = ("auto", *TOKEN_SOURCES)
 
@@ -1721,6 +1720,23 @@ class NoneBackend(SchedulerBackend):
         return []
 
 
+# ---------------------------------------------------------------------------
+# 11a. systemd user timers (Linux)
+# ---------------------------------------------------------------------------
+
+# ---------------------------------------------------------------------------
+# 11b. cron (Linux and other Unix without a user manager)
+# ---------------------------------------------------------------------------
+
+# ---------------------------------------------------------------------------
+# 11c. launchd LaunchAgents (macOS)
+# ---------------------------------------------------------------------------
+
+# ---------------------------------------------------------------------------
+# 11d. Task Scheduler (Windows)
+# ---------------------------------------------------------------------------
+
+
 # ============================================================================
 # 12. Doctor: checks with ok / warn / fail and the step that fixes each
 # ============================================================================
@@ -1936,7 +1952,7 @@ def build_parser() -> _Parser:
     p.add_argument("--name", metavar="NAME", help="service id (default: <folder>-<hash of path>)")
     p.add_argument("--interval", metavar="30m", help="5m..24h, in m or h (default 30m)")
     p.add_argument("--profile", choices=tuple(PROFILES), help="fast|balanced|full (default balanced)")
-    p.add_argument("--backend", choices=BACKENDS_CLI, help="scheduler (default auto)")
+    p.add_argument("--backend", choices=("auto", *BACKENDS), help="scheduler (default auto)")
     p.add_argument("--token-source", choices=TOKEN_SOURCES_CLI, help="where the token is kept (default auto)")
     p.add_argument("--token-env", metavar="VAR", help=f"variable holding the token (default {DEFAULT_TOKEN_ENV})")
     p.add_argument("--token-stdin", action="store_true", help="read the token from standard input")
@@ -2029,7 +2045,8 @@ def find_service(ctx: Context, args: argparse.Namespace) -> Manifest:
 def _obtain_token(ctx: Context, args: argparse.Namespace, token_env: str) -> str | None:
     """From --token-stdin, the named variable, or a hidden prompt; never argv."""
     if args.token_stdin:
-        return validate_token(ctx.system.read_stdin().splitlines()[0] if ctx.system.read_stdin else "")
+        lines = ctx.system.read_stdin().splitlines()
+        return validate_token(lines[0] if lines else "")
     value = ctx.system.environ.get(token_env)
     if value:
         return validate_token(value)

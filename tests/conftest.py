@@ -1,0 +1,186 @@
+"""Shared fixtures: a private home, a project, the fake `lore`, a fake System,
+and two ways to drive the tool: main(argv) in-process and a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import lore_service as ls  # noqa: E402
+import fake_backend  # noqa: E402,F401  (registers the "fake" backend)
+
+TOKEN = "glpat-SECRET-token-value-42"
+SCRIPT = str(ROOT / "lore_service.py")
+FAKE_LORE = str(Path(__file__).resolve().parent / "fake_lore.py")
+
+
+class FakeSystem(ls.System):
+    """System with a settable clock, a scripted RNG and scripted commands.
+
+    Stage processes (spawn/kill_group) stay real: the runner is tested
+    against real processes. Scheduler commands (run) are recorded and
+    answered from `responses` (argv prefix -> CommandResult or callable).
+    """
+
+    def __init__(self, environ: dict[str, str], platform: str = "linux") -> None:
+        super().__init__(environ)
+        self._platform = platform
+        self.clock_ms: int | None = None
+        self.jitter = 0.5  # uniform(a, b) returns a + jitter * (b - a)
+        self.uniform_calls: list[tuple[float, float]] = []
+        self.commands: list[list[str]] = []
+        self.responses: list[tuple[list[str], Any]] = []
+        self.which_map: dict[str, str | None] = {}
+        self.stdin_text = ""
+        self.tty = False
+
+    @property
+    def platform(self) -> str:
+        return self._platform
+
+    def now_ms(self) -> int:
+        return super().now_ms() if self.clock_ms is None else self.clock_ms
+
+    def uniform(self, low: float, high: float) -> float:
+        self.uniform_calls.append((low, high))
+        return low + self.jitter * (high - low)
+
+    def respond(self, prefix: list[str], result: Any) -> None:
+        self.responses.insert(0, (prefix, result))
+
+    def run(self, argv, *, input=None, env=None, timeout=60.0):  # type: ignore[override]
+        argv = list(argv)
+        self.commands.append(argv)
+        for prefix, result in self.responses:
+            if argv[: len(prefix)] == prefix:
+                if callable(result):
+                    result = result(argv, input)
+                if isinstance(result, int):
+                    result = ls.CommandResult(argv, result, "", "")
+                return ls.CommandResult(argv, result.returncode, result.stdout, result.stderr)
+        return ls.CommandResult(argv, 0, "", "")
+
+    def which(self, name: str) -> str | None:
+        if name in self.which_map:
+            return self.which_map[name]
+        return super().which(name)
+
+    def stdin_isatty(self) -> bool:
+        return self.tty
+
+    def read_stdin(self) -> str:
+        return self.stdin_text
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def doc(self) -> dict[str, Any]:
+        return json.loads(self.out)
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return self.doc["data"]
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "lore-home"
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    p = tmp_path / "work space" / "my-project"
+    p.mkdir(parents=True)
+    return p
+
+
+@pytest.fixture
+def lore_bin(tmp_path: Path) -> Path:
+    """An executable `lore` that runs tests/fake_lore.py."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    lore = bindir / "lore"
+    lore.write_text(f"#!/bin/sh\nexec '{sys.executable}' '{FAKE_LORE}' \"$@\"\n")
+    lore.chmod(lore.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return lore
+
+
+@pytest.fixture
+def environ(tmp_path: Path, home: Path, lore_bin: Path) -> dict[str, str]:
+    user = tmp_path / "user-home"
+    user.mkdir(exist_ok=True)
+    return {
+        "HOME": str(user),
+        "PATH": f"{lore_bin.parent}{os.pathsep}{os.environ.get('PATH', os.defpath)}",
+        "LORE_SERVICE_HOME": str(home),
+        "GITLAB_TOKEN": TOKEN,
+        "LANG": "C.UTF-8",
+    }
+
+
+@pytest.fixture
+def system(environ: dict[str, str]) -> FakeSystem:
+    return FakeSystem(environ)
+
+
+@pytest.fixture
+def cli(system: FakeSystem, capsys: pytest.CaptureFixture[str], project: Path, monkeypatch: pytest.MonkeyPatch):
+    """Call main(argv) in-process with the fake system, from the project folder."""
+    monkeypatch.chdir(project)
+
+    def call(*argv: str, sys_: FakeSystem | None = None) -> Result:
+        capsys.readouterr()
+        code = ls.main(list(argv), system=sys_ or system)
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return call
+
+
+@pytest.fixture
+def tool(environ: dict[str, str], project: Path):
+    """Run `python lore_service.py ...` as a real subprocess."""
+
+    def call(*argv: str, env: dict[str, str] | None = None, cwd: Path | None = None, input: str | None = None,
+             timeout: float = 60) -> Result:
+        proc = subprocess.run([sys.executable, SCRIPT, *argv], cwd=str(cwd or project), env=env or environ,
+                              input=input, capture_output=True, text=True, timeout=timeout)
+        return Result(proc.returncode, proc.stdout, proc.stderr)
+
+    return call
+
+
+def write_plan(project: Path, plan: dict[str, Any]) -> None:
+    (project / ".fake-lore.json").write_text(json.dumps(plan))
+
+
+def calls(project: Path) -> list[dict[str, Any]]:
+    path = project / ".fake-lore-calls.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture
+def installed(cli, project: Path, lore_bin: Path):
+    """A service installed for `project` on the fake backend."""
+    result = cli("--json", "install", "--backend", "fake", "--interval", "30m")
+    assert result.code == 0, result.err + result.out
+    return result.data

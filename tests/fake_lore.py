@@ -1,0 +1,77 @@
+#!/usr/bin/env python3
+"""A stand-in for `lore` (gitlore) used by the tests.
+
+It is called exactly as lore-service calls the real program
+(`lore ingest --type issues`, `lore ingest --type mrs`, `lore generate-docs`,
+`lore embed`) in the project root, and behaves as the file
+`.fake-lore.json` in that folder says, per stage:
+
+    {"issues": {"exit": 0}, "mrs": {"exit": 75},
+     "docs": {"hang": true}, "embeddings": {"print_token": true}}
+
+Keys: exit (int), sleep (seconds), hang (sleep for a day), grandchild (start
+a process in the same group that sleeps and records its pid), print_token
+(echo the token variable), print_mb (write N MiB of output lines), signal
+(kill itself with that signal number), env_var (token variable name,
+default GITLAB_TOKEN). Every call appends one JSON line to
+`.fake-lore-calls.jsonl`: stage, argv, cwd, pid, whether the token was set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+
+def stage_of(argv: list[str]) -> str:
+    if argv[:1] == ["ingest"] and "--type" in argv:
+        return argv[argv.index("--type") + 1]
+    return {"generate-docs": "docs", "embed": "embeddings"}.get(argv[0] if argv else "", "unknown")
+
+
+def main() -> int:
+    argv = sys.argv[1:]
+    stage = stage_of(argv)
+    try:
+        with open(".fake-lore.json", encoding="utf-8") as fh:
+            plan = json.load(fh).get(stage, {})
+    except FileNotFoundError:
+        plan = {}
+    var = plan.get("env_var", "GITLAB_TOKEN")
+    record = {"stage": stage, "argv": argv, "cwd": os.getcwd(), "pid": os.getpid(), "token_set": bool(os.environ.get(var))}
+    with open(".fake-lore-calls.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+    print(f"fake lore: stage {stage}", flush=True)
+    if plan.get("print_token"):
+        print(f"token is {os.environ.get(var, '')}", flush=True)
+    if plan.get("grandchild"):
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+        with open(f".fake-lore-grandchild-{stage}.pid", "w", encoding="utf-8") as fh:
+            fh.write(str(child.pid))
+    if plan.get("print_mb"):
+        line = ("x" * 99 + "\n").encode()
+        block = line * 10486  # ~1 MiB
+        out = sys.stdout.buffer
+        for _ in range(int(plan["print_mb"])):
+            out.write(block)
+        out.flush()
+    if plan.get("sleep"):
+        time.sleep(float(plan["sleep"]))
+    if plan.get("hang"):
+        time.sleep(86400)
+    if plan.get("signal"):
+        os.kill(os.getpid(), int(plan["signal"]))
+        time.sleep(5)
+    code = int(plan.get("exit", 0))
+    if code:
+        print(f"fake lore: failing with {code}", file=sys.stderr, flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    sys.exit(main())
