@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import lore_service as ls  # noqa: E402
 import fake_backend  # noqa: E402,F401  (registers the "fake" backend)
+
+import lore_service as ls  # noqa: E402
 
 TOKEN = "glpat-SECRET-token-value-42"
 SCRIPT = str(ROOT / "lore_service.py")
@@ -158,10 +159,22 @@ def cli(system: FakeSystem, capsys: pytest.CaptureFixture[str], project: Path, m
 def tool(environ: dict[str, str], project: Path):
     """Run `python lore_service.py ...` as a real subprocess."""
 
-    def call(*argv: str, env: dict[str, str] | None = None, cwd: Path | None = None, input: str | None = None,
-             timeout: float = 60) -> Result:
-        proc = subprocess.run([sys.executable, SCRIPT, *argv], cwd=str(cwd or project), env=env or environ,
-                              input=input, capture_output=True, text=True, timeout=timeout)
+    def call(
+        *argv: str,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        input: str | None = None,
+        timeout: float = 60,
+    ) -> Result:
+        proc = subprocess.run(
+            [sys.executable, SCRIPT, *argv],
+            cwd=str(cwd or project),
+            env=env or environ,
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         return Result(proc.returncode, proc.stdout, proc.stderr)
 
     return call

@@ -52,8 +52,15 @@ class FakeBackend(ls.SchedulerBackend):
             with open(path, encoding="utf-8") as fh:
                 if json.load(fh).get("program") != manifest.program:
                     drift.append(f"{path} was edited")
-        return {"registered": not drift, "active": not drift, "next_run_iso": None, "last_trigger_iso": None,
-                "last_result": None, "drift": drift, "detail": "fake scheduler"}
+        return {
+            "registered": not drift,
+            "active": not drift,
+            "next_run_iso": None,
+            "last_trigger_iso": None,
+            "last_result": None,
+            "drift": drift,
+            "detail": "fake scheduler",
+        }
 
     def file_paths(self, manifest: ls.Manifest) -> list[str]:
         return [self._entry(manifest)]

@@ -42,7 +42,13 @@ def main() -> int:
     except FileNotFoundError:
         plan = {}
     var = plan.get("env_var", "GITLAB_TOKEN")
-    record = {"stage": stage, "argv": argv, "cwd": os.getcwd(), "pid": os.getpid(), "token_set": bool(os.environ.get(var))}
+    record = {
+        "stage": stage,
+        "argv": argv,
+        "cwd": os.getcwd(),
+        "pid": os.getpid(),
+        "token_set": bool(os.environ.get(var)),
+    }
     with open(".fake-lore-calls.jsonl", "a", encoding="utf-8") as fh:
         fh.write(json.dumps(record) + "\n")
     print(f"fake lore: stage {stage}", flush=True)

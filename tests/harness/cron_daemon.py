@@ -48,9 +48,7 @@ CRON_MAX_COMMAND_BYTES = 998
 CAP_AUDIT_CONTROL = 30
 AUDIT_UID_UNSET = "4294967295"
 
-_PAM_LOGINUID_REQUIRED = re.compile(
-    r"^(\s*session\s+)required(\s+pam_loginuid\.so\b)", re.MULTILINE
-)
+_PAM_LOGINUID_REQUIRED = re.compile(r"^(\s*session\s+)required(\s+pam_loginuid\.so\b)", re.MULTILINE)
 
 # State of the daemon *we* started; never touch a daemon someone else runs.
 _proc: subprocess.Popen[bytes] | None = None
@@ -83,9 +81,7 @@ def ensure_cron_installed(install: bool = True) -> str | None:
             ["apt-get", "update", "-qq"],
             ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "cron"],
         ):
-            res = subprocess.run(
-                argv, env=env, capture_output=True, text=True, check=False
-            )
+            res = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
             if res.returncode != 0:
                 return f"{' '.join(argv)} failed ({res.returncode}): {res.stderr.strip()[-500:]}"
         if not os.access(CRON_BIN, os.X_OK):
@@ -196,9 +192,7 @@ def daemon_running() -> bool:
     return pid is not None and _pid_alive(pid)
 
 
-def start_daemon(
-    loglevel: int = 15, capture_syslog: bool = True, timeout: float = 10.0
-) -> None:
+def start_daemon(loglevel: int = 15, capture_syslog: bool = True, timeout: float = 10.0) -> None:
     """Start ``cron -f -L loglevel`` as our child unless a daemon already runs.
 
     systemd is not PID 1 here, so no ``systemctl``; ``service cron start``
@@ -237,9 +231,7 @@ def start_daemon(
     _stderr_file.seek(0)
     err = _stderr_file.read().decode(errors="replace").strip()
     stop_daemon_if_we_started()
-    raise RuntimeError(
-        f"cron did not start (pid file {PIDFILE} never named it): {err!r}"
-    )
+    raise RuntimeError(f"cron did not start (pid file {PIDFILE} never named it): {err!r}")
 
 
 def stop_daemon_if_we_started(timeout: float = 10.0) -> None:
@@ -282,9 +274,7 @@ class _SyslogCapture:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.lines: list[str] = []
-        self._thread = threading.Thread(
-            target=self._run, name="cron-syslog", daemon=True
-        )
+        self._thread = threading.Thread(target=self._run, name="cron-syslog", daemon=True)
         self._thread.start()
 
     @classmethod
@@ -362,9 +352,7 @@ def ensure_user(name: str) -> tuple[int, Path]:
     try:
         pw = pwd.getpwnam(name)
     except KeyError:
-        subprocess.run(
-            ["useradd", "-m", "-s", "/bin/sh", name], check=True, capture_output=True
-        )
+        subprocess.run(["useradd", "-m", "-s", "/bin/sh", name], check=True, capture_output=True)
         pw = pwd.getpwnam(name)
     home = Path(pw.pw_dir)
     if not home.is_dir():
@@ -461,11 +449,7 @@ def _pam_env_file(path: str) -> dict[str, str]:
         if line.startswith("export "):
             line = line[len("export ") :].lstrip()
         key, sep, value = line.partition("=")
-        if (
-            not sep
-            or line.startswith("#")
-            or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key)
-        ):
+        if not sep or line.startswith("#") or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
             continue
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
             value = value[1:-1]
@@ -473,9 +457,7 @@ def _pam_env_file(path: str) -> dict[str, str]:
     return out
 
 
-def cron_env(
-    user: str, crontab_vars: Mapping[str, str] | None = None
-) -> dict[str, str]:
+def cron_env(user: str, crontab_vars: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment Debian cron gives a job of ``user`` (before /bin/sh adds PWD).
 
     Verified against the daemon: with an empty /etc/environment and

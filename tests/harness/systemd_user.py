@@ -49,9 +49,17 @@ STATE_DIR = Path("/run/lore-e2e-harness")
 # States in which the manager answers and can run units.
 UP_STATES = ("running", "degraded")
 # Outer environment variables pip needs to reach its index (certs, proxies).
-_PIP_PASSTHROUGH_PREFIXES = ("PIP_", "SSL_CERT_", "REQUESTS_CA_BUNDLE", "HTTP_PROXY",
-                             "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy",
-                             "no_proxy")
+_PIP_PASSTHROUGH_PREFIXES = (
+    "PIP_",
+    "SSL_CERT_",
+    "REQUESTS_CA_BUNDLE",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+)
 
 Mode = Literal["private", "current"]
 
@@ -82,8 +90,7 @@ def cgroup2_mount() -> Path | None:
 class UserManager:
     """A ``systemd --user`` instance that tests can drive with ``systemctl --user``."""
 
-    def __init__(self, user: str = DEFAULT_USER, *, mode: Mode = "private",
-                 timeout: float = 30.0) -> None:
+    def __init__(self, user: str = DEFAULT_USER, *, mode: Mode = "private", timeout: float = 30.0) -> None:
         self.user = user
         self.mode: Mode = mode
         self.timeout = timeout
@@ -157,9 +164,9 @@ class UserManager:
             "DBUS_SESSION_BUS_ADDRESS": f"unix:path={self.runtime_dir}/bus",
         }
 
-    def run_as(self, argv: Sequence[str | os.PathLike[str]], *,
-               extra_env: Mapping[str, str] | None = None,
-               **kw: Any) -> subprocess.CompletedProcess[Any]:
+    def run_as(
+        self, argv: Sequence[str | os.PathLike[str]], *, extra_env: Mapping[str, str] | None = None, **kw: Any
+    ) -> subprocess.CompletedProcess[Any]:
         """Run argv as the test user with :meth:`env`; captures text output by default."""
         env = self.env()
         env.update(extra_env or {})
@@ -172,8 +179,7 @@ class UserManager:
         kw.setdefault("cwd", str(self.home))
         if self.mode == "current":
             return subprocess.run(args, env=env, **kw)
-        cmd = ["runuser", "-u", self.user, "--", "env", "-i",
-               *(f"{k}={v}" for k, v in env.items()), *args]
+        cmd = ["runuser", "-u", self.user, "--", "env", "-i", *(f"{k}={v}" for k, v in env.items()), *args]
         return subprocess.run(cmd, env={"PATH": ROOT_PATH}, **kw)
 
     def systemctl(self, *args: str, **kw: Any) -> subprocess.CompletedProcess[Any]:
@@ -197,11 +203,16 @@ class UserManager:
         """Why :meth:`start` cannot work here, without changing anything."""
         if self.mode == "current":
             state = self.query_state()
-            return None if state in UP_STATES + ("starting", "initializing") else (
-                f"current user's systemd --user manager not usable: {state}")
+            return (
+                None
+                if state in UP_STATES + ("starting", "initializing")
+                else (f"current user's systemd --user manager not usable: {state}")
+            )
         if os.geteuid() != 0:
-            return ("private systemd --user manager needs root (to create the test "
-                    "user and its cgroup); run as root or use UserManager.current()")
+            return (
+                "private systemd --user manager needs root (to create the test "
+                "user and its cgroup); run as root or use UserManager.current()"
+            )
         for tool in ("runuser", "setsid", "useradd", "systemctl"):
             if shutil.which(tool, path=ROOT_PATH) is None:
                 return f"{tool} not found"
@@ -288,8 +299,7 @@ class UserManager:
         # `userdel -r`, and outside /tmp, which PrivateTmp=true hides.
         return self.home / ".venv-e2e"
 
-    def ensure_venv(self, path: Path | None = None,
-                    packages: Sequence[str] = DEFAULT_PACKAGES) -> Path:
+    def ensure_venv(self, path: Path | None = None, packages: Sequence[str] = DEFAULT_PACKAGES) -> Path:
         """Create a venv from /usr/bin/python3 as the user and pip-install packages.
 
         Returns the venv's python. Skips whatever is already there.
@@ -302,10 +312,8 @@ class UserManager:
                 raise HarnessError(f"venv creation failed: {res.stderr.strip()}")
         missing = [p for p in packages if not self._has_dist(py, p)]
         if missing:
-            pip_env = {k: v for k, v in os.environ.items()
-                       if k.startswith(_PIP_PASSTHROUGH_PREFIXES)}
-            res = self.run_as([str(py), "-m", "pip", "install", "--quiet", *missing],
-                              extra_env=pip_env, timeout=600)
+            pip_env = {k: v for k, v in os.environ.items() if k.startswith(_PIP_PASSTHROUGH_PREFIXES)}
+            res = self.run_as([str(py), "-m", "pip", "install", "--quiet", *missing], extra_env=pip_env, timeout=600)
             if res.returncode != 0:
                 raise HarnessError(f"pip install {missing} failed: {res.stderr.strip()}")
         return py
@@ -322,9 +330,13 @@ class UserManager:
         try:
             pwd.getpwnam(self.user)
         except KeyError:
-            res = subprocess.run(["useradd", "-m", "-s", "/bin/sh", self.user],
-                                 capture_output=True, text=True, check=False,
-                                 env={"PATH": ROOT_PATH})
+            res = subprocess.run(
+                ["useradd", "-m", "-s", "/bin/sh", self.user],
+                capture_output=True,
+                text=True,
+                check=False,
+                env={"PATH": ROOT_PATH},
+            )
             if res.returncode != 0:
                 raise HarnessError(f"useradd {self.user} failed: {res.stderr.strip()}")
 
@@ -363,12 +375,33 @@ class UserManager:
         script = 'echo $$ >"$1" && echo $$ >"$2" && shift 2 && exec "$@"'
         with log.open("wb") as out:
             subprocess.run(
-                ["setsid", "-f", "sh", "-c", script, "sh",
-                 str(cg / "cgroup.procs"), str(pidfile),
-                 "runuser", "-u", self.user, "--", "env", "-i", *env_args,
-                 str(SYSTEMD_BIN), "--user", "--log-target=console", "--log-level=debug"],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                cwd="/", check=True, env={"PATH": ROOT_PATH},
+                [
+                    "setsid",
+                    "-f",
+                    "sh",
+                    "-c",
+                    script,
+                    "sh",
+                    str(cg / "cgroup.procs"),
+                    str(pidfile),
+                    "runuser",
+                    "-u",
+                    self.user,
+                    "--",
+                    "env",
+                    "-i",
+                    *env_args,
+                    str(SYSTEMD_BIN),
+                    "--user",
+                    "--log-target=console",
+                    "--log-level=debug",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                cwd="/",
+                check=True,
+                env={"PATH": ROOT_PATH},
             )
         # (--log-target=console above: no journald here, so without it the
         # manager's own errors, e.g. why a sandbox failed, vanish.)
@@ -399,8 +432,7 @@ class UserManager:
         tail = ""
         if self.mode == "private" and log.exists():
             tail = "; log: " + " | ".join(log.read_text(errors="replace").splitlines()[-5:])
-        raise HarnessError(f"systemd --user for {self.user} not up after "
-                           f"{self.timeout:.0f}s: {state}{tail}")
+        raise HarnessError(f"systemd --user for {self.user} not up after {self.timeout:.0f}s: {state}{tail}")
 
     def _cgroup_populated(self) -> bool:
         cg = self.cgroup
@@ -429,8 +461,7 @@ class UserManager:
     @staticmethod
     def _remove_cgroup(cg: Path) -> None:
         # Children first: cgroup dirs can only be rmdir'ed when they have none.
-        dirs = sorted((p for p in cg.rglob("*") if p.is_dir()),
-                      key=lambda p: len(p.parts), reverse=True)
+        dirs = sorted((p for p in cg.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
         for d in [*dirs, cg]:
             try:
                 d.rmdir()
