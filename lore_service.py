@@ -154,6 +154,13 @@ class System:
     def euid(self) -> int:
         return os.geteuid() if hasattr(os, "geteuid") else 0
 
+    def console_owner_uid(self) -> int | None:
+        """Owner of /dev/console (on macOS: who is logged in at the screen)."""
+        try:
+            return os.stat("/dev/console").st_uid
+        except OSError:
+            return None
+
     def username(self) -> str:
         for key in ("USER", "LOGNAME", "USERNAME"):
             if self.environ.get(key):
@@ -1381,7 +1388,7 @@ def run_stages(
     started_ms = system.now_ms()
     start = system.monotonic()
     deadline = start + cfg.run_budget_seconds
-    run_id = f"{started_ms:x}-{int(system.uniform(0, 0xFFFF)):04x}"
+    run_id = f"{started_ms:x}-{os.getpid():x}"
     env = dict(system.environ)
     env["LORE_SERVICE_ID"] = manifest.service_id
     env["LORE_SERVICE_RUN_ID"] = run_id
@@ -1639,6 +1646,10 @@ class SchedulerBackend(ABC):
     def diagnose(self, manifest: Manifest | None) -> list[Check]:
         return self.prerequisites(manifest)
 
+    def before_run(self, manifest: Manifest) -> None:
+        """Called by `run` before its stages (e.g. to bound scheduler-held output files)."""
+        return None
+
     # -- helpers shared by backends
     def run_checked(self, argv: Sequence[str], *, hint: str = "", **kwargs: Any) -> CommandResult:
         result = self.system.run(argv, **kwargs)
@@ -1732,9 +1743,872 @@ class NoneBackend(SchedulerBackend):
 # 11c. launchd LaunchAgents (macOS)
 # ---------------------------------------------------------------------------
 
+LAUNCHD_LABEL_PREFIX = "com.gitlore.sync."
+LAUNCHD_NICE = 10
+LAUNCHCTL_NO_SUCH_SERVICE = (113, 3)  # "Could not find service" (113); older macOS: "No such process" (3)
+# launchd's StandardOut/ErrorPath only catch crashes and stray output (the run
+# writes its real log itself); trim_crash_log keeps them this small.
+CRASH_LOG_MAX_BYTES = 1024 * 1024
+CRASH_LOG_KEEP_BYTES = 256 * 1024
+LAUNCHD_GUI_HINT = (
+    "launchd agents live in your GUI login session (domain gui/<uid>) and the token lives in your login "
+    "keychain; SSH, sudo and su sessions reach neither. Log in at the Mac, open Terminal there and run the "
+    f"same `{TOOL_NAME}` command as yourself, without sudo"
+)
+
+
+def trim_crash_log(path: str, max_bytes: int = CRASH_LOG_MAX_BYTES, keep_bytes: int = CRASH_LOG_KEEP_BYTES) -> bool:
+    """Bound a file the scheduler holds open; True when it was trimmed.
+
+    launchd keeps StandardOutPath open (O_APPEND), so renaming would not rotate
+    it: the same inode is rewritten with its last `keep_bytes`, from a line start.
+    """
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        return False
+    if size <= max_bytes:
+        return False
+    keep = min(keep_bytes, max_bytes)
+    try:
+        with open(path, "r+b") as fh:
+            fh.seek(size - keep)
+            tail = fh.read(keep)
+            cut = tail.find(b"\n")
+            if 0 <= cut < len(tail) - 1:
+                tail = tail[cut + 1 :]
+            fh.seek(0)
+            fh.write(b"[older output trimmed by lore-service]\n" + tail)
+            fh.truncate()
+    except OSError:
+        return False
+    return True
+
+
+def parse_launchctl_print(text: str) -> dict[str, str]:
+    """Top-level `key = value` lines of `launchctl print gui/<uid>/<label>`.
+
+    Only lines indented by exactly one tab count: nested blocks (coalitions,
+    event channels) repeat keys such as `state`. Apple says the format is not API,
+    so unknown lines are ignored and the first occurrence of a key wins.
+    """
+    info: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.startswith("\t") or line.startswith("\t\t"):
+            continue
+        key, sep, value = line[1:].partition(" = ")
+        key = key.strip()
+        if sep and key and key not in info:
+            info[key] = value.strip()
+    return info
+
+
+def launchd_exit_code(value: str | None) -> int | None:
+    """`0`, `1`, `78: EX_CONFIG` -> int; `(never exited)` or missing -> None."""
+    head = (value or "").split(":", 1)[0].strip()
+    try:
+        return int(head)
+    except ValueError:
+        return None
+
+
+def launchd_context_problem(system: System) -> str | None:
+    """Why this process cannot reach the user's GUI session (and keychain), or None."""
+    env = system.environ
+    uid, euid = system.uid(), system.euid()
+    if env.get("SUDO_USER"):
+        return f"this runs under sudo (SUDO_USER={env['SUDO_USER']})"
+    if uid != euid:
+        return f"the real uid {uid} differs from the effective uid {euid} (su or a setuid wrapper)"
+    if uid == 0:
+        return "this runs as root, which has no GUI login session"
+    if env.get("SSH_CONNECTION") or env.get("SSH_TTY") or env.get("SSH_CLIENT"):
+        owner = system.console_owner_uid()
+        if owner != uid:
+            who = "nobody" if owner in (None, 0) else f"uid {owner}"
+            return f"this is an SSH session and {who} (not you, uid {uid}) is logged in at the Mac's screen"
+    return None
+
+
+def _read_bytes(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError:
+        return None
+
+
+def _restore_file(path: str, previous: bytes | None, mode: int) -> None:
+    """Undo a scheduler file written by a failed install."""
+    if previous is None:
+        remove_file(path)
+    else:
+        atomic_write(path, previous, mode)
+
+
+@register_backend
+class LaunchdBackend(SchedulerBackend):
+    """A LaunchAgent in the user's GUI domain, fired every StartInterval seconds."""
+
+    name = "launchd"
+    description = "macOS LaunchAgent in your login session (launchctl)"
+
+    @classmethod
+    def detect(cls, system: System) -> tuple[bool, str]:
+        if system.platform != "darwin":
+            return False, "launchctl is macOS only"
+        found = system.which("launchctl")
+        if not found:
+            return False, "launchctl is not on PATH"
+        return True, f"macOS LaunchAgents ({found})"
+
+    # -- names
+    def label(self, manifest: Manifest) -> str:
+        return LAUNCHD_LABEL_PREFIX + manifest.service_id
+
+    def domain(self) -> str:
+        return f"gui/{self.system.uid()}"
+
+    def target(self, manifest: Manifest) -> str:
+        return f"{self.domain()}/{self.label(manifest)}"
+
+    def plist_path(self, manifest: Manifest) -> str:
+        # always the real ~/Library/LaunchAgents: launchd reloads agents from there at login
+        home = self.system.environ.get("HOME") or os.path.expanduser("~")
+        return os.path.join(home, "Library", "LaunchAgents", self.label(manifest) + ".plist")
+
+    def file_paths(self, manifest: Manifest) -> list[str]:
+        return [self.plist_path(manifest)]
+
+    # -- the plist
+    def job(self, manifest: Manifest, token: str | None) -> dict[str, Any]:
+        crash_log = self.paths.crash_log(manifest.service_id)
+        job: dict[str, Any] = {
+            "Label": self.label(manifest),
+            "ProgramArguments": list(manifest.program),  # argv array: no shell, no quoting
+            "StartInterval": manifest.schedule_step_seconds,
+            "RunAtLoad": False,
+            "ProcessType": "Background",
+            "LowPriorityIO": True,
+            "Nice": LAUNCHD_NICE,
+            "WorkingDirectory": manifest.project_root,
+            "StandardOutPath": crash_log,
+            "StandardErrorPath": crash_log,
+        }
+        if manifest.token_source == "embedded":
+            job["EnvironmentVariables"] = {manifest.token_env: token or SECRET_PLACEHOLDER}
+        return job
+
+    @staticmethod
+    def render(job: dict[str, Any]) -> str:
+        import plistlib
+
+        return plistlib.dumps(job, fmt=plistlib.FMT_XML, sort_keys=True).decode("utf-8")
+
+    def plan(self, manifest: Manifest, embedded_token: str | None) -> Plan:
+        path, target = self.plist_path(manifest), self.target(manifest)
+        embedded = manifest.token_source == "embedded"
+        planned = PlannedFile(
+            path,
+            self.render(self.job(manifest, embedded_token)),
+            0o600 if embedded else 0o644,
+            redacted=self.render(self.job(manifest, SECRET_PLACEHOLDER)) if embedded else None,
+        )
+        warnings: list[str] = []
+        if embedded:
+            warnings.append(f"the embedded token is also shown by `launchctl print {target}` (its environment block)")
+        return Plan(
+            files=[planned],
+            # install runs bootout only when the label is loaded, and skips the
+            # reload when the plist is unchanged (as `git maintenance` does)
+            commands=[
+                ["launchctl", "bootout", target],
+                ["launchctl", "enable", target],
+                ["launchctl", "bootstrap", self.domain(), path],
+            ],
+            warnings=warnings,
+        )
+
+    # -- launchctl
+    def _require_gui(self) -> None:
+        problem = launchd_context_problem(self.system)
+        if problem:
+            raise SchedulerError(
+                f"cannot reach your macOS login session: {problem}", LAUNCHD_GUI_HINT, code="no_gui_session"
+            )
+
+    def _launchctl_error(self, result: CommandResult, manifest: Manifest) -> SchedulerError:
+        text = f"{result.stdout}\n{result.stderr}"
+        message = f"`{' '.join(result.argv)}` failed ({result.returncode}): {result.summary()}"
+        if result.returncode == 125 or "Domain does not support" in text or "Could not find domain" in text:
+            return SchedulerError(
+                message + f"; the GUI domain {self.domain()} is not available from this session",
+                LAUNCHD_GUI_HINT,
+                code="no_gui_domain",
+            )
+        if result.returncode == 5:
+            return SchedulerError(
+                message,
+                f"launchd refused the job (already loaded, disabled, or an invalid plist): run "
+                f"`launchctl bootout {self.target(manifest)}` and `plutil -lint '{self.plist_path(manifest)}'`, "
+                f"then `{TOOL_NAME} install` again",
+                code="launchctl_bootstrap",
+            )
+        return SchedulerError(message, f"run `{TOOL_NAME} doctor` for the launchd checks", code="launchctl")
+
+    def _print(self, manifest: Manifest) -> CommandResult | None:
+        """`launchctl print` of the job; None when it is not loaded (exit 113)."""
+        result = self.system.run(["launchctl", "print", self.target(manifest)], timeout=30)
+        if result.ok:
+            return result
+        if result.returncode in LAUNCHCTL_NO_SUCH_SERVICE and "Could not find domain" not in result.stderr:
+            return None
+        raise self._launchctl_error(result, manifest)
+
+    def install(self, manifest: Manifest, embedded_token: str | None) -> Plan:
+        self._require_gui()  # before launchctl or the keychain is touched
+        plan = self.plan(manifest, embedded_token)
+        planned, target = plan.files[0], self.target(manifest)
+        previous = _read_bytes(planned.path)
+        loaded = self._print(manifest) is not None
+        unchanged = previous == planned.content.encode("utf-8")
+        ran: list[list[str]] = []
+
+        def launchctl(*args: str, tolerate: tuple[int, ...] = ()) -> None:
+            argv = ["launchctl", *args]
+            ran.append(argv)
+            result = self.system.run(argv, timeout=60)
+            if not result.ok and result.returncode not in tolerate:
+                raise self._launchctl_error(result, manifest)
+
+        atomic_write(planned.path, planned.content, planned.mode)
+        try:
+            if loaded and unchanged:
+                launchctl("enable", target)  # already running this exact plist: no reload
+            else:
+                if loaded:
+                    launchctl("bootout", target, tolerate=LAUNCHCTL_NO_SUCH_SERVICE)
+                # enable first: bootstrap of a label left disabled fails
+                launchctl("enable", target)
+                launchctl("bootstrap", self.domain(), planned.path)
+        except BaseException:
+            _restore_file(planned.path, previous, planned.mode)
+            raise
+        return Plan(files=plan.files, commands=ran, warnings=plan.warnings)
+
+    def uninstall(self, manifest: Manifest) -> None:
+        self._require_gui()
+        result = self.system.run(["launchctl", "bootout", self.target(manifest)], timeout=60)
+        if not result.ok and result.returncode not in LAUNCHCTL_NO_SUCH_SERVICE:
+            raise self._launchctl_error(result, manifest)
+        remove_file(self.plist_path(manifest))
+
+    def before_run(self, manifest: Manifest) -> None:
+        trim_crash_log(self.paths.crash_log(manifest.service_id))
+
+    # -- state
+    def _file_drift(self, manifest: Manifest) -> list[str]:
+        import plistlib
+
+        path = self.plist_path(manifest)
+        raw = _read_bytes(path)
+        if raw is None:
+            return [f"{path} is missing"]
+        try:
+            actual = plistlib.loads(raw)
+        except Exception:  # plistlib raises several types for garbage
+            return [f"{path} is not a valid plist"]
+        expected = self.job(manifest, SECRET_PLACEHOLDER)
+        env = actual.get("EnvironmentVariables") if isinstance(actual, dict) else None
+        if isinstance(env, dict) and manifest.token_source == "embedded" and manifest.token_env in env:
+            actual["EnvironmentVariables"] = {**env, manifest.token_env: SECRET_PLACEHOLDER}  # never compare secrets
+        if actual != expected:
+            return [f"{path} was edited (it differs from what install writes)"]
+        return []
+
+    def state(self, manifest: Manifest) -> dict[str, Any]:
+        self._require_gui()
+        drift = self._file_drift(manifest)
+        printed = self._print(manifest)
+        if printed is None:
+            drift.append(f"{self.label(manifest)} is not loaded in {self.domain()}")
+            return {
+                "registered": False,
+                "active": False,
+                "next_run_iso": None,
+                "last_trigger_iso": None,
+                "last_result": None,
+                "drift": drift,
+                "detail": f"not loaded in {self.domain()}",
+                "running": False,
+                "pid": None,
+                "runs": None,
+            }
+        info = parse_launchctl_print(printed.stdout)
+        loaded_from = info.get("path")
+        if loaded_from and os.path.realpath(loaded_from) != os.path.realpath(self.plist_path(manifest)):
+            drift.append(f"launchd loaded {self.label(manifest)} from {loaded_from}, not {self.plist_path(manifest)}")
+        job_state = info.get("state", "unknown")
+        pid = launchd_exit_code(info.get("pid"))
+        runs = launchd_exit_code(info.get("runs"))
+        last = launchd_exit_code(info.get("last exit code"))
+        parts = [f"loaded in {self.domain()}", job_state + (f" (pid {pid})" if pid else "")]
+        if runs is not None:
+            parts.append(f"{runs} runs")
+        if "last exit code" in info:
+            parts.append(f"last exit code {info['last exit code']}")
+        elif "last terminating signal" in info:
+            parts.append(f"last ended by signal: {info['last terminating signal']}")
+        return {
+            "registered": True,
+            "active": True,
+            "next_run_iso": None,  # launchd does not expose the next StartInterval tick
+            "last_trigger_iso": None,
+            "last_result": last,
+            "drift": drift,
+            "detail": ", ".join(parts),
+            "running": job_state == "running",
+            "pid": pid,
+            "runs": runs,
+        }
+
+    # -- checks
+    def prerequisites(self, manifest: Manifest | None) -> list[Check]:
+        if self.system.platform != "darwin":
+            return [
+                Check(
+                    "launchd",
+                    "fail",
+                    f"launchctl is macOS only (this is {self.system.platform})",
+                    "install on the Mac itself; `--dry-run` previews the LaunchAgent anywhere",
+                )
+            ]
+        found = self.system.which("launchctl")
+        if not found:
+            return [Check("launchd", "fail", "launchctl is not on PATH", "add /bin to PATH")]
+        problem = launchd_context_problem(self.system)
+        if problem:  # stop before launchctl is touched
+            return [Check("gui session", "fail", f"cannot reach your macOS login session: {problem}", LAUNCHD_GUI_HINT)]
+        result = self.system.run(["launchctl", "print", self.domain()], timeout=30)
+        if not result.ok:
+            return [
+                Check(
+                    "gui session",
+                    "fail",
+                    f"the GUI domain {self.domain()} is not available ({result.summary()})",
+                    LAUNCHD_GUI_HINT,
+                )
+            ]
+        return [
+            Check("launchd", "ok", f"launchctl at {found}"),
+            Check("gui session", "ok", f"GUI domain {self.domain()} is reachable"),
+        ]
+
+    def _keychain_check(self) -> Check:
+        try:
+            backend = _keyring().get_keyring()
+        except LoreServiceError as exc:
+            return Check("keychain", "fail", exc.message, exc.hint)
+        except Exception as exc:
+            return Check("keychain", "fail", f"keyring failed: {exc.__class__.__name__}: {exc}", "reinstall keyring")
+        kind = f"{type(backend).__module__}.{type(backend).__name__}"
+        if "macos" in kind.lower() or "os_x" in kind.lower():
+            return Check("keychain", "ok", f"keyring uses the macOS Keychain ({kind})")
+        if "fail" in kind.lower() or "null" in kind.lower():
+            return Check("keychain", "fail", f"keyring has no usable backend ({kind})", "unset PYTHON_KEYRING_BACKEND")
+        return Check(
+            "keychain",
+            "warn",
+            f"keyring uses {kind}, not the macOS Keychain",
+            "unset PYTHON_KEYRING_BACKEND / remove keyringrc.cfg so the login keychain is used",
+        )
+
+    def diagnose(self, manifest: Manifest | None) -> list[Check]:
+        checks = self.prerequisites(manifest)
+        if any(c.status == "fail" for c in checks):
+            return checks
+        if manifest is None or manifest.token_source == "keychain":
+            checks.append(self._keychain_check())
+        if manifest is not None:
+            crash_log = self.paths.crash_log(manifest.service_id)
+            try:
+                size = os.path.getsize(crash_log)
+            except OSError:
+                size = 0
+            checks.append(
+                Check("crash log", "ok", f"{crash_log} ({size} bytes; trimmed by each run)")
+                if size <= CRASH_LOG_MAX_BYTES
+                else Check("crash log", "warn", f"{crash_log} is {size} bytes", f"`{TOOL_NAME} run` trims it")
+            )
+        return checks
+
+
 # ---------------------------------------------------------------------------
 # 11d. Task Scheduler (Windows)
 # ---------------------------------------------------------------------------
+
+SCHTASKS_TASK_PREFIX = "LoreSync-"
+TASK_NS = "http://schemas.microsoft.com/windows/2004/02/mit/task"
+TASK_PRINCIPAL_ID = "Author"
+TASK_PATH_MAX = 260  # the 1.3 schema caps Exec Command and WorkingDirectory
+TASK_PRIORITY = 7  # below normal, like Git's maintenance task
+SCHED_S_TASK_RUNNING = 267009  # 0x41301
+SCHED_S_TASK_HAS_NOT_RUN = 267011  # 0x41303
+# `/Query /V /FO CSV` columns; headers are localised, so unknown headers map by position
+SCHTASKS_CSV_COLUMNS = (
+    "HostName", "TaskName", "Next Run Time", "Status", "Logon Mode", "Last Run Time", "Last Result", "Author",
+    "Task To Run", "Start In", "Comment", "Scheduled Task State", "Idle Time", "Power Management", "Run As User",
+    "Delete Task If Not Rescheduled", "Stop Task If Runs X Hours and X Mins", "Schedule", "Schedule Type",
+    "Start Time", "Start Date", "End Date", "Days", "Months", "Repeat: Every", "Repeat: Until: Time",
+    "Repeat: Until: Duration", "Repeat: Stop If Still Running",
+)  # fmt: skip
+# windowed twins of console executables: no console window flashes on each run
+WINDOWED_NAMES = {"python.exe": "pythonw.exe", "python3.exe": "pythonw.exe", "lore-service.exe": "lore-service-w.exe"}
+
+
+def windows_quote_arg(arg: str) -> str:
+    """One argv element quoted for CommandLineToArgvW / the MS C runtime.
+
+    Backslashes are literal except before a quote: 2n+1 backslashes + `"` for a
+    literal quote, and trailing backslashes doubled before the closing quote.
+    `""` is never emitted inside quotes (CRT versions disagree on it).
+    """
+    if arg and not any(c in arg for c in ' \t\n\v"'):
+        return arg
+    out = ['"']
+    backslashes = 0
+    for ch in arg:
+        if ch == "\\":
+            backslashes += 1
+            continue
+        if ch == '"':
+            out.append("\\" * (2 * backslashes + 1) + '"')
+        else:
+            out.append("\\" * backslashes + ch)
+        backslashes = 0
+    out.append("\\" * (2 * backslashes) + '"')
+    return "".join(out)
+
+
+def windows_join_args(args: Sequence[str]) -> str:
+    return " ".join(windows_quote_arg(a) for a in args)
+
+
+def windowed_program(program: str) -> str:
+    """The no-console twin of an executable (python.exe -> pythonw.exe,
+    lore-service.exe -> lore-service-w.exe); unchanged when there is none."""
+    import ntpath
+
+    base = ntpath.basename(program)
+    twin = WINDOWED_NAMES.get(base.lower())
+    return program if twin is None else program[: len(program) - len(base)] + twin  # keep the folder as written
+
+
+def iso_duration(seconds: int) -> str:
+    """Seconds as an xs:duration: 1800 -> PT30M, 5400 -> PT1H30M."""
+    hours, rest = divmod(int(seconds), 3600)
+    minutes, secs = divmod(rest, 60)
+    text = (f"{hours}H" if hours else "") + (f"{minutes}M" if minutes else "") + (f"{secs}S" if secs else "")
+    return "PT" + (text or "0S")
+
+
+def task_xml_bytes(text: str) -> bytes:
+    """schtasks /Create /XML takes UTF-16LE with a BOM (or ANSI); UTF-8 is rejected."""
+    return b"\xff\xfe" + text.encode("utf-16-le")
+
+
+def decode_task_xml(data: bytes | str) -> str:
+    """Task XML from a file or a pipe, as text without its encoding declaration.
+
+    Piped `/Query /XML` arrives in UTF-16 or in a code page depending on how it
+    is captured, so sniff: a BOM or NUL bytes mean UTF-16LE.
+    """
+    if isinstance(data, bytes):
+        if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+            text = data.decode("utf-16")
+        elif data[1:2] == b"\x00":
+            text = data.decode("utf-16-le", "replace")
+        else:
+            text = data.decode("utf-8", "replace")
+    else:
+        text = data.replace("\x00", "")  # UTF-16 read as a single-byte code page
+    text = text.lstrip("\ufeff\xff\xfe \r\n\t")  # BOM as UTF-16 or as a code page ("ÿþ")
+    if text.startswith("<?xml"):
+        text = text[text.find("?>") + 2 :]
+    return text
+
+
+def parse_schtasks_csv(text: str) -> list[dict[str, str]]:
+    """Rows of `schtasks /Query /V /FO CSV` keyed by the English column names.
+
+    The header repeats once per task folder (skipped), and it is localised:
+    then columns are mapped by position in the 28-column layout.
+    """
+    import csv
+    import io
+
+    rows = [r for r in csv.reader(io.StringIO(text.lstrip("\ufeff"))) if any(c.strip() for c in r)]
+    if not rows:
+        return []
+    header = rows[0]
+    keys = header if "Last Result" in header or "TaskName" in header else list(SCHTASKS_CSV_COLUMNS)
+    return [dict(zip(keys, row, strict=False)) for row in rows[1:] if row != header]
+
+
+def parse_schtasks_time(text: str | None) -> str | None:
+    """A schtasks date (local time) as UTC ISO, when its format is unambiguous.
+
+    Dates are localised; en-US (with AM/PM), ISO-like and dotted day.month.year
+    are read, anything else is None. 1999-11-30 is the never-run sentinel.
+    """
+    raw = (text or "").strip()
+    for fmt in ("%m/%d/%Y %I:%M:%S %p", "%Y-%m-%d %H:%M:%S", "%d.%m.%Y %H:%M:%S"):
+        try:
+            parsed = time.strptime(raw, fmt)
+        except ValueError:
+            continue
+        if (parsed.tm_year, parsed.tm_mon, parsed.tm_mday) == (1999, 11, 30):
+            return None
+        return iso_from_ms(int(time.mktime(parsed)) * 1000)
+    return None
+
+
+def _int_or_none(text: str | None) -> int | None:
+    try:
+        return int((text or "").strip())
+    except ValueError:
+        return None
+
+
+@register_backend
+class SchtasksBackend(SchedulerBackend):
+    """A Task Scheduler task run with the user's interactive token: no stored
+    password, runs while the user is logged on, catches up after sleep."""
+
+    name = "schtasks"
+    description = "Windows Task Scheduler task (schtasks /XML)"
+
+    @classmethod
+    def detect(cls, system: System) -> tuple[bool, str]:
+        if system.platform != "win32":
+            return False, "schtasks is Windows only"
+        found = system.which("schtasks")
+        if not found:
+            return False, "schtasks is not on PATH"
+        return True, f"Windows Task Scheduler ({found})"
+
+    # -- names
+    def task_name(self, manifest: Manifest) -> str:
+        return SCHTASKS_TASK_PREFIX + manifest.service_id
+
+    def xml_path(self, manifest: Manifest) -> str:
+        # kept after /Create: it is what status compares the registered task to
+        return os.path.join(self.paths.config_dir(manifest.service_id), "task.xml")
+
+    def file_paths(self, manifest: Manifest) -> list[str]:
+        return [self.xml_path(manifest)]
+
+    def exec_parts(self, manifest: Manifest) -> tuple[str, str]:
+        """(Command, Arguments) of the task's Exec action."""
+        return windowed_program(manifest.program[0]), windows_join_args(manifest.program[1:])
+
+    # -- the task XML
+    def task_xml(self, manifest: Manifest) -> str:
+        import xml.etree.ElementTree as ET
+
+        def sub(parent: ET.Element, tag: str, text: str | None = None, **attrib: str) -> ET.Element:
+            el = ET.SubElement(parent, tag, attrib)
+            el.text = text
+            return el
+
+        created = manifest.created_at_iso
+        start = created[:19] + "Z" if len(created) >= 19 and created[10:11] == "T" else "2024-01-01T00:00:00Z"
+        command, arguments = self.exec_parts(manifest)
+        # xmlns as a plain attribute: unqualified tags serialize without prefixes
+        root = ET.Element("Task", {"version": "1.3", "xmlns": TASK_NS})
+        # Microsoft's own order (RegistrationInfo, Triggers, Principals, Settings, Actions)
+        reg = sub(root, "RegistrationInfo")
+        sub(reg, "Author", TOOL_NAME)
+        sub(reg, "Description", f"lore sync for {manifest.project_root} (lore-service {manifest.service_id})")
+        sub(reg, "URI", "\\" + self.task_name(manifest))
+        trigger = sub(sub(root, "Triggers"), "TimeTrigger")
+        sub(trigger, "Enabled", "true")  # schema order: Enabled before StartBoundary (Windows writes it after)
+        sub(trigger, "StartBoundary", start)  # UTC: a local boundary could lie hours in the future
+        repetition = sub(trigger, "Repetition")
+        sub(repetition, "Interval", iso_duration(manifest.schedule_step_seconds))
+        sub(repetition, "StopAtDurationEnd", "false")
+        principal = sub(sub(root, "Principals"), "Principal", id=TASK_PRINCIPAL_ID)
+        sub(principal, "LogonType", "InteractiveToken")  # runs while logged on; no stored password
+        sub(principal, "RunLevel", "LeastPrivilege")
+        settings = sub(root, "Settings")
+        for tag, value in (
+            ("MultipleInstancesPolicy", "IgnoreNew"),
+            ("DisallowStartIfOnBatteries", "false"),
+            ("StopIfGoingOnBatteries", "false"),
+            ("AllowHardTerminate", "true"),
+            ("StartWhenAvailable", "true"),  # catch up a run missed during sleep
+            ("RunOnlyIfNetworkAvailable", "false"),  # the run's own backoff handles offline
+            ("AllowStartOnDemand", "true"),
+            ("Enabled", "true"),
+            ("Hidden", "true"),
+            ("RunOnlyIfIdle", "false"),
+            ("WakeToRun", "false"),
+            ("ExecutionTimeLimit", iso_duration(SCHEDULER_TIMEOUT)),  # a little above the run budget
+            ("Priority", str(TASK_PRIORITY)),
+        ):
+            sub(settings, tag, value)
+        action = sub(sub(root, "Actions", Context=TASK_PRINCIPAL_ID), "Exec")
+        sub(action, "Command", command)
+        if arguments:
+            sub(action, "Arguments", arguments)
+        if len(manifest.project_root) <= TASK_PATH_MAX:  # the run sets the stages' cwd itself anyway
+            sub(action, "WorkingDirectory", manifest.project_root)
+        ET.indent(root, "  ")
+        body = ET.tostring(root, encoding="unicode")
+        return '<?xml version="1.0" encoding="UTF-16"?>\n' + body + "\n"
+
+    def _too_long(self, manifest: Manifest) -> Check | None:
+        command = self.exec_parts(manifest)[0]
+        if len(command) <= TASK_PATH_MAX:
+            return None
+        return Check(
+            "task command",
+            "fail",
+            f"the task's program path is {len(command)} characters; Task Scheduler allows {TASK_PATH_MAX}",
+            "install lore-service (its Python) in a shorter folder, e.g. C:\\lore-service, and install again",
+        )
+
+    def plan(self, manifest: Manifest, embedded_token: str | None) -> Plan:
+        if manifest.token_source == "embedded":
+            # no environment block exists in a task, so the token would sit in
+            # the argv: readable by any process of the user and by /Query /V
+            raise UsageError(
+                "--token-source embedded is not offered with Task Scheduler: a task has no environment block, "
+                "so the token would have to be on its command line, visible to every process and `schtasks /Query`",
+                "use --token-source credential-manager (the default on Windows) or env-file",
+                code="bad_token_source",
+            )
+        command, arguments = self.exec_parts(manifest)
+        warnings: list[str] = []
+        if command == manifest.program[0]:
+            warnings.append(f"{command} has no windowed (no-console) twin: a console window may flash on each run")
+        if any("%" in part for part in (command, arguments, manifest.project_root)):
+            warnings.append("a path contains '%': Task Scheduler expands %NAME% in the task's command line")
+        path = self.xml_path(manifest)
+        return Plan(
+            files=[PlannedFile(path, self.task_xml(manifest), 0o600)],
+            commands=[["schtasks", "/Create", "/TN", self.task_name(manifest), "/XML", path, "/F"]],
+            warnings=warnings,
+        )
+
+    # -- schtasks
+    def _schtasks_error(self, result: CommandResult) -> SchedulerError:
+        message = f"`{' '.join(result.argv)}` failed ({result.returncode}): {result.summary()}"
+        if "access is denied" in f"{result.stdout}\n{result.stderr}".lower():
+            return SchedulerError(
+                message,
+                "Task Scheduler refused: run the command as the same user from a normal (non-elevated) prompt; "
+                "if the task was first created by an administrator, delete it from an elevated prompt "
+                "(`schtasks /Delete /TN <name> /F`) and install again",
+                code="schtasks_access_denied",
+            )
+        return SchedulerError(message, f"run `{TOOL_NAME} doctor` for the Task Scheduler checks", code="schtasks")
+
+    def install(self, manifest: Manifest, embedded_token: str | None) -> Plan:
+        plan = self.plan(manifest, embedded_token)
+        too_long = self._too_long(manifest)
+        if too_long:
+            raise SchedulerError(too_long.message, too_long.hint, code="command_too_long")
+        planned = plan.files[0]
+        previous = _read_bytes(planned.path)
+        atomic_write(planned.path, task_xml_bytes(planned.content), planned.mode)
+        try:
+            for argv in plan.commands:
+                result = self.system.run(argv, timeout=60)
+                if not result.ok:
+                    raise self._schtasks_error(result)
+        except BaseException:
+            _restore_file(planned.path, previous, planned.mode)
+            raise
+        return plan
+
+    def uninstall(self, manifest: Manifest) -> None:
+        name = self.task_name(manifest)
+        result = self.system.run(["schtasks", "/Delete", "/TN", name, "/F"], timeout=60)
+        # messages are localised: a failed delete is fine only if the task is really gone
+        if not result.ok and self.system.run(["schtasks", "/Query", "/TN", name], timeout=60).ok:
+            raise self._schtasks_error(result)
+        remove_file(self.xml_path(manifest))
+
+    def _registered_xml(self, manifest: Manifest) -> Any:
+        """The task as Task Scheduler stores it (an Element), or None."""
+        import xml.etree.ElementTree as ET
+
+        result = self.system.run(["schtasks", "/Query", "/TN", self.task_name(manifest), "/XML"], timeout=60)
+        if not result.ok:
+            return None
+        try:
+            return ET.fromstring(decode_task_xml(result.stdout))
+        except ET.ParseError:
+            return None
+
+    @staticmethod
+    def _xml_text(root: Any, path: str) -> str | None:
+        """Text of a descendant of <Task>, e.g. "Actions/Exec/Command"; None if absent."""
+        el = root.find("/".join(f"{{{TASK_NS}}}{part}" for part in path.split("/")))
+        return None if el is None else (el.text or "")
+
+    def _file_drift(self, manifest: Manifest) -> list[str]:
+        path = self.xml_path(manifest)
+        raw = _read_bytes(path)
+        if raw is None:
+            return [f"{path} is missing"]
+        if decode_task_xml(raw) != decode_task_xml(self.task_xml(manifest)):
+            return [f"{path} was edited (it differs from what install writes)"]
+        return []
+
+    def state(self, manifest: Manifest) -> dict[str, Any]:
+        name = self.task_name(manifest)
+        drift = self._file_drift(manifest)
+        result = self.system.run(["schtasks", "/Query", "/TN", name, "/V", "/FO", "CSV"], timeout=60)
+        if not result.ok:
+            if "access is denied" in result.stderr.lower():
+                raise self._schtasks_error(result)
+            drift.append(f"task {name} is not registered")
+            return {
+                "registered": False,
+                "active": False,
+                "next_run_iso": None,
+                "last_trigger_iso": None,
+                "last_result": None,
+                "drift": drift,
+                "detail": f"task {name} is not registered ({result.summary()})",
+                "running": False,
+            }
+        rows = parse_schtasks_csv(result.stdout)
+        row = next((r for r in rows if r.get("TaskName", "").rsplit("\\", 1)[-1] == name), rows[0] if rows else {})
+        code = _int_or_none(row.get("Last Result"))
+        running = code == SCHED_S_TASK_RUNNING
+        never = code == SCHED_S_TASK_HAS_NOT_RUN
+        registered = self._registered_xml(manifest)
+        enabled = True
+        if registered is not None:
+            command, arguments = self.exec_parts(manifest)
+            got_command = self._xml_text(registered, "Actions/Exec/Command")
+            got_arguments = self._xml_text(registered, "Actions/Exec/Arguments") or ""
+            if (got_command, got_arguments) != (command, arguments):
+                drift.append(f"the registered task runs {got_command} {got_arguments}, not {command} {arguments}")
+            interval = self._xml_text(registered, "Triggers/TimeTrigger/Repetition/Interval")
+            want = iso_duration(manifest.schedule_step_seconds)
+            if interval != want:
+                drift.append(f"the registered task repeats every {interval}, not every {want}")
+            enabled = (self._xml_text(registered, "Settings/Enabled") or "true").strip() != "false"
+            if not enabled:
+                drift.append(f"task {name} is disabled")
+        status_text = row.get("Status", "")
+        if running:
+            detail = f"task {name} is running"
+        elif never:
+            detail = f"task {name} is registered ({status_text}) and has not run yet"
+        else:
+            detail = f"task {name} is registered ({status_text}), last result {code}"
+        next_text = row.get("Next Run Time", "")
+        if next_text and next_text != "N/A" and not parse_schtasks_time(next_text):
+            detail += f", next run {next_text}"
+        return {
+            "registered": True,
+            "active": enabled,
+            "next_run_iso": parse_schtasks_time(next_text),
+            "last_trigger_iso": parse_schtasks_time(row.get("Last Run Time")),
+            "last_result": None if never or running else code,
+            "drift": drift,
+            "detail": detail,
+            "running": running,
+        }
+
+    # -- checks
+    def prerequisites(self, manifest: Manifest | None) -> list[Check]:
+        checks: list[Check] = []
+        too_long = self._too_long(manifest) if manifest is not None else None
+        if too_long:
+            checks.append(too_long)
+        if self.system.platform != "win32":
+            checks.append(
+                Check(
+                    "schtasks",
+                    "fail",
+                    f"schtasks is Windows only (this is {self.system.platform})",
+                    "install on the Windows machine itself; `--dry-run` previews the task XML anywhere",
+                )
+            )
+            return checks
+        found = self.system.which("schtasks")
+        checks.append(
+            Check("schtasks", "ok", f"schtasks at {found}")
+            if found
+            else Check("schtasks", "fail", "schtasks is not on PATH", "add %SystemRoot%\\System32 to PATH")
+        )
+        if manifest is not None:
+            command = self.exec_parts(manifest)[0]
+            if command == manifest.program[0]:
+                checks.append(
+                    Check(
+                        "windowed program",
+                        "warn",
+                        f"{command} opens a console window on each run",
+                        "use a Python that has pythonw.exe, or the lore-service-w.exe build",
+                    )
+                )
+            elif not os.path.exists(command):
+                checks.append(
+                    Check(
+                        "windowed program",
+                        "fail",
+                        f"{command} (the no-console twin of {manifest.program[0]}) does not exist",
+                        "reinstall Python / lore-service so that it is present",
+                    )
+                )
+            else:
+                checks.append(Check("windowed program", "ok", f"the task runs {command} (no console window)"))
+        return checks
+
+    def diagnose(self, manifest: Manifest | None) -> list[Check]:
+        checks = self.prerequisites(manifest)
+        if manifest is None or any(c.status == "fail" for c in checks):
+            return checks
+        registered = self._registered_xml(manifest)
+        if registered is None:
+            checks.append(
+                Check("task", "fail", f"task {self.task_name(manifest)} is not registered", f"`{TOOL_NAME} install`")
+            )
+            return checks
+        logon = self._xml_text(registered, "Principals/Principal/LogonType") or "InteractiveToken"
+        checks.append(
+            Check("task", "ok", f"task {self.task_name(manifest)} is registered ({logon})")
+            if logon == "InteractiveToken"
+            else Check(
+                "task",
+                "warn",
+                f"the task uses LogonType {logon} (it needs a stored password)",
+                f"`{TOOL_NAME} install` re-registers it with your interactive token",
+            )
+        )
+        battery = [
+            tag
+            for tag in ("DisallowStartIfOnBatteries", "StopIfGoingOnBatteries")
+            if (self._xml_text(registered, f"Settings/{tag}") or "").strip() == "true"
+        ]
+        checks.append(
+            Check(
+                "battery",
+                "warn",
+                f"the task does not run on battery ({', '.join(battery)})",
+                f"`{TOOL_NAME} install` resets these to false",
+            )
+            if battery
+            else Check("battery", "ok", "the task runs on battery power too")
+        )
+        return checks
 
 
 # ============================================================================

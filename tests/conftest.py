@@ -197,3 +197,15 @@ def installed(cli, project: Path, lore_bin: Path):
     result = cli("--json", "install", "--backend", "fake", "--interval", "30m")
     assert result.code == 0, result.err + result.out
     return result.data
+
+
+def edit_config(home: Path, sid: str, change) -> None:
+    """Apply change(doc) to a service's service.toml, as a user editing it would."""
+    import tomllib
+
+    import tomli_w
+
+    path = home / "config" / sid / "service.toml"
+    doc = tomllib.loads(path.read_text())
+    change(doc)
+    path.write_text(tomli_w.dumps(doc))

@@ -22,6 +22,15 @@ Typical pytest fixture::
             pytest.skip(reason)
         yield um
         um.stop()
+
+Gotchas measured on Debian 12 / systemd 252 without systemd as PID 1:
+
+* No journald: ``journalctl --user`` shows nothing; read results from files
+  or ``systemctl --user show``.
+* No logind: ``loginctl`` fails ("Failed to connect to bus: No such file or
+  directory"), so lingering cannot be enabled or queried.
+* ``systemctl --user is-system-running`` exits 1 for "degraded" (a failed unit,
+  cleared by ``reset-failed``); parse stdout, not the exit code.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
@@ -44,10 +54,11 @@ SYSTEM_PYTHON = Path("/usr/bin/python3")
 USER_PATH = "/usr/local/bin:/usr/bin:/bin"
 # For the root-side helpers (runuser, useradd live in sbin).
 ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-# Root-owned bookkeeping (pid, log, "we created /run/systemd/system" marker).
+# Root-owned bookkeeping: launcher pid and log, "we created this dir" markers.
 STATE_DIR = Path("/run/lore-e2e-harness")
 # States in which the manager answers and can run units.
 UP_STATES = ("running", "degraded")
+BOOTING_STATES = ("initializing", "starting")
 # Outer environment variables pip needs to reach its index (certs, proxies).
 _PIP_PASSTHROUGH_PREFIXES = (
     "PIP_",
@@ -62,6 +73,19 @@ _PIP_PASSTHROUGH_PREFIXES = (
 )
 
 Mode = Literal["private", "current"]
+
+# Host dirs that a PID 1 systemd would have made; created only when missing and
+# removed again by stop(). Never remove them while the manager runs: without
+# /run/systemd/system `is-system-running` answers "offline", and a
+# daemon-reexec makes the manager exit.
+_HOST_DIRS: tuple[tuple[Path, int], ...] = (
+    # systemd --user refuses to start unless this "booted with systemd" flag exists.
+    (Path("/run/systemd/system"), 0o755),
+    # Mount point for every namespaced sandbox (PrivateTmp=, ProtectSystem=...).
+    # The user manager cannot create it; without it such services fail with
+    # status=226/NAMESPACE.
+    (Path("/run/systemd/unit-root"), 0o700),
+)
 
 
 class HarnessError(RuntimeError):
@@ -80,11 +104,40 @@ def cgroup2_mount() -> Path | None:
     except OSError:
         return None
     for line in lines:
-        # "... mountpoint opts ... - fstype source superopts"
+        # "id parent maj:min root mountpoint opts ... - fstype source superopts"
         left, _, right = line.partition(" - ")
         if right.split(" ", 1)[0] == "cgroup2":
             return Path(left.split(" ")[4])
     return None
+
+
+def run_killing_group(
+    cmd: Sequence[str], *, timeout: float | None = None, **kw: Any
+) -> subprocess.CompletedProcess[Any]:
+    """subprocess.run, but a timeout kills the whole process group.
+
+    Plain subprocess.run would SIGKILL only runuser and orphan its child (e.g. a
+    systemctl stuck on a dead manager).
+    """
+    if timeout is None:
+        return subprocess.run(cmd, **kw)
+    check = kw.pop("check", False)
+    stdin_data = kw.pop("input", None)
+    if kw.pop("capture_output", False):
+        kw["stdout"] = kw["stderr"] = subprocess.PIPE
+    if stdin_data is not None:
+        kw["stdin"] = subprocess.PIPE
+    with subprocess.Popen(cmd, start_new_session=True, **kw) as proc:
+        try:
+            out, err = proc.communicate(stdin_data, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    res = subprocess.CompletedProcess(list(cmd), proc.returncode, out, err)
+    if check:
+        res.check_returncode()
+    return res
 
 
 class UserManager:
@@ -105,11 +158,13 @@ class UserManager:
 
     @classmethod
     def auto(cls, user: str = DEFAULT_USER, timeout: float = 30.0) -> UserManager:
-        """Current user's manager if it answers and we are not root, else private."""
+        """Private manager when root (CI), else the current user's (laptop).
+
+        A non-root user can only ever use its own manager, so its failure
+        reason is the useful one to report.
+        """
         if os.geteuid() != 0:
-            cur = cls.current(timeout)
-            if cur.query_state() in UP_STATES:
-                return cur
+            return cls.current(timeout)
         return cls(user, mode="private", timeout=timeout)
 
     # -- identity ---------------------------------------------------------
@@ -159,28 +214,32 @@ class UserManager:
             "PATH": USER_PATH,
             # UTF-8 locale so non-ASCII paths round-trip through Python/systemctl.
             "LANG": "C.UTF-8",
-            # systemctl --user finds the manager via $XDG_RUNTIME_DIR/systemd/private.
+            # systemctl --user needs only this ($XDG_RUNTIME_DIR/systemd/private).
             "XDG_RUNTIME_DIR": str(self.runtime_dir),
+            # busctl --user and D-Bus clients (keyring's SecretService) need this.
             "DBUS_SESSION_BUS_ADDRESS": f"unix:path={self.runtime_dir}/bus",
         }
 
     def run_as(
         self, argv: Sequence[str | os.PathLike[str]], *, extra_env: Mapping[str, str] | None = None, **kw: Any
     ) -> subprocess.CompletedProcess[Any]:
-        """Run argv as the test user with :meth:`env`; captures text output by default."""
+        """Run argv as the test user with :meth:`env`; captures text output by default.
+
+        Keyword arguments go to subprocess (timeout kills the whole group).
+        """
         env = self.env()
         env.update(extra_env or {})
         args = [os.fspath(a) for a in argv]
         kw.setdefault("capture_output", True)
         kw.setdefault("text", True)
         kw.setdefault("check", False)
-        # runuser keeps the caller's cwd; root's cwd (e.g. /root, 0700) would
-        # make getcwd() fail for the user.
+        # runuser keeps the caller's cwd; root's (e.g. /root, 0700) would make
+        # getcwd() fail for the user.
         kw.setdefault("cwd", str(self.home))
         if self.mode == "current":
-            return subprocess.run(args, env=env, **kw)
+            return run_killing_group(args, env=env, **kw)
         cmd = ["runuser", "-u", self.user, "--", "env", "-i", *(f"{k}={v}" for k, v in env.items()), *args]
-        return subprocess.run(cmd, env={"PATH": ROOT_PATH}, **kw)
+        return run_killing_group(cmd, env={"PATH": ROOT_PATH}, **kw)
 
     def systemctl(self, *args: str, **kw: Any) -> subprocess.CompletedProcess[Any]:
         """``systemctl --user ARGS`` as the test user."""
@@ -193,7 +252,8 @@ class UserManager:
         try:
             if self.mode == "private":
                 pwd.getpwnam(self.user)
-            res = self.systemctl("is-system-running", timeout=10)
+            # Bounded: against a half-dead manager systemctl can hang ~25s.
+            res = self.systemctl("is-system-running", timeout=5)
         except (KeyError, OSError, subprocess.TimeoutExpired) as exc:
             return f"error: {exc}"
         out = res.stdout.strip() or res.stderr.strip()
@@ -203,15 +263,13 @@ class UserManager:
         """Why :meth:`start` cannot work here, without changing anything."""
         if self.mode == "current":
             state = self.query_state()
-            return (
-                None
-                if state in UP_STATES + ("starting", "initializing")
-                else (f"current user's systemd --user manager not usable: {state}")
-            )
+            if state in (*UP_STATES, *BOOTING_STATES):
+                return None
+            return f"current user's systemd --user manager not usable: {state}"
         if os.geteuid() != 0:
             return (
-                "private systemd --user manager needs root (to create the test "
-                "user and its cgroup); run as root or use UserManager.current()"
+                "a private systemd --user manager needs root (to create the test user and "
+                "its cgroup); run as root, or use UserManager.current() with a logged-in session"
             )
         for tool in ("runuser", "setsid", "useradd", "systemctl"):
             if shutil.which(tool, path=ROOT_PATH) is None:
@@ -226,8 +284,8 @@ class UserManager:
         """:meth:`start`, returning the failure reason instead of raising."""
         try:
             self.start()
-        except HarnessError as exc:
-            return str(exc)
+        except (HarnessError, OSError, subprocess.SubprocessError) as exc:
+            return f"{type(exc).__name__}: {exc}" if not isinstance(exc, HarnessError) else str(exc)
         return None
 
     def start(self) -> str:
@@ -245,9 +303,11 @@ class UserManager:
             self.state = state
             return state
         if self._cgroup_populated():
-            # Something of ours is still there (booting or wedged): wait, then give up.
-            self.state = self._wait_up()
-            return self.state
+            if state in BOOTING_STATES:
+                self.state = self._wait_up()
+                return self.state
+            # Leftovers of a dead or wedged manager (e.g. an orphaned dbus-daemon).
+            self.stop()
         self._prepare_host()
         self._launch()
         self.state = self._wait_up()
@@ -262,52 +322,57 @@ class UserManager:
         except KeyError:
             return
         cg = self.cgroup
-        if self.query_state() in UP_STATES + ("starting", "initializing", "stopping"):
+        clean = self.query_state() in (*UP_STATES, *BOOTING_STATES, "stopping")
+        if clean:
             # Clean path: the manager stops its units, then exits.
             try:
                 self.systemctl("exit", timeout=10)
             except subprocess.TimeoutExpired:
-                pass  # fall through to killing the cgroup
+                clean = False
         if cg is not None and cg.exists():
-            if not self._wait_cgroup_empty(cg, 15.0):
+            if not self._wait_cgroup_empty(15.0 if clean else 0.5):
                 # cgroup.kill SIGKILLs every process in the subtree (kernel >= 5.14).
                 try:
                     (cg / "cgroup.kill").write_text("1")
                 except OSError:
                     self._kill_pids(cg)
-                self._wait_cgroup_empty(cg, 5.0)
+                self._wait_cgroup_empty(5.0)
             self._remove_cgroup(cg)
-        # Like logind on logout: drop the runtime dir (stale bus sockets confuse
-        # the next start's error messages).
+        # Like logind on logout: drop the runtime dir (a stale bus socket would
+        # change the next start's error messages).
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
-        marker = STATE_DIR / "created-run-systemd-system"
-        if marker.exists():
-            # A bare /run/systemd/system makes dpkg maintainer scripts think systemd
-            # is PID 1 and try the (absent) system bus, so remove what we added.
-            try:
-                Path("/run/systemd/system").rmdir()
-            except OSError:
-                pass
-            marker.unlink(missing_ok=True)
+        for path, _mode in _HOST_DIRS:
+            marker = STATE_DIR / _marker_name(path)
+            if marker.exists():
+                # A bare /run/systemd/system makes dpkg maintainer scripts think
+                # systemd is PID 1 and call the absent system bus: undo it.
+                try:
+                    path.rmdir()
+                except OSError:
+                    pass
+                marker.unlink(missing_ok=True)
+        (STATE_DIR / f"{self.user}.pid").unlink(missing_ok=True)
         self.state = None
 
     # -- venv ---------------------------------------------------------------
 
     def default_venv(self) -> Path:
         # Under the test user's home: user-owned without chown, readable under
-        # ProtectHome=read-only (like a real pipx install in ~/.local), gone with
-        # `userdel -r`, and outside /tmp, which PrivateTmp=true hides.
+        # ProtectHome=read-only just like a real pipx install in ~/.local, gone
+        # with `userdel -r`, and outside /tmp, which PrivateTmp=true hides.
         return self.home / ".venv-e2e"
 
     def ensure_venv(self, path: Path | None = None, packages: Sequence[str] = DEFAULT_PACKAGES) -> Path:
         """Create a venv from /usr/bin/python3 as the user and pip-install packages.
 
-        Returns the venv's python. Skips whatever is already there.
+        Returns the venv's python. Skips whatever is already there; a package
+        given as a path (contains "/") is always (re)installed and must be
+        readable by the test user.
         """
         venv = path or self.default_venv()
         py = venv / "bin/python"
         if not py.exists():
-            res = self.run_as([str(SYSTEM_PYTHON), "-m", "venv", str(venv)])
+            res = self.run_as([str(SYSTEM_PYTHON), "-m", "venv", str(venv)], timeout=300)
             if res.returncode != 0:
                 raise HarnessError(f"venv creation failed: {res.stderr.strip()}")
         missing = [p for p in packages if not self._has_dist(py, p)]
@@ -319,10 +384,10 @@ class UserManager:
         return py
 
     def _has_dist(self, py: Path, name: str) -> bool:
-        if "/" in name or name.startswith("."):
-            return False  # a path: always (re)install, pip is quick about it
+        if "/" in name:
+            return False
         probe = "import sys, importlib.metadata as m; m.version(sys.argv[1])"
-        return self.run_as([str(py), "-c", probe, name]).returncode == 0
+        return self.run_as([str(py), "-c", probe, name], timeout=60).returncode == 0
 
     # -- internals ----------------------------------------------------------
 
@@ -342,19 +407,18 @@ class UserManager:
 
     def _prepare_host(self) -> None:
         STATE_DIR.mkdir(mode=0o700, exist_ok=True)
-        sysdir = Path("/run/systemd/system")
-        if not sysdir.is_dir():
-            # systemd --user refuses to start unless this "booted with systemd"
-            # flag exists; remember we created it so stop() can undo it.
-            sysdir.mkdir(parents=True)
-            (STATE_DIR / "created-run-systemd-system").touch()
-        # What pam_systemd/logind would normally create for a session.
+        for path, mode in _HOST_DIRS:
+            if not path.is_dir():
+                path.mkdir(mode=mode, parents=True)
+                path.chmod(mode)
+                (STATE_DIR / _marker_name(path)).touch()
+        # What pam_systemd/logind would create for a login session.
         rt = self.runtime_dir
         rt.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chown(rt, self.uid, self.gid)
         rt.chmod(0o700)
-        # A delegated cgroup the user owns: the manager must be able to create
-        # its slices/scopes below its own cgroup.
+        # A cgroup the user owns (delegation): the manager creates its slices
+        # and scopes below it.
         cg = self.cgroup
         assert cg is not None
         cg.mkdir(exist_ok=True)
@@ -368,53 +432,27 @@ class UserManager:
         pidfile = STATE_DIR / f"{self.user}.pid"
         pidfile.unlink(missing_ok=True)
         env_args = [f"{k}={v}" for k, v in self.env().items()]
-        # Root shell moves itself into the cgroup (an unprivileged process may
-        # not: migration needs write access at the common ancestor), then execs
-        # runuser. `setsid -f` double-forks so the manager is not our child (no
-        # zombie, no ResourceWarning) and survives pytest's process group.
+        # A root shell moves itself into the cgroup (the user may not: moving a
+        # process needs write access at the common ancestor, the cgroup root),
+        # then execs runuser. `setsid -f` double-forks: the manager is not our
+        # child (no zombie, no ResourceWarning) and outlives pytest's process group.
         script = 'echo $$ >"$1" && echo $$ >"$2" && shift 2 && exec "$@"'
+        argv = ["setsid", "-f", "sh", "-c", script, "sh", str(cg / "cgroup.procs"), str(pidfile)]
+        argv += ["runuser", "-u", self.user, "--", "env", "-i", *env_args, str(SYSTEMD_BIN), "--user"]
         with log.open("wb") as out:
             subprocess.run(
-                [
-                    "setsid",
-                    "-f",
-                    "sh",
-                    "-c",
-                    script,
-                    "sh",
-                    str(cg / "cgroup.procs"),
-                    str(pidfile),
-                    "runuser",
-                    "-u",
-                    self.user,
-                    "--",
-                    "env",
-                    "-i",
-                    *env_args,
-                    str(SYSTEMD_BIN),
-                    "--user",
-                    "--log-target=console",
-                    "--log-level=debug",
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-                cwd="/",
-                check=True,
-                env={"PATH": ROOT_PATH},
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd="/", check=True, env={"PATH": ROOT_PATH}
             )
-        # (--log-target=console above: no journald here, so without it the
-        # manager's own errors, e.g. why a sandbox failed, vanish.)
         # setsid -f returns at once; the pidfile appears only after the cgroup
-        # move, so _wait_up's "cgroup empty = manager died" check is race-free.
+        # move, which makes _wait_up's "cgroup empty = manager died" check race-free.
         deadline = time.monotonic() + 5
         while not pidfile.exists() or not pidfile.read_text().strip():
             if time.monotonic() > deadline:
                 raise HarnessError(f"launcher did not start: {log.read_text(errors='replace')}")
             time.sleep(0.05)
 
-    def manager_log(self) -> str:
-        """The private manager's own log (its stderr): unit failures, sandbox errors."""
+    def launcher_log(self) -> str:
+        """stderr of the launcher (runuser errors, manager startup refusals)."""
         log = STATE_DIR / f"{self.user}.log"
         return log.read_text(errors="replace") if log.exists() else ""
 
@@ -428,42 +466,45 @@ class UserManager:
             state = self.query_state()
         if state in UP_STATES:
             return state
-        log = STATE_DIR / f"{self.user}.log"
         tail = ""
-        if self.mode == "private" and log.exists():
-            tail = "; log: " + " | ".join(log.read_text(errors="replace").splitlines()[-5:])
+        if self.mode == "private":
+            tail = "; launcher log: " + " | ".join(self.launcher_log().splitlines()[-5:])
         raise HarnessError(f"systemd --user for {self.user} not up after {self.timeout:.0f}s: {state}{tail}")
 
     def _cgroup_populated(self) -> bool:
         cg = self.cgroup
         if cg is None or not cg.exists():
             return False
-        # cgroup.events "populated" covers the whole subtree.
+        # "populated" in cgroup.events covers the whole subtree.
         return "populated 1" in (cg / "cgroup.events").read_text()
 
-    def _wait_cgroup_empty(self, cg: Path, timeout: float) -> bool:
+    def _wait_cgroup_empty(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self._cgroup_populated():
-                return True
+        while self._cgroup_populated():
+            if time.monotonic() > deadline:
+                return False
             time.sleep(0.1)
-        return not self._cgroup_populated()
+        return True
 
     @staticmethod
     def _kill_pids(cg: Path) -> None:
         for procs in cg.rglob("cgroup.procs"):
             for pid in procs.read_text().split():
                 try:
-                    os.kill(int(pid), 9)
+                    os.kill(int(pid), signal.SIGKILL)
                 except ProcessLookupError:
                     pass
 
     @staticmethod
     def _remove_cgroup(cg: Path) -> None:
-        # Children first: cgroup dirs can only be rmdir'ed when they have none.
+        # Deepest first: a cgroup dir can be removed only once it has no children.
         dirs = sorted((p for p in cg.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
         for d in [*dirs, cg]:
             try:
                 d.rmdir()
             except OSError:
                 pass
+
+
+def _marker_name(path: Path) -> str:
+    return "created" + str(path).replace("/", "-")

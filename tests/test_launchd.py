@@ -1,0 +1,578 @@
+"""launchd backend: plist generation, launchctl sequences, state parsing, GUI-context checks.
+
+On Linux everything runs through FakeSystem (platform "darwin") and the real
+`--dry-run`; the tests marked `macos` drive the real launchctl and run only on a Mac.
+"""
+
+from __future__ import annotations
+
+import os
+import plistlib
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import keyring
+import keyring.errors
+import pytest
+from conftest import ROOT, TOKEN, FakeSystem, Result
+from keyring.backend import KeyringBackend
+
+import lore_service as ls
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "launchd"
+UID = 501
+
+
+def fixture_text(name: str) -> str:
+    return (FIXTURES / name).read_text(encoding="utf-8")
+
+
+def schemas_dir() -> Path:
+    """/work/shared/schemas here, ../shared/schemas next to the clone in CI."""
+    for candidate in (Path(__file__).resolve().parents[2] / "shared" / "schemas", ROOT.parent / "shared" / "schemas"):
+        if (candidate / "PropertyList-1.0.dtd").exists():
+            return candidate
+    message = "shared/schemas/PropertyList-1.0.dtd not found next to the repository (../shared/schemas)"
+    if os.environ.get("LORE_E2E_REQUIRED") == "1":
+        pytest.fail(message + "; LORE_E2E_REQUIRED=1 makes this an error")
+    pytest.skip(message)
+
+
+def validate_plist(content: str) -> dict[str, Any]:
+    """plistlib round trip plus Apple's DTD through lxml (no network: the DTD is local)."""
+    etree = pytest.importorskip("lxml.etree")
+    raw = content.encode("utf-8")
+    job = plistlib.loads(raw)
+    assert plistlib.loads(plistlib.dumps(job)) == job
+    with open(schemas_dir() / "PropertyList-1.0.dtd", "rb") as fh:
+        dtd = etree.DTD(fh)
+    doc = etree.fromstring(raw)
+    assert dtd.validate(doc), dtd.error_log.filter_from_errors()
+    return job
+
+
+class MemoryKeyring(KeyringBackend):
+    priority = 1  # type: ignore[assignment]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.store: dict[tuple[str, str], str] = {}
+
+    def get_password(self, service: str, username: str) -> str | None:
+        return self.store.get((service, username))
+
+    def set_password(self, service: str, username: str, password: str) -> None:
+        self.store[(service, username)] = password
+
+    def delete_password(self, service: str, username: str) -> None:
+        if self.store.pop((service, username), None) is None:
+            raise keyring.errors.PasswordDeleteError("not found")
+
+
+@pytest.fixture
+def memory_keyring():
+    old = keyring.get_keyring()
+    store = MemoryKeyring()
+    keyring.set_keyring(store)
+    yield store
+    keyring.set_keyring(old)
+
+
+class MacSystem(FakeSystem):
+    """A logged-in Mac user at the console, as far as lore-service can tell."""
+
+    def __init__(self, environ: dict[str, str]) -> None:
+        super().__init__(environ, platform="darwin")
+        self.fake_uid = UID
+        self.fake_euid = UID
+        self.console_uid: int | None = UID
+        self.which_map["launchctl"] = "/bin/launchctl"
+        # the GUI domain exists and no job is loaded, until a test says otherwise
+        self.respond(["launchctl", "print"], lambda argv, _input: res(0) if argv[2] == f"gui/{UID}" else NOT_LOADED)
+
+    def uid(self) -> int:
+        return self.fake_uid
+
+    def euid(self) -> int:
+        return self.fake_euid
+
+    def console_owner_uid(self) -> int | None:
+        return self.console_uid
+
+
+@pytest.fixture
+def mac(environ: dict[str, str], memory_keyring: MemoryKeyring) -> MacSystem:
+    return MacSystem(dict(environ))
+
+
+def res(code: int, stdout: str = "", stderr: str = "") -> ls.CommandResult:
+    return ls.CommandResult([], code, stdout, stderr)
+
+
+NOT_LOADED = res(113, "", fixture_text("print_not_loaded.stderr.txt"))
+
+
+def plist_file(data: dict[str, Any]) -> dict[str, Any]:
+    return next(f for f in data["files"] if f["path"].endswith(".plist"))
+
+
+def install(cli, mac: MacSystem, *extra: str) -> Result:
+    return cli("--json", "install", "--backend", "launchd", *extra, sys_=mac)
+
+
+def backend_and_manifest(mac: MacSystem, sid: str) -> tuple[ls.LaunchdBackend, ls.Manifest]:
+    paths = ls.Paths(mac)
+    manifest = ls.load_manifest(paths, sid)
+    assert manifest is not None
+    backend = ls.get_backend("launchd", mac, paths)
+    assert isinstance(backend, ls.LaunchdBackend)
+    return backend, manifest
+
+
+# -- dry-run on Linux, real subprocess ------------------------------------------------
+
+
+def test_dry_run_on_linux_previews_a_valid_plist(tool, environ: dict[str, str], project: Path, home: Path) -> None:
+    r = tool("--json", "install", "--backend", "launchd", "--dry-run")
+    assert r.code == 0, r.err + r.out
+    data = r.data
+    sid = data["service_id"]
+    label = f"com.gitlore.sync.{sid}"
+    f = plist_file(data)
+    assert f["path"] == os.path.join(environ["HOME"], "Library", "LaunchAgents", f"{label}.plist")
+    assert f["mode"] == "0644"
+    job = validate_plist(f["content"])
+    crash_log = str(home / "logs" / sid / "scheduler-output.log")
+    assert job == {
+        "Label": label,
+        "ProgramArguments": data["program"],
+        "StartInterval": 1800,
+        "RunAtLoad": False,
+        "ProcessType": "Background",
+        "LowPriorityIO": True,
+        "Nice": 10,
+        "WorkingDirectory": str(project),
+        "StandardOutPath": crash_log,
+        "StandardErrorPath": crash_log,
+    }
+    assert data["token_source"] == "keychain"
+    uid = os.getuid()
+    assert data["commands"] == [
+        ["launchctl", "bootout", f"gui/{uid}/{label}"],
+        ["launchctl", "enable", f"gui/{uid}/{label}"],
+        ["launchctl", "bootstrap", f"gui/{uid}", f["path"]],
+    ]
+    assert any("launchctl is macOS only" in m for m in data["missing"])
+    assert TOKEN not in r.out + r.err
+    assert not Path(f["path"]).exists()
+
+
+def test_dry_run_text_mode_lists_missing_prerequisite(tool) -> None:
+    r = tool("install", "--backend", "launchd", "--dry-run", "--interval", "2h")
+    assert r.code == 0, r.err
+    assert "<key>StartInterval</key>\n\t<integer>7200</integer>" in r.out
+    assert "missing: launchctl is macOS only" in r.out
+
+
+def test_dry_run_embedded_is_redacted(tool) -> None:
+    r = tool("--json", "install", "--backend", "launchd", "--dry-run", "--token-source", "embedded")
+    assert r.code == 0, r.err + r.out
+    f = plist_file(r.data)
+    assert f["mode"] == "0600"
+    job = validate_plist(f["content"])
+    assert job["EnvironmentVariables"] == {"GITLAB_TOKEN": ls.SECRET_PLACEHOLDER}
+    assert TOKEN not in r.out + r.err
+    assert any("embedded" in w for w in r.data["warnings"])
+
+
+def test_env_file_is_refused_on_launchd(tool) -> None:
+    r = tool("--json", "install", "--backend", "launchd", "--dry-run", "--token-source", "env-file")
+    assert r.code == ls.EXIT_USAGE
+    assert r.doc["error"]["code"] == "bad_token_source"
+
+
+def test_awkward_project_path_survives_unquoted(tool, tmp_path: Path) -> None:
+    weird = tmp_path / 'it\'s a "quoted" dïr & $HOME' / "prø jekt"
+    weird.mkdir(parents=True)
+    r = tool("--json", "install", "--backend", "launchd", "--dry-run", "--project", str(weird))
+    assert r.code == 0, r.err + r.out
+    job = validate_plist(plist_file(r.data)["content"])
+    assert job["WorkingDirectory"] == str(weird)
+    assert job["ProgramArguments"] == r.data["program"]
+
+
+def test_real_install_refused_on_linux(tool) -> None:
+    r = tool("--json", "install", "--backend", "launchd")
+    assert r.code == ls.EXIT_SCHEDULER
+    assert "macOS only" in r.doc["error"]["message"]
+
+
+def test_detect(environ: dict[str, str]) -> None:
+    assert ls.LaunchdBackend.detect(FakeSystem(environ)) == (False, "launchctl is macOS only")
+    mac = MacSystem(environ)
+    ok, why = ls.LaunchdBackend.detect(mac)
+    assert ok and "/bin/launchctl" in why
+    mac.which_map["launchctl"] = None
+    assert ls.LaunchdBackend.detect(mac) == (False, "launchctl is not on PATH")
+    assert ls.choose_backend(MacSystem(environ))[0] == "launchd"
+
+
+# -- install / uninstall sequences through FakeSystem -------------------------------------
+
+
+def test_fresh_install_sequence(cli, mac: MacSystem, memory_keyring: MemoryKeyring, home: Path) -> None:
+    r = install(cli, mac)
+    assert r.code == 0, r.err + r.out
+    sid = r.data["service_id"]
+    label = f"com.gitlore.sync.{sid}"
+    plist = os.path.join(mac.environ["HOME"], "Library", "LaunchAgents", f"{label}.plist")
+    assert mac.commands == [
+        ["launchctl", "print", f"gui/{UID}"],
+        ["launchctl", "print", f"gui/{UID}/{label}"],
+        ["launchctl", "enable", f"gui/{UID}/{label}"],
+        ["launchctl", "bootstrap", f"gui/{UID}", plist],
+    ]
+    assert r.data["commands"] == mac.commands[2:]
+    assert plist in r.data["files"]
+    job = validate_plist(Path(plist).read_text(encoding="utf-8"))
+    assert "EnvironmentVariables" not in job
+    assert job["StandardOutPath"] == str(home / "logs" / sid / "scheduler-output.log")
+    assert memory_keyring.store[(ls.KEYRING_SERVICE, sid)] == TOKEN
+    for root in (home, Path(mac.environ["HOME"])):
+        for path in root.rglob("*"):
+            if path.is_file():
+                assert TOKEN.encode() not in path.read_bytes(), path
+    assert TOKEN not in r.out + r.err
+
+
+def test_reinstall_unchanged_only_enables_and_changed_reloads(cli, mac: MacSystem) -> None:
+    assert install(cli, mac).code == 0
+    sid = ls.Paths(mac).installed_ids()[0]
+    label = f"com.gitlore.sync.{sid}"
+    target = f"gui/{UID}/{label}"
+    mac.respond(["launchctl", "print", target], res(0, fixture_text("print_idle_ran.txt")))
+
+    mac.commands.clear()
+    r = install(cli, mac)
+    assert r.code == 0, r.err
+    assert mac.commands == [["launchctl", "print", f"gui/{UID}"], ["launchctl", "print", target]] + [
+        ["launchctl", "enable", target]
+    ]
+
+    mac.commands.clear()
+    r = install(cli, mac, "--interval", "1h")
+    assert r.code == 0, r.err
+    plist = os.path.join(mac.environ["HOME"], "Library", "LaunchAgents", f"{label}.plist")
+    assert mac.commands[2:] == [
+        ["launchctl", "bootout", target],
+        ["launchctl", "enable", target],
+        ["launchctl", "bootstrap", f"gui/{UID}", plist],
+    ]
+    assert plistlib.loads(Path(plist).read_bytes())["StartInterval"] == 3600
+
+
+@pytest.mark.parametrize(
+    ("code", "stderr_file", "error_code", "hint_word"),
+    [
+        (5, "bootstrap_failed_5.stderr.txt", "launchctl_bootstrap", "plutil -lint"),
+        (125, "bootstrap_failed_125.stderr.txt", "no_gui_domain", "Terminal"),
+    ],
+)
+def test_bootstrap_failure_is_exit_6_with_hint_and_rolls_back(
+    cli, mac: MacSystem, memory_keyring: MemoryKeyring, code: int, stderr_file: str, error_code: str, hint_word: str
+) -> None:
+    mac.respond(["launchctl", "bootstrap"], res(code, "", fixture_text(stderr_file)))
+    r = install(cli, mac)
+    assert r.code == ls.EXIT_SCHEDULER, r.out
+    err = r.doc["error"]
+    assert err["code"] == error_code
+    assert hint_word in err["hint"]
+    assert f"({code})" in err["message"]
+    assert mac.commands[-1][:2] == ["launchctl", "bootstrap"]
+    # nothing half-installed: no plist for launchd to load at next login, no config, no secret
+    assert list(Path(mac.environ["HOME"]).rglob("*.plist")) == []
+    assert ls.Paths(mac).installed_ids() == []
+    assert memory_keyring.store == {}
+
+
+def test_bootstrap_failure_on_reinstall_restores_previous_plist(cli, mac: MacSystem) -> None:
+    assert install(cli, mac).code == 0
+    plist = next(Path(mac.environ["HOME"]).rglob("*.plist"))
+    before = plist.read_bytes()
+    mac.respond(["launchctl", "bootstrap"], res(5, "", fixture_text("bootstrap_failed_5.stderr.txt")))
+    r = install(cli, mac, "--interval", "1h")
+    assert r.code == ls.EXIT_SCHEDULER
+    assert plist.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("env", "uid", "euid", "console", "why"),
+    [
+        ({"SUDO_USER": "alice"}, UID, UID, UID, "sudo"),
+        ({}, UID, 0, UID, "effective uid"),
+        ({}, 0, 0, 0, "root"),
+        ({"SSH_CONNECTION": "10.0.0.2 50000 10.0.0.1 22"}, UID, UID, 0, "SSH session"),
+        ({"SSH_TTY": "/dev/ttys003"}, UID, UID, 502, "uid 502"),
+        ({"SSH_CLIENT": "10.0.0.2 50000 22"}, UID, UID, None, "SSH session"),
+    ],
+)
+def test_non_gui_context_stops_before_launchctl_and_keychain(
+    cli, mac: MacSystem, memory_keyring: MemoryKeyring, env, uid, euid, console, why
+) -> None:
+    mac.environ.update(env)
+    mac.fake_uid, mac.fake_euid, mac.console_uid = uid, euid, console
+    r = install(cli, mac)
+    assert r.code == ls.EXIT_SCHEDULER, r.out
+    err = r.doc["error"]
+    assert err["code"] == "prerequisite"
+    assert why in err["message"]
+    assert "keychain" in err["hint"] and "Terminal" in err["hint"] and "GUI" in err["hint"]
+    assert mac.commands == []  # launchctl never ran
+    assert memory_keyring.store == {}  # keychain never touched
+    # the dry-run still previews, listing the problem under `missing`
+    d = install(cli, mac, "--dry-run")
+    assert d.code == 0
+    assert any(why in m for m in d.data["missing"])
+    assert mac.commands == []
+
+
+def test_ssh_while_owning_the_console_is_fine(cli, mac: MacSystem) -> None:
+    mac.environ["SSH_CONNECTION"] = "10.0.0.2 50000 10.0.0.1 22"
+    assert install(cli, mac).code == 0
+
+
+def test_missing_gui_domain_is_a_prerequisite_failure(cli, mac: MacSystem) -> None:
+    mac.respond(["launchctl", "print", f"gui/{UID}"], res(113, "", "Could not find domain for user gui: 501\n"))
+    r = install(cli, mac)
+    assert r.code == ls.EXIT_SCHEDULER
+    assert "gui/501 is not available" in r.doc["error"]["message"]
+    assert mac.commands == [["launchctl", "print", f"gui/{UID}"]]
+
+
+def test_embedded_install_puts_token_only_in_the_plist(cli, mac: MacSystem, memory_keyring: MemoryKeyring) -> None:
+    r = install(cli, mac, "--token-source", "embedded")
+    assert r.code == 0, r.err
+    assert TOKEN not in r.out
+    plist = next(Path(mac.environ["HOME"]).rglob("*.plist"))
+    assert plist.stat().st_mode & 0o777 == 0o600
+    job = validate_plist(plist.read_text(encoding="utf-8"))
+    assert job["EnvironmentVariables"] == {"GITLAB_TOKEN": TOKEN}
+    assert memory_keyring.store == {}
+    # status compares without the secret, so the embedded plist is not drift
+    mac.respond(["launchctl", "print", f"gui/{UID}/{job['Label']}"], res(0, own_print(job, plist)))
+    s = cli("--json", "status", sys_=mac)
+    assert s.data["scheduler"]["drift"] == []
+    assert TOKEN not in s.out
+
+
+def test_uninstall_sequence_and_cleanup(cli, mac: MacSystem, memory_keyring: MemoryKeyring) -> None:
+    assert install(cli, mac).code == 0
+    sid = ls.Paths(mac).installed_ids()[0]
+    plist = next(Path(mac.environ["HOME"]).rglob("*.plist"))
+    mac.commands.clear()
+    r = cli("--json", "uninstall", sys_=mac)
+    assert r.code == 0, r.err
+    assert mac.commands == [["launchctl", "bootout", f"gui/{UID}/com.gitlore.sync.{sid}"]]
+    assert not plist.exists()
+    assert str(plist) in r.data["removed"]
+    assert memory_keyring.store == {}
+
+
+def test_uninstall_tolerates_not_loaded_but_not_other_errors(cli, mac: MacSystem) -> None:
+    assert install(cli, mac).code == 0
+    backend, manifest = backend_and_manifest(mac, ls.Paths(mac).installed_ids()[0])
+    mac.respond(["launchctl", "bootout"], res(113, "", "Boot-out failed: 113: Could not find specified service\n"))
+    backend.uninstall(manifest)
+    assert not Path(backend.plist_path(manifest)).exists()
+    mac.respond(
+        ["launchctl", "bootout"], res(125, "", "Boot-out failed: 125: Domain does not support specified action")
+    )
+    with pytest.raises(ls.SchedulerError) as exc:
+        backend.uninstall(manifest)
+    assert exc.value.exit_code == ls.EXIT_SCHEDULER and "Terminal" in exc.value.hint
+
+
+# -- state: real captured `launchctl print` outputs ---------------------------------------
+
+
+def own_print(job: dict[str, Any], plist: Path, state_text: str = "not running", tail: str = "") -> str:
+    """A `launchctl print` in the captured format, for our own job."""
+    return (
+        f"gui/{UID}/{job['Label']} = {{\n\tactive count = 0\n\tpath = {plist}\n\ttype = LaunchAgent\n"
+        f"\tstate = {state_text}\n\n\tprogram = {job['ProgramArguments'][0]}\n\targuments = {{\n"
+        + "".join(f"\t\t{a}\n" for a in job["ProgramArguments"])
+        + f"\t}}\n\n\tdomain = gui/{UID} [100003]\n{tail}"
+        "\tresource coalition = {\n\t\tstate = active\n\t\tactive count = 1\n\t}\n\n"
+        "\tproperties = inferred program\n}\n"
+    )
+
+
+@pytest.fixture
+def installed_mac(cli, mac: MacSystem) -> tuple[ls.LaunchdBackend, ls.Manifest]:
+    assert install(cli, mac).code == 0
+    return backend_and_manifest(mac, ls.Paths(mac).installed_ids()[0])
+
+
+@pytest.mark.parametrize(
+    ("fixture", "running", "last_result", "runs", "pid", "detail_word"),
+    [
+        ("print_idle_ran.txt", False, 0, 6, None, "last exit code 0"),
+        ("print_failed_exit1.txt", False, 1, 1, None, "last exit code 1"),
+        ("print_spawn_scheduled_exit1.txt", False, 1, 2, None, "spawn scheduled"),
+        ("print_running.txt", True, None, 2, 35711, "Terminated: 15"),
+    ],
+)
+def test_state_from_captured_print(
+    installed_mac, mac: MacSystem, fixture: str, running: bool, last_result, runs, pid, detail_word
+) -> None:
+    backend, manifest = installed_mac
+    mac.respond(["launchctl", "print", backend.target(manifest)], res(0, fixture_text(fixture)))
+    st = backend.state(manifest)
+    assert st["registered"] is True and st["active"] is True
+    assert st["running"] is running
+    assert st["last_result"] == last_result
+    assert st["runs"] == runs
+    assert st["pid"] == pid
+    assert detail_word in st["detail"]
+    assert st["next_run_iso"] is None
+    # the captured jobs were loaded from other plists: reported as drift
+    assert any("loaded" in d and "from /Users/" in d for d in st["drift"])
+
+
+def test_state_not_loaded(installed_mac, mac: MacSystem) -> None:
+    backend, manifest = installed_mac
+    st = backend.state(manifest)
+    assert st["registered"] is False and st["active"] is False
+    assert st["drift"] == [f"{backend.label(manifest)} is not loaded in gui/{UID}"]
+
+
+def test_state_clean_and_exit_code_forms(installed_mac, mac: MacSystem) -> None:
+    backend, manifest = installed_mac
+    plist = Path(backend.plist_path(manifest))
+    job = plistlib.loads(plist.read_bytes())
+    target = backend.target(manifest)
+    for line, expected in (
+        ("\tlast exit code = (never exited)\n", None),
+        ("\tlast exit code = 78: EX_CONFIG\n", 78),
+        ("\truns = 3\n\tlast exit code = 0\n", 0),
+        ("", None),
+    ):
+        mac.respond(["launchctl", "print", target], res(0, own_print(job, plist, tail=line)))
+        st = backend.state(manifest)
+        assert st["drift"] == [], st
+        assert st["last_result"] == expected
+        assert st["running"] is False  # nested `state = active` is ignored
+
+
+def test_state_drift_for_edited_and_missing_plist(installed_mac, mac: MacSystem, cli) -> None:
+    backend, manifest = installed_mac
+    plist = Path(backend.plist_path(manifest))
+    job = plistlib.loads(plist.read_bytes())
+    mac.respond(["launchctl", "print", backend.target(manifest)], res(0, own_print(job, plist)))
+    job["StartInterval"] = 60
+    plist.write_bytes(plistlib.dumps(job))
+    assert backend.state(manifest)["drift"] == [f"{plist} was edited (it differs from what install writes)"]
+    plist.write_text("not a plist")
+    assert backend.state(manifest)["drift"] == [f"{plist} is not a valid plist"]
+    plist.unlink()
+    assert backend.state(manifest)["drift"] == [f"{plist} is missing"]
+    s = cli("status", sys_=mac)
+    assert "DRIFT" in s.out and "is missing" in s.out
+
+
+def test_status_in_non_gui_context_reports_error_not_not_loaded(installed_mac, mac: MacSystem, cli) -> None:
+    mac.environ["SUDO_USER"] = "alice"
+    mac.commands.clear()
+    r = cli("--json", "status", sys_=mac)
+    assert r.code == 0
+    assert r.data["scheduler"]["error"]["code"] == "no_gui_session"
+    assert mac.commands == []
+
+
+def test_parse_launchctl_print_only_reads_top_level() -> None:
+    info = ls.parse_launchctl_print(fixture_text("print_idle_ran.txt"))
+    assert info["state"] == "not running"
+    assert info["active count"] == "0"
+    assert info["runs"] == "6"
+    assert info["domain"] == "gui/501 [100003]"
+    assert "keepalive" not in info and "Minute" not in info
+    running = ls.parse_launchctl_print(fixture_text("print_running.txt"))
+    assert running["pid"] == "35711" and "last exit code" not in running
+    assert ls.launchd_exit_code("78: EX_CONFIG") == 78
+    assert ls.launchd_exit_code("(never exited)") is None
+    assert ls.launchd_exit_code(None) is None
+
+
+def test_doctor_on_mac_reports_gui_and_keychain(installed_mac, mac: MacSystem, cli) -> None:
+    r = cli("--json", "doctor", sys_=mac)
+    checks = {c["name"]: c for c in r.data["checks"]}
+    assert checks["gui session"]["status"] == "ok"
+    assert checks["keychain"]["status"] == "warn"  # the test's in-memory keyring is not the macOS Keychain
+    assert checks["crash log"]["status"] == "ok"
+    assert checks["scheduler entry"]["status"] == "fail"  # not loaded (print answers 113)
+
+
+# -- the crash log launchd keeps open ------------------------------------------------------
+
+
+def test_trim_crash_log_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "scheduler-output.log"
+    path.write_bytes(b"".join(f"line {i:06d}\n".encode() for i in range(20000)))  # 240 000 bytes
+    inode = path.stat().st_ino
+    writer = os.open(path, os.O_WRONLY | os.O_APPEND)  # what launchd holds
+    try:
+        assert ls.trim_crash_log(str(path), max_bytes=100_000, keep_bytes=1000)
+        os.write(writer, b"after trim\n")
+    finally:
+        os.close(writer)
+    data = path.read_bytes()
+    assert path.stat().st_ino == inode
+    assert len(data) < 1100
+    lines = data.splitlines()
+    assert lines[0] == b"[older output trimmed by lore-service]"
+    assert lines[1].startswith(b"line ") and len(lines[1]) == 11  # starts on a whole line
+    assert lines[-2] == b"line 019999" and lines[-1] == b"after trim"
+    assert not ls.trim_crash_log(str(path), max_bytes=100_000)
+    assert not ls.trim_crash_log(str(tmp_path / "missing.log"))
+
+
+def test_before_run_hook_trims(installed_mac, mac: MacSystem) -> None:
+    backend, manifest = installed_mac
+    crash_log = Path(backend.paths.crash_log(manifest.service_id))
+    crash_log.parent.mkdir(parents=True, exist_ok=True)
+    crash_log.write_bytes(b"x\n" * (ls.CRASH_LOG_MAX_BYTES // 2 + 10))
+    backend.before_run(manifest)
+    assert crash_log.stat().st_size <= ls.CRASH_LOG_KEEP_BYTES + 64
+    ls.NoneBackend(mac, backend.paths).before_run(manifest)  # the base hook is a no-op
+
+
+# -- real launchctl (macOS only) -----------------------------------------------------------
+
+on_macos = pytest.mark.skipif(sys.platform != "darwin", reason="needs macOS and launchctl")
+
+
+@pytest.mark.macos
+@on_macos
+def test_real_launchctl_install_status_uninstall(tool, environ: dict[str, str], lore_bin: Path) -> None:
+    # the token is embedded so that the test needs no keychain prompt on a CI runner
+    env = dict(environ)
+    r = tool(
+        "--json", "install", "--backend", "launchd", "--token-source", "embedded", "--lore", str(lore_bin), env=env
+    )
+    assert r.code == 0, r.err + r.out
+    sid = r.data["service_id"]
+    label = f"com.gitlore.sync.{sid}"
+    try:
+        assert shutil.which("launchctl")
+        s = tool("--json", "status", env=env)
+        assert s.data["scheduler"]["registered"] is True, s.out
+        assert s.data["scheduler"]["drift"] == [], s.out
+    finally:
+        u = tool("--json", "uninstall", "--purge", env=env)
+    assert u.code == 0, u.err + u.out
+    import subprocess
+
+    gone = subprocess.run(["launchctl", "print", f"gui/{os.getuid()}/{label}"], capture_output=True, text=True)
+    assert gone.returncode == 113

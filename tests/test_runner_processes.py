@@ -1,0 +1,101 @@
+"""Stages as real processes: timeouts, process groups, streaming, budget."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+
+import pytest
+from conftest import calls, edit_config, write_plan
+
+
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie still answers kill(0); check its state
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_hanging_stage_times_out_and_its_grandchild_dies(cli, installed, project, home):
+    sid = installed["service_id"]
+    edit_config(home, sid, lambda doc: doc["stages"]["issues"].update(timeout_seconds=2))
+    write_plan(project, {"issues": {"grandchild": True, "hang": True}})
+    started = time.monotonic()
+    result = cli("--json", "run")
+    elapsed = time.monotonic() - started
+    assert result.code == 1
+    issues = result.doc["data"]["run"]["stage_results"][0]
+    assert issues["outcome"] == "timeout" and issues["error_class"] == "transient"
+    assert "process group killed" in issues["message"]
+    assert elapsed < 30
+    grandchild = int((project / ".fake-lore-grandchild-issues.pid").read_text())
+    deadline = time.monotonic() + 5
+    while pid_alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pid_alive(grandchild)
+    # the other critical stage still ran, and so did docs
+    assert [c["stage"] for c in calls(project)] == ["issues", "mrs", "docs"]
+
+
+def test_grandchild_left_behind_by_a_finished_stage_is_killed(cli, installed, project):
+    write_plan(project, {"mrs": {"grandchild": True}})
+    assert cli("--json", "run").code == 0
+    grandchild = int((project / ".fake-lore-grandchild-mrs.pid").read_text())
+    deadline = time.monotonic() + 5
+    while pid_alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pid_alive(grandchild)
+
+
+def test_run_budget_bounds_the_whole_run(cli, installed, project, home):
+    sid = installed["service_id"]
+    edit_config(home, sid, lambda doc: doc.update(run_budget_seconds=2))
+    write_plan(project, {"issues": {"sleep": 1.5}, "mrs": {"hang": True}})
+    result = cli("--json", "run")
+    stages = {s["stage"]: s for s in result.doc["data"]["run"]["stage_results"]}
+    assert stages["issues"]["outcome"] == "success"
+    assert stages["mrs"]["outcome"] == "timeout" and "run budget" in stages["mrs"]["message"]
+    assert result.doc["data"]["run"]["duration_ms"] < 10_000
+
+
+def test_output_is_streamed_line_by_line_with_stage_prefix(cli, installed, project, home):
+    write_plan(project, {"docs": {"print_mb": 3}})
+    assert cli("--json", "run").code == 0
+    log = home / "logs" / installed["service_id"] / "service.log"
+    lines = log.read_text().splitlines()
+    docs = [line for line in lines if "[docs] xxxx" in line]
+    assert len(docs) > 30_000
+    assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z \[docs\] x{99}$", docs[0])
+
+
+def test_log_rotates_by_size_and_keeps_the_configured_backups(cli, installed, project, home):
+    sid = installed["service_id"]
+    edit_config(home, sid, lambda doc: doc.update(log={"max_bytes": 1048576, "backups": 2}))
+    write_plan(project, {"issues": {"print_mb": 5}})
+    assert cli("--json", "run").code == 0
+    logdir = home / "logs" / sid
+    names = sorted(p.name for p in logdir.iterdir())
+    assert names == ["service.log", "service.log.1", "service.log.2"]
+    for p in logdir.iterdir():
+        assert p.stat().st_size <= 1048576
+    assert "run" in (logdir / "service.log").read_text().splitlines()[-1]
+
+
+@pytest.mark.parametrize("mode", ["0700"])
+def test_state_and_log_folders_are_private(cli, installed, home, mode):
+    cli("--json", "trigger")
+    sid = installed["service_id"]
+    for folder in (home / "config" / sid, home / "state" / sid, home / "logs" / sid):
+        assert oct(folder.stat().st_mode & 0o777) == "0o700", folder
+    for f in (home / "config" / sid / "manifest.json", home / "state" / sid / "status.json",
+              home / "config" / sid / "token.env", home / "logs" / sid / "service.log"):
+        assert oct(f.stat().st_mode & 0o777) == "0o600", f
