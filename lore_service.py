@@ -213,6 +213,8 @@ class System:
                 input=input,
                 capture_output=True,
                 text=True,
+                encoding="utf-8",
+                errors="replace",  # localised tool output must not crash a status
                 env=self.environ if env is None else env,
                 timeout=timeout,
                 stdin=None if input is not None else subprocess.DEVNULL,
@@ -304,7 +306,7 @@ def parse_interval(text: str) -> int:
     """'30m' or '2h' -> seconds; only m and h, between 5m and 24h."""
     raw = (text or "").strip().lower()
     hint = "use minutes or hours between 5m and 24h, e.g. --interval 30m or --interval 2h"
-    if len(raw) < 2 or raw[-1] not in "mh" or not raw[:-1].isdigit():
+    if len(raw) < 2 or raw[-1] not in "mh" or not (raw[:-1].isascii() and raw[:-1].isdigit()):
         raise UsageError(f"invalid interval {text!r}", hint, code="bad_interval")
     seconds = int(raw[:-1]) * (60 if raw[-1] == "m" else 3600)
     if not MIN_INTERVAL <= seconds <= MAX_INTERVAL:
@@ -317,8 +319,18 @@ def format_interval(seconds: int) -> str:
 
 
 def ensure_dir(path: str) -> None:
-    """Create a private folder (0700) and its missing parents."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    """Create a folder and its missing parents, each private (0700).
+
+    os.makedirs applies the mode to the last folder only."""
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if parent != path:
+        ensure_dir(parent)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
 
 
 def _fsync_dir(path: str) -> None:
@@ -353,6 +365,19 @@ def atomic_write(path: str, data: bytes | str, mode: int = 0o600) -> None:
             pass
         raise
     _fsync_dir(folder)
+
+
+def read_text(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def file_differs(path: str, content: str) -> bool:
+    """Whether writing content would change the file (re-install changes nothing)."""
+    return read_text(path) != content
 
 
 def remove_file(path: str) -> bool:
@@ -701,6 +726,12 @@ class ServiceConfig:
                 raise ValueError(f"{name} must be an integer in {low}..{high}")
             return value
 
+        def table(parent: dict[str, Any], name: str) -> dict[str, Any]:
+            value = parent.get(name, {})
+            if not isinstance(value, dict):
+                raise ValueError(f"[{name}] must be a table")
+            return value
+
         cfg = cls()
         cfg.interval_seconds = parse_interval(str(doc.get("interval", "30m")))
         cfg.profile = str(doc.get("profile", DEFAULT_PROFILE))
@@ -714,22 +745,27 @@ class ServiceConfig:
         if not isinstance(paths, list) or not all(isinstance(p, str) and os.path.isabs(p) for p in paths):
             raise ValueError("extra_write_paths must be a list of absolute paths")
         cfg.extra_write_paths = list(paths)
-        backoff = doc.get("backoff", {})
+        backoff = table(doc, "backoff")
         cfg.backoff_base_seconds = integer(backoff.get("base_seconds", 60), "backoff.base_seconds", 1, 86400)
         cfg.backoff_cap_seconds = integer(backoff.get("cap_seconds", 3600), "backoff.cap_seconds", 1, 7 * 86400)
-        breaker = doc.get("circuit_breaker", {})
+        breaker = table(doc, "circuit_breaker")
         cfg.circuit_breaker_threshold = integer(breaker.get("threshold", 8), "circuit_breaker.threshold", 1, 1000)
         codes = breaker.get("permanent_exit_codes", list(DEFAULT_PERMANENT_CODES))
+        if not isinstance(codes, list):
+            raise ValueError("circuit_breaker.permanent_exit_codes must be a list of integers")
         cfg.permanent_exit_codes = [integer(c, "permanent_exit_codes[]", 1, 255) for c in codes]
-        log = doc.get("log", {})
+        log = table(doc, "log")
         cfg.log_max_bytes = integer(log.get("max_bytes", 5 * 1024 * 1024), "log.max_bytes", 4096, 1 << 40)
         cfg.log_backups = integer(log.get("backups", 3), "log.backups", 0, 100)
-        stages = doc.get("stages", {})
-        if not isinstance(stages, dict):
-            raise ValueError("[stages] must be a table")
+        stages = table(doc, "stages")
         for name, spec in stages.items():
             if name not in STAGES:
                 raise ValueError(f"unknown stage {name!r} (stages are {', '.join(STAGES)})")
+            if not isinstance(spec, dict):
+                raise ValueError(f"[stages.{name}] must be a table")
+            critical = spec.get("critical", name in CRITICAL_STAGES)
+            if not isinstance(critical, bool):
+                raise ValueError(f"stages.{name}.critical must be true or false")
             command = spec.get("command")
             if not isinstance(command, list) or not command or not all(isinstance(a, str) for a in command):
                 raise ValueError(f"stages.{name}.command must be a non-empty list of strings")
@@ -737,7 +773,7 @@ class ServiceConfig:
                 name,
                 command,
                 integer(spec.get("timeout_seconds", DEFAULT_STAGE_TIMEOUT), f"stages.{name}.timeout_seconds", 1, 86400),
-                bool(spec.get("critical", name in CRITICAL_STAGES)),
+                critical,
             )
         missing = [s for s in PROFILES[cfg.profile] if s not in cfg.stages]
         if missing:
@@ -1035,6 +1071,8 @@ def derive_state(status: Status, now_ms: int, running: bool) -> str:
         return "backoff"
     if status.last_run is None:
         return "idle"
+    if status.last_run.outcome == "failed":  # resumed after a failure: the next run retries
+        return "backoff"
     return "degraded" if status.last_run.outcome == "degraded" else "healthy"
 
 
@@ -1052,10 +1090,11 @@ def default_token_source(backend: str) -> str:
 
 
 def check_token_source(source: str, backend: str) -> None:
-    if source == "env-file" and backend == "launchd":
+    if source == "env-file" and backend in ("launchd", "schtasks"):
+        store = "keychain" if backend == "launchd" else "credential-manager"
         raise UsageError(
-            "the env-file token store is not offered on macOS",
-            "use --token-source keychain (the default there) so nothing secret sits in a file",
+            f"the env-file token store is not offered with {backend}",
+            f"use --token-source {store} (the default there) so nothing secret sits in a file",
             code="bad_token_source",
         )
     if source == "embedded" and backend == "none":
@@ -1197,6 +1236,12 @@ class FileLock:
         os.close(fd)
         return False
 
+    def record_owner(self) -> None:
+        """Write our pid into the held lock file, for lock_is_held()."""
+        if self._fd is not None and os.name != "nt":  # msvcrt locks the byte we would write
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing drops the lock on every OS
@@ -1210,8 +1255,26 @@ class FileLock:
         self.release()
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
 def lock_is_held(path: str) -> bool:
-    if not os.path.exists(path):
+    """Whether a run holds the lock. Probing takes the lock for an instant,
+    which could make a run starting at that instant skip, so it is only done
+    when the pid the holder recorded is alive."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(32).strip()
+    except OSError:
+        return False
+    if os.name != "nt" and not (head.isdigit() and _pid_alive(int(head))):
         return False
     probe = FileLock(path)
     try:
@@ -1311,14 +1374,29 @@ def classify_exit(exit_code: int | None, permanent_codes: Sequence[int]) -> tupl
 
 
 def _pump(stream: Any, stage: str, log: ServiceLog, secret: str | None) -> None:
+    """Child output -> log, one line at a time. A line longer than
+    MAX_LINE_BYTES is written in pieces; the last len(secret) bytes of each
+    piece are carried into the next so a token on the cut is still redacted."""
+    token = secret.encode() if secret else b""
+    carry = b""
     try:
         while True:
             chunk = stream.readline(MAX_LINE_BYTES)
             if not chunk:
-                return
-            log.write_line(stage, redact(chunk.decode("utf-8", "replace").rstrip("\r\n"), secret))
+                break
+            data = carry + chunk
+            if token:
+                data = data.replace(token, SECRET_PLACEHOLDER.encode())
+            if data.endswith(b"\n") or len(token) <= 1:
+                carry = b""
+            else:
+                data, carry = data[: -(len(token) - 1)], data[-(len(token) - 1) :]
+            if data:
+                log.write_line(stage, data.decode("utf-8", "replace").rstrip("\r\n"))
     except (OSError, ValueError):
-        return  # pipe closed under us after a kill
+        pass  # pipe closed under us after a kill
+    if carry:
+        log.write_line(stage, carry.replace(token, SECRET_PLACEHOLDER.encode()).decode("utf-8", "replace"))
 
 
 def run_stage(
@@ -1444,6 +1522,7 @@ class ServiceLog:
         self.system = system
         self.max_bytes = max_bytes
         self.backups = backups
+        self.may_rotate = True  # only the run-lock holder rotates
         self._fh: Any = None
         self._size = 0
 
@@ -1471,7 +1550,7 @@ class ServiceLog:
             self._open()
         stamp = iso_from_ms(self.system.now_ms())
         data = f"{stamp} [{prefix}] {text}\n".encode("utf-8", "replace")
-        if self._size and self._size + len(data) > self.max_bytes:
+        if self.may_rotate and self._size and self._size + len(data) > self.max_bytes:
             self._rotate()
         self._fh.write(data)
         self._size += len(data)
@@ -1624,7 +1703,8 @@ class SchedulerBackend(ABC):
     def install(self, manifest: Manifest, embedded_token: str | None) -> Plan:
         plan = self.plan(manifest, embedded_token)
         for planned in plan.files:
-            atomic_write(planned.path, planned.content, planned.mode)
+            if file_differs(planned.path, planned.content):
+                atomic_write(planned.path, planned.content, planned.mode)
         for argv in plan.commands:
             self.run_checked(argv)
         return plan
@@ -2618,7 +2698,7 @@ class SchtasksBackend(SchedulerBackend):
 DISPOSABLE_MARKERS = ("/tmp/", "/var/tmp/", "/_MEI", "\\Temp\\", "/.tox/", "/pip-build-env")
 
 
-def _mode_check(name: str, path: str, want: int) -> Check:
+def _mode_check(name: str, path: str, want: int, uid: int | None) -> Check:
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -2627,7 +2707,7 @@ def _mode_check(name: str, path: str, want: int) -> Check:
         return Check(
             name, "warn", f"{path} is readable by others (mode {st.st_mode & 0o777:o})", f"chmod {want:o} '{path}'"
         )
-    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+    if uid is not None and st.st_uid != uid:
         return Check(name, "warn", f"{path} belongs to uid {st.st_uid}, not you", f"chown $(id -u) '{path}'")
     return Check(name, "ok", f"{path} is private")
 
@@ -2654,14 +2734,15 @@ def program_checks(program: Sequence[str]) -> list[Check]:
 
 def core_checks(paths: Paths, system: System, manifest: Manifest) -> list[Check]:
     sid = manifest.service_id
+    uid = system.uid() if os.name != "nt" else None
     checks = [Check("manifest", "ok", f"{paths.manifest(sid)} is valid (schema {manifest.schema_version})")]
     for label, folder in (("config dir", paths.config_dir(sid)), ("state dir", paths.state_dir(sid))):
         checks.append(
-            _mode_check(label, folder, 0o700)
+            _mode_check(label, folder, 0o700, uid)
             if os.path.isdir(folder) or label == "config dir"
             else Check(label, "ok", f"{folder} will be created by the first run")
         )
-    checks.append(_mode_check("manifest file", paths.manifest(sid), 0o600))
+    checks.append(_mode_check("manifest file", paths.manifest(sid), 0o600, uid))
     cfg: ServiceConfig | None = None
     try:
         cfg = load_config(paths, sid)
@@ -2689,7 +2770,7 @@ def core_checks(paths: Paths, system: System, manifest: Manifest) -> list[Check]
     else:
         checks.append(Check("project", "ok", f"project {manifest.project_root}"))
     if manifest.token_source == "env-file":
-        checks.append(_mode_check("token file", paths.env_file(sid), 0o600))
+        checks.append(_mode_check("token file", paths.env_file(sid), 0o600, uid))
     try:
         found = read_secret(paths, manifest, {} if manifest.token_source != "embedded" else system.environ)
         if found:
@@ -2943,14 +3024,6 @@ def _resolve_lore(ctx: Context, args: argparse.Namespace, existing: Manifest | N
     return os.path.abspath(found) if found else None
 
 
-def _file_changed(path: str, content: str) -> bool:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return fh.read() != content
-    except (OSError, UnicodeDecodeError):
-        return True
-
-
 def cmd_install(ctx: Context, args: argparse.Namespace) -> Outcome:
     system, paths = ctx.system, ctx.paths
     project = canonical_project(args.project or os.getcwd())
@@ -3108,35 +3181,101 @@ def cmd_install(ctx: Context, args: argparse.Namespace) -> Outcome:
         data["changed"] = False
         return Outcome(data, _render_install(data))
 
-    created = existing is None
-    if existing is not None and existing.backend != backend_name and existing.backend in BACKENDS:
-        get_backend(existing.backend, system, paths).uninstall(existing)  # never run twice
-        warnings.append(f"removed the {existing.backend} entry before registering with {backend_name}")
-    changed = created or existing.to_dict() != manifest.to_dict() or token is not None
-    try:
-        if token is not None and source != "embedded":
-            store_secret(paths, manifest, token)
-        if _file_changed(paths.config(sid), config_text):
-            atomic_write(paths.config(sid), config_text, 0o600)
-            changed = True
-        ensure_dir(paths.state_dir(sid))
-        ensure_dir(paths.log_dir(sid))
-        applied = backend.install(manifest, embedded)
-    except BaseException:
-        if created:  # leave no half-installed service behind
-            remove_file(paths.config(sid))
-            if token is not None and source != "embedded":
-                try:
-                    delete_secret(paths, manifest)
-                except LoreServiceError:
-                    pass
-        raise
-    if _file_changed(paths.manifest(sid), manifest_text):
-        save_manifest(paths, manifest)
+    changed, applied = apply_install(ctx, existing, manifest, backend, plan, token, config_text, warnings)
     data["files"] = [f.path for f in core_files + applied.files]
     data["commands"] = applied.commands
     data["changed"] = changed
     return Outcome(data, _render_install(data))
+
+
+def apply_install(
+    ctx: Context,
+    existing: Manifest | None,
+    manifest: Manifest,
+    backend: SchedulerBackend,
+    plan: Plan,
+    token: str | None,
+    config_text: str,
+    warnings: list[str],
+) -> tuple[bool, Plan]:
+    """Write secret, config, scheduler entry and manifest; on failure put back
+    what was there before. Returns whether anything changed, and what was applied."""
+    paths, system, sid = ctx.paths, ctx.system, manifest.service_id
+    source = manifest.token_source
+    old_secret: str | None = None
+    if existing is not None:
+        try:
+            old_secret = read_secret(paths, existing, {})
+        except LoreServiceError:
+            old_secret = None
+    same_store = existing is not None and existing.token_source == source and source != "embedded"
+    store_token = token is not None and source != "embedded" and not (same_store and old_secret == token)
+    old_config = read_text(paths.config(sid))
+    switched = existing is not None and existing.backend != manifest.backend and existing.backend in BACKENDS
+    entry_changed = any(file_differs(f.path, f.content) for f in plan.files) or bool(
+        existing is None or switched or (source == "embedded" and token is not None)
+    )
+    config_changed = old_config != config_text
+    try:
+        if switched and existing is not None:  # a service must never run from two schedulers
+            get_backend(existing.backend, system, paths).uninstall(existing)
+            warnings.append(f"removed the {existing.backend} entry before registering with {manifest.backend}")
+        if store_token and token is not None:
+            store_secret(paths, manifest, token)
+        if config_changed:
+            atomic_write(paths.config(sid), config_text, 0o600)
+        ensure_dir(paths.state_dir(sid))
+        ensure_dir(paths.log_dir(sid))
+        applied = backend.install(manifest, token if source == "embedded" else None)
+    except BaseException:
+        _roll_back_install(ctx, existing, manifest, backend, store_token, old_secret, old_config, switched)
+        raise
+    if existing is not None and existing.token_source != source:
+        try:  # the old store must not keep a copy of the token
+            delete_secret(paths, existing)
+        except LoreServiceError as exc:
+            warnings.append(f"could not remove the token from {existing.token_source}: {exc.message}")
+    manifest_text = dump_json(manifest.to_dict())
+    manifest_changed = file_differs(paths.manifest(sid), manifest_text)
+    if manifest_changed:
+        save_manifest(paths, manifest)
+    return manifest_changed or store_token or config_changed or entry_changed, applied
+
+
+def _roll_back_install(
+    ctx: Context,
+    existing: Manifest | None,
+    manifest: Manifest,
+    backend: SchedulerBackend,
+    stored_token: bool,
+    old_secret: str | None,
+    old_config: str | None,
+    switched: bool,
+) -> None:
+    """Best effort: each step may itself fail, and the original error wins."""
+    paths, sid = ctx.paths, manifest.service_id
+    steps: list[Callable[[], object]] = []
+    if existing is None:
+        steps.append(lambda: backend.uninstall(manifest))
+        steps.append(lambda: remove_file(paths.config(sid)))
+        if stored_token:
+            steps.append(lambda: delete_secret(paths, manifest))
+    else:
+        if old_config is not None:
+            steps.append(lambda: atomic_write(paths.config(sid), old_config, 0o600))
+        if stored_token:
+            if old_secret is not None and existing.token_source == manifest.token_source:
+                steps.append(lambda: store_secret(paths, manifest, old_secret))
+            elif existing.token_source != manifest.token_source:
+                steps.append(lambda: delete_secret(paths, manifest))
+        if switched and existing.token_source != "embedded":
+            old_backend = get_backend(existing.backend, ctx.system, paths)
+            steps.append(lambda: old_backend.install(existing, None))
+    for step in steps:
+        try:
+            step()
+        except Exception:
+            pass
 
 
 def _render_install(d: dict[str, Any]) -> str:
@@ -3194,7 +3333,7 @@ def cmd_uninstall(ctx: Context, args: argparse.Namespace) -> Outcome:
             shutil.rmtree(folder, ignore_errors=True)
         removed += [paths.state_dir(sid), paths.log_dir(sid)]
     else:
-        kept = [p for p in (paths.status(sid), paths.log(sid)) if os.path.exists(p)]
+        kept = [p for p in (paths.status(sid), paths.log(sid), paths.crash_log(sid)) if os.path.exists(p)]
     try:
         os.rmdir(paths.config_dir(sid))
     except OSError:
@@ -3248,8 +3387,12 @@ def _run(ctx: Context, args: argparse.Namespace, trigger: str) -> Outcome:
         if not lock.try_acquire():
             if trigger == "manual":
                 raise BusyError("another run of this service is in progress", "wait for it; `status` shows it running")
+            log.may_rotate = False
             log.write_line("skip", "another run holds the lock")
             return _skipped(sid, "another run holds the lock")
+        lock.record_owner()
+        if manifest.backend in BACKENDS:  # e.g. launchd keeps its crash log bounded
+            get_backend(manifest.backend, system, paths).before_run(manifest)
         status = load_status(paths, sid)
         reason = skip_reason(status, manifest, system.now_ms(), trigger)
         if reason and trigger == "manual":
@@ -3348,6 +3491,7 @@ def service_status(ctx: Context, manifest: Manifest, with_scheduler: bool = True
         "next_due_at_ms": status.next_due_at_ms,
         "paused": status.paused.to_dict() if status.paused else None,
         "history": [r.to_dict() for r in status.history],
+        "updated_at_iso": status.updated_at_iso or None,
         "log_path": paths.log(sid),
         "status_path": paths.status(sid),
     }
@@ -3368,8 +3512,7 @@ def service_status(ctx: Context, manifest: Manifest, with_scheduler: bool = True
     return data
 
 
-def _render_status(d: dict[str, Any]) -> str:
-    now_ms = int(time.time() * 1000)
+def _render_status(d: dict[str, Any], now_ms: int) -> str:
     lines = [f"{d['service_id']}: {d['state'].upper()}", f"  project     {d['project_root']}"]
     sched = d.get("scheduler") or {}
     lines.append(
@@ -3420,13 +3563,13 @@ def cmd_status(ctx: Context, args: argparse.Namespace) -> Outcome:
                 if manifest is not None:
                     services.append(service_status(ctx, manifest))
             except LoreServiceError as exc:
-                worst = exc.exit_code
+                worst = max(worst, exc.exit_code)
                 services.append(
                     {"service_id": sid, "error": {"code": exc.code, "message": exc.message, "hint": exc.hint}}
                 )
         text = (
             "\n\n".join(
-                _render_status(s)
+                _render_status(s, ctx.system.now_ms())
                 if "error" not in s
                 else f"{s['service_id']}: ERROR {s['error']['message']}\n  fix: {s['error']['hint']}"
                 for s in services
@@ -3440,7 +3583,7 @@ def cmd_status(ctx: Context, args: argparse.Namespace) -> Outcome:
         exc.data = {"state": "not_installed"}  # type: ignore[attr-defined]
         raise
     data = service_status(ctx, manifest)
-    return Outcome(data, _render_status(data))
+    return Outcome(data, _render_status(data, ctx.system.now_ms()))
 
 
 def cmd_list(ctx: Context, args: argparse.Namespace) -> Outcome:
@@ -3518,12 +3661,18 @@ def cmd_logs(ctx: Context, args: argparse.Namespace) -> Outcome:
 
 def cmd_doctor(ctx: Context, args: argparse.Namespace) -> Outcome:
     manifest: Manifest | None = None
+    broken: StateFileError | None = None
     try:
         manifest = find_service(ctx, args)
     except NotInstalledError:
         if getattr(args, "name", None):
             raise
-    if manifest is None:
+    except StateFileError as exc:
+        broken = exc
+    if broken is not None:
+        checks = [Check("manifest", "fail", broken.message, broken.hint)]
+        subject = "a service whose manifest cannot be read"
+    elif manifest is None:
         checks = readiness_checks(ctx.system, ctx.paths)
         subject = "this machine (no service installed here)"
     else:
@@ -3617,12 +3766,25 @@ def main(argv: Sequence[str] | None = None, system: System | None = None) -> int
     cut = args_in.index("--") if "--" in args_in else len(args_in)
     robot = any(a in ("--json", "--robot") for a in args_in[:cut])
     args_in = [a for i, a in enumerate(args_in) if i >= cut or a not in ("--json", "--robot")]
-    command = next((a for a in args_in if a in COMMANDS), "")
+    # best guess until argparse has spoken (a usage error still names its command)
+    command = next((a for a in args_in[:cut] if a in COMMANDS), "")
+    help_text: Any = None
     try:
         try:
+            if robot and any(a in ("-h", "--help") for a in args_in[:cut]):
+                import contextlib
+                import io
+
+                help_text = io.StringIO()
+                with contextlib.redirect_stdout(help_text):
+                    build_parser().parse_args(args_in)
+                raise _ParserExit(0)
             args = build_parser().parse_args(args_in)
         except _ParserExit as exc:  # --help
+            if robot:
+                _emit(robot, command or "help", Outcome({"help": help_text.getvalue()}), None)
             return exc.status
+        command = args.command or command
         if args.version:
             info = version_info()
             text = (
@@ -3642,8 +3804,8 @@ def main(argv: Sequence[str] | None = None, system: System | None = None) -> int
         _emit(robot, command, None, exc)
         return exc.exit_code
     except KeyboardInterrupt:
-        _emit(robot, command, None, LoreServiceError("interrupted", "", code="interrupted"))
-        return 130
+        _emit(robot, command, None, LoreServiceError("interrupted", "run the command again", code="interrupted"))
+        return EXIT_FAILED
     except OSError as exc:
         where = f" ({exc.filename})" if exc.filename else ""
         err = LoreServiceError(
@@ -3652,7 +3814,7 @@ def main(argv: Sequence[str] | None = None, system: System | None = None) -> int
         _emit(robot, command, None, err)
         return EXIT_FAILED
     except Exception as exc:  # the promise: never a traceback for any input
-        if os.environ.get("LORE_SERVICE_DEBUG"):
+        if (system.environ if system else os.environ).get("LORE_SERVICE_DEBUG"):
             raise
         err = LoreServiceError(
             f"internal error: {exc.__class__.__name__}: {exc}",

@@ -290,7 +290,9 @@ def test_bootstrap_failure_is_exit_6_with_hint_and_rolls_back(
     assert err["code"] == error_code
     assert hint_word in err["hint"]
     assert f"({code})" in err["message"]
-    assert mac.commands[-1][:2] == ["launchctl", "bootstrap"]
+    assert ["launchctl", "bootstrap"] in [c[:2] for c in mac.commands]
+    # the failed first install is rolled back: bootout (harmless if not loaded) and no files
+    assert mac.commands[-1][:2] == ["launchctl", "bootout"]
     # nothing half-installed: no plist for launchd to load at next login, no config, no secret
     assert list(Path(mac.environ["HOME"]).rglob("*.plist")) == []
     assert ls.Paths(mac).installed_ids() == []
