@@ -512,6 +512,18 @@ def canonical_project(path: str) -> str:
     return os.path.realpath(os.path.abspath(os.path.expanduser(path)))
 
 
+def check_path_text(path: str, what: str) -> str:
+    """Paths end up in unit files, crontab lines and XML: a line break or
+    other control character there could smuggle in a directive."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in path):
+        raise UsageError(
+            f"{what} {path!r} contains a control character (line break, tab, ...)",
+            "rename the folder, or install from a path without control characters",
+            code="bad_path",
+        )
+    return path
+
+
 class Paths:
     """Where every file lives: platformdirs' per-user folders for app `lore`,
     or one relocated tree under LORE_SERVICE_HOME / --home."""
@@ -1815,6 +1827,353 @@ class NoneBackend(SchedulerBackend):
 # 11a. systemd user timers (Linux)
 # ---------------------------------------------------------------------------
 
+SYSTEMD_MIN_VERSION = 247  # ProtectProc=, ProcSubset= and FixedRandomDelay= arrived in 247
+SYSTEMD_UP_STATES = ("running", "degraded", "starting", "initializing")
+
+
+def systemd_quote(arg: str, *, specifiers: bool = True, variables: bool = True) -> str:
+    """One argument in systemd's unit syntax: double-quoted, C escapes,
+    `%` -> `%%` (specifiers) and `$` -> `$$` (ExecStart= variable expansion).
+    Verified with systemd 252 on spaces, quotes, `$VAR`, `${VAR}`, `%h`, `;`
+    and non-ASCII letters; ReadWritePaths= expands no variables, hence the flag."""
+    out = arg.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
+    if variables:
+        out = out.replace("$", "$$")
+    if specifiers:
+        out = out.replace("%", "%%")
+    return f'"{out}"'
+
+
+def systemd_seconds(seconds: int) -> str:
+    return f"{seconds // 60}min" if seconds % 60 == 0 else f"{seconds}s"
+
+
+def _systemd_timestamp(value: str) -> str | None:
+    """`@1795825944` (show --timestamp=unix) -> ISO 8601 UTC, or None."""
+    value = value.strip()
+    if value.startswith("@") and value[1:].isdigit() and int(value[1:]) > 0:
+        return iso_from_ms(int(value[1:]) * 1000)
+    return None
+
+
+@register_backend
+class SystemdBackend(SchedulerBackend):
+    """A user timer + a hardened oneshot service in the user's own manager."""
+
+    name = "systemd"
+    description = "systemd user timer (Linux)"
+
+    # -- naming and files
+    @staticmethod
+    def unit_base(sid: str) -> str:
+        return f"lore-sync-{sid}"
+
+    def unit_dir(self) -> str:
+        env = self.system.environ
+        config = env.get("XDG_CONFIG_HOME", "").strip() or os.path.join(
+            env.get("HOME") or os.path.expanduser("~"), ".config"
+        )
+        return os.path.join(config, "systemd", "user")
+
+    def file_paths(self, manifest: Manifest) -> list[str]:
+        base = os.path.join(self.unit_dir(), self.unit_base(manifest.service_id))
+        return [base + ".service", base + ".timer"]
+
+    def _systemctl(self, *args: str, timeout: float = 30) -> CommandResult:
+        return self.system.run(["systemctl", "--user", "--no-pager", *args], timeout=timeout)
+
+    # -- detection and prerequisites
+    @classmethod
+    def detect(cls, system: System) -> tuple[bool, str]:
+        if not system.platform.startswith("linux"):
+            return False, "systemd user timers exist on Linux only"
+        if system.which("systemctl") is None:
+            return False, "systemctl is not installed"
+        answer = system.run(["systemctl", "--user", "is-system-running"], timeout=15)
+        state = answer.stdout.strip()
+        if state in SYSTEMD_UP_STATES:
+            return True, f"the systemd user manager answers ({state})"
+        return False, _user_manager_problem(system, answer)
+
+    def prerequisites(self, manifest: Manifest | None) -> list[Check]:
+        ok, why = self.detect(self.system)
+        if not ok:
+            return [
+                Check(
+                    "user manager",
+                    "fail",
+                    why,
+                    "log in as this user directly (not sudo/su), or export XDG_RUNTIME_DIR=/run/user/$(id -u); "
+                    "on machines without a user manager use --backend cron",
+                )
+            ]
+        checks = [Check("user manager", "ok", why)]
+        checks.append(self._version_check())
+        checks.append(self._linger_check())
+        return checks
+
+    def _version_check(self) -> Check:
+        first = self._systemctl("--version").stdout.strip().splitlines()
+        words = first[0].split() if first else []
+        version = int(words[1]) if len(words) > 1 and words[1].isdigit() else None
+        if version is None:
+            return Check("systemd version", "warn", "could not read the systemd version", "systemctl --version")
+        if version < SYSTEMD_MIN_VERSION:
+            return Check(
+                "systemd version",
+                "fail",
+                f"systemd {version} is older than {SYSTEMD_MIN_VERSION}, which the unit's sandbox options need",
+                "use --backend cron on this machine",
+            )
+        return Check("systemd version", "ok", f"systemd {version}")
+
+    def _linger_check(self) -> Check:
+        user = self.system.username()
+        hint = f"loginctl enable-linger {user}"
+        answer = self.system.run(["loginctl", "show-user", user, "-p", "Linger", "--value"], timeout=15)
+        value = answer.stdout.strip()
+        if answer.ok and value in ("yes", "no"):
+            linger = value == "yes"
+        elif os.path.isdir("/var/lib/systemd/linger"):
+            linger = os.path.exists(os.path.join("/var/lib/systemd/linger", user))
+        else:
+            return Check(
+                "lingering",
+                "warn",
+                f"lingering is unknown: logind does not answer ({answer.summary()})",
+                f"if the machine has logind, run `{hint}` so the timer also fires while you are logged out",
+            )
+        if linger:
+            return Check("lingering", "ok", f"lingering is on for {user}: the timer fires while logged out")
+        return Check(
+            "lingering",
+            "warn",
+            f"lingering is off for {user}: the timer only fires while {user} is logged in",
+            hint,
+        )
+
+    # -- units
+    def _write_paths(self, manifest: Manifest) -> list[str]:
+        sid = manifest.service_id
+        paths = [self.paths.state_dir(sid), self.paths.log_dir(sid), manifest.project_root]
+        try:
+            extra = load_config(self.paths, sid).extra_write_paths
+        except LoreServiceError:
+            extra = []  # no config yet (first install): the defaults have none
+        return paths + [p for p in extra if p not in paths]
+
+    def render(self, manifest: Manifest, token_line: str | None) -> tuple[str, str]:
+        sid = manifest.service_id
+        interval = manifest.schedule_step_seconds
+        splay = max(30, min(300, interval // 10))
+        what = f"lore sync for {manifest.project_root.replace('%', '%%')}"
+        exec_start = " ".join(systemd_quote(a) for a in manifest.program)
+        # extra paths may not exist yet: "-" keeps a missing one from failing the unit
+        rw = [
+            ("-" if i >= 3 else "") + systemd_quote(p, variables=False)
+            for i, p in enumerate(self._write_paths(manifest))
+        ]
+        service = [
+            "# Written by lore-service; `lore-service install` rewrites it, edits are reported as drift.",
+            "[Unit]",
+            f"Description={what} ({sid})",
+            "",
+            "[Service]",
+            "Type=oneshot",
+            f"ExecStart={exec_start}",
+            # our own run budget ends first, so the run records its own timeout
+            f"TimeoutStartSec={SCHEDULER_TIMEOUT}",
+            "Nice=10",
+            "IOSchedulingClass=idle",
+            "CPUSchedulingPolicy=batch",
+        ]
+        if token_line is not None:
+            service.append(token_line)
+        service += [
+            "NoNewPrivileges=true",
+            "PrivateTmp=true",
+            "PrivateDevices=true",
+            # user managers ignore namespace options without a user namespace before systemd 254
+            "PrivateUsers=true",
+            "ProtectSystem=strict",
+            "ProtectHome=read-only",
+            "ReadWritePaths=" + " ".join(rw),
+            "ProtectKernelTunables=true",
+            "ProtectKernelModules=true",
+            "ProtectKernelLogs=true",
+            "ProtectControlGroups=true",
+            "ProtectClock=true",
+            "ProtectHostname=true",
+            "ProtectProc=invisible",
+            "ProcSubset=pid",
+            "RestrictNamespaces=true",
+            "RestrictRealtime=true",
+            "RestrictSUIDSGID=true",
+            "LockPersonality=true",
+            "MemoryDenyWriteExecute=true",
+            "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+            "SystemCallArchitectures=native",
+            "SystemCallFilter=@system-service",
+            "SystemCallFilter=~@privileged @resources",
+            "CapabilityBoundingSet=",
+            "UMask=0077",
+            "",
+        ]
+        timer = [
+            "# Written by lore-service; `lore-service install` rewrites it, edits are reported as drift.",
+            "[Unit]",
+            f"Description=every {format_interval(manifest.interval_seconds)}: {what} ({sid})",
+            "",
+            "[Timer]",
+            f"OnActiveSec={systemd_seconds(interval)}",
+            f"OnUnitActiveSec={systemd_seconds(interval)}",
+            # catch up on a missed run after the manager was down
+            "Persistent=true",
+            # spread many workspaces over a few minutes instead of one second
+            f"RandomizedDelaySec={splay}s",
+            "FixedRandomDelay=true",
+            "AccuracySec=30s",
+            f"Unit={self.unit_base(sid)}.service",
+            "",
+            "[Install]",
+            "WantedBy=timers.target",
+            "",
+        ]
+        return "\n".join(service), "\n".join(timer)
+
+    def plan(self, manifest: Manifest, embedded_token: str | None) -> Plan:
+        service_path, timer_path = self.file_paths(manifest)
+        shown_token = None
+        token_line = None
+        if manifest.token_source == "embedded":
+            token_line = "Environment=" + systemd_quote(f"{manifest.token_env}={embedded_token or ''}")
+            shown_token = "Environment=" + systemd_quote(f"{manifest.token_env}={SECRET_PLACEHOLDER}")
+        service, timer = self.render(manifest, token_line)
+        shown = self.render(manifest, shown_token)[0] if token_line else None
+        timer_unit = self.unit_base(manifest.service_id) + ".timer"
+        return Plan(
+            files=[PlannedFile(service_path, service, 0o600, redacted=shown), PlannedFile(timer_path, timer, 0o644)],
+            commands=[["systemctl", "--user", "daemon-reload"], ["systemctl", "--user", "enable", "--now", timer_unit]],
+        )
+
+    def install(self, manifest: Manifest, embedded_token: str | None) -> Plan:
+        plan = self.plan(manifest, embedded_token)
+        for planned in plan.files:
+            if file_differs(planned.path, planned.content):
+                atomic_write(planned.path, planned.content, planned.mode)
+        for argv in plan.commands:
+            self.run_checked(argv, hint="`lore-service doctor` checks the user manager; or use --backend cron")
+        return plan
+
+    def uninstall(self, manifest: Manifest) -> None:
+        timer_unit = self.unit_base(manifest.service_id) + ".timer"
+        existing = [p for p in self.file_paths(manifest) if os.path.exists(p)]
+        if existing:
+            # "not loaded" is fine: we are removing it anyway
+            self._systemctl("disable", "--now", timer_unit)
+        for path in existing:
+            remove_file(path)
+        if existing:
+            self.run_checked(["systemctl", "--user", "daemon-reload"])
+
+    # -- state
+    def _show(self, unit: str, props: str) -> dict[str, str]:
+        out = self._systemctl("show", unit, "-p", props, "--timestamp=unix")
+        if not out.ok:
+            raise SchedulerError(
+                f"cannot ask the systemd user manager about {unit}: {out.summary()}", f"`{TOOL_NAME} doctor`"
+            )
+        return dict(line.partition("=")[::2] for line in out.stdout.splitlines() if "=" in line)
+
+    def _drift(self, manifest: Manifest) -> list[str]:
+        placeholder = f"{manifest.token_env}={SECRET_PLACEHOLDER}"
+        expected = self.plan(manifest, SECRET_PLACEHOLDER if manifest.token_source == "embedded" else None)
+        problems = []
+        for planned in expected.files:
+            actual = read_text(planned.path)
+            if actual is None:
+                problems.append(f"{planned.path} is missing")
+                continue
+            if manifest.token_source == "embedded":  # compare without the token itself
+                actual = "\n".join(
+                    "Environment=" + systemd_quote(placeholder) if line.startswith("Environment=") else line
+                    for line in actual.split("\n")
+                )
+            if actual != planned.content:
+                problems.append(f"{planned.path} differs from what install wrote (edited by hand?)")
+        return problems
+
+    def state(self, manifest: Manifest) -> dict[str, Any]:
+        base = self.unit_base(manifest.service_id)
+        drift = self._drift(manifest)
+        ok, why = self.detect(self.system)
+        result: dict[str, Any] = {
+            "registered": False,
+            "active": False,
+            "next_run_iso": None,
+            "last_trigger_iso": None,
+            "last_result": None,
+            "drift": drift,
+            "detail": "",
+            "units": [base + ".timer", base + ".service"],
+        }
+        if not ok:
+            result["detail"] = f"cannot read the timer: {why}"
+            return result
+        timer = self._show(base + ".timer", "LoadState,ActiveState,SubState,UnitFileState")
+        result["registered"] = timer.get("LoadState") == "loaded" and timer.get("UnitFileState") == "enabled"
+        result["active"] = timer.get("ActiveState") == "active"
+        listing = self._systemctl("list-timers", "--all", "--output=json", base + ".timer")
+        try:
+            rows = json.loads(listing.stdout) if listing.ok and listing.stdout.strip() else []
+        except ValueError:
+            rows = []
+        for row in rows if isinstance(rows, list) else []:
+            if isinstance(row, dict) and row.get("unit") == base + ".timer":
+                if isinstance(row.get("next"), int) and row["next"] > 0:
+                    result["next_run_iso"] = iso_from_ms(row["next"] // 1000)
+                if isinstance(row.get("last"), int) and row["last"] > 0:
+                    result["last_trigger_iso"] = iso_from_ms(row["last"] // 1000)
+        service = self._show(base + ".service", "Result,ExecMainStatus,ExecMainExitTimestamp,ActiveState")
+        if _systemd_timestamp(service.get("ExecMainExitTimestamp", "")):
+            result["last_result"] = {
+                "result": service.get("Result"),
+                "exit_status": int(service["ExecMainStatus"]) if service.get("ExecMainStatus", "").isdigit() else None,
+                "finished_at_iso": _systemd_timestamp(service["ExecMainExitTimestamp"]),
+            }
+        if not result["active"] and not drift:
+            drift.append(f"{base}.timer is not active ({timer.get('ActiveState', '?')}/{timer.get('SubState', '?')})")
+        result["detail"] = (
+            f"timer {timer.get('ActiveState', '?')}/{timer.get('SubState', '?')}, "
+            f"{timer.get('UnitFileState') or 'not installed'}"
+        )
+        return result
+
+    def diagnose(self, manifest: Manifest | None) -> list[Check]:
+        checks = self.prerequisites(manifest)
+        if manifest is not None:
+            for path in self.file_paths(manifest):
+                if os.path.exists(path):
+                    checks.append(Check("unit file", "ok", path))
+        return checks
+
+
+def _user_manager_problem(system: System, answer: CommandResult) -> str:
+    """One sentence on why `systemctl --user` does not answer."""
+    env = system.environ
+    missing = [v for v in ("XDG_RUNTIME_DIR", "DBUS_SESSION_BUS_ADDRESS") if not env.get(v)]
+    if answer.returncode == 127:
+        return "systemctl is not installed"
+    if answer.stdout.strip() == "offline":
+        return "this system was not booted with systemd (no /run/systemd/system), so there is no user manager"
+    if len(missing) == 2:
+        return (
+            "no user manager reachable: XDG_RUNTIME_DIR and DBUS_SESSION_BUS_ADDRESS are not set "
+            "(typical under sudo, su, cron or in containers)"
+        )
+    return f"no user manager reachable ({answer.summary()})"
+
+
 # ---------------------------------------------------------------------------
 # 11b. cron (Linux and other Unix without a user manager)
 # ---------------------------------------------------------------------------
@@ -3012,7 +3371,7 @@ def _obtain_token(ctx: Context, args: argparse.Namespace, token_env: str) -> str
 
 def _resolve_lore(ctx: Context, args: argparse.Namespace, existing: Manifest | None) -> str | None:
     if args.lore:
-        path = os.path.abspath(os.path.expanduser(args.lore))
+        path = check_path_text(os.path.abspath(os.path.expanduser(args.lore)), "--lore")
         if not (os.path.isfile(path) and os.access(path, os.X_OK)):
             raise UsageError(
                 f"--lore {args.lore}: not an executable file", "give the full path of the lore program", code="bad_lore"
@@ -3026,7 +3385,9 @@ def _resolve_lore(ctx: Context, args: argparse.Namespace, existing: Manifest | N
 
 def cmd_install(ctx: Context, args: argparse.Namespace) -> Outcome:
     system, paths = ctx.system, ctx.paths
-    project = canonical_project(args.project or os.getcwd())
+    project = check_path_text(canonical_project(args.project or os.getcwd()), "project folder")
+    if paths.home:
+        check_path_text(paths.home, "--home")
     if not os.path.isdir(project):
         raise UsageError(
             f"project folder {project} does not exist", "pass --project DIR of a lore workspace", code="bad_project"

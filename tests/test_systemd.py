@@ -1,0 +1,176 @@
+"""The systemd backend through the injected System: unit text, command
+sequences, prerequisites and state parsing. (The real manager is in
+test_systemd_e2e.py.)"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import TOKEN, FakeSystem, edit_config
+
+import lore_service as ls
+
+
+@pytest.fixture
+def linux(system: FakeSystem) -> FakeSystem:
+    system.which_map["systemctl"] = "/usr/bin/systemctl"
+    system.respond(["systemctl", "--user", "is-system-running"], ls.CommandResult([], 0, "running\n", ""))
+    system.respond(["systemctl", "--user", "--no-pager", "--version"],
+                   ls.CommandResult([], 0, "systemd 252 (252.38-1~deb12u1)\n+PAM\n", ""))
+    system.respond(["loginctl"], ls.CommandResult([], 0, "yes\n", ""))
+    return system
+
+
+def install(cli, *extra: str):
+    return cli("--json", "install", "--backend", "systemd", "--interval", "45m", *extra)
+
+
+def units(system: FakeSystem, sid: str) -> tuple[str, str]:
+    base = f"{system.environ['HOME']}/.config/systemd/user/lore-sync-{sid}"
+    return open(base + ".service").read(), open(base + ".timer").read()
+
+
+def test_install_writes_hardened_units_and_enables_the_timer(cli, linux, project, home):
+    r = install(cli)
+    assert r.code == 0, r.out
+    sid = r.data["service_id"]
+    service, timer = units(linux, sid)
+    for directive in ("Type=oneshot", "TimeoutStartSec=900", "NoNewPrivileges=true", "PrivateTmp=true",
+                      "ProtectSystem=strict", "ProtectHome=read-only", "PrivateUsers=true",
+                      "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6", "SystemCallFilter=@system-service",
+                      "RestrictNamespaces=true", "LockPersonality=true", "MemoryDenyWriteExecute=true",
+                      "UMask=0077", "IOSchedulingClass=idle", "Nice=10"):
+        assert f"\n{directive}\n" in service, directive
+    assert f'"{home}/state/{sid}"' in service and f'"{home}/logs/{sid}"' in service
+    assert f'"{project}"' in service
+    for directive in ("OnActiveSec=45min", "OnUnitActiveSec=45min", "Persistent=true", "WantedBy=timers.target"):
+        assert f"\n{directive}\n" in timer
+    assert "RandomizedDelaySec=" in timer
+    assert TOKEN not in service + timer
+    assert [c for c in linux.commands if c[:2] == ["systemctl", "--user"] and c[2] in ("daemon-reload", "enable")] == [
+        ["systemctl", "--user", "daemon-reload"],
+        ["systemctl", "--user", "enable", "--now", f"lore-sync-{sid}.timer"],
+    ]
+    manifest = json.loads((home / "config" / sid / "manifest.json").read_text())
+    assert manifest["schedule_step_seconds"] == 2700
+
+
+def test_exec_start_quotes_every_argument_by_systemd_rules():
+    assert ls.systemd_quote('/p/it\'s "x" $HOME 100% ;é') == '"/p/it\'s \\"x\\" $$HOME 100%% ;é"'
+    assert ls.systemd_quote("a\\b") == '"a\\\\b"'
+    assert ls.systemd_quote("$X", variables=False) == '"$X"'
+
+
+def test_extra_write_paths_from_config_are_allowed_after_reinstall(cli, linux, home):
+    sid = install(cli).data["service_id"]
+    edit_config(home, sid, lambda doc: doc.update(extra_write_paths=["/srv/lore db"]))
+    assert install(cli).code == 0
+    service, _ = units(linux, sid)
+    assert '-"/srv/lore db"' in service
+
+
+def test_embedded_token_is_in_the_unit_only_when_asked_and_redacted_in_dry_run(cli, linux):
+    dry = install(cli, "--token-source", "embedded", "--dry-run")
+    assert TOKEN not in dry.out
+    assert any(ls.SECRET_PLACEHOLDER in f["content"] for f in dry.data["files"] if f["path"].endswith(".service"))
+    real = install(cli, "--token-source", "embedded")
+    assert real.code == 0 and TOKEN not in real.out
+    assert any("plain text" in w for w in real.data["warnings"])
+    service, _ = units(linux, real.data["service_id"])
+    assert f'Environment="GITLAB_TOKEN={TOKEN}"' in service
+    # the token in the unit is not drift
+    status = cli("--json", "status").data
+    assert status["scheduler"]["drift"] == [] or all("not active" in d for d in status["scheduler"]["drift"])
+
+
+def test_no_user_manager_names_the_missing_variables_and_exits_6(cli, system):
+    system.which_map["systemctl"] = "/usr/bin/systemctl"
+    system.respond(["systemctl", "--user", "is-system-running"],
+                   ls.CommandResult([], 1, "", "Failed to connect to bus: No medium found\n"))
+    r = install(cli)
+    assert r.code == 6
+    assert "XDG_RUNTIME_DIR" in r.doc["error"]["message"] and "cron" in r.doc["error"]["hint"]
+    assert not any(c[2:3] == ["enable"] for c in system.commands if c[:2] == ["systemctl", "--user"])
+
+
+def test_system_not_booted_with_systemd_is_explained(cli, system):
+    system.which_map["systemctl"] = "/usr/bin/systemctl"
+    system.environ["XDG_RUNTIME_DIR"] = "/run/user/0"
+    system.respond(["systemctl", "--user", "is-system-running"], ls.CommandResult([], 1, "offline\n", ""))
+    r = install(cli)
+    assert r.code == 6 and "not booted with systemd" in r.doc["error"]["message"]
+
+
+def test_too_old_systemd_is_a_prerequisite_failure(cli, linux):
+    linux.respond(["systemctl", "--user", "--no-pager", "--version"], ls.CommandResult([], 0, "systemd 239\n", ""))
+    r = install(cli)
+    assert r.code == 6 and "older than 247" in r.doc["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("answer", "status", "words"),
+    [
+        (ls.CommandResult([], 0, "no\n", ""), "warn", "only fires while"),
+        (ls.CommandResult([], 0, "yes\n", ""), "ok", "lingering is on"),
+        (ls.CommandResult([], 1, "", "Failed to connect to bus: No such file or directory\n"), "warn", "unknown"),
+    ],
+)
+def test_lingering_is_reported_with_its_fix(cli, linux, answer, status, words):
+    linux.respond(["loginctl"], answer)
+    install(cli)
+    checks = {c["name"]: c for c in cli("--json", "doctor").data["checks"]}
+    assert checks["lingering"]["status"] == status and words in checks["lingering"]["message"]
+    if status == "warn":
+        assert "loginctl enable-linger" in checks["lingering"]["hint"]
+
+
+def test_status_reads_systemd_properties_not_human_text(cli, linux):
+    sid = install(cli).data["service_id"]
+    timer, service = f"lore-sync-{sid}.timer", f"lore-sync-{sid}.service"
+    linux.respond(["systemctl", "--user", "--no-pager", "show", timer],
+                  ls.CommandResult([], 0, "LoadState=loaded\nActiveState=active\nSubState=waiting\n"
+                                   "UnitFileState=enabled\n", ""))
+    linux.respond(["systemctl", "--user", "--no-pager", "list-timers"],
+                  ls.CommandResult([], 0, json.dumps([{"next": 1795827886249867, "left": 1, "last": 1795825943722908,
+                                                       "passed": 1, "unit": timer, "activates": service}]), ""))
+    linux.respond(["systemctl", "--user", "--no-pager", "show", service],
+                  ls.CommandResult([], 0, "Result=success\nExecMainStatus=0\nExecMainExitTimestamp=@1795825944\n"
+                                   "ActiveState=inactive\n", ""))
+    sched = cli("--json", "status").data["scheduler"]
+    assert sched["registered"] and sched["active"] and sched["drift"] == []
+    assert sched["next_run_iso"] == ls.iso_from_ms(1795827886249)
+    assert sched["last_trigger_iso"] == ls.iso_from_ms(1795825943722)
+    assert sched["last_result"] == {"result": "success", "exit_status": 0,
+                                    "finished_at_iso": ls.iso_from_ms(1795825944000)}
+
+
+def test_missing_or_edited_units_are_drift_and_doctor_fails(cli, linux):
+    sid = install(cli).data["service_id"]
+    linux.respond(["systemctl", "--user", "--no-pager", "show"],
+                  ls.CommandResult([], 0, "LoadState=loaded\nActiveState=active\nUnitFileState=enabled\n", ""))
+    base = f"{linux.environ['HOME']}/.config/systemd/user/lore-sync-{sid}"
+    with open(base + ".timer", "a") as fh:
+        fh.write("# edited\n")
+    import os
+
+    os.unlink(base + ".service")
+    drift = cli("--json", "status").data["scheduler"]["drift"]
+    assert any("missing" in d for d in drift) and any("differs" in d for d in drift)
+    assert cli("--json", "doctor").code == 1
+    assert install(cli).code == 0
+    assert cli("--json", "status").data["scheduler"]["drift"] == []
+
+
+def test_uninstall_disables_removes_and_reloads(cli, linux):
+    sid = install(cli).data["service_id"]
+    linux.commands.clear()
+    assert cli("--json", "uninstall").code == 0
+    sequence = [c for c in linux.commands if c[:2] == ["systemctl", "--user"]]
+    assert sequence == [
+        ["systemctl", "--user", "--no-pager", "disable", "--now", f"lore-sync-{sid}.timer"],
+        ["systemctl", "--user", "daemon-reload"],
+    ]
+    import os
+
+    assert not os.path.exists(f"{linux.environ['HOME']}/.config/systemd/user/lore-sync-{sid}.service")

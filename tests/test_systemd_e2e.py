@@ -1,0 +1,187 @@
+"""The systemd backend against a REAL systemd user manager.
+
+The harness (tests/harness/systemd_user.py) starts `systemd --user` for an
+unprivileged test user; everything here runs as that user, as a person would:
+install, fire the service, read status, verify and score the units, uninstall.
+Skips when no manager can be had, except under LORE_E2E_REQUIRED=1 (CI),
+where a skip is a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from conftest import FAKE_LORE, ROOT, TOKEN
+from harness.systemd_user import HarnessError, UserManager, e2e_required
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+# a project folder name with a space, both quotes, `$`, `%`, `;` and non-ASCII letters
+HOSTILE = "it's \"a\" pro$HOME 100% ;é"
+
+
+@pytest.fixture(scope="module")
+def um():
+    manager = UserManager.auto()
+    reason = manager.try_start()
+    if reason is not None:
+        if e2e_required():
+            pytest.fail(f"systemd user manager unavailable: {reason}")
+        pytest.skip(f"systemd user manager unavailable: {reason}")
+    yield manager
+    if manager.mode == "private":
+        manager.stop()
+
+
+@pytest.fixture(scope="module")
+def app(um: UserManager):
+    """lore_service.py, the fake lore and a venv, all where the test user can
+    run them (a copy under its home, as a real install would be)."""
+    try:
+        py = um.ensure_venv()
+    except HarnessError as exc:
+        if e2e_required():
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+    home = um.home
+    appdir = home / "app"
+    bindir = home / "bin"
+    for d in (appdir, bindir):
+        d.mkdir(exist_ok=True)
+    shutil.copy(ROOT / "lore_service.py", appdir / "lore_service.py")
+    shutil.copy(FAKE_LORE, appdir / "fake_lore.py")
+    lore = bindir / "lore"
+    lore.write_text(f"#!/bin/sh\nexec '{py}' '{appdir / 'fake_lore.py'}' \"$@\"\n")
+    lore.chmod(0o755)
+    if um.mode == "private":
+        for p in (appdir, bindir, *appdir.iterdir(), *bindir.iterdir()):
+            os.chown(p, um.uid, um.gid)
+    return {"py": str(py), "script": str(appdir / "lore_service.py"), "lore": str(lore)}
+
+
+def tool(um: UserManager, app: dict, *argv: str, timeout: float = 120):
+    res = um.run_as([app["py"], app["script"], *argv], extra_env={"GITLAB_TOKEN": TOKEN}, timeout=timeout)
+    assert "Traceback" not in res.stderr, res.stderr
+    return res
+
+
+def make_project(um: UserManager, name: str) -> Path:
+    project = um.home / "projects" / name
+    res = um.run_as(["mkdir", "-p", str(project)])
+    assert res.returncode == 0, res.stderr
+    return project
+
+
+@pytest.fixture
+def installed(um: UserManager, app: dict):
+    project = make_project(um, HOSTILE)
+    res = tool(um, app, "--json", "install", "--backend", "systemd", "--interval", "5m", "--lore", app["lore"],
+               "--project", str(project))
+    assert res.returncode == 0, res.stdout + res.stderr
+    data = json.loads(res.stdout)["data"]
+    yield {"project": project, **data}
+    tool(um, app, "uninstall", "--purge", "--name", data["service_id"])
+
+
+def unit_files(um: UserManager, sid: str) -> list[Path]:
+    return [um.unit_dir / f"lore-sync-{sid}.service", um.unit_dir / f"lore-sync-{sid}.timer"]
+
+
+def test_fired_service_runs_sync_under_sandbox_and_status_shows_it(um, app, installed):
+    sid = installed["service_id"]
+    started = um.systemctl("start", f"lore-sync-{sid}.service", timeout=300)
+    assert started.returncode == 0, started.stderr
+    res = tool(um, app, "--json", "status", "--name", sid)
+    assert res.returncode == 0, res.stdout + res.stderr
+    status = json.loads(res.stdout)["data"]
+    run = status["last_run"]
+    assert run is not None and run["outcome"] == "success" and run["trigger"] == "scheduled"
+    assert [s["stage"] for s in run["stage_results"]] == ["issues", "mrs", "docs"]
+    assert status["state"] == "healthy"
+    # the stages ran in the project, whose odd name arrived intact, with the token
+    calls = [json.loads(line) for line in (installed["project"] / ".fake-lore-calls.jsonl").read_text().splitlines()]
+    assert {c["cwd"] for c in calls} == {str(installed["project"])}
+    assert all(c["token_set"] for c in calls)
+    # systemd's own view
+    sched = status["scheduler"]
+    assert sched["registered"] is True and sched["active"] is True and sched["drift"] == []
+    assert sched["last_result"]["result"] == "success" and sched["last_result"]["exit_status"] == 0
+
+
+def test_timer_is_active_with_next_elapse_about_one_interval_away(um, app, installed):
+    sid = installed["service_id"]
+    status = json.loads(tool(um, app, "--json", "status", "--name", sid).stdout)["data"]
+    next_iso = status["scheduler"]["next_run_iso"]
+    assert next_iso, status["scheduler"]
+    next_s = time.mktime(time.strptime(next_iso[:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
+    ahead = next_s - time.time()
+    # 5 minutes plus at most the 30 s splay, give or take the test's own time
+    assert 240 <= ahead <= 5 * 60 + 30 + 30, ahead
+    listed = um.systemctl("list-timers", "--all")
+    assert f"lore-sync-{sid}.timer" in listed.stdout
+
+
+def test_units_verify_cleanly_score_well_and_hold_no_token(um, app, installed):
+    files = unit_files(um, installed["service_id"])
+    for f in files:
+        assert TOKEN not in f.read_text()
+    verify = um.run_as(["systemd-analyze", "--user", "verify", *map(str, files)], timeout=120)
+    assert verify.returncode == 0 and verify.stderr.strip() == "" and verify.stdout.strip() == "", (
+        verify.stdout + verify.stderr
+    )
+    security = um.run_as(["systemd-analyze", "security", "--offline=true", str(files[0])], timeout=120)
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d)", security.stdout)
+    assert match, security.stdout + security.stderr
+    assert float(match.group(1)) <= 2.5, security.stdout[-2000:]
+
+
+def test_uninstall_leaves_no_unit_and_no_timer(um, app):
+    project = make_project(um, "to-remove")
+    res = tool(um, app, "--json", "install", "--backend", "systemd", "--lore", app["lore"], "--project", str(project))
+    assert res.returncode == 0, res.stdout + res.stderr
+    sid = json.loads(res.stdout)["data"]["service_id"]
+    assert all(f.exists() for f in unit_files(um, sid))
+    gone = tool(um, app, "--json", "uninstall", "--name", sid)
+    assert gone.returncode == 0, gone.stdout + gone.stderr
+    assert not any(f.exists() for f in unit_files(um, sid))
+    assert sid not in um.systemctl("list-timers", "--all").stdout
+    assert tool(um, app, "--json", "status", "--name", sid).returncode == 3
+
+
+def test_hand_edited_unit_is_drift_and_install_repairs_it(um, app, installed):
+    sid = installed["service_id"]
+    service = unit_files(um, sid)[0]
+    service.write_text(service.read_text().replace("Nice=10", "Nice=0"))
+    status = json.loads(tool(um, app, "--json", "status", "--name", sid).stdout)["data"]
+    assert any("differs" in d for d in status["scheduler"]["drift"])
+    doctor = tool(um, app, "--json", "doctor", "--name", sid)
+    assert doctor.returncode == 1
+    again = tool(um, app, "--json", "install", "--backend", "systemd", "--interval", "5m", "--lore", app["lore"],
+                 "--project", str(installed["project"]))
+    assert again.returncode == 0, again.stdout
+    status = json.loads(tool(um, app, "--json", "status", "--name", sid).stdout)["data"]
+    assert status["scheduler"]["drift"] == []
+
+
+def test_doctor_names_lingering_and_the_user_manager(um, app, installed):
+    res = tool(um, app, "--json", "doctor", "--name", installed["service_id"])
+    checks = {c["name"]: c for c in json.loads(res.stdout)["data"]["checks"]}
+    assert checks["user manager"]["status"] == "ok"
+    assert checks["lingering"]["status"] in ("ok", "warn")
+    if checks["lingering"]["status"] == "warn":
+        assert "enable-linger" in checks["lingering"]["hint"]
+
+
+def test_without_bus_variables_install_fails_loudly_naming_them(um, app):
+    project = make_project(um, "no-bus")
+    env = {"XDG_RUNTIME_DIR": "", "DBUS_SESSION_BUS_ADDRESS": "", "GITLAB_TOKEN": TOKEN}
+    res = um.run_as([app["py"], app["script"], "install", "--backend", "systemd", "--lore", app["lore"],
+                     "--project", str(project)], extra_env=env, timeout=60)
+    assert res.returncode == 6, res.stdout + res.stderr
+    assert "XDG_RUNTIME_DIR" in res.stderr and "hint:" in res.stderr
