@@ -10,8 +10,6 @@ import pytest
 from conftest import calls, edit_config, write_plan
 
 
-
-
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -96,6 +94,10 @@ def test_state_and_log_folders_are_private(cli, installed, home, mode):
     sid = installed["service_id"]
     for folder in (home / "config" / sid, home / "state" / sid, home / "logs" / sid):
         assert oct(folder.stat().st_mode & 0o777) == "0o700", folder
-    for f in (home / "config" / sid / "manifest.json", home / "state" / sid / "status.json",
-              home / "config" / sid / "token.env", home / "logs" / sid / "service.log"):
+    for f in (
+        home / "config" / sid / "manifest.json",
+        home / "state" / sid / "status.json",
+        home / "config" / sid / "token.env",
+        home / "logs" / sid / "service.log",
+    ):
         assert oct(f.stat().st_mode & 0o777) == "0o600", f

@@ -16,8 +16,10 @@ import lore_service as ls
 def linux(system: FakeSystem) -> FakeSystem:
     system.which_map["systemctl"] = "/usr/bin/systemctl"
     system.respond(["systemctl", "--user", "is-system-running"], ls.CommandResult([], 0, "running\n", ""))
-    system.respond(["systemctl", "--user", "--no-pager", "--version"],
-                   ls.CommandResult([], 0, "systemd 252 (252.38-1~deb12u1)\n+PAM\n", ""))
+    system.respond(
+        ["systemctl", "--user", "--no-pager", "--version"],
+        ls.CommandResult([], 0, "systemd 252 (252.38-1~deb12u1)\n+PAM\n", ""),
+    )
     system.respond(["loginctl"], ls.CommandResult([], 0, "yes\n", ""))
     return system
 
@@ -36,11 +38,23 @@ def test_install_writes_hardened_units_and_enables_the_timer(cli, linux, project
     assert r.code == 0, r.out
     sid = r.data["service_id"]
     service, timer = units(linux, sid)
-    for directive in ("Type=oneshot", "TimeoutStartSec=900", "NoNewPrivileges=true", "PrivateTmp=true",
-                      "ProtectSystem=strict", "ProtectHome=read-only", "PrivateUsers=true",
-                      "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6", "SystemCallFilter=@system-service",
-                      "RestrictNamespaces=true", "LockPersonality=true", "MemoryDenyWriteExecute=true",
-                      "UMask=0077", "IOSchedulingClass=idle", "Nice=10"):
+    for directive in (
+        "Type=oneshot",
+        "TimeoutStartSec=900",
+        "NoNewPrivileges=true",
+        "PrivateTmp=true",
+        "ProtectSystem=strict",
+        "ProtectHome=read-only",
+        "PrivateUsers=true",
+        "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+        "SystemCallFilter=@system-service",
+        "RestrictNamespaces=true",
+        "LockPersonality=true",
+        "MemoryDenyWriteExecute=true",
+        "UMask=0077",
+        "IOSchedulingClass=idle",
+        "Nice=10",
+    ):
         assert f"\n{directive}\n" in service, directive
     assert f'"{home}/state/{sid}"' in service and f'"{home}/logs/{sid}"' in service
     assert f'"{project}"' in service
@@ -86,8 +100,10 @@ def test_embedded_token_is_in_the_unit_only_when_asked_and_redacted_in_dry_run(c
 
 def test_no_user_manager_names_the_missing_variables_and_exits_6(cli, system):
     system.which_map["systemctl"] = "/usr/bin/systemctl"
-    system.respond(["systemctl", "--user", "is-system-running"],
-                   ls.CommandResult([], 1, "", "Failed to connect to bus: No medium found\n"))
+    system.respond(
+        ["systemctl", "--user", "is-system-running"],
+        ls.CommandResult([], 1, "", "Failed to connect to bus: No medium found\n"),
+    )
     r = install(cli)
     assert r.code == 6
     assert "XDG_RUNTIME_DIR" in r.doc["error"]["message"] and "cron" in r.doc["error"]["hint"]
@@ -128,27 +144,53 @@ def test_lingering_is_reported_with_its_fix(cli, linux, answer, status, words):
 def test_status_reads_systemd_properties_not_human_text(cli, linux):
     sid = install(cli).data["service_id"]
     timer, service = f"lore-sync-{sid}.timer", f"lore-sync-{sid}.service"
-    linux.respond(["systemctl", "--user", "--no-pager", "show", timer],
-                  ls.CommandResult([], 0, "LoadState=loaded\nActiveState=active\nSubState=waiting\n"
-                                   "UnitFileState=enabled\n", ""))
-    linux.respond(["systemctl", "--user", "--no-pager", "list-timers"],
-                  ls.CommandResult([], 0, json.dumps([{"next": 1795827886249867, "left": 1, "last": 1795825943722908,
-                                                       "passed": 1, "unit": timer, "activates": service}]), ""))
-    linux.respond(["systemctl", "--user", "--no-pager", "show", service],
-                  ls.CommandResult([], 0, "Result=success\nExecMainStatus=0\nExecMainExitTimestamp=@1795825944\n"
-                                   "ActiveState=inactive\n", ""))
+    linux.respond(
+        ["systemctl", "--user", "--no-pager", "show", timer],
+        ls.CommandResult([], 0, "LoadState=loaded\nActiveState=active\nSubState=waiting\nUnitFileState=enabled\n", ""),
+    )
+    linux.respond(
+        ["systemctl", "--user", "--no-pager", "list-timers"],
+        ls.CommandResult(
+            [],
+            0,
+            json.dumps(
+                [
+                    {
+                        "next": 1795827886249867,
+                        "left": 1,
+                        "last": 1795825943722908,
+                        "passed": 1,
+                        "unit": timer,
+                        "activates": service,
+                    }
+                ]
+            ),
+            "",
+        ),
+    )
+    linux.respond(
+        ["systemctl", "--user", "--no-pager", "show", service],
+        ls.CommandResult(
+            [], 0, "Result=success\nExecMainStatus=0\nExecMainExitTimestamp=@1795825944\nActiveState=inactive\n", ""
+        ),
+    )
     sched = cli("--json", "status").data["scheduler"]
     assert sched["registered"] and sched["active"] and sched["drift"] == []
     assert sched["next_run_iso"] == ls.iso_from_ms(1795827886249)
     assert sched["last_trigger_iso"] == ls.iso_from_ms(1795825943722)
-    assert sched["last_result"] == {"result": "success", "exit_status": 0,
-                                    "finished_at_iso": ls.iso_from_ms(1795825944000)}
+    assert sched["last_result"] == {
+        "result": "success",
+        "exit_status": 0,
+        "finished_at_iso": ls.iso_from_ms(1795825944000),
+    }
 
 
 def test_missing_or_edited_units_are_drift_and_doctor_fails(cli, linux):
     sid = install(cli).data["service_id"]
-    linux.respond(["systemctl", "--user", "--no-pager", "show"],
-                  ls.CommandResult([], 0, "LoadState=loaded\nActiveState=active\nUnitFileState=enabled\n", ""))
+    linux.respond(
+        ["systemctl", "--user", "--no-pager", "show"],
+        ls.CommandResult([], 0, "LoadState=loaded\nActiveState=active\nUnitFileState=enabled\n", ""),
+    )
     base = f"{linux.environ['HOME']}/.config/systemd/user/lore-sync-{sid}"
     with open(base + ".timer", "a") as fh:
         fh.write("# edited\n")

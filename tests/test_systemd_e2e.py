@@ -23,7 +23,7 @@ from harness.systemd_user import HarnessError, UserManager, e2e_required
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 # a project folder name with a space, both quotes, `$`, `%`, `;` and non-ASCII letters
-HOSTILE = "it's \"a\" pro$HOME 100% ;é"
+HOSTILE = 'it\'s "a" pro$HOME 100% ;é'
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +81,20 @@ def make_project(um: UserManager, name: str) -> Path:
 @pytest.fixture
 def installed(um: UserManager, app: dict):
     project = make_project(um, HOSTILE)
-    res = tool(um, app, "--json", "install", "--backend", "systemd", "--interval", "5m", "--lore", app["lore"],
-               "--project", str(project))
+    res = tool(
+        um,
+        app,
+        "--json",
+        "install",
+        "--backend",
+        "systemd",
+        "--interval",
+        "5m",
+        "--lore",
+        app["lore"],
+        "--project",
+        str(project),
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     data = json.loads(res.stdout)["data"]
     yield {"project": project, **data}
@@ -162,8 +174,20 @@ def test_hand_edited_unit_is_drift_and_install_repairs_it(um, app, installed):
     assert any("differs" in d for d in status["scheduler"]["drift"])
     doctor = tool(um, app, "--json", "doctor", "--name", sid)
     assert doctor.returncode == 1
-    again = tool(um, app, "--json", "install", "--backend", "systemd", "--interval", "5m", "--lore", app["lore"],
-                 "--project", str(installed["project"]))
+    again = tool(
+        um,
+        app,
+        "--json",
+        "install",
+        "--backend",
+        "systemd",
+        "--interval",
+        "5m",
+        "--lore",
+        app["lore"],
+        "--project",
+        str(installed["project"]),
+    )
     assert again.returncode == 0, again.stdout
     status = json.loads(tool(um, app, "--json", "status", "--name", sid).stdout)["data"]
     assert status["scheduler"]["drift"] == []
@@ -181,7 +205,10 @@ def test_doctor_names_lingering_and_the_user_manager(um, app, installed):
 def test_without_bus_variables_install_fails_loudly_naming_them(um, app):
     project = make_project(um, "no-bus")
     env = {"XDG_RUNTIME_DIR": "", "DBUS_SESSION_BUS_ADDRESS": "", "GITLAB_TOKEN": TOKEN}
-    res = um.run_as([app["py"], app["script"], "install", "--backend", "systemd", "--lore", app["lore"],
-                     "--project", str(project)], extra_env=env, timeout=60)
+    res = um.run_as(
+        [app["py"], app["script"], "install", "--backend", "systemd", "--lore", app["lore"], "--project", str(project)],
+        extra_env=env,
+        timeout=60,
+    )
     assert res.returncode == 6, res.stdout + res.stderr
     assert "XDG_RUNTIME_DIR" in res.stderr and "hint:" in res.stderr
