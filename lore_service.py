@@ -3407,6 +3407,8 @@ def cmd_install(ctx: Context, args: argparse.Namespace) -> Outcome:
         else (existing.interval_seconds if existing else DEFAULT_INTERVAL)
     )
     profile = args.profile or (existing.profile if existing else DEFAULT_PROFILE)
+    token_env = validate_env_name(args.token_env or (existing.token_env if existing else DEFAULT_TOKEN_ENV))
+    lore = _resolve_lore(ctx, args, existing)  # bad input is refused before the machine is probed
     missing: list[str] = []
 
     requested = args.backend or (existing.backend if existing else "auto")
@@ -3434,9 +3436,6 @@ def cmd_install(ctx: Context, args: argparse.Namespace) -> Outcome:
     if source == "auto":
         source = default_token_source(backend_name)
     check_token_source(source, backend_name)
-    token_env = validate_env_name(args.token_env or (existing.token_env if existing else DEFAULT_TOKEN_ENV))
-
-    lore = _resolve_lore(ctx, args, existing)
     if lore is None:
         if not args.dry_run:
             raise SchedulerError(

@@ -1,0 +1,179 @@
+"""Versioned, atomic state: corrupt and future files, crash consistency,
+the lock, concurrent runs, and where files live."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import SCRIPT, calls, write_plan
+
+import lore_service as ls
+
+
+def sid_of(installed) -> str:
+    return installed["service_id"]
+
+
+@pytest.mark.parametrize("name", ["manifest", "status"])
+@pytest.mark.parametrize(
+    ("content", "code"),
+    [
+        (b"{not json", "state_corrupt"),
+        (b"", "state_corrupt"),
+        (b"\xff\xfe\x00", "state_corrupt"),
+        (b"[1, 2]", "state_corrupt"),
+        (b'{"schema_version": "1"}', "state_corrupt"),
+        (b'{"schema_version": 99, "whatever": true}', "state_newer_schema"),
+    ],
+)
+def test_corrupt_or_newer_state_is_exit_4_naming_the_file_and_left_untouched(cli, installed, home, name, content, code):
+    sid = sid_of(installed)
+    cli("--json", "trigger")
+    path = home / ("config" if name == "manifest" else "state") / sid / f"{name}.json"
+    path.write_bytes(content)
+    for argv in (["status"], ["run"], ["trigger"], ["pause"], ["resume"]):
+        r = cli("--json", *argv)
+        assert r.code == 4, (argv, r.out)
+        assert r.doc["error"]["code"] == code and str(path) in r.doc["error"]["message"]
+        assert path.read_bytes() == content  # never overwritten
+    # a broken manifest is never mistaken for "not installed": install refuses to clobber it too
+    if name == "manifest":
+        assert cli("--json", "install", "--backend", "fake").code == 4
+        assert path.read_bytes() == content
+
+
+def test_status_field_with_wrong_type_is_exit_4(cli, installed, home):
+    cli("--json", "trigger")
+    path = home / "state" / sid_of(installed) / "status.json"
+    doc = json.loads(path.read_text())
+    doc["consecutive_failures"] = "three"
+    path.write_text(json.dumps(doc))
+    r = cli("--json", "status")
+    assert r.code == 4 and "consecutive_failures" in r.doc["error"]["message"]
+
+
+def test_invalid_config_is_exit_4_with_the_path(cli, installed, home):
+    path = home / "config" / sid_of(installed) / "service.toml"
+    for text in ("interval = [", "backoff = 5\n", 'interval = "4m"\n', "[stages.issues]\ncritical = 'no'\n"):
+        path.write_text(text)
+        r = cli("--json", "run")
+        assert r.code == 4 and r.doc["error"]["code"] == "config_invalid", text
+        assert str(path) in r.doc["error"]["message"]
+
+
+def test_state_files_carry_schema_version_and_updated_at(cli, installed, home):
+    cli("--json", "trigger")
+    sid = sid_of(installed)
+    for path in (home / "config" / sid / "manifest.json", home / "state" / sid / "status.json"):
+        doc = json.loads(path.read_text())
+        assert doc["schema_version"] == 1 and doc["updated_at_iso"].endswith("Z")
+
+
+WRITER = """
+import sys, lore_service as ls
+path = sys.argv[1]
+i = 0
+while True:
+    i += 1
+    ls.atomic_write(path, ls.dump_json({"schema_version": 1, "n": i, "pad": "x" * (i % 5000)}))
+"""
+
+
+def test_sigkilled_writer_never_leaves_a_torn_file(tmp_path):
+    target = tmp_path / "status.json"
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(SCRIPT)}
+    for round_ in range(25):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(target)], env=env)
+        time.sleep(0.05 + (round_ % 5) * 0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if target.exists():
+            doc = json.loads(target.read_text())  # parseable every time
+            assert doc["schema_version"] == 1
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "status.json"]
+    assert all(name.endswith(".tmp") for name in leftovers)
+
+
+def test_concurrent_scheduled_runs_execute_exactly_once(tool, project, lore_bin, environ):
+    assert tool("--json", "install", "--backend", "none").code == 0
+    write_plan(project, {"issues": {"sleep": 2}})
+    procs = [
+        subprocess.Popen(
+            [sys.executable, SCRIPT, "--json", "run"], cwd=project, env=environ, stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(6)
+    ]
+    docs = [json.loads(p.communicate(timeout=60)[0]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    executed = [d for d in docs if not d["data"]["skipped"]]
+    skipped = [d for d in docs if d["data"]["skipped"]]
+    assert len(executed) == 1 and len(skipped) == 5
+    assert all("lock" in d["data"]["skip_reason"] for d in skipped)
+    assert [c["stage"] for c in calls(project)].count("issues") == 1
+
+
+def test_trigger_while_running_is_busy_exit_5_and_status_says_running(tool, project, lore_bin, environ):
+    assert tool("--json", "install", "--backend", "none").code == 0
+    write_plan(project, {"issues": {"sleep": 3}})
+    runner = subprocess.Popen(
+        [sys.executable, SCRIPT, "--json", "run"], cwd=project, env=environ, stdout=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 10
+    while not (project / ".fake-lore-calls.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    busy = tool("--json", "trigger")
+    assert busy.code == 5 and json.loads(busy.out)["error"]["code"] == "busy"
+    assert json.loads(tool("--json", "status").out)["data"]["state"] == "running"
+    runner.communicate(timeout=30)
+    assert runner.returncode == 0
+    assert json.loads(tool("--json", "status").out)["data"]["state"] == "healthy"
+
+
+def test_a_killed_run_leaves_no_stale_lock(tool, project, lore_bin, environ):
+    assert tool("--json", "install", "--backend", "none").code == 0
+    write_plan(project, {"issues": {"hang": True}})
+    runner = subprocess.Popen([sys.executable, SCRIPT, "run"], cwd=project, env=environ, start_new_session=True)
+    deadline = time.time() + 10
+    while not (project / ".fake-lore-calls.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(runner.pid, signal.SIGKILL)
+    runner.wait()
+    write_plan(project, {})
+    r = tool("--json", "trigger")
+    assert r.code == 0, r.out + r.err
+    assert json.loads(r.out)["data"]["run"]["outcome"] == "success"
+
+
+def test_linux_folders_match_platformdirs(system):
+    import platformdirs
+
+    for env in ({}, {"XDG_CONFIG_HOME": "/x/cfg", "XDG_STATE_HOME": "/x/state", "XDG_DATA_HOME": "/x/data"}):
+        saved = {k: os.environ.get(k) for k in ("XDG_CONFIG_HOME", "XDG_STATE_HOME", "XDG_DATA_HOME", "HOME")}
+        try:
+            for k in saved:
+                os.environ.pop(k, None)
+            os.environ["HOME"] = "/home/someone"
+            os.environ.update(env)
+            dirs = platformdirs.PlatformDirs("lore", appauthor=False)
+            ours = ls._user_dirs(ls.System({"HOME": "/home/someone", **env}))
+            assert ours == (dirs.user_config_dir, dirs.user_state_dir, dirs.user_log_dir, dirs.user_data_dir)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def test_every_folder_created_is_private(cli, installed, home):
+    cli("--json", "trigger")
+    for folder in [home, *[p for p in home.rglob("*") if p.is_dir()]]:
+        if "fake-scheduler" in folder.parts:
+            continue
+        assert folder.stat().st_mode & 0o077 == 0, folder
