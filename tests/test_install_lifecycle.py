@@ -1,0 +1,185 @@
+"""install / re-install / uninstall as a user meets them: idempotent,
+updates in place, never leaks the token, dry-run touches nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from conftest import TOKEN, edit_config
+
+import lore_service as ls
+
+
+def snapshot(root) -> dict[str, tuple[bytes, int]]:
+    out = {}
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            st = os.stat(path)
+            with open(path, "rb") as fh:
+                out[path] = (fh.read(), st.st_mtime_ns)
+    return out
+
+
+def test_dry_run_writes_and_runs_nothing_and_redacts_the_token(cli, home, system, project):
+    r = cli("--json", "install", "--backend", "fake", "--dry-run")
+    assert r.code == 0 and r.data["dry_run"] is True
+    assert not home.exists()
+    assert system.commands == []
+    assert TOKEN not in r.out
+    paths = [f["path"] for f in r.data["files"]]
+    assert any(p.endswith("manifest.json") for p in paths) and any(p.endswith("service.toml") for p in paths)
+    env_file = next(f for f in r.data["files"] if f["path"].endswith("token.env"))
+    assert env_file["content"] == f"GITLAB_TOKEN={ls.SECRET_PLACEHOLDER}\n" and env_file["mode"] == "0600"
+    assert r.data["commands"] == [["fake-scheduler", "register", r.data["service_id"]]]
+
+
+def test_dry_run_names_what_is_missing_where_nothing_is_available(cli, system, home):
+    system.which_map.update({"lore": None, "systemctl": None, "crontab": None})
+    for tool in ("systemctl", "crontab"):
+        system.respond([tool], ls.CommandResult([], 127, "", f"{tool}: command not found"))
+    system.environ.pop("GITLAB_TOKEN")
+    r = cli("--json", "install", "--dry-run")
+    assert r.code == 0
+    missing = " ".join(r.data["missing"])
+    assert "lore" in missing and "token" in missing and "scheduler" in missing
+    assert not home.exists()
+
+
+def test_reinstall_with_same_options_changes_nothing(cli, installed, home, system):
+    before = snapshot(home)
+    system.commands.clear()
+    again = cli("--json", "install", "--backend", "fake", "--interval", "30m")
+    assert again.code == 0 and again.data["changed"] is False
+    assert snapshot(home) == before
+
+
+def test_reinstall_with_new_options_updates_in_place_and_keeps_status_and_edits(cli, installed, home, project):
+    sid = installed["service_id"]
+    cli("--json", "trigger")
+    edit_config(home, sid, lambda doc: doc["stages"]["docs"].update(timeout_seconds=42))
+    status_before = (home / "state" / sid / "status.json").read_bytes()
+    r = cli("--json", "install", "--interval", "2h", "--profile", "full")
+    assert r.code == 0 and r.data["changed"] is True and r.data["backend"] == "fake"
+    manifest = json.loads((home / "config" / sid / "manifest.json").read_text())
+    assert manifest["interval_seconds"] == 7200 and manifest["profile"] == "full"
+    cfg = ls.load_config(ls.Paths(ls.System({"LORE_SERVICE_HOME": str(home)})), sid)
+    assert cfg.interval_seconds == 7200 and cfg.profile == "full" and cfg.stages["docs"].timeout_seconds == 42
+    assert (home / "state" / sid / "status.json").read_bytes() == status_before
+    assert manifest["created_at_iso"] == installed_created(home, sid)
+
+
+def installed_created(home, sid):
+    return json.loads((home / "config" / sid / "manifest.json").read_text())["created_at_iso"]
+
+
+def test_token_from_stdin_and_never_from_argv_or_output(cli, system, home):
+    system.environ.pop("GITLAB_TOKEN")
+    system.stdin_text = "glpat-from-stdin\n"
+    r = cli("--json", "install", "--backend", "fake", "--token-stdin")
+    assert r.code == 0 and "glpat-from-stdin" not in r.out
+    env_file = home / "config" / r.data["service_id"] / "token.env"
+    assert env_file.read_text() == "GITLAB_TOKEN=glpat-from-stdin\n"
+    assert oct(env_file.stat().st_mode & 0o777) == "0o600"
+    manifest = json.loads((home / "config" / r.data["service_id"] / "manifest.json").read_text())
+    assert "glpat-from-stdin" not in json.dumps(manifest) and "glpat-from-stdin" not in " ".join(manifest["program"])
+
+
+def test_install_without_any_token_is_refused_with_a_hint(cli, system):
+    system.environ.pop("GITLAB_TOKEN")
+    r = cli("--json", "install", "--backend", "fake")
+    assert r.code == 2 and r.doc["error"]["code"] == "no_token" and "--token-stdin" in r.doc["error"]["hint"]
+
+
+def test_custom_token_env_is_used_by_the_run(cli, system, project, home):
+    system.environ["MY_GL"] = "glpat-custom"
+    r = cli("--json", "install", "--backend", "fake", "--token-env", "MY_GL")
+    assert r.code == 0
+    (project / ".fake-lore.json").write_text(json.dumps({"issues": {"env_var": "MY_GL", "print_token": True}}))
+    del system.environ["MY_GL"]
+    assert cli("--json", "trigger").code == 0
+    log = (home / "logs" / r.data["service_id"] / "service.log").read_text()
+    assert "token is <redacted>" in log and "glpat-custom" not in log
+
+
+def test_missing_lore_is_a_prerequisite_failure_with_the_fix(cli, system):
+    system.which_map["lore"] = None
+    r = cli("--json", "install", "--backend", "fake")
+    assert r.code == 6 and "--lore" in r.doc["error"]["hint"]
+
+
+def test_uninstall_removes_entry_manifest_config_secret_but_keeps_status_and_logs(cli, installed, home, system):
+    sid = installed["service_id"]
+    cli("--json", "trigger")
+    r = cli("--json", "uninstall")
+    assert r.code == 0
+    assert not (home / "config" / sid).exists()
+    assert (home / "state" / sid / "status.json").exists() and (home / "logs" / sid / "service.log").exists()
+    assert ["fake-scheduler", "unregister", sid] in system.commands
+    assert not (home / "fake-scheduler" / f"{sid}.json").exists()
+    assert cli("--json", "status").code == 3
+    # reinstalling picks the kept history back up
+    cli("--json", "install", "--backend", "fake")
+    assert cli("--json", "status").data["last_run"] is not None
+
+
+def test_uninstall_purge_deletes_status_and_logs(cli, installed, home):
+    sid = installed["service_id"]
+    cli("--json", "trigger")
+    assert cli("--json", "uninstall", "--purge").code == 0
+    assert not (home / "state" / sid).exists() and not (home / "logs" / sid).exists()
+
+
+def test_switching_backend_removes_the_old_entry_first(cli, installed, system, home):
+    sid = installed["service_id"]
+    system.commands.clear()
+    r = cli("--json", "install", "--backend", "none")
+    assert r.code == 0 and r.data["backend"] == "none"
+    assert system.commands[0] == ["fake-scheduler", "unregister", sid]
+    assert not (home / "fake-scheduler" / f"{sid}.json").exists()
+
+
+def test_failing_scheduler_on_first_install_leaves_nothing_behind(cli, system, home):
+    system.respond(["fake-scheduler", "register"], ls.CommandResult([], 1, "", "permission denied"))
+    r = cli("--json", "install", "--backend", "fake")
+    assert r.code == 6 and "permission denied" in r.doc["error"]["message"]
+    assert ls.Paths(system).installed_ids() == []
+    assert not any(p.name in ("service.toml", "token.env") for p in home.rglob("*"))
+
+
+def test_failing_reinstall_keeps_the_previous_config(cli, installed, system, home):
+    sid = installed["service_id"]
+    cfg = home / "config" / sid / "service.toml"
+    before = cfg.read_text()
+    system.respond(["fake-scheduler", "register"], ls.CommandResult([], 1, "", "boom"))
+    r = cli("--json", "install", "--backend", "fake", "--interval", "1h")
+    assert r.code == 6
+    assert cfg.read_text() == before
+    assert json.loads((home / "config" / sid / "manifest.json").read_text())["interval_seconds"] == 1800
+
+
+def test_pause_and_resume_through_main(cli, installed):
+    assert cli("--json", "pause").data["paused"]["reason"] == "paused by user"
+    status = cli("status")
+    assert "PAUSED" in status.out and "resume" in status.out
+    assert cli("--json", "resume").data["was_paused"]["kind"] == "manual"
+    assert cli("--json", "status").data["paused"] is None
+
+
+def test_doctor_reports_every_core_check_and_fails_on_a_missing_token(cli, installed, home):
+    r = cli("--json", "doctor")
+    assert r.code == 0, r.out
+    names = {c["name"] for c in r.data["checks"]}
+    assert {"manifest", "config", "status", "project", "token", "lore", "program"} <= names
+    (home / "config" / installed["service_id"] / "token.env").unlink()
+    cli_env_less = cli("--json", "doctor")
+    token = next(c for c in cli_env_less.data["checks"] if c["name"] == "token")
+    assert cli_env_less.code == 1 and token["status"] == "fail" and token["hint"]
+    assert TOKEN not in cli_env_less.out
+
+
+def test_doctor_human_output_gives_the_fix_for_each_problem(cli, installed, home):
+    os.chmod(home / "config" / installed["service_id"] / "manifest.json", 0o644)
+    r = cli("doctor")
+    assert "warn  manifest file" in r.out and "fix: chmod 600" in r.out

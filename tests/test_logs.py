@@ -1,0 +1,76 @@
+"""logs --tail reads from the end; --follow keeps going across rotation."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import SCRIPT, write_plan
+
+import lore_service as ls
+
+
+def test_tail_returns_the_last_lines(cli, installed, project):
+    write_plan(project, {})
+    for _ in range(3):
+        cli("--json", "trigger")
+    r = cli("--json", "logs", "--tail", "5")
+    assert r.code == 0 and len(r.data["lines"]) == 5
+    assert r.data["lines"][-1].endswith("success in " + r.data["lines"][-1].rsplit(" in ", 1)[1])
+    assert cli("--json", "logs", "--tail", "0").data["lines"] == []
+
+
+def test_tail_of_a_missing_log_is_empty_not_an_error(cli, installed):
+    r = cli("--json", "logs")
+    assert r.code == 0 and r.data["lines"] == []
+    assert "no log lines yet" in cli("logs").out
+
+
+def test_tail_function_handles_partial_blocks_long_lines_and_no_final_newline(tmp_path):
+    path = tmp_path / "log"
+    lines = [f"line {i} " + "y" * (i * 37 % 3000) for i in range(2000)]
+    path.write_text("\n".join(lines))
+    for n in (1, 2, 10, 500, 1999, 2000, 5000):
+        assert ls.tail_lines(str(path), n) == lines[-n:]
+
+
+def test_tail_reaches_into_the_rotated_file(tmp_path):
+    path = tmp_path / "service.log"
+    (tmp_path / "service.log.1").write_text("old 1\nold 2\n")
+    path.write_text("new 1\n")
+    assert ls.tail_lines(str(path), 3) == ["old 1", "old 2", "new 1"]
+
+
+def test_follow_with_json_is_a_usage_error(cli, installed):
+    r = cli("--json", "logs", "--follow")
+    assert r.code == 2
+
+
+def test_follow_prints_new_lines_across_rotation_and_stops_cleanly_on_sigint(tool, environ, project, home):
+    assert tool("--json", "install", "--backend", "none").code == 0
+    sid = json.loads(tool("--json", "list").out)["data"]["services"][0]["service_id"]
+    log = home / "logs" / sid / "service.log"
+    log.write_text("before-follow\n")
+    follower = subprocess.Popen(
+        [sys.executable, SCRIPT, "logs", "--follow", "--tail", "1"],
+        cwd=project,
+        env=environ,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(1.0)
+        with open(log, "a") as fh:
+            fh.write("appended-1\n")
+        time.sleep(0.6)
+        log.rename(log.with_name("service.log.1"))
+        log.write_text("after-rotation\n")
+        time.sleep(1.0)
+    finally:
+        follower.send_signal(signal.SIGINT)
+        out, _ = follower.communicate(timeout=10)
+    assert follower.returncode == 0
+    assert out.splitlines() == ["before-follow", "appended-1", "after-rotation"]
