@@ -37,10 +37,11 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
-
-if TYPE_CHECKING:  # typing-only imports cost nothing at run time
+TYPE_CHECKING = False  # importing typing costs ~1.5 ms of every start-up
+if TYPE_CHECKING:  # annotations are strings (__future__), so these are for checkers only
     import subprocess
+    from typing import Any, ClassVar
+
     from collections.abc import Callable, Iterator, Sequence
 
 __version__ = "0.1.0"
@@ -611,6 +612,254 @@ def _user_dirs(system: System) -> tuple[str, str, str, str]:
 
     dirs = platformdirs.PlatformDirs(APP_NAME, appauthor=False)
     return dirs.user_config_dir, dirs.user_state_dir, dirs.user_log_dir, dirs.user_data_dir
+
+
+# ----------------------------------------------------------------------------
+# 4a. The pinned executable (frozen builds)
+# ----------------------------------------------------------------------------
+# A release is the one-folder PyInstaller build (an archive; see build.py) or a
+# .pyz. Wherever the user unpacked it (Downloads, /tmp), the scheduler must not
+# run it from there: `install` copies the running build into
+# <data_root>/bin/<version>/ and every scheduler entry names that copy. The copy
+# is made under a temporary name in bin/, fsynced, asked for `--version`, and
+# only then renamed into place; a newer version lands in its own folder, so
+# entries switch to it only when `install` rewrites them. From source nothing is
+# copied: the entry is the absolute interpreter and script (doctor judges
+# whether they look disposable, section 12).
+
+PINNED_DIR = "bin"
+PINNED_EXE = TOOL_NAME + (".exe" if os.name == "nt" else "")
+PINNED_PYZ = TOOL_NAME + ".pyz"
+_PINNED: list[str] | None = None  # set by pin_running_program(); read by self_command()
+
+
+@dataclass
+class Bundle:
+    """What is running: kind onedir | onefile (PyInstaller), zipapp, or source."""
+
+    kind: str
+    executable: str  # the frozen program, the .pyz, or the interpreter (source)
+    interpreter: str  # sys.executable
+    extraction: str | None = None  # PyInstaller's sys._MEIPASS (onefile: a temporary folder)
+
+
+def running_bundle(
+    *, frozen: bool | None = None, executable: str | None = None, meipass: str | None = None, module: str | None = None
+) -> Bundle:
+    """Classify this process (parameters default to sys; tests pass them)."""
+    frozen = bool(getattr(sys, "frozen", False)) if frozen is None else frozen
+    interpreter = os.path.abspath(executable or sys.executable)
+    if frozen:
+        meipass = meipass if meipass is not None else getattr(sys, "_MEIPASS", None)
+        home = os.path.dirname(interpreter)
+        inside = meipass is not None and os.path.commonpath([os.path.abspath(meipass), home]) == home
+        return Bundle("onedir" if inside else "onefile", interpreter, interpreter, meipass)
+    archive = os.path.dirname(os.path.abspath(module or __file__))
+    if os.path.isfile(archive):  # python app.pyz: __file__ is app.pyz/lore_service.py
+        return Bundle("zipapp", archive, interpreter)
+    return Bundle("source", os.path.abspath(module or __file__), interpreter)
+
+
+def bundle_command(bundle: Bundle) -> list[str]:
+    """argv prefix that starts the bundle where it is now."""
+    if bundle.kind in ("onedir", "onefile"):
+        return [bundle.executable]
+    return [bundle.interpreter, bundle.executable]
+
+
+def pinned_folder(data_root: str, version: str = __version__) -> str:
+    return os.path.join(data_root, PINNED_DIR, version)
+
+
+def pinned_command(data_root: str, bundle: Bundle, version: str = __version__) -> list[str]:
+    """argv prefix of the pinned copy the scheduler runs (source: unchanged)."""
+    folder = pinned_folder(data_root, version)
+    if bundle.kind in ("onedir", "onefile"):
+        return [os.path.join(folder, PINNED_EXE)]
+    if bundle.kind == "zipapp":
+        return [bundle.interpreter, os.path.join(folder, PINNED_PYZ)]
+    return bundle_command(bundle)
+
+
+def _bundle_parts(bundle: Bundle) -> list[tuple[str, str]]:
+    """(source path, name inside bin/<version>/) of everything the copy needs."""
+    if bundle.kind == "zipapp":
+        return [(bundle.executable, PINNED_PYZ)]
+    if bundle.extraction and os.path.commonpath([os.path.abspath(bundle.extraction), bundle.executable]) == (
+        os.path.abspath(bundle.extraction)
+    ):  # never copy (or point a scheduler at) PyInstaller's temporary extraction folder
+        raise SchedulerError(
+            f"{bundle.executable} is inside PyInstaller's extraction folder {bundle.extraction}",
+            "run the lore-service program you downloaded, not a file from its temporary folder",
+            code="pin_failed",
+        )
+    parts = [(bundle.executable, PINNED_EXE)]
+    twin = os.path.join(os.path.dirname(bundle.executable), TOOL_NAME + "-w.exe")
+    if os.name == "nt" and os.path.isfile(twin):  # the no-console twin the scheduled task runs
+        parts.append((twin, TOOL_NAME + "-w.exe"))
+    if bundle.kind == "onedir" and bundle.extraction:  # the shared _internal folder
+        parts.append((bundle.extraction, os.path.relpath(bundle.extraction, os.path.dirname(bundle.executable))))
+    return parts
+
+
+def frozen_child_environ(environ: dict[str, str], frozen: bool | None = None) -> dict[str, str]:
+    """environ for programs a frozen build starts: the library path as it was
+    before PyInstaller's bootloader pointed it at the bundle, and none of its
+    _PYI_* variables (a child lore, systemctl or crontab must load the system's
+    libraries; a child lore-service must start as a fresh instance)."""
+    if not (bool(getattr(sys, "frozen", False)) if frozen is None else frozen):
+        return dict(environ)
+    env = {k: v for k, v in environ.items() if not k.startswith("_PYI_") and k != "_MEIPASS2"}
+    for var in ("LD_LIBRARY_PATH", "DYLD_LIBRARY_PATH", "LIBPATH"):
+        orig = env.pop(var + "_ORIG", None)
+        env.pop(var, None)
+        if orig is not None:
+            env[var] = orig
+    env["PYINSTALLER_RESET_ENVIRONMENT"] = "1"
+    return env
+
+
+def _same_file(a: str, b: str) -> bool:
+    import filecmp
+
+    try:
+        return filecmp.cmp(a, b, shallow=False)
+    except OSError:
+        return False
+
+
+def _copy_synced(src: str, dst: str) -> None:
+    """Copy a file or a folder tree (symlinks kept), fsyncing every file and folder."""
+    import shutil
+
+    if os.path.isdir(src) and not os.path.islink(src):
+        shutil.copytree(src, dst, symlinks=True)
+        for folder, _, files in os.walk(dst):
+            for name in files:
+                full = os.path.join(folder, name)
+                if not os.path.islink(full):
+                    with open(full, "rb+") as fh:
+                        os.fsync(fh.fileno())
+            _fsync_dir(folder)
+        return
+    shutil.copy2(src, dst)
+    with open(dst, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def _answers_version(argv: list[str], version: str, frozen: bool, run: Callable[..., CommandResult]) -> str | None:
+    """None when argv --version --json reports this version; else what went wrong."""
+    result = run([*argv, "--version", "--json"], env=frozen_child_environ(dict(os.environ)), timeout=120)
+    if not result.ok:
+        return f"exit status {result.returncode}: {result.summary()}"
+    try:
+        data = json.loads(result.stdout)["data"]
+    except (ValueError, KeyError, TypeError):
+        return f"unreadable --version output {result.stdout[:200]!r}"
+    if data.get("version") != version or bool(data.get("frozen")) != frozen:
+        return f"it reports version {data.get('version')!r} (frozen {data.get('frozen')!r}), expected {version!r}"
+    return None
+
+
+def pin_bundle(
+    data_root: str, bundle: Bundle, run: Callable[..., CommandResult], version: str = __version__
+) -> list[str]:
+    """Make <data_root>/bin/<version>/ hold a verified copy of the bundle; returns
+    the argv prefix that runs it. Idempotent: an identical copy is kept as is."""
+    import shutil
+
+    command = pinned_command(data_root, bundle, version)
+    if bundle.kind == "source":
+        return command
+    folder = pinned_folder(data_root, version)
+    parts = _bundle_parts(bundle)
+    if os.path.realpath(bundle.executable) == os.path.realpath(os.path.join(folder, parts[0][1])):
+        return command  # running from the pinned copy itself
+    if all(_same_file(src, os.path.join(folder, name)) for src, name in parts[:1]) and all(
+        os.path.exists(os.path.join(folder, name)) for _, name in parts
+    ):
+        return command  # same build already pinned (the executable carries the code)
+    bin_root = os.path.dirname(folder)
+    ensure_dir(bin_root)
+    staging = os.path.join(bin_root, f".{version}.{os.getpid()}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        ensure_dir(staging)
+        for src, name in parts:
+            _copy_synced(src, os.path.join(staging, name))
+        _fsync_dir(staging)
+        trial = [os.path.join(staging, parts[0][1])]
+        if bundle.kind == "zipapp":
+            trial.insert(0, bundle.interpreter)
+        problem = _answers_version(trial, version, bundle.kind != "zipapp", run)
+        if problem:
+            raise SchedulerError(
+                f"the copy of {bundle.executable} in {staging} does not run: {problem}",
+                "check free space and that the data folder allows executing programs (not mounted noexec)",
+                code="pin_failed",
+            )
+        old = None
+        if os.path.lexists(folder):  # same version, different build: swap it out
+            old = os.path.join(bin_root, f".{version}.{os.getpid()}.old")
+            os.replace(folder, old)
+        os.replace(staging, folder)
+        _fsync_dir(bin_root)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return command
+
+
+def prune_pinned(paths: Paths, keep: str) -> list[str]:
+    """Remove bin/<version> folders no installed service's manifest runs any more
+    (and leftovers of interrupted copies); keeps `keep`. Returns what was removed.
+    Any unreadable manifest stops the pruning: nothing is removed on a guess."""
+    import shutil
+
+    bin_root = os.path.join(paths.data_root, PINNED_DIR)
+    try:
+        names = os.listdir(bin_root)
+    except OSError:
+        return []
+    used = {os.path.abspath(keep)}
+    for sid in paths.installed_ids():
+        try:
+            manifest = load_manifest(paths, sid)
+        except LoreServiceError:
+            return []
+        for arg in manifest.program[:2] if manifest else ():
+            if os.path.abspath(arg).startswith(bin_root + os.sep):
+                used.add(os.path.join(bin_root, os.path.relpath(arg, bin_root).split(os.sep)[0]))
+    removed = []
+    for name in names:
+        full = os.path.join(bin_root, name)
+        try:  # a leftover .tmp/.old folder may be another install's copy in progress
+            fresh = name.startswith(".") and time.time() - os.stat(full).st_mtime < 3600
+        except OSError:
+            continue
+        if full not in used and not fresh and os.path.isdir(full):
+            shutil.rmtree(full, ignore_errors=True)
+            removed.append(full)
+    return removed
+
+
+def pin_running_program(paths: Paths, system: System, *, dry_run: bool) -> list[str]:
+    """install's one call into this section: for a frozen build or a .pyz, copy it
+    to bin/<version>/ (not on --dry-run) and make self_command() name that copy,
+    so the manifest and every scheduler entry run it. From source: no-op."""
+    global _PINNED
+    bundle = running_bundle()
+    if bundle.kind == "source":
+        _PINNED = None
+        return bundle_command(bundle)
+    if dry_run:
+        _PINNED = pinned_command(paths.data_root, bundle)
+        _bundle_parts(bundle)  # still refuse an extraction folder
+    else:
+        _PINNED = pin_bundle(paths.data_root, bundle, system.run)
+        prune_pinned(paths, pinned_folder(paths.data_root))
+    return _PINNED
 
 
 # ============================================================================
@@ -2178,6 +2427,550 @@ def _user_manager_problem(system: System, answer: CommandResult) -> str:
 # 11b. cron (Linux and other Unix without a user manager)
 # ---------------------------------------------------------------------------
 
+CRON_BEGIN = "# BEGIN lore-service "
+CRON_END = "# END lore-service "
+# cron rejects a command of 999 bytes or more ("command too long"); we hold the
+# whole line (schedule included) to that limit
+CRON_MAX_LINE_BYTES = 998
+# cron gives jobs PATH=/usr/bin:/bin; the run gets this instead
+CRON_PATH = "/usr/local/bin:/usr/bin:/bin"
+# steps cron's fields express exactly: `*/N` restarts every hour (or day), so
+# only divisors of 60 minutes (or 24 hours) give even gaps
+CRON_MINUTE_STEPS = (1, 2, 3, 4, 5, 6, 10, 12, 15, 20, 30)
+CRON_HOUR_STEPS = (1, 2, 3, 4, 6, 8, 12, 24)
+CRON_STEPS = tuple(m * 60 for m in CRON_MINUTE_STEPS) + tuple(h * 3600 for h in CRON_HOUR_STEPS)
+CRON_DAEMONS = ("cron", "crond")  # Debian/Ubuntu's Vixie cron, cronie (Fedora, Arch)
+CRON_INSTALL_HINT = (
+    "install cron: `sudo apt install --no-install-recommends cron` (Debian/Ubuntu; without the flag apt "
+    "also pulls in a mail server) or `sudo dnf install cronie` (Fedora/RHEL); or use `--backend none`"
+)
+CRON_DAEMON_HINT = (
+    "start it: `sudo service cron start` (Debian/Ubuntu; `sudo systemctl enable --now cron` where systemd "
+    "runs the system), `sudo systemctl enable --now crond` with cronie; in a container, start `cron` from "
+    "its entrypoint"
+)
+
+
+def cron_step(interval_seconds: int) -> int:
+    """The largest step cron fires at exactly that divides the interval (45m -> 15m, 7h -> 1h)."""
+    fits = [s for s in CRON_STEPS if s <= interval_seconds and interval_seconds % s == 0]
+    return max(fits) if fits else 60
+
+
+def _cron_seed(service_id: str) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"cron:{service_id}".encode()).digest()[:8], "big")
+
+
+def cron_expression(service_id: str, step_seconds: int) -> str:
+    """Five cron fields firing every `step_seconds` (one of CRON_STEPS), at a
+    minute (and hour) derived from the service id, so that many services on
+    one machine do not all start at :00."""
+    seed = _cron_seed(service_id)
+    minute, hour_seed = seed % 60, seed // 60
+    if step_seconds < 3600:
+        n = max(1, step_seconds // 60)
+        return "* * * * *" if n == 1 else f"{seed % n}-59/{n} * * * *"
+    hours = step_seconds // 3600
+    if hours == 1:
+        return f"{minute} * * * *"
+    if hours >= 24:
+        return f"{minute} {hour_seed % 24} * * *"
+    return f"{minute} {hour_seed % hours}-23/{hours} * * *"
+
+
+def _cron_field(text: str, low: int, high: int) -> set[int] | None:
+    """Values of one numeric cron field (`*`, `a`, `a-b`, `/step`, lists); None if not understood."""
+    values: set[int] = set()
+    try:
+        for part in text.split(","):
+            span, slash, step_text = part.partition("/")
+            step = int(step_text) if slash else 1
+            if span == "*":
+                first, last = low, high
+            elif "-" in span:
+                a, b = span.split("-", 1)
+                first, last = int(a), int(b)
+            else:
+                first = int(span)
+                last = high if slash else first
+            if step < 1 or not low <= first <= last <= high:
+                return None
+            values.update(range(first, last + 1, step))
+    except ValueError:
+        return None
+    return values
+
+
+def _cron_times(expression: str) -> tuple[set[int], set[int]] | None:
+    fields = expression.split()
+    if len(fields) != 5 or fields[2:] != ["*", "*", "*"]:
+        return None
+    minutes, hours = _cron_field(fields[0], 0, 59), _cron_field(fields[1], 0, 23)
+    return (minutes, hours) if minutes and hours else None
+
+
+def cron_next_ms(expression: str, after_ms: int) -> int | None:
+    """The first minute strictly after `after_ms` at which cron fires the
+    expression (local time, like cron); None for fields we do not parse."""
+    times = _cron_times(expression)
+    if times is None:
+        return None
+    minutes, hours = times
+    t = (after_ms // 60000 + 1) * 60
+    for _ in range(2 * 24 * 60 + 120):  # two days (plus a DST hour) always hold a match
+        lt = time.localtime(t)
+        if lt.tm_min in minutes and lt.tm_hour in hours:
+            return t * 1000
+        t += 60
+    return None
+
+
+def cron_describe(expression: str) -> str:
+    """`7-59/15 * * * *` -> 'every 15 minutes, at :07, :22, :37, :52'."""
+    times = _cron_times(expression)
+    if times is None:
+        return f"`{expression}`"
+    minutes, hours = sorted(times[0]), sorted(times[1])
+    if len(hours) == 24:
+        if len(minutes) == 60:
+            return "every minute"
+        if len(minutes) == 1:
+            return f"every hour at :{minutes[0]:02d}"
+        gap = minutes[1] - minutes[0]
+        if len(minutes) > 6:
+            return f"every {gap} minutes from :{minutes[0]:02d}"
+        return f"every {gap} minutes, at " + ", ".join(f":{m:02d}" for m in minutes)
+    clock = [f"{h:02d}:{m:02d}" for h in hours for m in minutes]
+    if len(clock) == 1:
+        return f"daily at {clock[0]} (local time)"
+    if len(minutes) == 1:
+        return f"every {hours[1] - hours[0]} hours, at {', '.join(clock)} (local time)"
+    return "at " + ", ".join(clock[:12]) + (" ..." if len(clock) > 12 else "") + " (local time)"
+
+
+def crontab_lines(text: str) -> list[str]:
+    """Lines with their '\\n' (the last one may lack it); only '\\n' separates
+    (str.splitlines would also split on \\r, \\f, \\x1c ... and lose bytes)."""
+    parts = text.split("\n")
+    return [p + "\n" for p in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
+
+
+def cron_blocks(text: str, service_id: str, action: str = "install") -> list[list[str]]:
+    """The lines inside each `# BEGIN/END lore-service <id>` block; a lone or
+    nested marker is refused (SchedulerError) rather than guessed at."""
+    begin, end = CRON_BEGIN + service_id, CRON_END + service_id
+    blocks: list[list[str]] = []
+    current: list[str] | None = None
+    opened = 0
+    for number, line in enumerate(crontab_lines(text), 1):
+        mark = line.strip()
+        if mark == begin:
+            if current is not None:
+                raise _cron_marker_error(f"`{begin}` on line {opened} has no END before line {number}", action)
+            current, opened = [], number
+        elif mark == end:
+            if current is None:
+                raise _cron_marker_error(f"`{end}` on line {number} has no BEGIN before it", action)
+            blocks.append(current)
+            current = None
+        elif current is not None:
+            current.append(line)
+    if current is not None:
+        raise _cron_marker_error(f"`{begin}` on line {opened} has no END marker", action)
+    return blocks
+
+
+def _cron_marker_error(problem: str, action: str) -> SchedulerError:
+    return SchedulerError(
+        f"your crontab has a lone lore-service marker: {problem}",
+        "lore-service will not guess which lines are its own: open the crontab with `crontab -e`, delete the "
+        f"stray marker (or the whole broken block), save, then run `{TOOL_NAME} {action}` again",
+        code="crontab_marker",
+    )
+
+
+def cron_splice(text: str, service_id: str, block: str | None, action: str = "install") -> tuple[str, int]:
+    """The crontab with this service's block(s) replaced by `block` (or removed
+    when None), and how many blocks were found. Every other byte is kept; the
+    block goes where the first old one was, else at the end."""
+    begin, end = CRON_BEGIN + service_id, CRON_END + service_id
+    found = len(cron_blocks(text, service_id, action))  # raises on a lone marker
+    out: list[str] = []
+    inside = placed = False
+    for line in crontab_lines(text):
+        mark = line.strip()
+        if mark == begin:
+            inside = True
+        elif mark == end:
+            inside = False
+            if block is not None and not placed:
+                out.append(block)
+                placed = True
+        elif not inside:
+            out.append(line)
+    if block is not None and not placed:
+        if out and not out[-1].endswith("\n"):
+            out[-1] += "\n"
+        out.append(block)
+    result = "".join(out)
+    if result and not result.endswith("\n"):
+        result += "\n"  # crontab refuses a file whose last line has no newline
+    return result, found
+
+
+@register_backend
+class CronBackend(SchedulerBackend):
+    """One marked block in the user's crontab, fired every schedule step."""
+
+    name = "cron"
+    description = "the user's crontab (cron daemon)"
+
+    @classmethod
+    def detect(cls, system: System) -> tuple[bool, str]:
+        if system.platform == "darwin":
+            return False, "cron is not used on macOS (crontab raises a permission dialog; launchd is the scheduler)"
+        if system.platform == "win32":
+            return False, "there is no cron on Windows"
+        result = system.run(["crontab", "-l"], timeout=30)
+        if result.returncode == 127:
+            return False, "crontab is not installed"
+        if result.ok or cls._no_crontab(result):
+            return True, "the user's crontab can be read (`crontab -l`)"
+        return False, f"`crontab -l` failed ({result.returncode}): {result.summary()}"
+
+    @staticmethod
+    def _no_crontab(result: CommandResult) -> bool:
+        return result.returncode == 1 and "no crontab for" in (result.stderr + result.stdout)
+
+    def schedule_step(self, interval_seconds: int) -> int:
+        return cron_step(interval_seconds)
+
+    # -- names
+    def user(self) -> str:
+        return self.system.username()
+
+    def entry_path(self) -> str:
+        return f"crontab:{self.user()}"  # descriptive: the crontab is only reached through `crontab`
+
+    def file_paths(self, manifest: Manifest) -> list[str]:
+        return [self.entry_path()]
+
+    def tmp_path(self, manifest: Manifest) -> str:
+        # private to the user (0600 in a 0700 folder), unlike /tmp
+        return os.path.join(self.paths.state_dir(manifest.service_id), "crontab.new")
+
+    # -- the line
+    def environment(self, manifest: Manifest, token: str | None) -> list[tuple[str, str]]:
+        """What the run needs beyond cron's HOME, LOGNAME, SHELL and PATH=/usr/bin:/bin."""
+        home = self.system.environ.get("HOME") or os.path.expanduser("~")
+        env = [("HOME", home), ("PATH", CRON_PATH), ("LANG", "C.UTF-8")]
+        if not self.paths.home:  # relocated trees travel in argv (--home); else pin the XDG folders
+            for var, root, default in (
+                ("XDG_CONFIG_HOME", os.path.dirname(os.path.dirname(self.paths.config_root)), ".config"),
+                ("XDG_STATE_HOME", os.path.dirname(os.path.dirname(self.paths.state_root)), ".local/state"),
+                ("XDG_DATA_HOME", os.path.dirname(self.paths.data_root), ".local/share"),
+            ):
+                if root != os.path.join(home, default):
+                    env.append((var, root))
+        if manifest.token_source == "embedded":
+            env.append((manifest.token_env, token or SECRET_PLACEHOLDER))
+        return env
+
+    def line(self, manifest: Manifest, token: str | None) -> str:
+        """`<schedule> VAR=value ... <program> >> <crash log> 2>&1`, each word
+        quoted for /bin/sh, then every `%` escaped for cron."""
+        import shlex
+
+        crash_log = self.paths.crash_log(manifest.service_id)
+        env = self.environment(manifest, token)
+        for what, value in [*env, *(("program", a) for a in manifest.program), ("log", crash_log)]:
+            self._check_data(what, value, secret=what == manifest.token_env and manifest.token_source == "embedded")
+        words = [f"{k}={shlex.quote(v)}" for k, v in env]
+        words += [shlex.quote(a) for a in manifest.program]
+        words += [">>", shlex.quote(crash_log), "2>&1"]
+        step = self.schedule_step(manifest.interval_seconds)
+        return cron_expression(manifest.service_id, step) + " " + " ".join(words).replace("%", "\\%")
+
+    @staticmethod
+    def _check_data(what: str, value: str, secret: bool = False) -> None:
+        # A backslash is refused, not escaped: Debian's cron turns `\\` into `\`
+        # in the command while cronie and ISC cron keep both, so no spelling
+        # of a backslash next to `%` or `\` survives every cron (a lone
+        # backslash before other characters would, but a path holding one
+        # is almost always a mistake; refusing is the predictable rule).
+        bad = "\\" if "\\" in value else ("a line break" if "\n" in value or "\r" in value else None)
+        if bad is None:
+            return
+        shown = SECRET_PLACEHOLDER if secret else value
+        raise UsageError(
+            f"cannot put {what} value {shown!r} into a crontab line: it contains {bad}",
+            "cron implementations disagree on backslashes and a line break ends the entry: rename or move the "
+            "folder (project, --home, lore-service's own location) so its path has neither, or use another "
+            "backend (`--backend systemd` / `--backend none`)",
+            code="cron_unsafe",
+        )
+
+    def block(self, manifest: Manifest, token: str | None) -> str:
+        sid = manifest.service_id
+        line = self.line(manifest, token)
+        size = len(line.encode("utf-8"))
+        if size > CRON_MAX_LINE_BYTES:
+            raise UsageError(
+                f"the crontab line for {sid} would be {size} bytes; cron refuses commands of 999 bytes or more",
+                "shorten the paths in it: install lore-service (and its Python) under a shorter folder, pass a "
+                "shorter --home, or use a shorter project path; `--dry-run` shows the line",
+                code="cron_line_too_long",
+            )
+        return f"{CRON_BEGIN}{sid}\n{line}\n{CRON_END}{sid}\n"
+
+    def plan(self, manifest: Manifest, embedded_token: str | None) -> Plan:
+        embedded = manifest.token_source == "embedded"
+        content = self.block(manifest, embedded_token)
+        planned = PlannedFile(
+            self.entry_path(),
+            content,
+            0o600,
+            redacted=self.block(manifest, SECRET_PLACEHOLDER) if embedded else None,
+        )
+        warnings: list[str] = []
+        step = self.schedule_step(manifest.interval_seconds)
+        if step < manifest.interval_seconds:
+            warnings.append(
+                f"cron cannot fire exactly every {format_interval(manifest.interval_seconds)}: it fires every "
+                f"{format_interval(step)} and `run` skips until {format_interval(manifest.interval_seconds)} "
+                "have passed since the last run"
+            )
+        if embedded:
+            warnings.append(
+                "the embedded token is in your crontab (`crontab -l`, readable by root) and, while a run "
+                "lasts, in the `/bin/sh -c` command line that `ps` shows to every user"
+            )
+        return Plan(
+            files=[planned],
+            commands=[["crontab", "-l"], ["crontab", self.tmp_path(manifest)]],
+            warnings=warnings,
+        )
+
+    # -- crontab
+    def read_crontab(self) -> str:
+        """The user's crontab; '' when there is none yet."""
+        result = self.system.run(["crontab", "-l"], timeout=30)
+        if self._no_crontab(result):
+            return ""
+        if not result.ok:
+            raise SchedulerError(
+                f"`crontab -l` failed ({result.returncode}): {result.summary()}",
+                CRON_INSTALL_HINT if result.returncode == 127 else self._crontab_hint(result),
+                code="crontab_missing" if result.returncode == 127 else "crontab",
+            )
+        if "\ufffd" in result.stdout:
+            raise SchedulerError(
+                "your crontab is not valid UTF-8; rewriting it could change bytes that are not ours",
+                "open it with `crontab -e`, fix or remove the lines with other encodings, then try again",
+                code="crontab_encoding",
+            )
+        return result.stdout
+
+    @staticmethod
+    def _crontab_hint(result: CommandResult) -> str:
+        if "not allowed" in result.stderr or "cron.allow" in result.stderr or "cron.deny" in result.stderr:
+            return "ask an administrator to allow you in /etc/cron.allow (or remove you from /etc/cron.deny)"
+        return f"run `crontab -l` yourself to see the problem; `{TOOL_NAME} doctor` checks cron"
+
+    def write_crontab(self, manifest: Manifest, text: str) -> list[str]:
+        tmp = self.tmp_path(manifest)
+        ensure_dir(os.path.dirname(tmp))
+        remove_file(tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        argv = ["crontab", tmp]
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(text.encode("utf-8"))
+            result = self.system.run(argv, timeout=60)
+        finally:
+            remove_file(tmp)
+        if not result.ok:
+            raise SchedulerError(
+                f"`crontab` refused the new crontab ({result.returncode}): {result.summary()}",
+                CRON_INSTALL_HINT if result.returncode == 127 else self._crontab_hint(result),
+                code="crontab_write",
+            )
+        return argv
+
+    def install(self, manifest: Manifest, embedded_token: str | None) -> Plan:
+        plan = self.plan(manifest, embedded_token)  # refuses an unsafe or too long line first
+        current = self.read_crontab()
+        updated, _ = cron_splice(current, manifest.service_id, plan.files[0].content)
+        ran = [["crontab", "-l"]]
+        if updated != current:  # installing the same block again writes nothing
+            ran.append(self.write_crontab(manifest, updated))
+        return Plan(files=plan.files, commands=ran, warnings=plan.warnings)
+
+    def uninstall(self, manifest: Manifest) -> None:
+        # An emptied crontab is written empty, not removed with `crontab -r`:
+        # -r would also delete anything the user added since we read it.
+        try:
+            current = self.read_crontab()
+        except SchedulerError as exc:
+            if exc.code == "crontab_missing":
+                return  # no crontab program: nothing can be scheduled
+            raise
+        updated, found = cron_splice(current, manifest.service_id, None, action="uninstall")
+        if found:
+            self.write_crontab(manifest, updated)
+
+    def before_run(self, manifest: Manifest) -> None:
+        trim_crash_log(self.paths.crash_log(manifest.service_id))
+
+    # -- daemon
+    def daemon(self) -> tuple[bool | None, str]:
+        """(running, how we know); None when it cannot be told."""
+        for name in CRON_DAEMONS:
+            result = self.system.run(["pgrep", "-x", name], timeout=10)
+            if result.ok:
+                pid = (result.stdout.split() or ["?"])[0]
+                return True, f"the cron daemon runs ({name}, pid {pid})"
+            if result.returncode != 1:
+                break  # no pgrep (procps): look at /proc ourselves
+        else:
+            return False, "no cron daemon (cron or crond) is running"
+        try:
+            pids = [p for p in os.listdir("/proc") if p.isdigit()]
+        except OSError:
+            return None, "could not tell whether a cron daemon runs (no pgrep, no /proc)"
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/comm", encoding="utf-8") as fh:
+                    comm = fh.read().strip()
+            except OSError:
+                continue
+            if comm in CRON_DAEMONS:
+                return True, f"the cron daemon runs ({comm}, pid {pid})"
+        return False, "no cron daemon (cron or crond) is running"
+
+    def _daemon_check(self) -> Check:
+        running, why = self.daemon()
+        if running:
+            return Check("cron daemon", "ok", why)
+        if running is None:
+            return Check("cron daemon", "warn", why, "install procps (pgrep) or check with `ps -e | grep cron`")
+        return Check("cron daemon", "warn", f"{why}: the crontab entry will never fire", CRON_DAEMON_HINT)
+
+    # -- state
+    def _normalise(self, manifest: Manifest, line: str) -> str:
+        """The line with an embedded token's value replaced by the placeholder."""
+        import re
+        import shlex
+
+        if manifest.token_source != "embedded":
+            return line
+        word = r"""(?:'[^']*'|"[^"]*"|[^\s'"])+"""
+        shown = f"{manifest.token_env}={shlex.quote(SECRET_PLACEHOLDER)}"
+        return re.sub(rf"(?<!\S){re.escape(manifest.token_env)}={word}", lambda _m: shown, line, count=1)
+
+    def state(self, manifest: Manifest) -> dict[str, Any]:
+        sid = manifest.service_id
+        step = self.schedule_step(manifest.interval_seconds)
+        expected = self.line(manifest, SECRET_PLACEHOLDER)
+        text = self.read_crontab()
+        drift: list[str] = []
+        try:
+            blocks = cron_blocks(text, sid)
+        except SchedulerError as exc:
+            blocks, drift = [], [exc.message]
+        lines = [line.rstrip("\r\n") for line in blocks[0]] if blocks else []
+        if not blocks and not drift:
+            drift.append(f"the crontab of {self.user()} has no `{CRON_BEGIN}{sid}` block")
+        elif len(blocks) > 1:
+            drift.append(f"the crontab has {len(blocks)} blocks for {sid}")
+        if blocks and [self._normalise(manifest, line) for line in lines] != [expected]:
+            drift.append(f"the crontab block for {sid} was edited (it differs from what install writes)")
+        if manifest.schedule_step_seconds != step:
+            drift.append(
+                f"the manifest records a {format_interval(manifest.schedule_step_seconds)} step; cron needs "
+                f"{format_interval(step)} for a {format_interval(manifest.interval_seconds)} interval"
+            )
+        running, why = self.daemon()
+        registered = bool(blocks)
+        job = next((line for line in lines if line.strip() and not line.lstrip().startswith("#")), "")
+        expression = " ".join(job.split()[:5])
+        next_ms: int | None = None
+        if registered and running is not False:
+            now = self.system.now_ms()
+            after = now
+            if step < manifest.interval_seconds:  # the first tick that will not be skipped as not due
+                try:
+                    due = load_status(self.paths, sid).next_due_at_ms
+                except LoreServiceError:
+                    due = None
+                if due is not None and due > now:
+                    after = due - 1
+            next_ms = cron_next_ms(expression, after)
+        parts = [f"crontab of {self.user()}: `{expression}` ({cron_describe(expression)})"] if registered else ["not in the crontab"]
+        if step < manifest.interval_seconds:
+            parts.append(f"fires every {format_interval(step)}; `run` skips until the interval has passed")
+        parts.append(why)
+        return {
+            "registered": registered,
+            "active": registered and bool(running),
+            "next_run_iso": iso_from_ms(next_ms) if next_ms is not None else None,
+            "last_trigger_iso": None,  # cron keeps no record of its own (status has the runs)
+            "last_result": None,
+            "drift": drift,
+            "detail": "; ".join(parts),
+            "schedule": expression or None,
+            "step_seconds": step,
+            "daemon_running": running,
+        }
+
+    # -- checks
+    def prerequisites(self, manifest: Manifest | None) -> list[Check]:
+        ok, why = self.detect(self.system)
+        if not ok:
+            if "not installed" in why:
+                return [Check("crontab", "fail", "the `crontab` program is not installed", CRON_INSTALL_HINT)]
+            if "macOS" in why or "Windows" in why:
+                hint = "use the default backend there (`--backend auto`); `--dry-run` previews the cron line anywhere"
+                return [Check("crontab", "fail", why, hint)]
+            hint = (
+                "ask an administrator to allow you in /etc/cron.allow (or remove you from /etc/cron.deny)"
+                if "allowed" in why
+                else "run `crontab -l` yourself to see the problem"
+            )
+            return [Check("crontab", "fail", why, hint)]
+        found = self.system.which("crontab") or "crontab"
+        return [Check("crontab", "ok", f"{found} reads your crontab"), self._daemon_check()]
+
+    def diagnose(self, manifest: Manifest | None) -> list[Check]:
+        checks = self.prerequisites(manifest)
+        if manifest is None or any(c.status == "fail" for c in checks):
+            return checks
+        log_dir = self.paths.log_dir(manifest.service_id)
+        crash_log = self.paths.crash_log(manifest.service_id)
+        if not os.path.isdir(log_dir):
+            checks.append(
+                Check(
+                    "crash log",
+                    "fail",
+                    f"{log_dir} is missing: /bin/sh cannot open the cron line's `>>` target, so nothing runs",
+                    f"re-run `{TOOL_NAME} install` (it recreates the folder)",
+                )
+            )
+            return checks
+        try:
+            size = os.path.getsize(crash_log)
+        except OSError:
+            size = 0
+        checks.append(
+            Check("crash log", "ok", f"{crash_log} ({size} bytes; cron output lands here, trimmed by each run)")
+            if size <= CRASH_LOG_MAX_BYTES
+            else Check("crash log", "warn", f"{crash_log} is {size} bytes", f"`{TOOL_NAME} run` trims it")
+        )
+        return checks
+
+
 # ---------------------------------------------------------------------------
 # 11c. launchd LaunchAgents (macOS)
 # ---------------------------------------------------------------------------
@@ -3219,8 +4012,28 @@ class _ParserExit(Exception):
         self.status = status
 
 
+class _Formatter(argparse.HelpFormatter):
+    """HelpFormatter without its shutil import (argparse builds one per
+    add_argument), which would cost every command ~2 ms of start-up."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24, width: int | None = None):
+        if width is None:
+            try:
+                width = int(os.environ.get("COLUMNS", "")) - 2
+            except ValueError:
+                try:
+                    width = os.get_terminal_size().columns - 2
+                except OSError:
+                    width = 78
+        super().__init__(prog, indent_increment, max_help_position, max(width, 40))
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that raises instead of printing usage and calling sys.exit."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> Any:
         raise UsageError(message, f"see `{self.prog} --help`", code="usage")
@@ -3305,10 +4118,16 @@ class Outcome:
 
 
 def self_command() -> list[str]:
-    """The argv prefix that starts this very program, in absolute paths."""
-    if getattr(sys, "frozen", False):
-        return [os.path.abspath(sys.executable)]
-    return [os.path.abspath(sys.executable), os.path.abspath(__file__)]
+    """The argv prefix that starts this very program, in absolute paths: the
+    interpreter and script from source (abspath, not realpath: a virtualenv's
+    python is a symlink that must stay inside the venv), the frozen program, or
+    interpreter + .pyz. During `install` of a frozen build or a .pyz it is the
+    pinned copy under <data_root>/bin/<version>/ instead (section 4a), so the
+    manifest and the scheduler entries never name the download or a PyInstaller
+    extraction folder."""
+    if _PINNED is not None:
+        return list(_PINNED)
+    return bundle_command(running_bundle())
 
 
 def scheduled_program(paths: Paths, sid: str) -> list[str]:
@@ -3449,6 +4268,9 @@ def cmd_install(ctx: Context, args: argparse.Namespace) -> Outcome:
                 stage.command[0] = lore
     cfg.interval_seconds, cfg.profile, cfg.token_env = interval, profile, token_env
 
+    # 4a: a frozen build or .pyz copies itself to <data_root>/bin/<version>/ (verified, not on
+    # --dry-run) so that scheduled_program() below, and so the manifest and the backend plan, name the copy
+    pin_running_program(paths, system, dry_run=bool(args.dry_run))
     now_iso = iso_from_ms(system.now_ms())
     manifest = Manifest(
         service_id=sid,
@@ -4087,12 +4909,14 @@ HANDLERS: dict[str, Callable[[Context, argparse.Namespace], Outcome]] = {
 def version_info() -> dict[str, Any]:
     import platform
 
+    bundle = running_bundle()
     return {
         "version": __version__,
-        "frozen": bool(getattr(sys, "frozen", False)),
+        "frozen": bundle.kind in ("onedir", "onefile"),
+        "layout": bundle.kind,  # onedir | onefile (PyInstaller), zipapp, source
         "python": platform.python_version(),
         "platform": f"{sys.platform}-{platform.machine()}",
-        "executable": self_command()[0],
+        "executable": bundle_command(bundle)[0],
     }
 
 
