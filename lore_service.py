@@ -37,6 +37,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+
 TYPE_CHECKING = False  # importing typing costs ~1.5 ms of every start-up
 if TYPE_CHECKING:  # annotations are strings (__future__), so these are for checkers only
     import subprocess
@@ -3847,7 +3848,27 @@ class SchtasksBackend(SchedulerBackend):
 # 12. Doctor: checks with ok / warn / fail and the step that fixes each
 # ============================================================================
 
-DISPOSABLE_MARKERS = ("/tmp/", "/var/tmp/", "/_MEI", "\\Temp\\", "/.tox/", "/pip-build-env")
+# Folders whose content goes away by itself: temporary folders, PyInstaller's
+# one-file extraction folder (_MEIxxxx), test and build sandboxes, the browser's
+# download folder. Matched case-insensitively, with "/" for any separator.
+DISPOSABLE_MARKERS = (
+    "/tmp/",
+    "/var/tmp/",
+    "/dev/shm/",
+    "/var/folders/",  # macOS per-user $TMPDIR
+    "/appdata/local/temp/",  # Windows %TEMP%
+    "/windows/temp/",
+    "/_mei",
+    "/.tox/",
+    "/.nox/",
+    "/pip-build-env",
+    "/pip-req-build",
+    "/.cache/pre-commit/",
+    "/downloads/",
+)
+# A folder holding one of these is a project checkout; a virtualenv directly
+# inside one is the project's development venv.
+CHECKOUT_MARKERS = (".git", ".hg", "pyproject.toml", "setup.py", "setup.cfg", "tox.ini")
 
 
 def _mode_check(name: str, path: str, want: int, uid: int | None) -> Check:
@@ -3864,21 +3885,81 @@ def _mode_check(name: str, path: str, want: int, uid: int | None) -> Check:
     return Check(name, "ok", f"{path} is private")
 
 
+def _disposable(path: str) -> str | None:
+    """Why the scheduler may lose this path, or None."""
+    import tempfile
+
+    flat = path.replace("\\", "/").lower()
+    marker = next((m for m in DISPOSABLE_MARKERS if m in flat), None)
+    if marker:
+        return f"is in a temporary, sandbox or download folder ({marker.strip('/')}) that is emptied without asking"
+    tmp = os.path.realpath(tempfile.gettempdir())
+    if os.path.realpath(path).startswith(tmp + os.sep) and tmp != os.sep:
+        return f"is in the temporary folder {tmp}"
+    return None
+
+
+def _venv_problem(interpreter: str) -> Check | None:
+    """The interpreter of a source install: is its virtualenv one that gets deleted?
+
+    A venv is judged by where it sits, not by being a venv: one directly inside
+    a project checkout (its parent holds .git, .hg, pyproject.toml, setup.py,
+    setup.cfg or tox.ini) is that project's development venv, which `rm -rf
+    .venv`, `git clean -fdx`, a re-clone or a tool recreating it remove; a venv
+    elsewhere (pipx's, or one made on purpose under ~/.local or /opt) is taken
+    as kept. A venv whose base interpreter (pyvenv.cfg `home`) is gone fails."""
+    root = os.path.dirname(os.path.dirname(interpreter))  # <venv>/bin/python, <venv>\Scripts\python.exe
+    cfg = read_text(os.path.join(root, "pyvenv.cfg"))
+    if cfg is None:
+        return None
+    for line in cfg.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip() == "home" and value.strip() and not os.path.isdir(value.strip()):
+            return Check(
+                "program",
+                "fail",
+                f"{interpreter} belongs to the virtualenv {root}, whose base Python {value.strip()} is gone",
+                f"recreate the virtualenv (or install lore-service elsewhere), then re-run `{TOOL_NAME} install`",
+            )
+    checkout = os.path.dirname(root)
+    found = [m for m in CHECKOUT_MARKERS if os.path.exists(os.path.join(checkout, m))]
+    if not found:
+        return None
+    return Check(
+        "program",
+        "warn",
+        f"the scheduler runs {interpreter}, from the virtualenv {root} inside the project checkout {checkout} "
+        f"(it holds {found[0]}): deleting or recreating that venv, `git clean -fdx` or a fresh clone stops the sync",
+        f"install lore-service where it stays (the standalone binary, or `pipx install`) and re-run "
+        f"`{TOOL_NAME} install` with it; or keep {root} in place",
+    )
+
+
 def program_checks(program: Sequence[str]) -> list[Check]:
-    """Is the argv the scheduler runs still there, and not in a folder that vanishes?"""
+    """Is the argv the scheduler runs still there, and not in a folder that vanishes?
+
+    program is [frozen-exe, ...], [python, script.py | app.pyz, ...]. Frozen
+    builds and .pyz files are pinned by install (section 4a); from source the
+    interpreter's virtualenv is judged as well (_venv_problem)."""
     checks: list[Check] = []
     for path in [p for p in program[:2] if os.path.isabs(p)]:
+        reason = None if not os.path.exists(path) else _disposable(path)
         if not os.path.exists(path):
             checks.append(Check("program", "fail", f"{path} no longer exists", f"re-run `{TOOL_NAME} install`"))
-        elif any(m in path for m in DISPOSABLE_MARKERS):
+        elif reason:
             checks.append(
                 Check(
                     "program",
                     "warn",
-                    f"{path} is in a temporary folder the scheduler may lose",
+                    f"{path} {reason}; the scheduler would then fail to start the sync",
                     f"install lore-service somewhere permanent and re-run `{TOOL_NAME} install`",
                 )
             )
+    source = len(program) > 1 and program[1].endswith((".py", ".pyz"))
+    if not checks and source and os.path.isabs(program[0]):
+        problem = _venv_problem(program[0])
+        if problem:
+            checks.append(problem)
     if not checks:
         checks.append(Check("program", "ok", f"the scheduler runs {program[0]}"))
     return checks
@@ -4614,17 +4695,22 @@ def _run(ctx: Context, args: argparse.Namespace, trigger: str) -> Outcome:
     text = _render_run(record, status)
     if record.outcome == "failed":
         bad = next(r for r in record.stage_results if r.critical and r.outcome in ("failed", "timeout"))
-        err = LoreServiceError(
-            f"critical stage {bad.stage} {bad.outcome}: {bad.message}",
+        hint = (
             status.paused.hint
             if status.paused
-            else f"will retry after {iso_from_ms(status.next_retry_at_ms or 0)}; see `{TOOL_NAME} logs`",
-            code="run_failed",
+            else f"will retry after {iso_from_ms(status.next_retry_at_ms or 0)}; see `{TOOL_NAME} logs`"
         )
-        err.data = data  # type: ignore[attr-defined]
-        err.text = text  # type: ignore[attr-defined]
-        raise err
+        error = LoreServiceError(f"critical stage {bad.stage} {bad.outcome}: {bad.message}", hint, code="run_failed")
+        raise _with_data(error, data, text)
     return Outcome(data, text)
+
+
+def _with_data(error: LoreServiceError, data: dict[str, Any], text: str) -> LoreServiceError:
+    """An error that still carries its command's result (a failed run, a doctor
+    with failing checks): the envelope is ok:false with both error and data."""
+    error.data = data  # type: ignore[attr-defined]
+    error.text = text  # type: ignore[attr-defined]
+    return error
 
 
 def _skipped(sid: str, reason: str) -> Outcome:
@@ -4758,7 +4844,17 @@ def cmd_status(ctx: Context, args: argparse.Namespace) -> Outcome:
             )
             or "no services installed"
         )
-        return Outcome({"services": services}, text, worst)
+        if worst != EXIT_OK:
+            bad = [x for x in services if "error" in x]
+            first = bad[0]["error"]
+            error = LoreServiceError(
+                f"{len(bad)} of {len(services)} services cannot be read: {first['message']}",
+                first["hint"],
+                code=first["code"],
+                exit_code=worst,
+            )
+            raise _with_data(error, {"services": services}, text)
+        return Outcome({"services": services}, text)
     try:
         manifest = find_service(ctx, args)
     except NotInstalledError as exc:
@@ -4886,7 +4982,11 @@ def cmd_doctor(ctx: Context, args: argparse.Namespace) -> Outcome:
         "failed": failed,
         "warned": warned,
     }
-    return Outcome(data, "\n".join(lines), EXIT_FAILED if failed else EXIT_OK)
+    if failed:
+        first = next(c for c in checks if c.status == "fail")
+        message = f"{failed} check(s) failing, first: {first.name}: {first.message}"
+        raise _with_data(LoreServiceError(message, first.hint, code="checks_failed"), data, "\n".join(lines))
+    return Outcome(data, "\n".join(lines))
 
 
 HANDLERS: dict[str, Callable[[Context, argparse.Namespace], Outcome]] = {
