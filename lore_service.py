@@ -2112,6 +2112,8 @@ class SystemdBackend(SchedulerBackend):
 
     name = "systemd"
     description = "systemd user timer (Linux)"
+    # PrivateTmp=true gives the service an empty /tmp: nothing it needs may live there
+    hidden_roots: tuple[str, ...] = ("/tmp", "/var/tmp")
 
     # -- naming and files
     @staticmethod
@@ -2160,7 +2162,23 @@ class SystemdBackend(SchedulerBackend):
         checks = [Check("user manager", "ok", why)]
         checks.append(self._version_check())
         checks.append(self._linger_check())
+        if manifest is not None:
+            checks.extend(self._sandbox_check(manifest))
         return checks
+
+    def _sandbox_check(self, manifest: Manifest) -> list[Check]:
+        needed = [*manifest.program[:2], *self._write_paths(manifest)]
+        hidden = [p for p in needed if any(p == r or p.startswith(r + "/") for r in self.hidden_roots)]
+        if not hidden:
+            return []
+        return [
+            Check(
+                "sandbox",
+                "fail",
+                f"{hidden[0]} is under a temporary folder, which the service's private /tmp hides from it",
+                "keep the project, lore-service and its --home outside /tmp, or use --backend cron",
+            )
+        ]
 
     def _version_check(self) -> Check:
         first = self._systemctl("--version").stdout.strip().splitlines()

@@ -13,7 +13,9 @@ import lore_service as ls
 
 
 @pytest.fixture
-def linux(system: FakeSystem) -> FakeSystem:
+def linux(system: FakeSystem, monkeypatch: pytest.MonkeyPatch) -> FakeSystem:
+    # pytest's folders live under /tmp, which the real unit's PrivateTmp hides
+    monkeypatch.setattr(ls.SystemdBackend, "hidden_roots", ())
     system.which_map["systemctl"] = "/usr/bin/systemctl"
     system.respond(["systemctl", "--user", "is-system-running"], ls.CommandResult([], 0, "running\n", ""))
     system.respond(
@@ -216,3 +218,12 @@ def test_uninstall_disables_removes_and_reloads(cli, linux):
     import os
 
     assert not os.path.exists(f"{linux.environ['HOME']}/.config/systemd/user/lore-sync-{sid}.service")
+
+
+def test_paths_under_tmp_are_refused_because_private_tmp_hides_them(cli, system):
+    system.which_map["systemctl"] = "/usr/bin/systemctl"
+    system.respond(["systemctl", "--user", "is-system-running"], ls.CommandResult([], 0, "running\n", ""))
+    system.respond(["systemctl", "--user", "--no-pager", "--version"], ls.CommandResult([], 0, "systemd 252\n", ""))
+    r = install(cli)
+    assert r.code == 6 and "temporary folder" in r.doc["error"]["message"]
+    assert "--backend cron" in r.doc["error"]["hint"]
