@@ -41,9 +41,13 @@ from dataclasses import dataclass, field
 TYPE_CHECKING = False  # importing typing costs ~1.5 ms of every start-up
 if TYPE_CHECKING:  # annotations are strings (__future__), so these are for checkers only
     import subprocess
+    from collections.abc import Callable, Iterator, Sequence
     from typing import Any, ClassVar
 
-    from collections.abc import Callable, Iterator, Sequence
+# Persisted records are dataclasses without the generated __repr__/__eq__:
+# compiling those for every class costs `status` ~1.3 ms of its start-up,
+# and to_dict() is how records are shown and compared anyway.
+record = dataclass(repr=False, eq=False)
 
 __version__ = "0.1.0"
 APP_NAME = "lore"
@@ -117,12 +121,28 @@ class SchedulerError(LoreServiceError):
 # ============================================================================
 
 
-@dataclass
-class CommandResult:
-    argv: list[str]
-    returncode: int
-    stdout: str
-    stderr: str
+class _Record:
+    """Plain value object for internal results. Each @dataclass costs ~0.35 ms
+    of start-up (it compiles generated methods), so only the persisted records
+    (manifest, config, status) are dataclasses."""
+
+    __slots__: tuple[str, ...] = ()
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__)
+        return f"{type(self).__name__}({fields})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and all(getattr(self, k) == getattr(other, k) for k in self.__slots__)
+
+    __hash__ = None  # type: ignore[assignment]  (mutable, like a dataclass with eq)
+
+
+class CommandResult(_Record):
+    __slots__ = ("argv", "returncode", "stdout", "stderr")
+
+    def __init__(self, argv: list[str], returncode: int, stdout: str, stderr: str) -> None:
+        self.argv, self.returncode, self.stdout, self.stderr = argv, returncode, stdout, stderr
 
     @property
     def ok(self) -> bool:
@@ -634,7 +654,7 @@ PINNED_PYZ = TOOL_NAME + ".pyz"
 _PINNED: list[str] | None = None  # set by pin_running_program(); read by self_command()
 
 
-@dataclass
+@record
 class Bundle:
     """What is running: kind onedir | onefile (PyInstaller), zipapp, or source."""
 
@@ -686,9 +706,9 @@ def _bundle_parts(bundle: Bundle) -> list[tuple[str, str]]:
     """(source path, name inside bin/<version>/) of everything the copy needs."""
     if bundle.kind == "zipapp":
         return [(bundle.executable, PINNED_PYZ)]
-    if bundle.extraction and os.path.commonpath([os.path.abspath(bundle.extraction), bundle.executable]) == (
-        os.path.abspath(bundle.extraction)
-    ):  # never copy (or point a scheduler at) PyInstaller's temporary extraction folder
+    extraction = os.path.abspath(bundle.extraction or os.sep)
+    if bundle.kind == "onefile" and os.path.commonpath([extraction, bundle.executable]) == extraction:
+        # never copy (or point a scheduler at) a one-file build's temporary extraction folder
         raise SchedulerError(
             f"{bundle.executable} is inside PyInstaller's extraction folder {bundle.extraction}",
             "run the lore-service program you downloaded, not a file from its temporary folder",
@@ -698,8 +718,14 @@ def _bundle_parts(bundle: Bundle) -> list[tuple[str, str]]:
     twin = os.path.join(os.path.dirname(bundle.executable), TOOL_NAME + "-w.exe")
     if os.name == "nt" and os.path.isfile(twin):  # the no-console twin the scheduled task runs
         parts.append((twin, TOOL_NAME + "-w.exe"))
-    if bundle.kind == "onedir" and bundle.extraction:  # the shared _internal folder
-        parts.append((bundle.extraction, os.path.relpath(bundle.extraction, os.path.dirname(bundle.executable))))
+    home = os.path.dirname(bundle.executable)
+    if bundle.kind == "onedir" and bundle.extraction:
+        contents = os.path.relpath(bundle.extraction, home)
+        if contents != ".":  # the shared _internal folder (PyInstaller 6's default)
+            parts.append((bundle.extraction, contents))
+        else:  # contents_directory="." (or PyInstaller 5): the whole folder is the build
+            taken = {name for _, name in parts} | {os.path.basename(bundle.executable)}
+            parts.extend((os.path.join(home, n), n) for n in sorted(os.listdir(home)) if n not in taken)
     return parts
 
 
@@ -896,7 +922,7 @@ def stage_argv(lore: str, stage: str) -> list[str]:
     }[stage]
 
 
-@dataclass
+@record
 class StageConfig:
     name: str
     command: list[str]
@@ -904,7 +930,7 @@ class StageConfig:
     critical: bool = False
 
 
-@dataclass
+@record
 class ServiceConfig:
     """service.toml: the user-editable half of an install."""
 
@@ -1070,7 +1096,7 @@ def load_config(paths: Paths, sid: str) -> ServiceConfig:
     return ServiceConfig.from_toml(text, path)
 
 
-@dataclass
+@record
 class Manifest:
     """manifest.json: what `install` registered, read by every command."""
 
@@ -1163,7 +1189,7 @@ TRIGGERS = ("scheduled", "manual")
 STATES = ("not_installed", "idle", "healthy", "degraded", "backoff", "paused", "running")
 
 
-@dataclass
+@record
 class StageResult:
     stage: str
     critical: bool
@@ -1200,7 +1226,7 @@ class StageResult:
         )
 
 
-@dataclass
+@record
 class RunRecord:
     run_id: str
     trigger: str
@@ -1243,7 +1269,7 @@ class RunRecord:
         )
 
 
-@dataclass
+@record
 class Pause:
     kind: str
     reason: str
@@ -1254,7 +1280,7 @@ class Pause:
         return {"kind": self.kind, "reason": self.reason, "since_iso": self.since_iso, "hint": self.hint}
 
 
-@dataclass
+@record
 class Status:
     """status.json: what happened, and what the policy decided next."""
 
@@ -1903,32 +1929,38 @@ def follow_lines(path: str, system: System, poll: float = 0.25) -> Iterator[str]
 from abc import ABC, abstractmethod  # noqa: E402  (abc is loaded at interpreter start: free)
 
 
-@dataclass
-class PlannedFile:
-    path: str
-    content: str
-    mode: int = 0o644
-    redacted: str | None = None  # what --dry-run shows when content carries a secret
+class PlannedFile(_Record):
+    __slots__ = ("path", "content", "mode", "redacted")
+
+    def __init__(self, path: str, content: str, mode: int = 0o644, redacted: str | None = None) -> None:
+        self.path, self.content, self.mode = path, content, mode
+        self.redacted = redacted  # what --dry-run shows when content carries a secret
 
     def shown(self) -> str:
         return self.content if self.redacted is None else self.redacted
 
 
-@dataclass
-class Plan:
+class Plan(_Record):
     """What an install would write and run: --dry-run prints it, install applies it."""
 
-    files: list[PlannedFile] = field(default_factory=list)
-    commands: list[list[str]] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
+    __slots__ = ("files", "commands", "warnings")
+
+    def __init__(
+        self,
+        files: list[PlannedFile] | None = None,
+        commands: list[list[str]] | None = None,
+        warnings: list[str] | None = None,
+    ) -> None:
+        self.files = files if files is not None else []
+        self.commands = commands if commands is not None else []
+        self.warnings = warnings if warnings is not None else []
 
 
-@dataclass
-class Check:
-    name: str
-    status: str  # ok | warn | fail
-    message: str
-    hint: str = ""
+class Check(_Record):
+    __slots__ = ("name", "status", "message", "hint")
+
+    def __init__(self, name: str, status: str, message: str, hint: str = "") -> None:
+        self.name, self.status, self.message, self.hint = name, status, message, hint  # status: ok|warn|fail
 
     def to_dict(self) -> dict[str, str]:
         return {"name": self.name, "status": self.status, "message": self.message, "hint": self.hint}
@@ -2927,7 +2959,9 @@ class CronBackend(SchedulerBackend):
                 if due is not None and due > now:
                     after = due - 1
             next_ms = cron_next_ms(expression, after)
-        parts = [f"crontab of {self.user()}: `{expression}` ({cron_describe(expression)})"] if registered else ["not in the crontab"]
+        parts = [f"crontab of {self.user()}: `{expression}` ({cron_describe(expression)})"]
+        if not registered:
+            parts = ["not in the crontab"]
         if step < manifest.interval_seconds:
             parts.append(f"fires every {format_interval(step)}; `run` skips until the interval has passed")
         parts.append(why)
@@ -3947,7 +3981,7 @@ def _venv_problem(interpreter: str) -> Check | None:
         "program",
         "warn",
         f"the scheduler runs {interpreter}, from the virtualenv {root} inside the project checkout {checkout} "
-        f"(it holds {found[0]}): deleting or recreating that venv, `git clean -fdx` or a fresh clone stops the sync",
+        f"(it holds {found[0]}): removing that venv (`rm -rf`, `git clean -fdx`) or moving the checkout stops the sync",
         f"install lore-service where it stays (the standalone binary, or `pipx install`) and re-run "
         f"`{TOOL_NAME} install` with it; or keep {root} in place",
     )
@@ -3959,6 +3993,9 @@ def program_checks(program: Sequence[str]) -> list[Check]:
     program is [frozen-exe, ...], [python, script.py | app.pyz, ...]. Frozen
     builds and .pyz files are pinned by install (section 4a); from source the
     interpreter's virtualenv is judged as well (_venv_problem)."""
+    bundle = running_bundle()
+    if bundle.kind != "source" and list(program) == bundle_command(bundle):  # readiness: this very build
+        return [Check("program", "ok", f"install copies {bundle.executable} to lore-service's data folder, bin/")]
     checks: list[Check] = []
     for path in [p for p in program[:2] if os.path.isabs(p)]:
         reason = None if not os.path.exists(path) else _disposable(path)
@@ -4103,8 +4140,6 @@ def readiness_checks(system: System, paths: Paths) -> list[Check]:
 
 import argparse  # noqa: E402  (only the CLI needs it; kept next to its users)
 
-COMMANDS = ("install", "uninstall", "status", "list", "run", "trigger", "pause", "resume", "logs", "doctor")
-
 
 class _ParserExit(Exception):
     def __init__(self, status: int) -> None:
@@ -4143,7 +4178,46 @@ class _Parser(argparse.ArgumentParser):
         raise _ParserExit(status)
 
 
-def build_parser() -> _Parser:
+COMMAND_HELP = {
+    "install": "register the sync for a project with the OS scheduler",
+    "uninstall": "remove the scheduler entry, manifest, config and token",
+    "status": "show state, last run and next run",
+    "list": "list installed services",
+    "run": "run the sync under the policy (what the scheduler calls)",
+    "trigger": "run one attempt now, ignoring the backoff wait",
+    "pause": "stop scheduled runs until resume",
+    "resume": "clear a pause, the failure count and the retry time",
+    "logs": "print the service log",
+    "doctor": "check everything the service needs, with the fix for each problem",
+}
+
+
+def _add_command_options(name: str, p: _Parser) -> None:
+    if name == "install":
+        p.add_argument("--project", metavar="DIR", help="project root (default: the current folder)")
+        p.add_argument("--name", metavar="NAME", help="service id (default: <folder>-<hash of path>)")
+        p.add_argument("--interval", metavar="30m", help="5m..24h, in m or h (default 30m)")
+        p.add_argument("--profile", choices=tuple(PROFILES), help="fast|balanced|full (default balanced)")
+        p.add_argument("--backend", choices=("auto", *BACKENDS), help="scheduler (default auto)")
+        p.add_argument("--token-source", choices=TOKEN_SOURCES_CLI, help="where the token is kept (default auto)")
+        p.add_argument("--token-env", metavar="VAR", help=f"variable holding the token (default {DEFAULT_TOKEN_ENV})")
+        p.add_argument("--token-stdin", action="store_true", help="read the token from standard input")
+        p.add_argument("--lore", metavar="PATH", help="the lore program (default: found on PATH)")
+        p.add_argument("--dry-run", action="store_true", help="print what would be written and run; change nothing")
+    elif name == "uninstall":
+        p.add_argument("--purge", action="store_true", help="also delete status and logs")
+    elif name == "status":
+        p.add_argument("--all", action="store_true", help="every installed service")
+    elif name == "pause":
+        p.add_argument("--reason", default="paused by user")
+    elif name == "logs":
+        p.add_argument("--tail", type=int, default=50, metavar="N", help="last N lines (default 50)")
+        p.add_argument("--follow", action="store_true", help="keep printing new lines (Ctrl-C stops)")
+
+
+def build_parser(only: str | None = None) -> _Parser:
+    """The full parser, or (`only`) one with just that command: building all
+    eleven parsers costs a `status` about 2 ms of its start-up."""
     common = _Parser(add_help=False)
     # SUPPRESS: an option given before the command is not reset by the subparser
     common.add_argument(
@@ -4167,39 +4241,26 @@ def build_parser() -> _Parser:
     parser.add_argument("--version", action="store_true", help="print version, build and platform")
     parser.add_argument("--json", "--robot", action="store_true", help="one JSON document on stdout")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-
-    def add(name: str, help_text: str, with_target: bool = True) -> _Parser:
-        return sub.add_parser(
-            name, help=help_text, description=help_text, parents=[common, target] if with_target else [common]
-        )
-
-    p = add("install", "register the sync for a project with the OS scheduler", with_target=False)
-    p.add_argument("--project", metavar="DIR", help="project root (default: the current folder)")
-    p.add_argument("--name", metavar="NAME", help="service id (default: <folder>-<hash of path>)")
-    p.add_argument("--interval", metavar="30m", help="5m..24h, in m or h (default 30m)")
-    p.add_argument("--profile", choices=tuple(PROFILES), help="fast|balanced|full (default balanced)")
-    p.add_argument("--backend", choices=("auto", *BACKENDS), help="scheduler (default auto)")
-    p.add_argument("--token-source", choices=TOKEN_SOURCES_CLI, help="where the token is kept (default auto)")
-    p.add_argument("--token-env", metavar="VAR", help=f"variable holding the token (default {DEFAULT_TOKEN_ENV})")
-    p.add_argument("--token-stdin", action="store_true", help="read the token from standard input")
-    p.add_argument("--lore", metavar="PATH", help="the lore program (default: found on PATH)")
-    p.add_argument("--dry-run", action="store_true", help="print what would be written and run; change nothing")
-    add("uninstall", "remove the scheduler entry, manifest, config and token").add_argument(
-        "--purge", action="store_true", help="also delete status and logs"
-    )
-    add("status", "show state, last run and next run").add_argument(
-        "--all", action="store_true", help="every installed service"
-    )
-    add("list", "list installed services", with_target=False)
-    add("run", "run the sync under the policy (what the scheduler calls)")
-    add("trigger", "run one attempt now, ignoring the backoff wait")
-    add("pause", "stop scheduled runs until resume").add_argument("--reason", default="paused by user")
-    add("resume", "clear a pause, the failure count and the retry time")
-    p = add("logs", "print the service log")
-    p.add_argument("--tail", type=int, default=50, metavar="N", help="last N lines (default 50)")
-    p.add_argument("--follow", action="store_true", help="keep printing new lines (Ctrl-C stops)")
-    add("doctor", "check everything the service needs, with the fix for each problem")
+    for name, help_text in COMMAND_HELP.items():
+        if only is not None and name != only:
+            continue
+        parents = [common] if name in ("install", "list") else [common, target]
+        _add_command_options(name, sub.add_parser(name, help=help_text, description=help_text, parents=parents))
     return parser
+
+
+COMMANDS = tuple(COMMAND_HELP)
+
+
+def parse_arguments(argv: list[str], guess: str) -> argparse.Namespace:
+    """Parse with the guessed command's parser alone; if the guess was wrong
+    (the word was an option's value), the full parser gives the real answer."""
+    if guess:
+        try:
+            return build_parser(only=guess).parse_args(argv)
+        except UsageError:
+            pass
+    return build_parser().parse_args(argv)
 
 
 class Context:
@@ -4209,11 +4270,13 @@ class Context:
         self.robot = robot
 
 
-@dataclass
-class Outcome:
-    data: dict[str, Any]
-    text: str = ""
-    exit_code: int = EXIT_OK
+class Outcome(_Record):
+    """A command's result: data for --json, text for people."""
+
+    __slots__ = ("data", "text")
+
+    def __init__(self, data: dict[str, Any], text: str = "") -> None:
+        self.data, self.text = data, text
 
 
 def self_command() -> list[str]:
@@ -5081,7 +5144,7 @@ def main(argv: Sequence[str] | None = None, system: System | None = None) -> int
                 with contextlib.redirect_stdout(help_text):
                     build_parser().parse_args(args_in)
                 raise _ParserExit(0)
-            args = build_parser().parse_args(args_in)
+            args = parse_arguments(args_in, command)
         except _ParserExit as exc:  # --help
             if robot:
                 _emit(robot, command or "help", Outcome({"help": help_text.getvalue()}), None)
@@ -5101,7 +5164,7 @@ def main(argv: Sequence[str] | None = None, system: System | None = None) -> int
         ctx = Context(system, Paths(system, getattr(args, "home", None)), robot)
         outcome = HANDLERS[args.command](ctx, args)
         _emit(robot, command, outcome, None)
-        return outcome.exit_code
+        return EXIT_OK
     except LoreServiceError as exc:
         _emit(robot, command, None, exc)
         return exc.exit_code
