@@ -162,7 +162,8 @@ class System:
     """
 
     def __init__(self, environ: dict[str, str] | None = None) -> None:
-        self.environ: dict[str, str] = dict(os.environ) if environ is None else environ
+        # a frozen build must not hand its bundle's library path to lore or systemctl
+        self.environ: dict[str, str] = frozen_child_environ(dict(os.environ)) if environ is None else environ
         self._rng: Any = None
 
     # -- platform and identity

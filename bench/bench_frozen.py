@@ -10,6 +10,7 @@ so only ratios within one run are compared; the figure is the median):
     <layout> status --json               a real status read of an installed service
     <layout> --version
     source: python lore_service.py status --json   (for reference)
+    zipapp: python lore-service-<version>.pyz status --json   (when built)
 
 for the one-folder build (dist/lore-service/lore-service, what the scheduler
 and `status` run) and the one-file build (dist/onefile/lore-service). `--build`
@@ -87,6 +88,9 @@ def main() -> int:
     source_python = os.path.join(ROOT, ".venv", "bin", "python")
     if os.path.exists(source_python):
         cases["source status --json"] = [source_python, os.path.join(ROOT, "lore_service.py"), "status", "--json"]
+    pyz = sorted(f for f in os.listdir(os.path.join(ROOT, "dist")) if f.endswith(".pyz"))
+    if pyz:  # python build.py --zipapp; run by the bare interpreter, as its users would
+        cases["zipapp status --json"] = [python, os.path.join(ROOT, "dist", pyz[-1]), "status", "--json"]
     times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(3):  # warm the page cache (and the one-file extraction path)
         for argv in cases.values():

@@ -155,9 +155,26 @@ def cli(system: FakeSystem, capsys: pytest.CaptureFixture[str], project: Path, m
     return call
 
 
+FROZEN = os.environ.get("LORE_SERVICE_FROZEN", "")
+
+
+@pytest.fixture(params=["source", "frozen"])
+def program(request: pytest.FixtureRequest) -> list[str]:
+    """The tool as users start it: `python lore_service.py`, and the frozen
+    binary that build.py makes (LORE_SERVICE_FROZEN, set by ./run-tests in CI)."""
+    if request.param == "source":
+        return [sys.executable, SCRIPT]
+    if not FROZEN:
+        reason = "no frozen binary: set LORE_SERVICE_FROZEN, or run ./run-tests with LORE_BUILD_FROZEN=1"
+        if os.environ.get("LORE_E2E_REQUIRED") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return [FROZEN]
+
+
 @pytest.fixture
-def tool(environ: dict[str, str], project: Path):
-    """Run `python lore_service.py ...` as a real subprocess."""
+def tool(environ: dict[str, str], project: Path, program: list[str]):
+    """Run the tool (source or frozen binary) as a real subprocess."""
 
     def call(
         *argv: str,
@@ -167,7 +184,7 @@ def tool(environ: dict[str, str], project: Path):
         timeout: float = 60,
     ) -> Result:
         proc = subprocess.run(
-            [sys.executable, SCRIPT, *argv],
+            [*program, *argv],
             cwd=str(cwd or project),
             env=env or environ,
             input=input,

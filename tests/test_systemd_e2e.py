@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FAKE_LORE, ROOT, TOKEN
+from conftest import FAKE_LORE, FROZEN, ROOT, TOKEN
 from harness.systemd_user import HarnessError, UserManager, e2e_required
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -39,10 +39,11 @@ def um():
         manager.stop()
 
 
-@pytest.fixture(scope="module")
-def app(um: UserManager):
-    """lore_service.py, the fake lore and a venv, all where the test user can
-    run them (a copy under its home, as a real install would be)."""
+@pytest.fixture(scope="module", params=["source", "frozen"])
+def app(um: UserManager, request: pytest.FixtureRequest):
+    """The tool, the fake lore and a venv, all where the test user can run
+    them: from source (a copy of lore_service.py under its home, run by a venv
+    of Debian's python), or the frozen binary unpacked into ~/Downloads."""
     try:
         py = um.ensure_venv()
     except HarnessError as exc:
@@ -50,8 +51,7 @@ def app(um: UserManager):
             pytest.fail(str(exc))
         pytest.skip(str(exc))
     home = um.home
-    appdir = home / "app"
-    bindir = home / "bin"
+    appdir, bindir = home / "app", home / "bin"
     for d in (appdir, bindir):
         d.mkdir(exist_ok=True)
     shutil.copy(ROOT / "lore_service.py", appdir / "lore_service.py")
@@ -59,14 +59,28 @@ def app(um: UserManager):
     lore = bindir / "lore"
     lore.write_text(f"#!/bin/sh\nexec '{py}' '{appdir / 'fake_lore.py'}' \"$@\"\n")
     lore.chmod(0o755)
+    owned = [appdir, bindir, *appdir.iterdir(), *bindir.iterdir()]
+    if request.param == "source":
+        argv = [str(py), str(appdir / "lore_service.py")]
+    else:
+        if not FROZEN:
+            reason = "no frozen binary: set LORE_SERVICE_FROZEN, or run ./run-tests with LORE_BUILD_FROZEN=1"
+            if e2e_required():
+                pytest.fail(reason)
+            pytest.skip(reason)
+        download = home / "Downloads" / "lore-service"
+        shutil.rmtree(download, ignore_errors=True)
+        shutil.copytree(Path(FROZEN).parent, download, symlinks=True)
+        owned += [home / "Downloads", *download.rglob("*"), download]
+        argv = [str(download / Path(FROZEN).name)]
     if um.mode == "private":
-        for p in (appdir, bindir, *appdir.iterdir(), *bindir.iterdir()):
-            os.chown(p, um.uid, um.gid)
-    return {"py": str(py), "script": str(appdir / "lore_service.py"), "lore": str(lore)}
+        for p in owned:
+            os.chown(p, um.uid, um.gid, follow_symlinks=False)
+    return {"argv": argv, "lore": str(lore), "layout": request.param, "download": str(argv[0])}
 
 
 def tool(um: UserManager, app: dict, *argv: str, timeout: float = 120):
-    res = um.run_as([app["py"], app["script"], *argv], extra_env={"GITLAB_TOKEN": TOKEN}, timeout=timeout)
+    res = um.run_as([*app["argv"], *argv], extra_env={"GITLAB_TOKEN": TOKEN}, timeout=timeout)
     assert "Traceback" not in res.stderr, res.stderr
     return res
 
@@ -206,9 +220,25 @@ def test_without_bus_variables_install_fails_loudly_naming_them(um, app):
     project = make_project(um, "no-bus")
     env = {"XDG_RUNTIME_DIR": "", "DBUS_SESSION_BUS_ADDRESS": "", "GITLAB_TOKEN": TOKEN}
     res = um.run_as(
-        [app["py"], app["script"], "install", "--backend", "systemd", "--lore", app["lore"], "--project", str(project)],
+        [*app["argv"], "install", "--backend", "systemd", "--lore", app["lore"], "--project", str(project)],
         extra_env=env,
         timeout=60,
     )
     assert res.returncode == 6, res.stdout + res.stderr
     assert "XDG_RUNTIME_DIR" in res.stderr and "hint:" in res.stderr
+
+
+def test_frozen_install_pins_a_copy_and_keeps_running_after_the_download_is_deleted(um, app, installed):
+    if app["layout"] != "frozen":
+        pytest.skip("the pinned copy is a frozen-binary matter")
+    sid = installed["service_id"]
+    manifest = json.loads((um.home / ".config/lore/services" / sid / "manifest.json").read_text())
+    pinned = manifest["program"][0]
+    assert pinned.startswith(str(um.home / ".local/share/lore/bin/")), pinned
+    assert f'ExecStart="{pinned}"' in unit_files(um, sid)[0].read_text()
+    shutil.rmtree(Path(app["download"]).parent)
+    started = um.systemctl("start", f"lore-sync-{sid}.service", timeout=300)
+    assert started.returncode == 0, started.stderr
+    res = um.run_as([pinned, "--json", "status", "--name", sid], timeout=60)
+    run = json.loads(res.stdout)["data"]["last_run"]
+    assert run["outcome"] == "success" and run["trigger"] == "scheduled"
