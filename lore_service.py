@@ -4683,6 +4683,8 @@ def cmd_uninstall(ctx: Context, args: argparse.Namespace) -> Outcome:
         os.rmdir(paths.config_dir(sid))
     except OSError:
         pass
+    # pinned copies of older versions that no service runs any more
+    removed += prune_pinned(paths, pinned_folder(paths.data_root))
     data = {"service_id": sid, "removed": removed, "kept": kept, "purged": bool(args.purge)}
     text = f"uninstalled {sid}" + (f"; kept {', '.join(kept)} (use --purge to delete)" if kept else "")
     return Outcome(data, text)
