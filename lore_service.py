@@ -14,6 +14,7 @@ Contents (sections appear in dependency order; each is bannered):
     2. System                     the one injectable object for OS calls
     3. Utilities                  time formatting, intervals, atomic files
     4. Identity and paths         service ids, per-user folders
+   4a. Pinned executable          frozen builds copy themselves to a stable path
     5. Config and manifest        service.toml, manifest.json
     6. Status                     status.json, run records, derived state
     7. Secrets                    env-file, keyring stores, embedded
@@ -21,13 +22,19 @@ Contents (sections appear in dependency order; each is bannered):
     9. Runner                     stage processes, timeouts, streaming
    10. Logs                       rotating service log, tail, follow
    11. Backends                   SchedulerBackend, registry, none backend
+  11a.   systemd                  hardened user timer + oneshot service
+  11b.   cron                     a marked block in the user's crontab
+  11c.   launchd                  a LaunchAgent in the GUI domain (macOS)
+  11d.   schtasks                 a Task Scheduler task from XML (Windows)
    12. Doctor                     checks with ok/warn/fail and a fix
    13. CLI                        argparse, commands, robot envelope, main()
 
 Start-up cost matters: `status` must start in a few multiples of a bare
 interpreter, so only json, argparse and dataclasses are imported at the top;
 everything else (subprocess, threading, tomllib, keyring, ...) is imported in
-the function that needs it.
+the function that needs it. Section 4a sits before config because the
+manifest's program argv depends on where the running executable is pinned;
+the CLI imports argparse at its own banner for the same reason as above.
 """
 
 from __future__ import annotations
