@@ -1592,6 +1592,9 @@ def update_status(paths: Paths, sid: str, system: System, change: Callable[[Stat
     return status
 
 
+NOT_DUE = "not due until"
+
+
 def skip_reason(status: Status, manifest: Manifest, now_ms: int, trigger: str) -> str | None:
     """Why a run must not start now, or None. Only compares persisted times."""
     if status.paused:
@@ -1602,7 +1605,7 @@ def skip_reason(status: Status, manifest: Manifest, now_ms: int, trigger: str) -
         return f"backing off until {iso_from_ms(status.next_retry_at_ms)}"
     coarse = manifest.schedule_step_seconds < manifest.interval_seconds
     if coarse and status.next_due_at_ms is not None and now_ms < status.next_due_at_ms:
-        return f"not due until {iso_from_ms(status.next_due_at_ms)}"
+        return f"{NOT_DUE} {iso_from_ms(status.next_due_at_ms)}"
     return None
 
 
@@ -2032,6 +2035,11 @@ class SchedulerBackend(ABC):
         """Called by `run` before its stages (e.g. to bound scheduler-held output files)."""
         return None
 
+    def entry_changed(self, manifest: Manifest, plan: Plan) -> bool:
+        """Whether installing `plan` would change the scheduler's entry, so a
+        re-install with the same options can say (and do) nothing."""
+        return any(file_differs(f.path, f.content) for f in plan.files)
+
     # -- helpers shared by backends
     def run_checked(self, argv: Sequence[str], *, hint: str = "", **kwargs: Any) -> CommandResult:
         result = self.system.run(argv, **kwargs)
@@ -2068,7 +2076,8 @@ def choose_backend(system: System) -> tuple[str | None, str, list[str]]:
     """(backend or None, reason, what was tried) for --backend auto."""
     tried: list[str] = []
     key = "linux" if system.platform.startswith("linux") else system.platform
-    for name in AUTO_ORDER.get(key, ()):
+    # other Unix (the BSDs, ...) have cron but no user manager
+    for name in AUTO_ORDER.get(key, ("cron",)):
         cls = BACKENDS.get(name)
         if cls is None:
             continue
@@ -2498,6 +2507,10 @@ CRON_PATH = "/usr/local/bin:/usr/bin:/bin"
 CRON_MINUTE_STEPS = (1, 2, 3, 4, 5, 6, 10, 12, 15, 20, 30)
 CRON_HOUR_STEPS = (1, 2, 3, 4, 6, 8, 12, 24)
 CRON_STEPS = tuple(m * 60 for m in CRON_MINUTE_STEPS) + tuple(h * 3600 for h in CRON_HOUR_STEPS)
+# Vixie cron re-reads changed crontabs at about hh:mm:01, judged by the spool's
+# mtime (1 s resolution): a crontab written in that very second is missed until
+# the next change, so none is written in a minute's first seconds
+CRON_RELOAD_GUARD_SECONDS = 3.0
 CRON_DAEMONS = ("cron", "crond")  # Debian/Ubuntu's Vixie cron, cronie (Fedora, Arch)
 CRON_INSTALL_HINT = (
     "install cron: `sudo apt install --no-install-recommends cron` (Debian/Ubuntu; without the flag apt "
@@ -2847,6 +2860,9 @@ class CronBackend(SchedulerBackend):
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(text.encode("utf-8"))
+            second = self.system.now_ms() / 1000 % 60
+            if second < CRON_RELOAD_GUARD_SECONDS:
+                self.system.sleep(CRON_RELOAD_GUARD_SECONDS - second)
             result = self.system.run(argv, timeout=60)
         finally:
             remove_file(tmp)
@@ -2857,6 +2873,13 @@ class CronBackend(SchedulerBackend):
                 code="crontab_write",
             )
         return argv
+
+    def entry_changed(self, manifest: Manifest, plan: Plan) -> bool:
+        try:
+            current = self.read_crontab()
+            return cron_splice(current, manifest.service_id, plan.files[0].content)[0] != current
+        except LoreServiceError:
+            return True  # install will report the problem
 
     def install(self, manifest: Manifest, embedded_token: str | None) -> Plan:
         plan = self.plan(manifest, embedded_token)  # refuses an unsafe or too long line first
@@ -4564,9 +4587,7 @@ def apply_install(
     store_token = token is not None and source != "embedded" and not (same_store and old_secret == token)
     old_config = read_text(paths.config(sid))
     switched = existing is not None and existing.backend != manifest.backend and existing.backend in BACKENDS
-    entry_changed = any(file_differs(f.path, f.content) for f in plan.files) or bool(
-        existing is None or switched or (source == "embedded" and token is not None)
-    )
+    entry_changed = existing is None or switched or backend.entry_changed(manifest, plan)
     config_changed = old_config != config_text
     try:
         if switched and existing is not None:  # a service must never run from two schedulers
@@ -4755,6 +4776,10 @@ def _run(ctx: Context, args: argparse.Namespace, trigger: str) -> Outcome:
                 f"`{TOOL_NAME} resume`, then trigger again",
                 code="paused",
             )
+        if reason and reason.startswith(NOT_DUE):
+            # a coarse schedule (cron every 15m for 45m) fires early by design:
+            # that is no event, so neither the log nor the scheduler's output hears of it
+            return _skipped(sid, reason, quiet=True)
         if reason:
             log.write_line("skip", reason)
             return _skipped(sid, reason)
@@ -4804,8 +4829,9 @@ def _with_data(error: LoreServiceError, data: dict[str, Any], text: str) -> Lore
     return error
 
 
-def _skipped(sid: str, reason: str) -> Outcome:
-    return Outcome({"service_id": sid, "skipped": True, "skip_reason": reason, "run": None}, f"skipped {sid}: {reason}")
+def _skipped(sid: str, reason: str, quiet: bool = False) -> Outcome:
+    data = {"service_id": sid, "skipped": True, "skip_reason": reason, "run": None}
+    return Outcome(data, "" if quiet else f"skipped {sid}: {reason}")
 
 
 def _render_run(record: RunRecord, status: Status) -> str:
