@@ -2122,6 +2122,52 @@ class NoneBackend(SchedulerBackend):
         return []
 
 
+# -- shared by backends whose scheduler captures the run's output (cron, launchd)
+
+# That output only holds crashes and stray lines (the run writes its real log
+# itself); trim_crash_log keeps it this small.
+CRASH_LOG_MAX_BYTES = 1024 * 1024
+CRASH_LOG_KEEP_BYTES = 256 * 1024
+
+
+def trim_crash_log(path: str, max_bytes: int = CRASH_LOG_MAX_BYTES, keep_bytes: int = CRASH_LOG_KEEP_BYTES) -> bool:
+    """Bound a file the scheduler holds open; True when it was trimmed.
+
+    launchd keeps StandardOutPath open (O_APPEND), so renaming would not rotate
+    it: the same inode is rewritten with its last `keep_bytes`, from a line start.
+    """
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        return False
+    if size <= max_bytes:
+        return False
+    keep = min(keep_bytes, max_bytes)
+    try:
+        with open(path, "r+b") as fh:
+            fh.seek(size - keep)
+            tail = fh.read(keep)
+            cut = tail.find(b"\n")
+            if 0 <= cut < len(tail) - 1:
+                tail = tail[cut + 1 :]
+            fh.seek(0)
+            fh.write(b"[older output trimmed by lore-service]\n" + tail)
+            fh.truncate()
+    except OSError:
+        return False
+    return True
+
+
+def crash_log_check(path: str, what: str) -> Check:
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        size = 0
+    if size <= CRASH_LOG_MAX_BYTES:
+        return Check("crash log", "ok", f"{path} ({size} bytes; {what}, trimmed by each run)")
+    return Check("crash log", "warn", f"{path} is {size} bytes", f"`{TOOL_NAME} run` trims it")
+
+
 # ---------------------------------------------------------------------------
 # 11a. systemd user timers (Linux)
 # ---------------------------------------------------------------------------
@@ -3043,15 +3089,7 @@ class CronBackend(SchedulerBackend):
                 )
             )
             return checks
-        try:
-            size = os.path.getsize(crash_log)
-        except OSError:
-            size = 0
-        checks.append(
-            Check("crash log", "ok", f"{crash_log} ({size} bytes; cron output lands here, trimmed by each run)")
-            if size <= CRASH_LOG_MAX_BYTES
-            else Check("crash log", "warn", f"{crash_log} is {size} bytes", f"`{TOOL_NAME} run` trims it")
-        )
+        checks.append(crash_log_check(crash_log, "cron output lands here"))
         return checks
 
 
@@ -3062,43 +3100,11 @@ class CronBackend(SchedulerBackend):
 LAUNCHD_LABEL_PREFIX = "com.gitlore.sync."
 LAUNCHD_NICE = 10
 LAUNCHCTL_NO_SUCH_SERVICE = (113, 3)  # "Could not find service" (113); older macOS: "No such process" (3)
-# launchd's StandardOut/ErrorPath only catch crashes and stray output (the run
-# writes its real log itself); trim_crash_log keeps them this small.
-CRASH_LOG_MAX_BYTES = 1024 * 1024
-CRASH_LOG_KEEP_BYTES = 256 * 1024
 LAUNCHD_GUI_HINT = (
     "launchd agents live in your GUI login session (domain gui/<uid>) and the token lives in your login "
     "keychain; SSH, sudo and su sessions reach neither. Log in at the Mac, open Terminal there and run the "
     f"same `{TOOL_NAME}` command as yourself, without sudo"
 )
-
-
-def trim_crash_log(path: str, max_bytes: int = CRASH_LOG_MAX_BYTES, keep_bytes: int = CRASH_LOG_KEEP_BYTES) -> bool:
-    """Bound a file the scheduler holds open; True when it was trimmed.
-
-    launchd keeps StandardOutPath open (O_APPEND), so renaming would not rotate
-    it: the same inode is rewritten with its last `keep_bytes`, from a line start.
-    """
-    try:
-        size = os.path.getsize(path)
-    except OSError:
-        return False
-    if size <= max_bytes:
-        return False
-    keep = min(keep_bytes, max_bytes)
-    try:
-        with open(path, "r+b") as fh:
-            fh.seek(size - keep)
-            tail = fh.read(keep)
-            cut = tail.find(b"\n")
-            if 0 <= cut < len(tail) - 1:
-                tail = tail[cut + 1 :]
-            fh.seek(0)
-            fh.write(b"[older output trimmed by lore-service]\n" + tail)
-            fh.truncate()
-    except OSError:
-        return False
-    return True
 
 
 def parse_launchctl_print(text: str) -> dict[str, str]:
@@ -3446,16 +3452,7 @@ class LaunchdBackend(SchedulerBackend):
         if manifest is None or manifest.token_source == "keychain":
             checks.append(self._keychain_check())
         if manifest is not None:
-            crash_log = self.paths.crash_log(manifest.service_id)
-            try:
-                size = os.path.getsize(crash_log)
-            except OSError:
-                size = 0
-            checks.append(
-                Check("crash log", "ok", f"{crash_log} ({size} bytes; trimmed by each run)")
-                if size <= CRASH_LOG_MAX_BYTES
-                else Check("crash log", "warn", f"{crash_log} is {size} bytes", f"`{TOOL_NAME} run` trims it")
-            )
+            checks.append(crash_log_check(self.paths.crash_log(manifest.service_id), "launchd's stdout/stderr"))
         return checks
 
 
