@@ -278,15 +278,26 @@ class System:
 
     def kill_group(self, proc: subprocess.Popen[bytes], *, hard: bool) -> None:
         """Signal the stage's whole process group, grandchildren included."""
+        self.kill_group_id(proc.pid, hard=hard)
+
+    def kill_group_id(self, pgid: int, *, hard: bool) -> None:
         if os.name == "nt":
-            self.run(["taskkill", "/T", "/F", "/PID", str(proc.pid)], timeout=30)
+            self.run(["taskkill", "/T", "/F", "/PID", str(pgid)], timeout=30)
             return
         import signal
 
         try:
-            os.killpg(proc.pid, signal.SIGKILL if hard else signal.SIGTERM)
+            os.killpg(pgid, signal.SIGKILL if hard else signal.SIGTERM)
         except (ProcessLookupError, PermissionError):
             pass
+
+    def read_proc_environ(self, pid: int) -> list[bytes] | None:
+        """A process's environment (Linux /proc), or None when it cannot be read."""
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                return fh.read().split(b"\0")
+        except OSError:
+            return None
 
     # -- terminal
     def stdin_isatty(self) -> bool:
@@ -1532,11 +1543,18 @@ class FileLock:
         os.close(fd)
         return False
 
-    def record_owner(self) -> None:
-        """Write our pid into the held lock file, for lock_is_held()."""
+    def record_owner(self, note: str = "") -> None:
+        """Write our pid (and a note: the running stage) into the held lock
+        file, for lock_is_held() and for the next run after a crash."""
         if self._fd is not None and os.name != "nt":  # msvcrt locks the byte we would write
             os.ftruncate(self._fd, 0)
-            os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+            os.pwrite(self._fd, f"{os.getpid()}\n{note}".encode(), 0)
+
+    def previous_note(self) -> str:
+        """What the last holder recorded (read before record_owner overwrites it)."""
+        if self._fd is None or os.name == "nt":
+            return ""
+        return os.pread(self._fd, 512, 0).decode("utf-8", "replace")
 
     def release(self) -> None:
         if self._fd is not None:
@@ -1567,7 +1585,7 @@ def lock_is_held(path: str) -> bool:
     when the pid the holder recorded is alive."""
     try:
         with open(path, "rb") as fh:
-            head = fh.read(32).strip()
+            head = fh.read(64).split(b"\n", 1)[0].strip()
     except OSError:
         return False
     if os.name != "nt" and not (head.isdigit() and _pid_alive(int(head))):
@@ -1707,6 +1725,7 @@ def run_stage(
     log: ServiceLog,
     cfg: ServiceConfig,
     secret: str | None,
+    on_spawn: Callable[[int], None] | None = None,
 ) -> StageResult:
     import threading
 
@@ -1721,6 +1740,8 @@ def run_stage(
     log.write_line(stage.name, "start: " + " ".join(stage.command))
     try:
         proc = system.spawn(stage.command, cwd=cwd, env=env)
+        if on_spawn is not None:
+            on_spawn(proc.pid)
     except OSError as exc:
         message = f"cannot start {stage.command[0]}: {exc.strerror or exc}"
         log.write_line(stage.name, message)
@@ -1758,8 +1779,31 @@ def run_stage(
     return StageResult(stage.name, stage.critical, outcome, None if timed_out else code, duration, error_class, message)
 
 
+def reap_orphaned_stage(note: str, system: System, log: ServiceLog) -> None:
+    """A run killed mid-stage (SIGKILL, out of memory) leaves its stage's
+    process group running in a session of its own. The next holder of the
+    lock ends it, so two syncs never overlap. Only on Linux, where /proc
+    proves the group is that run's (its environment names the run) before
+    anything is killed."""
+    parts = note.split()
+    if len(parts) != 3 or not parts[2].isdigit() or not system.platform.startswith("linux"):
+        return
+    run_id, pgid = parts[1], int(parts[2])
+    env = system.read_proc_environ(pgid)
+    if env is None or f"LORE_SERVICE_RUN_ID={run_id}".encode() not in env:
+        return
+    system.kill_group_id(pgid, hard=True)
+    log.write_line("run", f"ended stage process group {pgid} left running by crashed run {run_id}")
+
+
 def run_stages(
-    system: System, manifest: Manifest, cfg: ServiceConfig, trigger: str, log: ServiceLog, secret: str | None
+    system: System,
+    manifest: Manifest,
+    cfg: ServiceConfig,
+    trigger: str,
+    log: ServiceLog,
+    secret: str | None,
+    lock: FileLock | None = None,
 ) -> RunRecord:
     """Critical stages always run; optional ones only after a critical success."""
     started_ms = system.now_ms()
@@ -1774,12 +1818,17 @@ def run_stages(
     log.write_line("run", f"run {run_id} ({trigger}) profile {cfg.profile} in {manifest.project_root}")
     results: list[StageResult] = []
     stages = cfg.active_stages()
+
+    def on_spawn(pgid: int) -> None:  # lets the next run end this stage if we die
+        if lock is not None:
+            lock.record_owner(f"{run_id} {pgid}")
+
     for stage in (s for s in stages if s.critical):
-        results.append(run_stage(system, stage, manifest.project_root, env, deadline, log, cfg, secret))
+        results.append(run_stage(system, stage, manifest.project_root, env, deadline, log, cfg, secret, on_spawn))
     any_critical_ok = any(r.outcome == "success" for r in results) or not results
     for stage in (s for s in stages if not s.critical):
         if any_critical_ok:
-            results.append(run_stage(system, stage, manifest.project_root, env, deadline, log, cfg, secret))
+            results.append(run_stage(system, stage, manifest.project_root, env, deadline, log, cfg, secret, on_spawn))
         else:
             results.append(
                 StageResult(stage.name, False, "skipped", None, 0, None, "skipped: no critical stage succeeded")
@@ -4762,6 +4811,7 @@ def _run(ctx: Context, args: argparse.Namespace, trigger: str) -> Outcome:
             log.may_rotate = False
             log.write_line("skip", "another run holds the lock")
             return _skipped(sid, "another run holds the lock")
+        reap_orphaned_stage(lock.previous_note(), system, log)
         lock.record_owner()
         if manifest.backend in BACKENDS:  # e.g. launchd keeps its crash log bounded
             get_backend(manifest.backend, system, paths).before_run(manifest)
@@ -4785,7 +4835,7 @@ def _run(ctx: Context, args: argparse.Namespace, trigger: str) -> Outcome:
             log.write_line(
                 "run", f"warning: no token found in {manifest.token_source}; stages run without {cfg.token_env}"
             )
-        record = run_stages(system, manifest, cfg, trigger, log, secret)
+        record = run_stages(system, manifest, cfg, trigger, log, secret, lock)
 
         def change(s: Status) -> None:
             apply_outcome(s, record, cfg, system, system.now_ms())
