@@ -272,7 +272,9 @@ def fake_venv(root: Path, home: str = "/usr/bin") -> str:
 def test_program_in_tmp_or_downloads_or_mei_warns(tmp_path: Path) -> None:
     script = tmp_path / "lore_service.py"
     script.write_text("")
-    checks = ls.program_checks([sys.executable, str(script), "run"])
+    # an interpreter that is neither temporary nor a venv, wherever this checkout lives (CI clones under /tmp)
+    interpreter = os.path.realpath(shutil.which("sh") or "/bin/sh")
+    checks = ls.program_checks([interpreter, str(script), "run"])
     assert [c.status for c in checks] == ["warn"] and "temporary" in checks[0].message
     for path in ("/home/me/Downloads/lore-service/lore-service", "C:\\Users\\me\\AppData\\Local\\Temp\\_MEI42\\x.exe"):
         assert ls._disposable(path), path
