@@ -4944,6 +4944,28 @@ def service_status(ctx: Context, manifest: Manifest, with_scheduler: bool = True
     return data
 
 
+def ms_from_iso(iso: str) -> int | None:
+    """Inverse of iso_from_ms (UTC, `Z`); None for anything else."""
+    import calendar
+
+    try:
+        whole = calendar.timegm(time.strptime(iso[:19], "%Y-%m-%dT%H:%M:%S"))
+        frac = int(iso[20:23]) if iso[19:20] == "." else 0
+    except (ValueError, TypeError):
+        return None
+    return whole * 1000 + frac
+
+
+def _when(iso: str | None, now_ms: int) -> str:
+    """`2026-11-28 01:26 (in 12m)` in local time, for people."""
+    ms = ms_from_iso(iso or "")
+    if ms is None:
+        return iso or "?"
+    delta = (ms - now_ms) / 1000
+    relative = f"in {human_duration(delta)}" if delta >= 0 else f"{human_duration(delta)} ago"
+    return f"{local_time(ms)} ({relative})"
+
+
 def _render_status(d: dict[str, Any], now_ms: int) -> str:
     lines = [f"{d['service_id']}: {d['state'].upper()}", f"  project     {d['project_root']}"]
     sched = d.get("scheduler") or {}
@@ -4955,7 +4977,7 @@ def _render_status(d: dict[str, Any], now_ms: int) -> str:
         lines.append(f"  scheduler   error: {sched['error']['message']}\n              fix: {sched['error']['hint']}")
     else:
         if sched.get("next_run_iso"):
-            lines.append(f"  next run    {sched['next_run_iso']}")
+            lines.append(f"  next run    {_when(sched['next_run_iso'], now_ms)}")
         if sched.get("detail"):
             lines.append(f"  scheduler   {sched['detail']}")
         for problem in sched.get("drift") or []:
@@ -4964,7 +4986,7 @@ def _render_status(d: dict[str, Any], now_ms: int) -> str:
     if run:
         stages = ", ".join(f"{s['stage']} {s['outcome']}" for s in run["stage_results"])
         lines.append(
-            f"  last run    {run['started_at_iso']} ({run['trigger']}): {run['outcome']} in "
+            f"  last run    {_when(run['started_at_iso'], now_ms)}, {run['trigger']}: {run['outcome']} in "
             f"{human_duration(run['duration_ms'] / 1000)}"
         )
         lines.append(f"              {stages}")
@@ -4977,9 +4999,11 @@ def _render_status(d: dict[str, Any], now_ms: int) -> str:
             f"  next retry  {local_time(d['next_retry_at_ms'])} "
             f"(in {human_duration((d['next_retry_at_ms'] - now_ms) / 1000)})"
         )
+    elif d["consecutive_failures"] and not d.get("paused"):
+        lines.append("  next retry  at the next scheduled run (the backoff wait is over)")
     pause = d.get("paused")
     if pause:
-        lines.append(f"  PAUSED      {pause['kind']} since {pause['since_iso']}: {pause['reason']}")
+        lines.append(f"  PAUSED      {pause['kind']} since {_when(pause['since_iso'], now_ms)}: {pause['reason']}")
         lines.append(f"              fix: {pause['hint']}")
     lines.append(f"  log         {d['log_path']}")
     return "\n".join(lines)

@@ -176,3 +176,17 @@ def test_relocated_home_is_used_by_the_scheduler_entry(cli, installed, home):
     assert program[program.index("--home") + 1] == str(home)
     assert program[-3:] == ["run", "--service-id", installed["service_id"]]
     assert all(os.path.isabs(p) for p in program[:2])
+
+
+def test_iso_timestamps_round_trip_and_garbage_is_none():
+    for ms in (0, 1_700_000_000_000, 1_795_825_944_123):
+        assert ls.ms_from_iso(ls.iso_from_ms(ms)) == ms
+    assert ls.ms_from_iso("yesterday") is None and ls.ms_from_iso("") is None
+
+
+def test_human_status_shows_times_in_local_time_with_relative_hints(cli, installed, system):
+    system.clock_ms = 1_795_825_944_000
+    cli("--json", "trigger")
+    system.clock_ms += 90_000
+    text = cli("status").out
+    assert "last run    " in text and "ago), manual: success" in text
