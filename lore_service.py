@@ -1455,13 +1455,6 @@ def store_secret(paths: Paths, manifest: Manifest, token: str) -> str | None:
     return None
 
 
-def has_stored_secret(paths: Paths, manifest: Manifest) -> bool:
-    try:
-        return read_secret(paths, manifest, {}) is not None
-    except LoreServiceError:
-        return False
-
-
 def read_secret(paths: Paths, manifest: Manifest, environ: dict[str, str]) -> str | None:
     """The token for a run, or None; the variable in the caller's environment
     (embedded entries, or `run` called from the user's own cron) is the fallback."""
@@ -4459,13 +4452,12 @@ def cmd_install(ctx: Context, args: argparse.Namespace) -> Outcome:
             code="id_taken",
         )
     old_cfg = load_config(paths, sid) if existing is not None and os.path.exists(paths.config(sid)) else None
-    interval = (
-        parse_interval(args.interval)
-        if args.interval is not None
-        else (existing.interval_seconds if existing else DEFAULT_INTERVAL)
-    )
-    profile = args.profile or (existing.profile if existing else DEFAULT_PROFILE)
-    token_env = validate_env_name(args.token_env or (existing.token_env if existing else DEFAULT_TOKEN_ENV))
+    # a flag not given keeps what service.toml says now: the user's edits there
+    # are exactly what a re-install is asked to apply
+    now_cfg: ServiceConfig | Manifest = old_cfg or existing or ServiceConfig()
+    interval = parse_interval(args.interval) if args.interval is not None else now_cfg.interval_seconds
+    profile = args.profile or now_cfg.profile
+    token_env = validate_env_name(args.token_env or now_cfg.token_env)
     lore = _resolve_lore(ctx, args, existing)  # bad input is refused before the machine is probed
     missing: list[str] = []
 
@@ -4537,16 +4529,19 @@ def cmd_install(ctx: Context, args: argparse.Namespace) -> Outcome:
             manifest.updated_at_iso = existing.updated_at_iso
 
     token = _obtain_token(ctx, args, token_env)
+    if token is None and existing is not None and existing.token_source != "embedded":
+        try:  # re-install without a new token: carry the stored one over (new variable name or store)
+            token = read_secret(paths, existing, {})
+        except LoreServiceError:
+            token = None
     if token is None:
-        reuse = existing is not None and existing.token_source == source and source != "embedded"
-        if not (reuse and has_stored_secret(paths, existing)):  # type: ignore[arg-type]
-            if not args.dry_run:
-                raise UsageError(
-                    f"no token: {token_env} is not set",
-                    f"export {token_env}=<GitLab token>, or pipe it with --token-stdin",
-                    code="no_token",
-                )
-            missing.append(f"no token yet ({token_env} is not set)")
+        if not args.dry_run:
+            raise UsageError(
+                f"no token: {token_env} is not set",
+                f"export {token_env}=<GitLab token>, or pipe it with --token-stdin",
+                code="no_token",
+            )
+        missing.append(f"no token yet ({token_env} is not set)")
     embedded = token if source == "embedded" else None
     warnings: list[str] = []
     if source == "embedded":
@@ -4629,7 +4624,12 @@ def apply_install(
             old_secret = read_secret(paths, existing, {})
         except LoreServiceError:
             old_secret = None
-    same_store = existing is not None and existing.token_source == source and source != "embedded"
+    same_store = (
+        existing is not None
+        and existing.token_source == source
+        and existing.token_env == manifest.token_env
+        and source != "embedded"
+    )
     store_token = token is not None and source != "embedded" and not (same_store and old_secret == token)
     old_config = read_text(paths.config(sid))
     switched = existing is not None and existing.backend != manifest.backend and existing.backend in BACKENDS
@@ -4684,7 +4684,7 @@ def _roll_back_install(
             steps.append(lambda: atomic_write(paths.config(sid), old_config, 0o600))
         if stored_token:
             if old_secret is not None and existing.token_source == manifest.token_source:
-                steps.append(lambda: store_secret(paths, manifest, old_secret))
+                steps.append(lambda: store_secret(paths, existing, old_secret))
             elif existing.token_source != manifest.token_source:
                 steps.append(lambda: delete_secret(paths, manifest))
         if switched and existing.token_source != "embedded":

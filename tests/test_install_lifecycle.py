@@ -183,3 +183,26 @@ def test_doctor_human_output_gives_the_fix_for_each_problem(cli, installed, home
     os.chmod(home / "config" / installed["service_id"] / "manifest.json", 0o644)
     r = cli("doctor")
     assert "warn  manifest file" in r.out and "fix: chmod 600" in r.out
+
+
+def test_reinstall_without_flags_applies_the_users_edits_to_service_toml(cli, installed, home):
+    sid = installed["service_id"]
+    edit_config(home, sid, lambda doc: doc.update(interval="2h", profile="fast"))
+    r = cli("--json", "install")
+    assert r.code == 0 and r.data["interval_seconds"] == 7200 and r.data["profile"] == "fast"
+    manifest = json.loads((home / "config" / sid / "manifest.json").read_text())
+    assert manifest["interval_seconds"] == 7200 and manifest["profile"] == "fast"
+    cfg = ls.load_config(ls.Paths(ls.System({"LORE_SERVICE_HOME": str(home)})), sid)
+    assert cfg.interval_seconds == 7200 and cfg.profile == "fast"
+
+
+def test_reinstall_with_a_new_token_variable_carries_the_stored_token_over(cli, installed, system, home, project):
+    sid = installed["service_id"]
+    del system.environ["GITLAB_TOKEN"]
+    r = cli("--json", "install", "--token-env", "LORE_TOKEN")
+    assert r.code == 0, r.out
+    assert (home / "config" / sid / "token.env").read_text() == f"LORE_TOKEN={TOKEN}\n"
+    (project / ".fake-lore.json").write_text(json.dumps({"issues": {"env_var": "LORE_TOKEN"}}))
+    assert cli("--json", "trigger").code == 0
+    seen = [json.loads(line) for line in (project / ".fake-lore-calls.jsonl").read_text().splitlines()]
+    assert seen[0]["token_set"] is True
