@@ -617,6 +617,22 @@ class Paths:
     def crash_log(self, sid: str) -> str:
         return os.path.join(self.log_dir(sid), "scheduler-output.log")
 
+    def xdg_pins(self, user_home: str) -> list[tuple[str, str]]:
+        """XDG variables a scheduler must set so a run finds these very folders
+        (the user manager or cron may not share the shell's environment). Only
+        non-default ones; none for a relocated home, which travels as --home."""
+        if self.home:
+            return []
+        pins = []
+        for var, root, default in (
+            ("XDG_CONFIG_HOME", os.path.dirname(os.path.dirname(self.config_root)), ".config"),
+            ("XDG_STATE_HOME", os.path.dirname(os.path.dirname(self.state_root)), ".local/state"),
+            ("XDG_DATA_HOME", os.path.dirname(self.data_root), ".local/share"),
+        ):
+            if root != os.path.join(user_home, default):
+                pins.append((var, root))
+        return pins
+
     def installed_ids(self) -> list[str]:
         try:
             names = os.listdir(self.config_root)
@@ -2164,6 +2180,16 @@ class NoneBackend(SchedulerBackend):
         return []
 
 
+def scheduler_timeout(paths: Paths, sid: str) -> int:
+    """Seconds a scheduler lets a run take: a minute beyond the run's own
+    budget, never below the review's 900, so the run records its own timeout."""
+    try:
+        budget = load_config(paths, sid).run_budget_seconds
+    except LoreServiceError:
+        budget = DEFAULT_RUN_BUDGET
+    return max(SCHEDULER_TIMEOUT, budget + 60)
+
+
 # -- shared by backends whose scheduler captures the run's output (cron, launchd)
 
 # That output only holds crashes and stray lines (the run writes its real log
@@ -2251,6 +2277,13 @@ class SystemdBackend(SchedulerBackend):
     description = "systemd user timer (Linux)"
     # PrivateTmp=true gives the service an empty /tmp: nothing it needs may live there
     hidden_roots: tuple[str, ...] = ("/tmp", "/var/tmp")
+
+    def schedule_step(self, interval_seconds: int) -> int:
+        # OnUnitActiveSec= counts from the last activation in this boot and
+        # Persistent= only serves calendar timers: a 24h timer on a laptop that
+        # is shut down nightly would never fire. Fire at least hourly (and 5 min
+        # after the manager starts) and let `run` skip until the interval is due.
+        return min(interval_seconds, 3600)
 
     # -- naming and files
     @staticmethod
@@ -2387,11 +2420,13 @@ class SystemdBackend(SchedulerBackend):
             "Type=oneshot",
             f"ExecStart={exec_start}",
             # our own run budget ends first, so the run records its own timeout
-            f"TimeoutStartSec={SCHEDULER_TIMEOUT}",
+            f"TimeoutStartSec={scheduler_timeout(self.paths, sid)}",
             "Nice=10",
             "IOSchedulingClass=idle",
             "CPUSchedulingPolicy=batch",
         ]
+        home = self.system.environ.get("HOME") or os.path.expanduser("~")
+        service += ["Environment=" + systemd_quote(f"{k}={v}") for k, v in self.paths.xdg_pins(home)]
         if token_line is not None:
             service.append(token_line)
         service += [
@@ -2430,10 +2465,9 @@ class SystemdBackend(SchedulerBackend):
             f"Description=every {format_interval(manifest.interval_seconds)}: {what} ({sid})",
             "",
             "[Timer]",
-            f"OnActiveSec={systemd_seconds(interval)}",
+            # catch up after boot, login or a manager restart (in the past: fires on enable)
+            "OnStartupSec=5min",
             f"OnUnitActiveSec={systemd_seconds(interval)}",
-            # catch up on a missed run after the manager was down
-            "Persistent=true",
             # spread many workspaces over a few minutes instead of one second
             f"RandomizedDelaySec={splay}s",
             "FixedRandomDelay=true",
@@ -2473,13 +2507,17 @@ class SystemdBackend(SchedulerBackend):
     def uninstall(self, manifest: Manifest) -> None:
         timer_unit = self.unit_base(manifest.service_id) + ".timer"
         existing = [p for p in self.file_paths(manifest) if os.path.exists(p)]
-        if existing:
-            # "not loaded" is fine: we are removing it anyway
-            self._systemctl("disable", "--now", timer_unit)
+        # always: a manager may still hold a timer whose files were deleted by
+        # hand; "not loaded" is fine, we are removing it anyway
+        self._systemctl("disable", "--now", timer_unit)
         for path in existing:
             remove_file(path)
-        if existing:
-            self.run_checked(["systemctl", "--user", "daemon-reload"])
+        reload = self._systemctl("daemon-reload")
+        if existing and not reload.ok:
+            raise SchedulerError(
+                f"`systemctl --user daemon-reload` failed: {reload.summary()}",
+                "the unit files are removed; run `systemctl --user daemon-reload` once the user manager answers",
+            )
 
     # -- state
     def _show(self, unit: str, props: str) -> dict[str, str]:
@@ -2489,6 +2527,19 @@ class SystemdBackend(SchedulerBackend):
                 f"cannot ask the systemd user manager about {unit}: {out.summary()}", f"`{TOOL_NAME} doctor`"
             )
         return dict(line.partition("=")[::2] for line in out.stdout.splitlines() if "=" in line)
+
+    def _next_due_tick(self, manifest: Manifest, tick_ms: int) -> int:
+        """The first timer tick at which `run` will not skip as not due."""
+        step = manifest.schedule_step_seconds * 1000
+        if step >= manifest.interval_seconds * 1000:
+            return tick_ms
+        try:
+            due = load_status(self.paths, manifest.service_id).next_due_at_ms
+        except LoreServiceError:
+            return tick_ms
+        if due is None or due <= tick_ms:
+            return tick_ms
+        return tick_ms + -(-(due - tick_ms) // step) * step
 
     def _drift(self, manifest: Manifest) -> list[str]:
         placeholder = f"{manifest.token_env}={SECRET_PLACEHOLDER}"
@@ -2536,7 +2587,7 @@ class SystemdBackend(SchedulerBackend):
         for row in rows if isinstance(rows, list) else []:
             if isinstance(row, dict) and row.get("unit") == base + ".timer":
                 if isinstance(row.get("next"), int) and row["next"] > 0:
-                    result["next_run_iso"] = iso_from_ms(row["next"] // 1000)
+                    result["next_run_iso"] = iso_from_ms(self._next_due_tick(manifest, row["next"] // 1000))
                 if isinstance(row.get("last"), int) and row["last"] > 0:
                     result["last_trigger_iso"] = iso_from_ms(row["last"] // 1000)
         service = self._show(base + ".service", "Result,ExecMainStatus,ExecMainExitTimestamp,ActiveState")
@@ -2825,15 +2876,7 @@ class CronBackend(SchedulerBackend):
     def environment(self, manifest: Manifest, token: str | None) -> list[tuple[str, str]]:
         """What the run needs beyond cron's HOME, LOGNAME, SHELL and PATH=/usr/bin:/bin."""
         home = self.system.environ.get("HOME") or os.path.expanduser("~")
-        env = [("HOME", home), ("PATH", CRON_PATH), ("LANG", "C.UTF-8")]
-        if not self.paths.home:  # relocated trees travel in argv (--home); else pin the XDG folders
-            for var, root, default in (
-                ("XDG_CONFIG_HOME", os.path.dirname(os.path.dirname(self.paths.config_root)), ".config"),
-                ("XDG_STATE_HOME", os.path.dirname(os.path.dirname(self.paths.state_root)), ".local/state"),
-                ("XDG_DATA_HOME", os.path.dirname(self.paths.data_root), ".local/share"),
-            ):
-                if root != os.path.join(home, default):
-                    env.append((var, root))
+        env = [("HOME", home), ("PATH", CRON_PATH), ("LANG", "C.UTF-8"), *self.paths.xdg_pins(home)]
         if manifest.token_source == "embedded":
             env.append((manifest.token_env, token or SECRET_PLACEHOLDER))
         return env
@@ -3708,7 +3751,7 @@ class SchtasksBackend(SchedulerBackend):
             ("Hidden", "true"),
             ("RunOnlyIfIdle", "false"),
             ("WakeToRun", "false"),
-            ("ExecutionTimeLimit", iso_duration(SCHEDULER_TIMEOUT)),  # a little above the run budget
+            ("ExecutionTimeLimit", iso_duration(scheduler_timeout(self.paths, manifest.service_id))),
             ("Priority", str(TASK_PRIORITY)),
         ):
             sub(settings, tag, value)

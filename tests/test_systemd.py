@@ -60,7 +60,7 @@ def test_install_writes_hardened_units_and_enables_the_timer(cli, linux, project
         assert f"\n{directive}\n" in service, directive
     assert f'"{home}/state/{sid}"' in service and f'"{home}/logs/{sid}"' in service
     assert f'"{project}"' in service
-    for directive in ("OnActiveSec=45min", "OnUnitActiveSec=45min", "Persistent=true", "WantedBy=timers.target"):
+    for directive in ("OnStartupSec=5min", "OnUnitActiveSec=45min", "WantedBy=timers.target"):
         assert f"\n{directive}\n" in timer
     assert "RandomizedDelaySec=" in timer
     assert TOKEN not in service + timer
@@ -213,7 +213,7 @@ def test_uninstall_disables_removes_and_reloads(cli, linux):
     sequence = [c for c in linux.commands if c[:2] == ["systemctl", "--user"]]
     assert sequence == [
         ["systemctl", "--user", "--no-pager", "disable", "--now", f"lore-sync-{sid}.timer"],
-        ["systemctl", "--user", "daemon-reload"],
+        ["systemctl", "--user", "--no-pager", "daemon-reload"],
     ]
     import os
 
@@ -227,3 +227,40 @@ def test_paths_under_tmp_are_refused_because_private_tmp_hides_them(cli, system)
     r = install(cli)
     assert r.code == 6 and "temporary folder" in r.doc["error"]["message"]
     assert "--backend cron" in r.doc["error"]["hint"]
+
+
+def test_uninstall_disables_the_timer_even_when_its_files_were_deleted_by_hand(cli, linux):
+    import os
+
+    sid = install(cli).data["service_id"]
+    for suffix in (".service", ".timer"):
+        os.unlink(f"{linux.environ['HOME']}/.config/systemd/user/lore-sync-{sid}{suffix}")
+    linux.commands.clear()
+    assert cli("--json", "uninstall").code == 0
+    assert ["systemctl", "--user", "--no-pager", "disable", "--now", f"lore-sync-{sid}.timer"] in linux.commands
+
+
+@pytest.mark.parametrize(("interval", "step"), [("5m", 300), ("45m", 2700), ("1h", 3600), ("2h", 3600), ("24h", 3600)])
+def test_long_intervals_fire_hourly_so_a_nightly_shutdown_cannot_starve_them(cli, linux, home, interval, step):
+    r = cli("--json", "install", "--backend", "systemd", "--interval", interval)
+    assert r.code == 0 and r.data["schedule_step_seconds"] == step
+    _, timer = units(linux, r.data["service_id"])
+    assert f"\nOnUnitActiveSec={ls.systemd_seconds(step)}\n" in timer and "\nOnStartupSec=5min\n" in timer
+
+
+def test_non_default_xdg_folders_are_pinned_in_the_unit(cli, linux, home, tmp_path):
+    del linux.environ["LORE_SERVICE_HOME"]
+    linux.environ["XDG_STATE_HOME"] = str(tmp_path / "state-elsewhere")
+    r = cli("--json", "install", "--backend", "systemd")
+    assert r.code == 0, r.out
+    service, _ = units(linux, r.data["service_id"])
+    assert f'Environment="XDG_STATE_HOME={tmp_path / "state-elsewhere"}"' in service
+    assert "XDG_CONFIG_HOME" not in service  # defaults need no pin
+
+
+def test_timeout_follows_a_larger_run_budget(cli, linux, home):
+    sid = install(cli).data["service_id"]
+    edit_config(home, sid, lambda doc: doc.update(run_budget_seconds=3600))
+    assert install(cli).code == 0
+    service, _ = units(linux, sid)
+    assert "\nTimeoutStartSec=3660\n" in service
