@@ -1407,23 +1407,45 @@ KEYRING_SERVICE = "lore-service"
 SECRET_PLACEHOLDER = "<redacted>"
 
 
-def default_token_source(backend: str) -> str:
+def _os_store(backend: str, platform: str) -> str | None:
+    """The OS secret store that must hold the token, if any: macOS and Windows
+    have one (a launchd or schtasks entry is a preview of those OSes)."""
+    if backend == "launchd" or (platform == "darwin" and backend == "none"):
+        return "keychain"
+    if backend == "schtasks" or (platform == "win32" and backend == "none"):
+        return "credential-manager"
+    return None
+
+
+def default_token_source(backend: str, platform: str) -> str:
     """auto: keychain on macOS, Credential Manager on Windows, env-file elsewhere."""
-    return {"launchd": "keychain", "schtasks": "credential-manager"}.get(backend, "env-file")
+    return _os_store(backend, platform) or "env-file"
 
 
-def check_token_source(source: str, backend: str) -> None:
-    if source == "env-file" and backend in ("launchd", "schtasks"):
-        store = "keychain" if backend == "launchd" else "credential-manager"
+def check_token_source(source: str, backend: str, platform: str) -> None:
+    """The combinations the design review rules out, each with the way out."""
+    store = _os_store(backend, platform)
+    if source == "env-file" and store:
         raise UsageError(
-            f"the env-file token store is not offered with {backend}",
+            "the env-file token store is offered on Linux only",
             f"use --token-source {store} (the default there) so nothing secret sits in a file",
             code="bad_token_source",
         )
-    if source == "embedded" and backend == "none":
+    if source != "embedded":
+        return
+    if backend == "none":
         raise UsageError(
             "--token-source embedded needs a scheduler entry to embed into, and backend none has none",
-            "use --token-source env-file, or set the token variable in the environment that calls `run`",
+            f"use --token-source {store or 'env-file'}, or set the token variable where `run` is called",
+            code="bad_token_source",
+        )
+    if backend in ("schtasks", "cron"):
+        # a task has no environment block, and cron hands its line to `sh -c`:
+        # either way the token would sit in an argv every process can read
+        raise UsageError(
+            f"--token-source embedded is not offered with {backend}: the token would be visible in the "
+            "process list while a run lasts",
+            f"use --token-source {store or 'env-file'} (the default)",
             code="bad_token_source",
         )
 
@@ -2591,12 +2613,12 @@ class SystemdBackend(SchedulerBackend):
                 if isinstance(row.get("last"), int) and row["last"] > 0:
                     result["last_trigger_iso"] = iso_from_ms(row["last"] // 1000)
         service = self._show(base + ".service", "Result,ExecMainStatus,ExecMainExitTimestamp,ActiveState")
-        if _systemd_timestamp(service.get("ExecMainExitTimestamp", "")):
-            result["last_result"] = {
-                "result": service.get("Result"),
-                "exit_status": int(service["ExecMainStatus"]) if service.get("ExecMainStatus", "").isdigit() else None,
-                "finished_at_iso": _systemd_timestamp(service["ExecMainExitTimestamp"]),
-            }
+        finished = _systemd_timestamp(service.get("ExecMainExitTimestamp", ""))
+        if finished:  # the state dict's common keys, plus systemd's details
+            result["last_result"] = service.get("Result") or None
+            status_text = service.get("ExecMainStatus", "")
+            result["last_exit_status"] = int(status_text) if status_text.isdigit() else None
+            result["last_finished_iso"] = finished
         if not result["active"] and not drift:
             drift.append(f"{base}.timer is not active ({timer.get('ActiveState', '?')}/{timer.get('SubState', '?')})")
         result["detail"] = (
@@ -2873,23 +2895,22 @@ class CronBackend(SchedulerBackend):
         return os.path.join(self.paths.state_dir(manifest.service_id), "crontab.new")
 
     # -- the line
-    def environment(self, manifest: Manifest, token: str | None) -> list[tuple[str, str]]:
-        """What the run needs beyond cron's HOME, LOGNAME, SHELL and PATH=/usr/bin:/bin."""
+    def environment(self) -> list[tuple[str, str]]:
+        """What the run needs beyond cron's HOME, LOGNAME, SHELL and PATH=/usr/bin:/bin.
+        Never the token: `--token-source embedded` is refused for cron, since
+        `sh -c` would show it in the process list."""
         home = self.system.environ.get("HOME") or os.path.expanduser("~")
-        env = [("HOME", home), ("PATH", CRON_PATH), ("LANG", "C.UTF-8"), *self.paths.xdg_pins(home)]
-        if manifest.token_source == "embedded":
-            env.append((manifest.token_env, token or SECRET_PLACEHOLDER))
-        return env
+        return [("HOME", home), ("PATH", CRON_PATH), ("LANG", "C.UTF-8"), *self.paths.xdg_pins(home)]
 
-    def line(self, manifest: Manifest, token: str | None) -> str:
+    def line(self, manifest: Manifest) -> str:
         """`<schedule> VAR=value ... <program> >> <crash log> 2>&1`, each word
         quoted for /bin/sh, then every `%` escaped for cron."""
         import shlex
 
         crash_log = self.paths.crash_log(manifest.service_id)
-        env = self.environment(manifest, token)
+        env = self.environment()
         for what, value in [*env, *(("program", a) for a in manifest.program), ("log", crash_log)]:
-            self._check_data(what, value, secret=what == manifest.token_env and manifest.token_source == "embedded")
+            self._check_data(what, value)
         words = [f"{k}={shlex.quote(v)}" for k, v in env]
         words += [shlex.quote(a) for a in manifest.program]
         words += [">>", shlex.quote(crash_log), "2>&1"]
@@ -2897,7 +2918,7 @@ class CronBackend(SchedulerBackend):
         return cron_expression(manifest.service_id, step) + " " + " ".join(words).replace("%", "\\%")
 
     @staticmethod
-    def _check_data(what: str, value: str, secret: bool = False) -> None:
+    def _check_data(what: str, value: str) -> None:
         # A backslash is refused, not escaped: Debian's cron turns `\\` into `\`
         # in the command while cronie and ISC cron keep both, so no spelling
         # of a backslash next to `%` or `\` survives every cron (a lone
@@ -2906,18 +2927,17 @@ class CronBackend(SchedulerBackend):
         bad = "\\" if "\\" in value else ("a line break" if "\n" in value or "\r" in value else None)
         if bad is None:
             return
-        shown = SECRET_PLACEHOLDER if secret else value
         raise UsageError(
-            f"cannot put {what} value {shown!r} into a crontab line: it contains {bad}",
+            f"cannot put {what} value {value!r} into a crontab line: it contains {bad}",
             "cron implementations disagree on backslashes and a line break ends the entry: rename or move the "
             "folder (project, --home, lore-service's own location) so its path has neither, or use another "
             "backend (`--backend systemd` / `--backend none`)",
             code="cron_unsafe",
         )
 
-    def block(self, manifest: Manifest, token: str | None) -> str:
+    def block(self, manifest: Manifest) -> str:
         sid = manifest.service_id
-        line = self.line(manifest, token)
+        line = self.line(manifest)
         size = len(line.encode("utf-8"))
         if size > CRON_MAX_LINE_BYTES:
             raise UsageError(
@@ -2929,14 +2949,7 @@ class CronBackend(SchedulerBackend):
         return f"{CRON_BEGIN}{sid}\n{line}\n{CRON_END}{sid}\n"
 
     def plan(self, manifest: Manifest, embedded_token: str | None) -> Plan:
-        embedded = manifest.token_source == "embedded"
-        content = self.block(manifest, embedded_token)
-        planned = PlannedFile(
-            self.entry_path(),
-            content,
-            0o600,
-            redacted=self.block(manifest, SECRET_PLACEHOLDER) if embedded else None,
-        )
+        planned = PlannedFile(self.entry_path(), self.block(manifest), 0o600)
         warnings: list[str] = []
         step = self.schedule_step(manifest.interval_seconds)
         if step < manifest.interval_seconds:
@@ -2944,11 +2957,6 @@ class CronBackend(SchedulerBackend):
                 f"cron cannot fire exactly every {format_interval(manifest.interval_seconds)}: it fires every "
                 f"{format_interval(step)} and `run` skips until {format_interval(manifest.interval_seconds)} "
                 "have passed since the last run"
-            )
-        if embedded:
-            warnings.append(
-                "the embedded token is in your crontab (`crontab -l`, readable by root) and, while a run "
-                "lasts, in the `/bin/sh -c` command line that `ps` shows to every user"
             )
         return Plan(
             files=[planned],
@@ -3072,21 +3080,10 @@ class CronBackend(SchedulerBackend):
         return Check("cron daemon", "warn", f"{why}: the crontab entry will never fire", CRON_DAEMON_HINT)
 
     # -- state
-    def _normalise(self, manifest: Manifest, line: str) -> str:
-        """The line with an embedded token's value replaced by the placeholder."""
-        import re
-        import shlex
-
-        if manifest.token_source != "embedded":
-            return line
-        word = r"""(?:'[^']*'|"[^"]*"|[^\s'"])+"""
-        shown = f"{manifest.token_env}={shlex.quote(SECRET_PLACEHOLDER)}"
-        return re.sub(rf"(?<!\S){re.escape(manifest.token_env)}={word}", lambda _m: shown, line, count=1)
-
     def state(self, manifest: Manifest) -> dict[str, Any]:
         sid = manifest.service_id
         step = self.schedule_step(manifest.interval_seconds)
-        expected = self.line(manifest, SECRET_PLACEHOLDER)
+        expected = self.line(manifest)
         text = self.read_crontab()
         drift: list[str] = []
         try:
@@ -3098,7 +3095,7 @@ class CronBackend(SchedulerBackend):
             drift.append(f"the crontab of {self.user()} has no `{CRON_BEGIN}{sid}` block")
         elif len(blocks) > 1:
             drift.append(f"the crontab has {len(blocks)} blocks for {sid}")
-        if blocks and [self._normalise(manifest, line) for line in lines] != [expected]:
+        if blocks and lines != [expected]:
             drift.append(f"the crontab block for {sid} was edited (it differs from what install writes)")
         if manifest.schedule_step_seconds != step:
             drift.append(
@@ -3777,15 +3774,6 @@ class SchtasksBackend(SchedulerBackend):
         )
 
     def plan(self, manifest: Manifest, embedded_token: str | None) -> Plan:
-        if manifest.token_source == "embedded":
-            # no environment block exists in a task, so the token would sit in
-            # the argv: readable by any process of the user and by /Query /V
-            raise UsageError(
-                "--token-source embedded is not offered with Task Scheduler: a task has no environment block, "
-                "so the token would have to be on its command line, visible to every process and `schtasks /Query`",
-                "use --token-source credential-manager (the default on Windows) or env-file",
-                code="bad_token_source",
-            )
         command, arguments = self.exec_parts(manifest)
         warnings: list[str] = []
         if command == manifest.program[0]:
@@ -4527,8 +4515,8 @@ def cmd_install(ctx: Context, args: argparse.Namespace) -> Outcome:
     if source == "auto" and existing is not None and existing.backend == backend_name and args.token_source is None:
         source = existing.token_source
     if source == "auto":
-        source = default_token_source(backend_name)
-    check_token_source(source, backend_name)
+        source = default_token_source(backend_name, system.platform)
+    check_token_source(source, backend_name, system.platform)
     if lore is None:
         if not args.dry_run:
             raise SchedulerError(

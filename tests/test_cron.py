@@ -383,7 +383,7 @@ def test_xdg_folders_are_pinned_when_not_default(csys: FakeSystem, tmp_path: Pat
     paths = ls.Paths(system)
     backend = ls.CronBackend(system, paths)
     manifest = fake_manifest(paths, "svc-1")
-    words = executed_words(backend.line(manifest, None))
+    words = executed_words(backend.line(manifest))
     assert f"XDG_STATE_HOME={tmp_path / 'state here'}" in words
     assert not any(w.startswith(("XDG_CONFIG_HOME=", "XDG_DATA_HOME=")) for w in words)
     # what `run` resolves under cron's env + these assignments is what install used
@@ -439,36 +439,20 @@ def test_too_long_line_is_refused(cli, csys: FakeSystem, tmp_path: Path, crontab
 # -- the token --------------------------------------------------------------------------
 
 
-def test_embedded_token_only_when_asked(cli, csys: FakeSystem, crontab: MemoryCrontab) -> None:
+def test_the_token_is_never_in_the_crontab_and_embedded_is_refused(
+    cli, csys: FakeSystem, crontab: MemoryCrontab
+) -> None:
     r = install(cli)
     assert r.code == 0
     assert TOKEN not in crontab.text and "GITLAB_TOKEN" not in crontab.text
-    token = "glpat-it's-100%-secret"
-    csys.environ["GITLAB_TOKEN"] = token
-    r = install(cli, "--token-source", "embedded")
-    assert r.code == 0, r.err + r.out
-    sid = r.data["service_id"]
-    assert any("embedded" in w for w in r.data["warnings"])
-    words = executed_words(job_line(crontab.text, sid))
-    assert f"GITLAB_TOKEN={token}" in words
-    assert words.index(f"GITLAB_TOKEN={token}") < words.index(r.data["program"][0])
-    assert token not in r.out + r.err
-    backend, manifest = backend_and_manifest(csys, sid)
-    assert backend.state(manifest)["drift"] == []  # the secret is not compared
-    # and back: the token leaves the crontab
-    csys.environ["GITLAB_TOKEN"] = TOKEN
-    assert install(cli, "--token-source", "env-file").code == 0
-    assert token not in crontab.text and "GITLAB_TOKEN" not in crontab.text
-
-
-def test_dry_run_embedded_is_redacted(cli, csys: FakeSystem, crontab: MemoryCrontab) -> None:
-    r = install(cli, "--token-source", "embedded", "--dry-run")
-    assert r.code == 0, r.err + r.out
-    f = r.data["files"][-1]
-    assert f["path"] == f"crontab:{USER}" and f["mode"] == "0600"
-    assert "GITLAB_TOKEN='<redacted>'" in f["content"]
-    assert TOKEN not in r.out
-    assert crontab.writes == []
+    before = crontab.text
+    # cron hands its line to `sh -c`: an embedded token would be in a visible argv
+    for extra in ((), ("--dry-run",)):
+        refused = install(cli, "--token-source", "embedded", *extra)
+        assert refused.code == 2 and refused.doc["error"]["code"] == "bad_token_source"
+        assert "process list" in refused.doc["error"]["message"] and "env-file" in refused.doc["error"]["hint"]
+        assert TOKEN not in refused.out
+    assert crontab.text == before
 
 
 # -- dry run ----------------------------------------------------------------------------

@@ -206,3 +206,14 @@ def test_reinstall_with_a_new_token_variable_carries_the_stored_token_over(cli, 
     assert cli("--json", "trigger").code == 0
     seen = [json.loads(line) for line in (project / ".fake-lore-calls.jsonl").read_text().splitlines()]
     assert seen[0]["token_set"] is True
+
+
+def test_auto_token_store_follows_the_os_even_without_a_scheduler(cli, system):
+    system._platform = "darwin"
+    assert cli("--json", "install", "--backend", "none", "--dry-run").data["token_source"] == "keychain"
+    refused = cli("--json", "install", "--backend", "none", "--token-source", "env-file", "--dry-run")
+    assert refused.code == 2 and "keychain" in refused.doc["error"]["hint"]
+    system._platform = "win32"
+    assert cli("--json", "install", "--backend", "none", "--dry-run").data["token_source"] == "credential-manager"
+    system._platform = "linux"
+    assert cli("--json", "install", "--backend", "none", "--dry-run").data["token_source"] == "env-file"

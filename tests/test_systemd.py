@@ -180,11 +180,11 @@ def test_status_reads_systemd_properties_not_human_text(cli, linux):
     assert sched["registered"] and sched["active"] and sched["drift"] == []
     assert sched["next_run_iso"] == ls.iso_from_ms(1795827886249)
     assert sched["last_trigger_iso"] == ls.iso_from_ms(1795825943722)
-    assert sched["last_result"] == {
-        "result": "success",
-        "exit_status": 0,
-        "finished_at_iso": ls.iso_from_ms(1795825944000),
-    }
+    assert sched["last_result"] == "success" and sched["last_exit_status"] == 0
+    assert sched["last_finished_iso"] == ls.iso_from_ms(1795825944000)
+    from test_schemas import validate
+
+    validate(cli("--json", "status").data, "status-output.schema.json")
 
 
 def test_missing_or_edited_units_are_drift_and_doctor_fails(cli, linux):

@@ -137,7 +137,7 @@ def test_fired_service_runs_sync_under_sandbox_and_status_shows_it(um, app, inst
     # systemd's own view
     sched = status["scheduler"]
     assert sched["registered"] is True and sched["active"] is True and sched["drift"] == []
-    assert sched["last_result"]["result"] == "success" and sched["last_result"]["exit_status"] == 0
+    assert sched["last_result"] == "success" and sched["last_exit_status"] == 0
 
 
 def test_timer_is_active_with_next_elapse_about_one_interval_away(um, app, installed):
