@@ -448,7 +448,7 @@ def read_json_file(path: str, what: str) -> dict[str, Any] | None:
         ) from None
     try:
         obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise StateFileError(
             f"{what} {path} is corrupt ({exc.__class__.__name__})",
             f"move it aside and re-run `{TOOL_NAME} install` (it was not modified)",
@@ -465,6 +465,9 @@ def read_json_file(path: str, what: str) -> dict[str, Any] | None:
             code="state_newer_schema",
         )
     return obj
+
+
+MAX_STATE_INT = 2**53  # JSON-safe; far beyond any real timestamp in ms
 
 
 class _Fields:
@@ -498,11 +501,18 @@ class _Fields:
             raise self._bad(key, "one of " + "|".join(choices))
         return value
 
-    def str_list(self, key: str) -> list[str]:
+    def str_list(self, key: str, *, nonempty: bool = False) -> list[str]:
         value = self.get(key, list)
-        if not all(isinstance(v, str) for v in value):
-            raise self._bad(key, "a list of strings")
+        if not all(isinstance(v, str) for v in value) or (nonempty and not value):
+            raise self._bad(key, "a non-empty list of strings" if nonempty else "a list of strings")
         return list(value)
+
+    def count(self, key: str, *, optional: bool = False, low: int = 0, high: int = MAX_STATE_INT) -> Any:
+        """An integer in range: a timestamp, a duration or a count."""
+        value = self.get(key, int, optional=optional)
+        if value is not None and not low <= value <= high:
+            raise self._bad(key, f"an integer in {low}..{high}")
+        return value
 
 
 # ============================================================================
@@ -1191,7 +1201,7 @@ class Manifest:
             profile=f.choice("profile", tuple(PROFILES)),
             token_source=f.choice("token_source", TOKEN_SOURCES),
             token_env=f.get("token_env", str),
-            program=f.str_list("program"),
+            program=f.str_list("program", nonempty=True),
             lore_path=f.get("lore_path", str, optional=True),
             home=f.get("home", str, optional=True),
             created_at_iso=f.get("created_at_iso", str, optional=True, default=""),
@@ -1221,7 +1231,6 @@ RUN_OUTCOMES = ("success", "degraded", "failed")
 ERROR_CLASSES = ("transient", "permanent")
 PAUSE_KINDS = ("permanent_error", "circuit_breaker", "manual")
 TRIGGERS = ("scheduled", "manual")
-STATES = ("not_installed", "idle", "healthy", "degraded", "backoff", "paused", "running")
 
 
 @record
@@ -1254,8 +1263,8 @@ class StageResult:
             stage=f.get("stage", str),
             critical=f.get("critical", bool),
             outcome=f.choice("outcome", STAGE_OUTCOMES),
-            exit_code=f.get("exit_code", int, optional=True),
-            duration_ms=f.get("duration_ms", int),
+            exit_code=f.count("exit_code", optional=True, low=-255, high=255),
+            duration_ms=f.count("duration_ms"),
             error_class=f.choice("error_class", ERROR_CLASSES, optional=True),
             message=f.get("message", str, optional=True, default=""),
         )
@@ -1295,9 +1304,9 @@ class RunRecord:
             run_id=f.get("run_id", str),
             trigger=f.choice("trigger", TRIGGERS),
             started_at_iso=f.get("started_at_iso", str),
-            started_at_ms=f.get("started_at_ms", int, optional=True, default=0),
+            started_at_ms=f.count("started_at_ms", optional=True) or 0,
             finished_at_iso=f.get("finished_at_iso", str),
-            duration_ms=f.get("duration_ms", int),
+            duration_ms=f.count("duration_ms"),
             outcome=f.choice("outcome", RUN_OUTCOMES),
             error_class=f.choice("error_class", ERROR_CLASSES, optional=True),
             stage_results=[StageResult.from_dict(s, what) for s in f.get("stage_results", list)],
@@ -1356,17 +1365,15 @@ class Status:
                 p.get("since_iso", str, optional=True, default=""),
                 p.get("hint", str, optional=True, default=""),
             )
-        failures = f.get("consecutive_failures", int)
-        if failures < 0:
-            raise f._bad("consecutive_failures", "a count >= 0")
+        failures = f.count("consecutive_failures")
         last = f.get("last_run", dict, optional=True)
         return cls(
             service_id=f.get("service_id", str),
             updated_at_iso=f.get("updated_at_iso", str),
             last_run=RunRecord.from_dict(last, what) if last is not None else None,
             consecutive_failures=failures,
-            next_retry_at_ms=f.get("next_retry_at_ms", int, optional=True),
-            next_due_at_ms=f.get("next_due_at_ms", int, optional=True),
+            next_retry_at_ms=f.count("next_retry_at_ms", optional=True),
+            next_due_at_ms=f.count("next_due_at_ms", optional=True),
             paused=pause,
             history=[RunRecord.from_dict(r, what) for r in f.get("history", list, optional=True, default=[])],
             schema_version=f.get("schema_version", int),
@@ -4338,7 +4345,12 @@ def build_parser(only: str | None = None) -> _Parser:
         help="find the service by project folder (default: the current folder)",
     )
 
-    parser = _Parser(prog=TOOL_NAME, description=__doc__.split("\n\n")[0] if __doc__ else None, parents=[common])
+    parser = _Parser(
+        prog=TOOL_NAME,
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        epilog="exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items()),
+        parents=[common],
+    )
     parser.add_argument("--version", action="store_true", help="print version, build and platform")
     parser.add_argument("--json", "--robot", action="store_true", help="one JSON document on stdout")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -4678,7 +4690,7 @@ def apply_install(
         ensure_dir(paths.log_dir(sid))
         applied = backend.install(manifest, token if source == "embedded" else None)
     except BaseException:
-        _roll_back_install(ctx, existing, manifest, backend, store_token, old_secret, old_config, switched)
+        _roll_back_install(ctx, existing, manifest, backend, store_token, old_secret, old_config)
         raise
     if existing is not None and existing.token_source != source:
         try:  # the old store must not keep a copy of the token
@@ -4700,7 +4712,6 @@ def _roll_back_install(
     stored_token: bool,
     old_secret: str | None,
     old_config: str | None,
-    switched: bool,
 ) -> None:
     """Best effort: each step may itself fail, and the original error wins."""
     paths, sid = ctx.paths, manifest.service_id
@@ -4718,7 +4729,7 @@ def _roll_back_install(
                 steps.append(lambda: store_secret(paths, existing, old_secret))
             elif existing.token_source != manifest.token_source:
                 steps.append(lambda: delete_secret(paths, manifest))
-        if switched and existing.token_source != "embedded":
+        if existing.token_source != "embedded":  # the entry as it was (a launchd job is unloaded by now)
             old_backend = get_backend(existing.backend, ctx.system, paths)
             steps.append(lambda: old_backend.install(existing, None))
     for step in steps:
@@ -4741,7 +4752,7 @@ def _render_install(d: dict[str, Any]) -> str:
             lines.append(f"\n--- file {f['path']} (mode {f['mode']})")
             lines.append(f["content"].rstrip("\n"))
         else:
-            lines.append(f"  wrote     {f}")
+            lines.append(f"  file      {f}")
     if d.get("commands"):
         lines.append("\n--- commands" if d["dry_run"] else "  ran:")
         lines.extend("  $ " + " ".join(_shell_quote(a) for a in c) for c in d["commands"])
@@ -4771,7 +4782,11 @@ def cmd_uninstall(ctx: Context, args: argparse.Namespace) -> Outcome:
             f"this lore-service cannot remove a {manifest.backend} entry",
             f"uninstall with the lore-service build that installed it ({manifest.tool_version})",
         )
-    delete_secret(paths, manifest)
+    warnings: list[str] = []
+    try:
+        delete_secret(paths, manifest)
+    except LoreServiceError as exc:  # the entry is gone already: finish, and say what is left
+        warnings.append(f"the token may still be in {manifest.token_source}: {exc.message}")
     for path in (paths.config(sid), paths.manifest(sid)):
         remove_file(path)
     removed += [paths.config(sid), paths.manifest(sid)]
@@ -4790,8 +4805,9 @@ def cmd_uninstall(ctx: Context, args: argparse.Namespace) -> Outcome:
         pass
     # pinned copies of older versions that no service runs any more
     removed += prune_pinned(paths, pinned_folder(paths.data_root))
-    data = {"service_id": sid, "removed": removed, "kept": kept, "purged": bool(args.purge)}
+    data = {"service_id": sid, "removed": removed, "kept": kept, "purged": bool(args.purge), "warnings": warnings}
     text = f"uninstalled {sid}" + (f"; kept {', '.join(kept)} (use --purge to delete)" if kept else "")
+    text += "".join(f"\nwarning: {w}" for w in warnings)
     return Outcome(data, text)
 
 
@@ -4934,7 +4950,7 @@ def cmd_trigger(ctx: Context, args: argparse.Namespace) -> Outcome:
 # -- status, list ------------------------------------------------------------------
 
 
-def service_status(ctx: Context, manifest: Manifest, with_scheduler: bool = True) -> dict[str, Any]:
+def service_status(ctx: Context, manifest: Manifest) -> dict[str, Any]:
     sid, paths, now = manifest.service_id, ctx.paths, ctx.system.now_ms()
     status = load_status(paths, sid)
     running = lock_is_held(paths.run_lock(sid))
@@ -4958,20 +4974,19 @@ def service_status(ctx: Context, manifest: Manifest, with_scheduler: bool = True
         "log_path": paths.log(sid),
         "status_path": paths.status(sid),
     }
-    if with_scheduler:
-        if manifest.backend in BACKENDS:
-            try:
-                data["scheduler"] = get_backend(manifest.backend, ctx.system, paths).state(manifest)
-            except LoreServiceError as exc:
-                data["scheduler"] = {"error": {"code": exc.code, "message": exc.message, "hint": exc.hint}}
-        else:
-            data["scheduler"] = {
-                "error": {
-                    "code": "unknown_backend",
-                    "message": f"unknown backend {manifest.backend}",
-                    "hint": "upgrade lore-service",
-                }
+    if manifest.backend in BACKENDS:
+        try:
+            data["scheduler"] = get_backend(manifest.backend, ctx.system, paths).state(manifest)
+        except LoreServiceError as exc:
+            data["scheduler"] = {"error": {"code": exc.code, "message": exc.message, "hint": exc.hint}}
+    else:
+        data["scheduler"] = {
+            "error": {
+                "code": "unknown_backend",
+                "message": f"unknown backend {manifest.backend}",
+                "hint": "upgrade lore-service",
             }
+        }
     return data
 
 
@@ -5251,7 +5266,8 @@ def _emit(robot: bool, command: str, outcome: Outcome | None, error: LoreService
             }
             if getattr(error, "data", None) is not None:
                 doc["data"] = error.data  # type: ignore[attr-defined]
-        sys.stdout.write(json.dumps(doc, ensure_ascii=False) + "\n")
+        # \u escapes: one document that survives any stdout encoding (cp1252 pipes)
+        sys.stdout.write(json.dumps(doc) + "\n")
         return
     if outcome is not None and outcome.text:
         sys.stdout.write(outcome.text + "\n")
@@ -5265,6 +5281,9 @@ def _emit(robot: bool, command: str, outcome: Outcome | None, error: LoreService
 
 def main(argv: Sequence[str] | None = None, system: System | None = None) -> int:
     """Entry point: parse, dispatch, print; the only place errors become exit codes."""
+    for stream in (sys.stdout, sys.stderr):  # a path with é on an ASCII terminal is not a crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args_in = list(sys.argv[1:] if argv is None else argv)
     cut = args_in.index("--") if "--" in args_in else len(args_in)
     robot = any(a in ("--json", "--robot") for a in args_in[:cut])
@@ -5309,6 +5328,12 @@ def main(argv: Sequence[str] | None = None, system: System | None = None) -> int
     except KeyboardInterrupt:
         _emit(robot, command, None, LoreServiceError("interrupted", "run the command again", code="interrupted"))
         return EXIT_FAILED
+    except BrokenPipeError:  # the reader went away (`logs --follow | head`): nothing left to say
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no noise at interpreter exit
+        except (OSError, ValueError):
+            pass
+        return EXIT_OK
     except OSError as exc:
         where = f" ({exc.filename})" if exc.filename else ""
         err = LoreServiceError(

@@ -190,3 +190,40 @@ def test_human_status_shows_times_in_local_time_with_relative_hints(cli, install
     system.clock_ms += 90_000
     text = cli("status").out
     assert "last run    " in text and "ago), manual: success" in text
+
+
+def test_robot_output_survives_an_ascii_only_stdout(tool, environ, tmp_path):
+    project = tmp_path / "café"
+    project.mkdir()
+    env = {**environ, "PYTHONIOENCODING": "ascii"}
+    assert tool("--json", "install", "--backend", "none", "--project", str(project), env=env).code == 0
+    r = tool("--json", "status", "--project", str(project), env=env)
+    assert r.code == 0 and json.loads(r.out)["data"]["project_root"] == str(project)
+    human = tool("status", "--project", str(project), env=env)
+    assert human.code == 0 and "caf" in human.out
+
+
+def test_a_closed_pipe_ends_logs_follow_quietly(environ, project, tool, program):
+    import subprocess
+    import time
+
+    assert tool("--json", "install", "--backend", "none").code == 0
+    assert tool("--json", "trigger").code == 0
+    proc = subprocess.Popen(
+        [*program, "logs", "--follow", "--tail", "5"],
+        cwd=project,
+        env=environ,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.readline()
+    proc.stdout.close()  # like `| head -1`
+    time.sleep(0.3)
+    tool("--json", "trigger")  # new lines hit the closed pipe
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and b"Traceback" not in err
+
+
+def test_help_lists_the_exit_codes(cli):
+    r = cli("--json", "--help")
+    assert "exit codes: 0 success" in r.data["help"] and "6 scheduler or prerequisite failure" in r.data["help"]

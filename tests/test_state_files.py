@@ -193,3 +193,34 @@ def test_every_folder_created_is_private(cli, installed, home):
         if "fake-scheduler" in folder.parts:
             continue
         assert folder.stat().st_mode & 0o077 == 0, folder
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("next_retry_at_ms", 10**20), ("next_due_at_ms", -5), ("consecutive_failures", -1), ("history", [[[[]]]])],
+)
+def test_out_of_range_or_misshapen_status_values_are_exit_4(cli, installed, home, field, value):
+    cli("--json", "trigger")
+    path = home / "state" / installed["service_id"] / "status.json"
+    doc = json.loads(path.read_text())
+    doc[field] = value
+    path.write_text(json.dumps(doc))
+    for argv in (["status"], ["run"]):
+        r = cli("--json", *argv)
+        assert r.code == 4, r.out
+        assert str(path) in r.doc["error"]["message"]
+
+
+def test_deeply_nested_json_is_corrupt_not_a_crash(cli, installed, home):
+    path = home / "state" / installed["service_id"] / "status.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    assert cli("--json", "status").code == 4
+
+
+def test_manifest_with_an_empty_program_is_exit_4(cli, installed, home):
+    path = home / "config" / installed["service_id"] / "manifest.json"
+    doc = json.loads(path.read_text())
+    doc["program"] = []
+    path.write_text(json.dumps(doc))
+    r = cli("--json", "doctor")
+    assert r.code in (1, 4) and "program" in r.out
