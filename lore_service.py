@@ -291,6 +291,15 @@ class System:
         except (ProcessLookupError, PermissionError):
             pass
 
+    def pid_alive(self, pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:  # exists, but not ours to signal
+            return True
+        return True
+
     def read_proc_environ(self, pid: int) -> list[bytes] | None:
         """A process's environment (Linux /proc), or None when it cannot be read."""
         try:
@@ -821,7 +830,7 @@ def _copy_synced(src: str, dst: str) -> None:
 
 def _answers_version(argv: list[str], version: str, frozen: bool, run: Callable[..., CommandResult]) -> str | None:
     """None when argv --version --json reports this version; else what went wrong."""
-    result = run([*argv, "--version", "--json"], env=frozen_child_environ(dict(os.environ)), timeout=120)
+    result = run([*argv, "--version", "--json"], timeout=120)  # System's environ: no bundle library path
     if not result.ok:
         return f"exit status {result.returncode}: {result.summary()}"
     try:
@@ -883,7 +892,7 @@ def pin_bundle(
     return command
 
 
-def prune_pinned(paths: Paths, keep: str) -> list[str]:
+def prune_pinned(paths: Paths, keep: str, now_ms: int) -> list[str]:
     """Remove bin/<version> folders no installed service's manifest runs any more
     (and leftovers of interrupted copies); keeps `keep`. Returns what was removed.
     Any unreadable manifest stops the pruning: nothing is removed on a guess."""
@@ -906,8 +915,8 @@ def prune_pinned(paths: Paths, keep: str) -> list[str]:
     removed = []
     for name in names:
         full = os.path.join(bin_root, name)
-        try:  # a leftover .tmp/.old folder may be another install's copy in progress
-            fresh = name.startswith(".") and time.time() - os.stat(full).st_mtime < 3600
+        try:  # a folder younger than an hour may be another install's copy, not yet in its manifest
+            fresh = now_ms / 1000 - os.stat(full).st_mtime < 3600
         except OSError:
             continue
         if full not in used and not fresh and os.path.isdir(full):
@@ -930,7 +939,7 @@ def pin_running_program(paths: Paths, system: System, *, dry_run: bool) -> list[
         _bundle_parts(bundle)  # still refuse an extraction folder
     else:
         _PINNED = pin_bundle(paths.data_root, bundle, system.run)
-        prune_pinned(paths, pinned_folder(paths.data_root))
+        prune_pinned(paths, pinned_folder(paths.data_root), system.now_ms())
     return _PINNED
 
 
@@ -1607,17 +1616,7 @@ class FileLock:
         self.release()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
-def lock_is_held(path: str) -> bool:
+def lock_is_held(path: str, system: System) -> bool:
     """Whether a run holds the lock. Probing takes the lock for an instant,
     which could make a run starting at that instant skip, so it is only done
     when the pid the holder recorded is alive."""
@@ -1626,7 +1625,7 @@ def lock_is_held(path: str) -> bool:
             head = fh.read(64).split(b"\n", 1)[0].strip()
     except OSError:
         return False
-    if os.name != "nt" and not (head.isdigit() and _pid_alive(int(head))):
+    if os.name != "nt" and not (head.isdigit() and system.pid_alive(int(head))):
         return False
     probe = FileLock(path)
     try:
@@ -3027,27 +3026,43 @@ class CronBackend(SchedulerBackend):
         except LoreServiceError:
             return True  # install will report the problem
 
+    def _crontab_lock(self) -> FileLock:
+        """One lock per user, whatever --home says: the crontab is the user's.
+        Without it two installs would each splice into the same old text and
+        the later `crontab FILE` would drop the other's block."""
+        return FileLock(os.path.join(_user_dirs(self.system)[1], "crontab.lock"))
+
     def install(self, manifest: Manifest, embedded_token: str | None) -> Plan:
         plan = self.plan(manifest, embedded_token)  # refuses an unsafe or too long line first
-        current = self.read_crontab()
-        updated, _ = cron_splice(current, manifest.service_id, plan.files[0].content)
+        block = plan.files[0].content
         ran = [["crontab", "-l"]]
-        if updated != current:  # installing the same block again writes nothing
-            ran.append(self.write_crontab(manifest, updated))
+        with self._crontab_lock():
+            current = self.read_crontab()
+            updated, _ = cron_splice(current, manifest.service_id, block)
+            if updated != current:  # installing the same block again writes nothing
+                ran.append(self.write_crontab(manifest, updated))
+                # a `crontab -e` in between is not ours to lock: check the block landed
+                if block not in self.read_crontab():
+                    raise SchedulerError(
+                        "the crontab changed while lore-service was writing it; the block is not in place",
+                        f"run `{TOOL_NAME} install` again",
+                        code="crontab_race",
+                    )
         return Plan(files=plan.files, commands=ran, warnings=plan.warnings)
 
     def uninstall(self, manifest: Manifest) -> None:
         # An emptied crontab is written empty, not removed with `crontab -r`:
         # -r would also delete anything the user added since we read it.
-        try:
-            current = self.read_crontab()
-        except SchedulerError as exc:
-            if exc.code == "crontab_missing":
-                return  # no crontab program: nothing can be scheduled
-            raise
-        updated, found = cron_splice(current, manifest.service_id, None, action="uninstall")
-        if found:
-            self.write_crontab(manifest, updated)
+        with self._crontab_lock():
+            try:
+                current = self.read_crontab()
+            except SchedulerError as exc:
+                if exc.code == "crontab_missing":
+                    return  # no crontab program: nothing can be scheduled
+                raise
+            updated, found = cron_splice(current, manifest.service_id, None, action="uninstall")
+            if found:
+                self.write_crontab(manifest, updated)
 
     def before_run(self, manifest: Manifest) -> None:
         trim_crash_log(self.paths.crash_log(manifest.service_id))
@@ -4804,7 +4819,7 @@ def cmd_uninstall(ctx: Context, args: argparse.Namespace) -> Outcome:
     except OSError:
         pass
     # pinned copies of older versions that no service runs any more
-    removed += prune_pinned(paths, pinned_folder(paths.data_root))
+    removed += prune_pinned(paths, pinned_folder(paths.data_root), ctx.system.now_ms())
     data = {"service_id": sid, "removed": removed, "kept": kept, "purged": bool(args.purge), "warnings": warnings}
     text = f"uninstalled {sid}" + (f"; kept {', '.join(kept)} (use --purge to delete)" if kept else "")
     text += "".join(f"\nwarning: {w}" for w in warnings)
@@ -4953,7 +4968,7 @@ def cmd_trigger(ctx: Context, args: argparse.Namespace) -> Outcome:
 def service_status(ctx: Context, manifest: Manifest) -> dict[str, Any]:
     sid, paths, now = manifest.service_id, ctx.paths, ctx.system.now_ms()
     status = load_status(paths, sid)
-    running = lock_is_held(paths.run_lock(sid))
+    running = lock_is_held(paths.run_lock(sid), ctx.system)
     data: dict[str, Any] = {
         "service_id": sid,
         "project_root": manifest.project_root,
@@ -5106,7 +5121,7 @@ def cmd_list(ctx: Context, args: argparse.Namespace) -> Outcome:
             if manifest is None:
                 continue
             status = load_status(ctx.paths, sid)
-            state = derive_state(status, ctx.system.now_ms(), lock_is_held(ctx.paths.run_lock(sid)))
+            state = derive_state(status, ctx.system.now_ms(), lock_is_held(ctx.paths.run_lock(sid), ctx.system))
             rows.append(
                 {
                     "service_id": sid,

@@ -313,8 +313,9 @@ def test_exact_command_sequence(cli, csys: FakeSystem, crontab: MemoryCrontab) -
         ["pgrep", "-x", "cron"],  # and the daemon runs
         ["crontab", "-l"],
         ["crontab", tmp],
+        ["crontab", "-l"],  # the block landed
     ]
-    assert r.data["commands"] == csys.commands[2:]
+    assert r.data["commands"] == csys.commands[2:4]
     assert r.data["files"][-1] == f"crontab:{USER}"
 
 
@@ -714,3 +715,43 @@ def test_no_write_in_the_reload_second(cli, csys: FakeSystem, crontab: MemoryCro
     assert install(cli).code == 0
     assert csys.slept == pytest.approx(slept)  # type: ignore[attr-defined]
     assert len(crontab.writes) == 1
+
+
+def test_concurrent_installs_never_drop_each_others_blocks(environ, tmp_path: Path) -> None:
+    """Three installs at once against a crontab program that is slow to read:
+    each must end up in the crontab (a lock serialises read-splice-write)."""
+    import subprocess
+    import sys
+
+    store = tmp_path / "spool"
+    fake = tmp_path / "fakebin" / "crontab"
+    fake.parent.mkdir()
+    fake.write_text(
+        "#!/bin/sh\n"
+        f'store="{store}"\n'
+        'if [ "$1" = "-l" ]; then sleep 0.3; [ -f "$store" ] || { echo "no crontab for me" >&2; exit 1; }; '
+        'cat "$store"; exit 0; fi\n'
+        'cp "$1" "$store"\n'
+    )
+    fake.chmod(0o755)
+    env = {**environ, "PATH": f"{fake.parent}:{environ['PATH']}"}
+    projects = []
+    for i in range(3):
+        projects.append(tmp_path / f"p{i}")
+        projects[-1].mkdir()
+    from conftest import SCRIPT
+
+    procs = [
+        subprocess.Popen(
+            [sys.executable, SCRIPT, "--json", "install", "--backend", "cron", "--project", str(p)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for p in projects
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    text = store.read_text()
+    assert text.count("# BEGIN lore-service ") == 3 and text.count("# END lore-service ") == 3

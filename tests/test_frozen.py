@@ -23,6 +23,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -183,18 +184,21 @@ def test_zipapp_is_pinned_and_run_by_the_interpreter(tmp_path: Path) -> None:
 def test_prune_removes_versions_no_manifest_runs(cli, installed, home: Path) -> None:
     paths = ls.Paths(ls.System({"LORE_SERVICE_HOME": str(home)}))
     bin_root = Path(paths.data_root) / "bin"
+    hours_ago = time.time() - 7200
     for v in ("0.0.7", "0.0.8", VERSION):
         (bin_root / v).mkdir(parents=True)
+        os.utime(bin_root / v, (hours_ago, hours_ago))
     fresh = bin_root / ".0.0.9.123.tmp"  # another install's copy in progress
     fresh.mkdir()
+    (bin_root / "0.0.6").mkdir()  # just pinned by an install whose manifest is not written yet
     manifest = ls.load_manifest(paths, installed["service_id"])
     manifest.program = [str(bin_root / "0.0.8" / "lore-service"), "run", "--service-id", manifest.service_id]
     ls.save_manifest(paths, manifest)
-    removed = ls.prune_pinned(paths, str(bin_root / VERSION))
+    removed = ls.prune_pinned(paths, str(bin_root / VERSION), int(time.time() * 1000))
     assert removed == [str(bin_root / "0.0.7")]
-    assert sorted(p.name for p in bin_root.iterdir()) == sorted([".0.0.9.123.tmp", "0.0.8", VERSION])
+    assert sorted(p.name for p in bin_root.iterdir()) == sorted([".0.0.9.123.tmp", "0.0.6", "0.0.8", VERSION])
     (Path(paths.manifest(manifest.service_id))).write_text("{corrupt")
-    assert ls.prune_pinned(paths, str(bin_root / VERSION)) == []  # never prune on a guess
+    assert ls.prune_pinned(paths, str(bin_root / VERSION), int(time.time() * 1000)) == []  # never on a guess
 
 
 def test_frozen_child_environ_restores_the_library_path_and_drops_bootloader_variables() -> None:
