@@ -2554,7 +2554,7 @@ class SystemdBackend(SchedulerBackend):
             raise SchedulerError(
                 f"cannot ask the systemd user manager about {unit}: {out.summary()}", f"`{TOOL_NAME} doctor`"
             )
-        return dict(line.partition("=")[::2] for line in out.stdout.splitlines() if "=" in line)
+        return _show_properties(out.stdout)
 
     def _next_due_tick(self, manifest: Manifest, tick_ms: int) -> int:
         """The first timer tick at which `run` will not skip as not due."""
@@ -2590,7 +2590,6 @@ class SystemdBackend(SchedulerBackend):
     def state(self, manifest: Manifest) -> dict[str, Any]:
         base = self.unit_base(manifest.service_id)
         drift = self._drift(manifest)
-        ok, why = self.detect(self.system)
         result: dict[str, Any] = {
             "registered": False,
             "active": False,
@@ -2601,10 +2600,12 @@ class SystemdBackend(SchedulerBackend):
             "detail": "",
             "units": [base + ".timer", base + ".service"],
         }
-        if not ok:
-            result["detail"] = f"cannot read the timer: {why}"
+        # asked directly (no is-system-running first): `status` pays for each call
+        answer = self._systemctl("show", base + ".timer", "-p", "LoadState,ActiveState,SubState,UnitFileState")
+        if not answer.ok:
+            result["detail"] = f"cannot read the timer: {_user_manager_problem(self.system, answer)}"
             return result
-        timer = self._show(base + ".timer", "LoadState,ActiveState,SubState,UnitFileState")
+        timer = _show_properties(answer.stdout)
         result["registered"] = timer.get("LoadState") == "loaded" and timer.get("UnitFileState") == "enabled"
         result["active"] = timer.get("ActiveState") == "active"
         listing = self._systemctl("list-timers", "--all", "--output=json", base + ".timer")
@@ -2640,6 +2641,11 @@ class SystemdBackend(SchedulerBackend):
                 if os.path.exists(path):
                     checks.append(Check("unit file", "ok", path))
         return checks
+
+
+def _show_properties(text: str) -> dict[str, str]:
+    """`systemctl show -p A,B` output (`A=value` lines) as a dict."""
+    return dict(line.partition("=")[::2] for line in text.splitlines() if "=" in line)
 
 
 def _user_manager_problem(system: System, answer: CommandResult) -> str:
