@@ -6,7 +6,7 @@
 Measures, interleaved round by round in the same run (this machine is noisy,
 so only ratios within one run are compared; the figure is the median):
 
-    python -c pass                       the baseline (this interpreter, resolved)
+    python -c pass                       the baseline (a bare venv of this interpreter)
     <layout> status --json               a real status read of an installed service
     <layout> --version
     source: python lore_service.py status --json   (for reference)
@@ -66,8 +66,12 @@ def main() -> int:
             if not args.build:
                 raise SystemExit(f"error: {exe} is missing; run `python build.py --layout {layout}` or pass --build")
             subprocess.run([sys.executable, os.path.join(ROOT, "build.py"), "--layout", layout], check=True)
-    python = os.path.realpath(sys.executable)  # not a pyenv shim or a venv's symlink chain
     work = tempfile.mkdtemp(prefix="lore-bench-")
+    # the baseline is a bare venv: the base interpreter's own site-packages may
+    # carry .pth hooks (this machine's adds ~20 ms to every start) that a
+    # frozen binary never runs, and that would flatter every ratio
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", os.path.join(work, "venv")], check=True)
+    python = os.path.join(work, "venv", "bin", "python")
     project = os.path.join(work, "project")
     os.mkdir(project)
     lore = "/bin/true" if os.path.exists("/bin/true") else python
