@@ -2127,6 +2127,16 @@ class SchedulerBackend(ABC):
         return any(file_differs(f.path, f.content) for f in plan.files)
 
     # -- helpers shared by backends
+    @staticmethod
+    def detect_os_tool(system: System, platform: str, os_name: str, tool: str, what: str) -> tuple[bool, str]:
+        """A scheduler that exists on one OS and is driven by one command."""
+        if system.platform != platform:
+            return False, f"{tool} is {os_name} only"
+        found = system.which(tool)
+        if not found:
+            return False, f"{tool} is not on PATH"
+        return True, f"{what} ({found})"
+
     def run_checked(self, argv: Sequence[str], *, hint: str = "", **kwargs: Any) -> CommandResult:
         result = self.system.run(argv, **kwargs)
         if not result.ok:
@@ -3287,12 +3297,7 @@ class LaunchdBackend(SchedulerBackend):
 
     @classmethod
     def detect(cls, system: System) -> tuple[bool, str]:
-        if system.platform != "darwin":
-            return False, "launchctl is macOS only"
-        found = system.which("launchctl")
-        if not found:
-            return False, "launchctl is not on PATH"
-        return True, f"macOS LaunchAgents ({found})"
+        return cls.detect_os_tool(system, "darwin", "macOS", "launchctl", "macOS LaunchAgents")
 
     # -- names
     def label(self, manifest: Manifest) -> str:
@@ -3713,12 +3718,7 @@ class SchtasksBackend(SchedulerBackend):
 
     @classmethod
     def detect(cls, system: System) -> tuple[bool, str]:
-        if system.platform != "win32":
-            return False, "schtasks is Windows only"
-        found = system.which("schtasks")
-        if not found:
-            return False, "schtasks is not on PATH"
-        return True, f"Windows Task Scheduler ({found})"
+        return cls.detect_os_tool(system, "win32", "Windows", "schtasks", "Windows Task Scheduler")
 
     # -- names
     def task_name(self, manifest: Manifest) -> str:
