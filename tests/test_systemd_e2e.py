@@ -85,17 +85,9 @@ def tool(um: UserManager, app: dict, *argv: str, timeout: float = 120):
     return res
 
 
-def make_project(um: UserManager, name: str) -> Path:
-    project = um.home / "projects" / name
-    res = um.run_as(["mkdir", "-p", str(project)])
-    assert res.returncode == 0, res.stderr
-    return project
-
-
-@pytest.fixture
-def installed(um: UserManager, app: dict):
-    project = make_project(um, HOSTILE)
-    res = tool(
+def install(um: UserManager, app: dict, project: Path):
+    """`install --backend systemd --interval 5m` for project, as the test user."""
+    return tool(
         um,
         app,
         "--json",
@@ -109,6 +101,19 @@ def installed(um: UserManager, app: dict):
         "--project",
         str(project),
     )
+
+
+def make_project(um: UserManager, name: str) -> Path:
+    project = um.home / "projects" / name
+    res = um.run_as(["mkdir", "-p", str(project)])
+    assert res.returncode == 0, res.stderr
+    return project
+
+
+@pytest.fixture
+def installed(um: UserManager, app: dict):
+    project = make_project(um, HOSTILE)
+    res = install(um, app, project)
     assert res.returncode == 0, res.stdout + res.stderr
     data = json.loads(res.stdout)["data"]
     yield {"project": project, **data}
@@ -188,20 +193,7 @@ def test_hand_edited_unit_is_drift_and_install_repairs_it(um, app, installed):
     assert any("differs" in d for d in status["scheduler"]["drift"])
     doctor = tool(um, app, "--json", "doctor", "--name", sid)
     assert doctor.returncode == 1
-    again = tool(
-        um,
-        app,
-        "--json",
-        "install",
-        "--backend",
-        "systemd",
-        "--interval",
-        "5m",
-        "--lore",
-        app["lore"],
-        "--project",
-        str(installed["project"]),
-    )
+    again = install(um, app, installed["project"])
     assert again.returncode == 0, again.stdout
     status = json.loads(tool(um, app, "--json", "status", "--name", sid).stdout)["data"]
     assert status["scheduler"]["drift"] == []
