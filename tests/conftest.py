@@ -226,3 +226,37 @@ def edit_config(home: Path, sid: str, change) -> None:
     doc = tomllib.loads(path.read_text())
     change(doc)
     path.write_text(tomli_w.dumps(doc))
+
+
+class MemoryKeyring:
+    """An in-memory keyring backend, for the keychain/Credential Manager paths."""
+
+    priority = 1
+
+    def __init__(self) -> None:
+        self.store: dict[tuple[str, str], str] = {}
+
+    def get_password(self, service: str, username: str) -> str | None:
+        return self.store.get((service, username))
+
+    def set_password(self, service: str, username: str, password: str) -> None:
+        self.store[(service, username)] = password
+
+    def delete_password(self, service: str, username: str) -> None:
+        import keyring.errors
+
+        if self.store.pop((service, username), None) is None:
+            raise keyring.errors.PasswordDeleteError("not found")
+
+
+@pytest.fixture
+def memory_keyring():
+    import keyring
+    from keyring.backend import KeyringBackend
+
+    backend_class = type("TestMemoryKeyring", (MemoryKeyring, KeyringBackend), {})
+    old = keyring.get_keyring()
+    store = backend_class()
+    keyring.set_keyring(store)
+    yield store
+    keyring.set_keyring(old)

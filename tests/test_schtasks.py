@@ -15,11 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import keyring
-import keyring.errors
 import pytest
-from conftest import ROOT, TOKEN, FakeSystem, Result
-from keyring.backend import KeyringBackend
+from conftest import ROOT, TOKEN, FakeSystem, MemoryKeyring, Result
 
 import lore_service as ls
 
@@ -98,33 +95,6 @@ def parse_windows_args(cmdline: str) -> list[str]:
             arg.append(c)
             i += 1
         args.append("".join(arg))
-
-
-class MemoryKeyring(KeyringBackend):
-    priority = 1  # type: ignore[assignment]
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.store: dict[tuple[str, str], str] = {}
-
-    def get_password(self, service: str, username: str) -> str | None:
-        return self.store.get((service, username))
-
-    def set_password(self, service: str, username: str, password: str) -> None:
-        self.store[(service, username)] = password
-
-    def delete_password(self, service: str, username: str) -> None:
-        if self.store.pop((service, username), None) is None:
-            raise keyring.errors.PasswordDeleteError("not found")
-
-
-@pytest.fixture
-def memory_keyring():
-    old = keyring.get_keyring()
-    store = MemoryKeyring()
-    keyring.set_keyring(store)
-    yield store
-    keyring.set_keyring(old)
 
 
 class WinSystem(FakeSystem):
