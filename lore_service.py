@@ -1718,6 +1718,19 @@ KILL_GRACE_SECONDS = 3.0
 MAX_LINE_BYTES = 64 * 1024  # longer lines are split: memory stays flat
 
 
+class RunStopped(BaseException):
+    """SIGTERM during a run (systemctl stop, shutdown, a scheduler's time
+    limit): the running stage is killed and the run still recorded."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_run_stopped(signum: int, frame: Any) -> None:
+    raise RunStopped(signum)
+
+
 def classify_exit(exit_code: int | None, permanent_codes: Sequence[int]) -> tuple[str, str | None]:
     """(outcome, error_class) of a stage that ran to its end."""
     if exit_code == 0:
@@ -1788,6 +1801,11 @@ def run_stage(
     timed_out = False
     try:
         code: int | None = proc.wait(timeout=limit)
+    except RunStopped:  # the scheduler stops us: the stage's group must not outlive the run
+        system.kill_group(proc, hard=True)
+        proc.wait()
+        pump.join(timeout=5)
+        raise
     except Exception:  # subprocess.TimeoutExpired, kept lazy
         timed_out = True
         system.kill_group(proc, hard=False)
@@ -1860,16 +1878,27 @@ def run_stages(
         if lock is not None:
             lock.record_owner(f"{run_id} {pgid}")
 
-    for stage in (s for s in stages if s.critical):
-        results.append(run_stage(system, stage, manifest.project_root, env, deadline, log, cfg, secret, on_spawn))
-    any_critical_ok = any(r.outcome == "success" for r in results) or not results
-    for stage in (s for s in stages if not s.critical):
-        if any_critical_ok:
-            results.append(run_stage(system, stage, manifest.project_root, env, deadline, log, cfg, secret, on_spawn))
-        else:
+    ordered = [s for s in stages if s.critical] + [s for s in stages if not s.critical]
+    stopped: RunStopped | None = None
+    for stage in ordered:
+        if stopped is not None:
+            results.append(StageResult(stage.name, stage.critical, "skipped", None, 0, None, "skipped: run stopped"))
+            continue
+        any_critical_ok = any(r.outcome == "success" for r in results if r.critical)
+        if not stage.critical and not any_critical_ok and any(s.critical for s in stages):
             results.append(
                 StageResult(stage.name, False, "skipped", None, 0, None, "skipped: no critical stage succeeded")
             )
+            continue
+        begun = system.monotonic()
+        try:
+            results.append(run_stage(system, stage, manifest.project_root, env, deadline, log, cfg, secret, on_spawn))
+        except RunStopped as exc:
+            stopped = exc
+            message = f"stopped by signal {exc.signum} (the scheduler or the system ended the run); group killed"
+            log.write_line(stage.name, message)
+            took = int((system.monotonic() - begun) * 1000)
+            results.append(StageResult(stage.name, stage.critical, "failed", None, took, "transient", message))
     order = {name: i for i, name in enumerate(PROFILES[cfg.profile])}
     results.sort(key=lambda r: order.get(r.stage, 99))
     critical_bad = [r for r in results if r.critical and r.outcome in ("failed", "timeout")]
@@ -4903,7 +4932,7 @@ def _run(ctx: Context, args: argparse.Namespace, trigger: str) -> Outcome:
             log.write_line(
                 "run", f"warning: no token found in {manifest.token_source}; stages run without {cfg.token_env}"
             )
-        record = run_stages(system, manifest, cfg, trigger, log, secret, lock)
+        record = _run_catching_sigterm(lambda: run_stages(system, manifest, cfg, trigger, log, secret, lock))
 
         def change(s: Status) -> None:
             apply_outcome(s, record, cfg, system, system.now_ms())
@@ -4934,6 +4963,20 @@ def _run(ctx: Context, args: argparse.Namespace, trigger: str) -> Outcome:
         error = LoreServiceError(f"critical stage {bad.stage} {bad.outcome}: {bad.message}", hint, code="run_failed")
         raise _with_data(error, data, text)
     return Outcome(data, text)
+
+
+def _run_catching_sigterm(body: Callable[[], RunRecord]) -> RunRecord:
+    """Run the stages with SIGTERM turned into RunStopped (main thread only)."""
+    import signal
+    import threading
+
+    if os.name == "nt" or threading.current_thread() is not threading.main_thread():
+        return body()
+    previous = signal.signal(signal.SIGTERM, _raise_run_stopped)
+    try:
+        return body()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _with_data(error: LoreServiceError, data: dict[str, Any], text: str) -> LoreServiceError:
@@ -5348,6 +5391,9 @@ def main(argv: Sequence[str] | None = None, system: System | None = None) -> int
         return exc.exit_code
     except KeyboardInterrupt:
         _emit(robot, command, None, LoreServiceError("interrupted", "run the command again", code="interrupted"))
+        return EXIT_FAILED
+    except RunStopped as exc:  # SIGTERM outside the stages (they record it themselves)
+        _emit(robot, command, None, LoreServiceError(f"stopped by signal {exc.signum}", "", code="stopped"))
         return EXIT_FAILED
     except BrokenPipeError:  # the reader went away (`logs --follow | head`): nothing left to say
         try:

@@ -194,6 +194,7 @@ def tool(environ: dict[str, str], project: Path, program: list[str]):
         )
         return Result(proc.returncode, proc.stdout, proc.stderr)
 
+    call.program = program  # type: ignore[attr-defined]  (for tests that start it themselves)
     return call
 
 

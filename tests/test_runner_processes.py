@@ -101,3 +101,34 @@ def test_state_and_log_folders_are_private(cli, installed, home, mode):
         home / "logs" / sid / "service.log",
     ):
         assert oct(f.stat().st_mode & 0o777) == "0o600", f
+
+
+def test_sigterm_from_the_scheduler_kills_the_stage_and_still_records_the_run(tool, environ, project, home):
+    import json
+    import signal
+    import subprocess
+
+    assert tool("--json", "install", "--backend", "none").code == 0
+    write_plan(project, {"issues": {"grandchild": True, "hang": True}})
+    runner = subprocess.Popen(
+        [*tool.program, "--json", "run"], cwd=project, env=environ, stdout=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 10
+    while not (project / ".fake-lore-grandchild-issues.pid").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stage_pid = calls(project)[0]["pid"]
+    grandchild = int((project / ".fake-lore-grandchild-issues.pid").read_text())
+    runner.send_signal(signal.SIGTERM)  # to the run only, as systemd's stop would start
+    out, _ = runner.communicate(timeout=30)
+    assert runner.returncode == 1
+    doc = json.loads(out)
+    stages = {s["stage"]: s for s in doc["data"]["run"]["stage_results"]}
+    assert "stopped by signal 15" in stages["issues"]["message"]
+    assert stages["mrs"]["outcome"] == "skipped" and stages["docs"]["outcome"] == "skipped"
+    for pid in (stage_pid, grandchild):
+        end = time.monotonic() + 5
+        while pid_alive(pid) and time.monotonic() < end:
+            time.sleep(0.05)
+        assert not pid_alive(pid)
+    status = json.loads(tool("--json", "status").out)["data"]
+    assert status["last_run"]["outcome"] == "failed" and status["consecutive_failures"] == 1
