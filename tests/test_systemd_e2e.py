@@ -234,3 +234,26 @@ def test_frozen_install_pins_a_copy_and_keeps_running_after_the_download_is_dele
     res = um.run_as([pinned, "--json", "status", "--name", sid], timeout=60)
     run = json.loads(res.stdout)["data"]["last_run"]
     assert run["outcome"] == "success" and run["trigger"] == "scheduled"
+
+
+def test_the_timer_fires_by_itself_and_the_run_is_recorded(um, app):
+    """No `systemctl start`: the timer's own start trigger (OnStartupSec, 5 min
+    after the manager started, at once if that is past) runs the sync."""
+    project = make_project(um, f"self-firing-{app['layout']}")
+    res = install(um, app, project)
+    assert res.returncode == 0, res.stdout + res.stderr
+    sid = json.loads(res.stdout)["data"]["service_id"]
+    try:
+        deadline = time.monotonic() + 7 * 60
+        status: dict = {}
+        while time.monotonic() < deadline:
+            status = json.loads(tool(um, app, "--json", "status", "--name", sid).stdout)["data"]
+            if status["last_run"] is not None:
+                break
+            time.sleep(5)
+        run = status["last_run"]
+        assert run is not None, f"the timer did not fire within 7 minutes: {status.get('scheduler')}"
+        assert run["trigger"] == "scheduled" and run["outcome"] == "success"
+        assert status["scheduler"]["last_trigger_iso"] is not None
+    finally:
+        tool(um, app, "uninstall", "--purge", "--name", sid)
