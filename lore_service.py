@@ -1546,10 +1546,6 @@ def delete_secret(paths: Paths, manifest: Manifest) -> None:
             raise _keyring_error("delete", exc) from None
 
 
-def redact(text: str, secret: str | None) -> str:
-    return text.replace(secret, SECRET_PLACEHOLDER) if secret else text
-
-
 # ============================================================================
 # 8. Policy: lock, skip rules, backoff, circuit breaker
 # ============================================================================
