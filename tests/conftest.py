@@ -261,3 +261,15 @@ def memory_keyring():
     keyring.set_keyring(store)
     yield store
     keyring.set_keyring(old)
+
+
+def shared_schema(name: str) -> Path:
+    """A file of ../shared/schemas (next to the clone in CI, /work/shared here);
+    a skip when it is absent, and a failure under LORE_E2E_REQUIRED=1."""
+    for folder in (Path(__file__).resolve().parents[2] / "shared" / "schemas", ROOT.parent / "shared" / "schemas"):
+        if (folder / name).exists():
+            return folder / name
+    message = f"shared/schemas/{name} not found next to the repository (../shared/schemas)"
+    if os.environ.get("LORE_E2E_REQUIRED") == "1":
+        pytest.fail(message + "; LORE_E2E_REQUIRED=1 makes this an error")
+    pytest.skip(message)

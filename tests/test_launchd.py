@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, TOKEN, FakeSystem, MemoryKeyring, Result
+from conftest import TOKEN, FakeSystem, MemoryKeyring, Result, shared_schema
 
 import lore_service as ls
 
@@ -27,14 +27,7 @@ def fixture_text(name: str) -> str:
 
 
 def schemas_dir() -> Path:
-    """/work/shared/schemas here, ../shared/schemas next to the clone in CI."""
-    for candidate in (Path(__file__).resolve().parents[2] / "shared" / "schemas", ROOT.parent / "shared" / "schemas"):
-        if (candidate / "PropertyList-1.0.dtd").exists():
-            return candidate
-    message = "shared/schemas/PropertyList-1.0.dtd not found next to the repository (../shared/schemas)"
-    if os.environ.get("LORE_E2E_REQUIRED") == "1":
-        pytest.fail(message + "; LORE_E2E_REQUIRED=1 makes this an error")
-    pytest.skip(message)
+    return shared_schema("PropertyList-1.0.dtd").parent
 
 
 def validate_plist(content: str) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, TOKEN, FakeSystem, MemoryKeyring, Result
+from conftest import ROOT, TOKEN, FakeSystem, MemoryKeyring, Result, shared_schema
 
 import lore_service as ls
 
@@ -33,14 +33,7 @@ def fixture_text(name: str) -> str:
 
 
 def schemas_dir() -> Path:
-    """/work/shared/schemas here, ../shared/schemas next to the clone in CI."""
-    for candidate in (Path(__file__).resolve().parents[2] / "shared" / "schemas", ROOT.parent / "shared" / "schemas"):
-        if (candidate / "task-scheduler-1.3.xsd").exists():
-            return candidate
-    message = "shared/schemas/task-scheduler-1.3.xsd not found next to the repository (../shared/schemas)"
-    if os.environ.get("LORE_E2E_REQUIRED") == "1":
-        pytest.fail(message + "; LORE_E2E_REQUIRED=1 makes this an error")
-    pytest.skip(message)
+    return shared_schema("task-scheduler-1.3.xsd").parent
 
 
 def validate_task(content: str | bytes) -> Any:
