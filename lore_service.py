@@ -2243,14 +2243,19 @@ class NoneBackend(SchedulerBackend):
         return []
 
 
-def scheduler_timeout(paths: Paths, sid: str) -> int:
+def config_or_defaults(paths: Paths, sid: str) -> ServiceConfig:
+    """What a backend renders from: the service's config, or the defaults
+    before the first install has written one (run reports a broken one)."""
+    try:
+        return load_config(paths, sid)
+    except LoreServiceError:
+        return ServiceConfig()
+
+
+def scheduler_timeout(cfg: ServiceConfig) -> int:
     """Seconds a scheduler lets a run take: a minute beyond the run's own
     budget, never below the review's 900, so the run records its own timeout."""
-    try:
-        budget = load_config(paths, sid).run_budget_seconds
-    except LoreServiceError:
-        budget = DEFAULT_RUN_BUDGET
-    return max(SCHEDULER_TIMEOUT, budget + 60)
+    return max(SCHEDULER_TIMEOUT, cfg.run_budget_seconds + 60)
 
 
 # -- shared by backends whose scheduler captures the run's output (cron, launchd)
@@ -2400,7 +2405,8 @@ class SystemdBackend(SchedulerBackend):
         return checks
 
     def _sandbox_check(self, manifest: Manifest) -> list[Check]:
-        needed = [*manifest.program[:2], *self._write_paths(manifest)]
+        cfg = config_or_defaults(self.paths, manifest.service_id)
+        needed = [*manifest.program[:2], *self._write_paths(manifest, cfg)]
         hidden = [p for p in needed if any(p == r or p.startswith(r + "/") for r in self.hidden_roots)]
         if not hidden:
             return []
@@ -2454,16 +2460,12 @@ class SystemdBackend(SchedulerBackend):
         )
 
     # -- units
-    def _write_paths(self, manifest: Manifest) -> list[str]:
+    def _write_paths(self, manifest: Manifest, cfg: ServiceConfig) -> list[str]:
         sid = manifest.service_id
         paths = [self.paths.state_dir(sid), self.paths.log_dir(sid), manifest.project_root]
-        try:
-            extra = load_config(self.paths, sid).extra_write_paths
-        except LoreServiceError:
-            extra = []  # no config yet (first install): the defaults have none
-        return paths + [p for p in extra if p not in paths]
+        return paths + [p for p in cfg.extra_write_paths if p not in paths]
 
-    def render(self, manifest: Manifest, token_line: str | None) -> tuple[str, str]:
+    def render(self, manifest: Manifest, cfg: ServiceConfig, token_line: str | None) -> tuple[str, str]:
         sid = manifest.service_id
         interval = manifest.schedule_step_seconds
         splay = max(30, min(300, interval // 10))
@@ -2472,7 +2474,7 @@ class SystemdBackend(SchedulerBackend):
         # extra paths may not exist yet: "-" keeps a missing one from failing the unit
         rw = [
             ("-" if i >= 3 else "") + systemd_quote(p, variables=False)
-            for i, p in enumerate(self._write_paths(manifest))
+            for i, p in enumerate(self._write_paths(manifest, cfg))
         ]
         service = [
             "# Written by lore-service; `lore-service install` rewrites it, edits are reported as drift.",
@@ -2483,7 +2485,7 @@ class SystemdBackend(SchedulerBackend):
             "Type=oneshot",
             f"ExecStart={exec_start}",
             # our own run budget ends first, so the run records its own timeout
-            f"TimeoutStartSec={scheduler_timeout(self.paths, sid)}",
+            f"TimeoutStartSec={scheduler_timeout(cfg)}",
             "Nice=10",
             "IOSchedulingClass=idle",
             "CPUSchedulingPolicy=batch",
@@ -2550,8 +2552,9 @@ class SystemdBackend(SchedulerBackend):
         if manifest.token_source == "embedded":
             token_line = "Environment=" + systemd_quote(f"{manifest.token_env}={embedded_token or ''}")
             shown_token = "Environment=" + systemd_quote(f"{manifest.token_env}={SECRET_PLACEHOLDER}")
-        service, timer = self.render(manifest, token_line)
-        shown = self.render(manifest, shown_token)[0] if token_line else None
+        cfg = config_or_defaults(self.paths, manifest.service_id)  # read once per plan
+        service, timer = self.render(manifest, cfg, token_line)
+        shown = self.render(manifest, cfg, shown_token)[0] if token_line else None
         timer_unit = self.unit_base(manifest.service_id) + ".timer"
         return Plan(
             files=[PlannedFile(service_path, service, 0o600, redacted=shown), PlannedFile(timer_path, timer, 0o644)],
@@ -3769,6 +3772,7 @@ class SchtasksBackend(SchedulerBackend):
             el.text = text
             return el
 
+        cfg = config_or_defaults(self.paths, manifest.service_id)
         created = manifest.created_at_iso
         start = created[:19] + "Z" if len(created) >= 19 and created[10:11] == "T" else "2024-01-01T00:00:00Z"
         command, arguments = self.exec_parts(manifest)
@@ -3801,7 +3805,7 @@ class SchtasksBackend(SchedulerBackend):
             ("Hidden", "true"),
             ("RunOnlyIfIdle", "false"),
             ("WakeToRun", "false"),
-            ("ExecutionTimeLimit", iso_duration(scheduler_timeout(self.paths, manifest.service_id))),
+            ("ExecutionTimeLimit", iso_duration(scheduler_timeout(cfg))),
             ("Priority", str(TASK_PRIORITY)),
         ):
             sub(settings, tag, value)
