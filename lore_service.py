@@ -1643,20 +1643,19 @@ def update_status(paths: Paths, sid: str, system: System, change: Callable[[Stat
     return status
 
 
-NOT_DUE = "not due until"
-
-
-def skip_reason(status: Status, manifest: Manifest, now_ms: int, trigger: str) -> str | None:
-    """Why a run must not start now, or None. Only compares persisted times."""
+def skip_reason(status: Status, manifest: Manifest, now_ms: int, trigger: str) -> tuple[str, bool] | None:
+    """Why a run must not start now, and whether that is routine (a coarse
+    schedule firing before the interval is due: no event worth a log line);
+    None to run. Only compares persisted times."""
     if status.paused:
-        return f"paused ({status.paused.kind})"
+        return f"paused ({status.paused.kind})", False
     if trigger == "manual":
         return None
     if status.next_retry_at_ms is not None and now_ms < status.next_retry_at_ms:
-        return f"backing off until {iso_from_ms(status.next_retry_at_ms)}"
+        return f"backing off until {iso_from_ms(status.next_retry_at_ms)}", False
     coarse = manifest.schedule_step_seconds < manifest.interval_seconds
     if coarse and status.next_due_at_ms is not None and now_ms < status.next_due_at_ms:
-        return f"{NOT_DUE} {iso_from_ms(status.next_due_at_ms)}"
+        return f"not due until {iso_from_ms(status.next_due_at_ms)}", True
     return None
 
 
@@ -4913,20 +4912,18 @@ def _run(ctx: Context, args: argparse.Namespace, trigger: str) -> Outcome:
         if manifest.backend in BACKENDS:  # e.g. launchd keeps its crash log bounded
             get_backend(manifest.backend, system, paths).before_run(manifest)
         status = load_status(paths, sid)
-        reason = skip_reason(status, manifest, system.now_ms(), trigger)
-        if reason and trigger == "manual":
+        skip = skip_reason(status, manifest, system.now_ms(), trigger)
+        if skip and trigger == "manual":
             raise LoreServiceError(
-                f"{sid} is {reason}: {status.paused.reason if status.paused else ''}".rstrip(": "),
+                f"{sid} is {skip[0]}: {status.paused.reason if status.paused else ''}".rstrip(": "),
                 f"`{TOOL_NAME} resume`, then trigger again",
                 code="paused",
             )
-        if reason and reason.startswith(NOT_DUE):
-            # a coarse schedule (cron every 15m for 45m) fires early by design:
-            # that is no event, so neither the log nor the scheduler's output hears of it
-            return _skipped(sid, reason, quiet=True)
-        if reason:
-            log.write_line("skip", reason)
-            return _skipped(sid, reason)
+        if skip:
+            reason, routine = skip
+            if not routine:  # a routine skip is heard of neither in the log nor the scheduler's output
+                log.write_line("skip", reason)
+            return _skipped(sid, reason, quiet=routine)
         secret = read_secret(paths, manifest, system.environ)
         if secret is None:
             log.write_line(
