@@ -11,6 +11,7 @@ versioned, atomically written state.
 
 Contents (sections appear in dependency order; each is bannered):
     1. Errors and exit codes      LoreServiceError and its exit-code family
+   1a. Records                    data classes built without importing dataclasses
     2. System                     the one injectable object for OS calls
     3. Utilities                  time formatting, intervals, atomic files
     4. Identity and paths         service ids, per-user folders
@@ -30,7 +31,8 @@ Contents (sections appear in dependency order; each is bannered):
    13. CLI                        argparse, commands, robot envelope, main()
 
 Start-up cost matters: `status` must start in a few multiples of a bare
-interpreter, so only json, argparse and dataclasses are imported at the top;
+interpreter, so only json and argparse are imported at the top (records are
+built by section 1a rather than by dataclasses, for the same reason);
 everything else (subprocess, threading, tomllib, keyring, ...) is imported in
 the function that needs it. Section 4a sits before config because the
 manifest's program argv depends on where the running executable is pinned;
@@ -43,18 +45,14 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 
 TYPE_CHECKING = False  # importing typing costs ~1.5 ms of every start-up
 if TYPE_CHECKING:  # annotations are strings (__future__), so these are for checkers only
     import subprocess
     from collections.abc import Callable, Iterator, Sequence
+    from dataclasses import dataclass as record
+    from dataclasses import field
     from typing import Any, ClassVar
-
-# Persisted records are dataclasses without the generated __repr__/__eq__:
-# compiling those for every class costs `status` ~1.3 ms of its start-up,
-# and to_dict() is how records are shown and compared anyway.
-record = dataclass(repr=False, eq=False)
 
 __version__ = "0.1.0"
 APP_NAME = "lore"
@@ -124,32 +122,92 @@ class SchedulerError(LoreServiceError):
 
 
 # ============================================================================
+# 1a. Records: data classes without the dataclasses module
+# ============================================================================
+# Manifest, config, status and every internal result are data classes declared
+# by annotated fields. At run time `record` builds them with one shared
+# __init__/__repr__/__eq__ instead of `dataclasses.dataclass`: importing
+# dataclasses pulls in inspect, ast, dis and tokenize, about 0.8x of a whole
+# interpreter start, which alone would put `status` over its 3x budget
+# (measured on Python 3.11-3.13, README "Performance"). Type checkers see the
+# real `dataclasses.dataclass` and `field` (the TYPE_CHECKING import above), so
+# a record must stay valid as a dataclass: fields without defaults first, and
+# mutable defaults only through field(default_factory=...).
+
+if not TYPE_CHECKING:
+    _MISSING = object()
+
+    class _Factory:
+        __slots__ = ("make",)
+
+        def __init__(self, make: Callable[[], Any]) -> None:
+            self.make = make
+
+    def field(*, default_factory: Callable[[], Any]) -> Any:
+        return _Factory(default_factory)
+
+    def _record_repr(self: Any) -> str:
+        shown = ", ".join(f"{k}={getattr(self, k)!r}" for k in type(self).__record_fields__)
+        return f"{type(self).__name__}({shown})"
+
+    def _record_eq(self: Any, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(getattr(self, k) == getattr(other, k) for k in type(self).__record_fields__)
+
+    def record(cls: type) -> type:
+        annotations = cls.__dict__.get("__annotations__", {})
+        # annotations are strings (__future__); ClassVar ones are not fields, as in dataclasses
+        names = tuple(n for n, a in annotations.items() if not str(a).startswith(("ClassVar", "typing.ClassVar")))
+        known = frozenset(names)
+        defaults: dict[str, Any] = {}
+        for name in names:
+            if name in cls.__dict__:
+                defaults[name] = cls.__dict__[name]
+                if isinstance(defaults[name], _Factory):
+                    delattr(cls, name)  # instances get their own value; the class keeps none
+            elif defaults:
+                raise TypeError(f"{cls.__name__}: field {name!r} without a default follows one with a default")
+
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            if len(args) > len(names):
+                raise TypeError(f"{cls.__name__}() takes {len(names)} fields, {len(args)} given")
+            values = dict(zip(names, args, strict=False))  # the rest come from kwargs or defaults
+            if kwargs:
+                if not known.issuperset(kwargs) or not values.keys().isdisjoint(kwargs):
+                    bad = sorted(k for k in kwargs if k not in known or k in values)
+                    raise TypeError(f"{cls.__name__}() got unexpected or repeated field(s) {', '.join(bad)}")
+                values.update(kwargs)
+            if len(values) < len(names):
+                for name in names:
+                    if name not in values:
+                        default = defaults.get(name, _MISSING)
+                        if default is _MISSING:
+                            raise TypeError(f"{cls.__name__}() missing field {name!r}")
+                        values[name] = default.make() if isinstance(default, _Factory) else default
+            self.__dict__.update(values)
+
+        cls.__init__ = __init__
+        cls.__record_fields__ = names
+        if "__repr__" not in cls.__dict__:
+            cls.__repr__ = _record_repr
+        if "__eq__" not in cls.__dict__:
+            cls.__eq__ = _record_eq
+            cls.__hash__ = None  # mutable and compared by value, as a dataclass
+        return cls
+
+
+# ============================================================================
 # 2. System: every OS interaction goes through one injectable object
 # ============================================================================
 
 
-class _Record:
-    """Plain value object for internal results. Each @dataclass costs ~0.35 ms
-    of start-up (it compiles generated methods), so only the persisted records
-    (manifest, config, status) are dataclasses."""
-
-    __slots__: tuple[str, ...] = ()
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__)
-        return f"{type(self).__name__}({fields})"
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and all(getattr(self, k) == getattr(other, k) for k in self.__slots__)
-
-    __hash__ = None  # type: ignore[assignment]  (mutable, like a dataclass with eq)
-
-
-class CommandResult(_Record):
-    __slots__ = ("argv", "returncode", "stdout", "stderr")
-
-    def __init__(self, argv: list[str], returncode: int, stdout: str, stderr: str) -> None:
-        self.argv, self.returncode, self.stdout, self.stderr = argv, returncode, stdout, stderr
+@record
+class CommandResult:
+    argv: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
 
     @property
     def ok(self) -> bool:
@@ -262,7 +320,7 @@ class System:
         import subprocess
 
         kwargs: dict[str, Any] = {}
-        if os.name == "nt":
+        if sys.platform == "win32":  # (not os.name: type checkers narrow on sys.platform)
             kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "CREATE_NO_WINDOW", 0)
         else:
             kwargs["start_new_session"] = True
@@ -1560,7 +1618,7 @@ class FileLock:
         self._fd: int | None = None
 
     def _lock(self, fd: int, blocking: bool) -> bool:
-        if os.name == "nt":
+        if sys.platform == "win32":
             import msvcrt
 
             mode = msvcrt.LK_LOCK if blocking else msvcrt.LK_NBLCK
@@ -1815,6 +1873,7 @@ def run_stage(
     if proc.stdout is not None and not pump.is_alive():
         proc.stdout.close()
     duration = int((system.monotonic() - start) * 1000)
+    error_class: str | None
     if timed_out:
         why = "stage timeout" if limit == stage.timeout_seconds else "run budget"
         message = f"timed out after {human_duration(limit)} ({why}); process group killed"
@@ -2050,38 +2109,32 @@ def follow_lines(path: str, system: System, poll: float = 0.25) -> Iterator[str]
 from abc import ABC, abstractmethod  # noqa: E402  (abc is loaded at interpreter start: free)
 
 
-class PlannedFile(_Record):
-    __slots__ = ("path", "content", "mode", "redacted")
-
-    def __init__(self, path: str, content: str, mode: int = 0o644, redacted: str | None = None) -> None:
-        self.path, self.content, self.mode = path, content, mode
-        self.redacted = redacted  # what --dry-run shows when content carries a secret
+@record
+class PlannedFile:
+    path: str
+    content: str
+    mode: int = 0o644
+    redacted: str | None = None  # what --dry-run shows when content carries a secret
 
     def shown(self) -> str:
         return self.content if self.redacted is None else self.redacted
 
 
-class Plan(_Record):
+@record
+class Plan:
     """What an install would write and run: --dry-run prints it, install applies it."""
 
-    __slots__ = ("files", "commands", "warnings")
-
-    def __init__(
-        self,
-        files: list[PlannedFile] | None = None,
-        commands: list[list[str]] | None = None,
-        warnings: list[str] | None = None,
-    ) -> None:
-        self.files = files if files is not None else []
-        self.commands = commands if commands is not None else []
-        self.warnings = warnings if warnings is not None else []
+    files: list[PlannedFile] = field(default_factory=list)
+    commands: list[list[str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
-class Check(_Record):
-    __slots__ = ("name", "status", "message", "hint")
-
-    def __init__(self, name: str, status: str, message: str, hint: str = "") -> None:
-        self.name, self.status, self.message, self.hint = name, status, message, hint  # status: ok|warn|fail
+@record
+class Check:
+    name: str
+    status: str  # ok | warn | fail
+    message: str
+    hint: str = ""
 
     def to_dict(self) -> dict[str, str]:
         return {"name": self.name, "status": self.status, "message": self.message, "hint": self.hint}
@@ -4432,13 +4485,12 @@ class Context:
         self.robot = robot
 
 
-class Outcome(_Record):
+@record
+class Outcome:
     """A command's result: data for --json, text for people."""
 
-    __slots__ = ("data", "text")
-
-    def __init__(self, data: dict[str, Any], text: str = "") -> None:
-        self.data, self.text = data, text
+    data: dict[str, Any]
+    text: str = ""
 
 
 def self_command() -> list[str]:
