@@ -414,7 +414,8 @@ def parse_interval(text: str) -> int:
     """'30m' or '2h' -> seconds; only m and h, between 5m and 24h."""
     raw = (text or "").strip().lower()
     hint = "use minutes or hours between 5m and 24h, e.g. --interval 30m or --interval 2h"
-    if len(raw) < 2 or raw[-1] not in "mh" or not (raw[:-1].isascii() and raw[:-1].isdigit()):
+    # (at most 5 digits: int() refuses a few thousand, and no valid interval needs more)
+    if not 2 <= len(raw) <= 6 or raw[-1] not in "mh" or not (raw[:-1].isascii() and raw[:-1].isdigit()):
         raise UsageError(f"invalid interval {text!r}", hint, code="bad_interval")
     seconds = int(raw[:-1]) * (60 if raw[-1] == "m" else 3600)
     if not MIN_INTERVAL <= seconds <= MAX_INTERVAL:
@@ -473,6 +474,26 @@ def atomic_write(path: str, data: bytes | str, mode: int = 0o600) -> None:
             pass
         raise
     _fsync_dir(folder)
+    _sweep_stale_temps(folder, os.path.basename(path))
+
+
+STALE_TEMP_SECONDS = 3600  # no write takes this long: an older temp file is a killed writer's
+
+
+def _sweep_stale_temps(folder: str, name: str) -> None:
+    """A writer SIGKILLed mid-write leaves its `.<name>.<pid>.tmp` behind;
+    the next write of the same file removes it once it is clearly stale."""
+    prefix, cutoff = f".{name}.", time.time() - STALE_TEMP_SECONDS
+    try:
+        for entry in os.scandir(folder):
+            if entry.name.startswith(prefix) and entry.name.endswith(".tmp"):
+                try:
+                    if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                        os.unlink(entry.path)
+                except OSError:
+                    pass  # gone already, or not ours to remove
+    except OSError:
+        pass
 
 
 def read_text(path: str) -> str | None:
@@ -632,11 +653,18 @@ def canonical_project(path: str) -> str:
 
 def check_path_text(path: str, what: str) -> str:
     """Paths end up in unit files, crontab lines and XML: a line break or
-    other control character there could smuggle in a directive."""
+    other control character there could smuggle in a directive. Bytes that
+    are not UTF-8 (surrogate escapes) cannot be written into any of them."""
     if any(ord(c) < 32 or ord(c) == 127 for c in path):
         raise UsageError(
             f"{what} {path!r} contains a control character (line break, tab, ...)",
             "rename the folder, or install from a path without control characters",
+            code="bad_path",
+        )
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in path):
+        raise UsageError(
+            f"{what} {path!r} is not valid UTF-8",
+            "rename the folder to a UTF-8 name (e.g. with `convmv`), then install again",
             code="bad_path",
         )
     return path
@@ -1169,6 +1197,8 @@ class ServiceConfig:
             command = spec.get("command")
             if not isinstance(command, list) or not command or not all(isinstance(a, str) for a in command):
                 raise ValueError(f"stages.{name}.command must be a non-empty list of strings")
+            if any("\0" in a for a in command):  # no OS can pass it in an argv
+                raise ValueError(f"stages.{name}.command contains a NUL character")
             cfg.stages[name] = StageConfig(
                 name,
                 command,
@@ -1528,8 +1558,15 @@ def validate_token(token: str) -> str:
     token = token.strip()
     if not token:
         raise UsageError("the token is empty", "pass a GitLab personal access token", code="no_token")
-    if any(c in token for c in "\r\n\0"):
-        raise UsageError("the token contains a line break or NUL", "pass the token on one line", code="bad_token")
+    if any(c in token for c in "\r\n"):
+        raise UsageError("the token contains a line break", "pass the token on one line", code="bad_token")
+    # control characters and undecodable bytes (surrogate escapes) cannot be stored or sent as a header
+    if any(ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF for c in token):
+        raise UsageError(
+            "the token contains a control character or bytes that are not UTF-8",
+            "copy the token again from GitLab (User settings > Access tokens)",
+            code="bad_token",
+        )
     return token
 
 
@@ -1780,8 +1817,28 @@ class RunStopped(BaseException):
         self.signum = signum
 
 
-def _raise_run_stopped(signum: int, frame: Any) -> None:
-    raise RunStopped(signum)
+class _StopSignal:
+    """SIGTERM during a run is noted at once but raised only while the run
+    waits on a stage, so the bookkeeping between stages (and the write of
+    the run record) is never cut in half. One per process: signals are."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.waiting = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        if self.waiting:
+            self.waiting = False  # a second signal during the clean-up must not cut it short
+            raise RunStopped(signum)
+
+    def raise_if_stopped(self) -> None:
+        if self.signum is not None:
+            self.waiting = False
+            raise RunStopped(self.signum)
+
+
+_STOP = _StopSignal()
 
 
 def classify_exit(exit_code: int | None, permanent_codes: Sequence[int]) -> tuple[str, str | None]:
@@ -1845,14 +1902,16 @@ def run_stage(
         proc = system.spawn(stage.command, cwd=cwd, env=env)
         if on_spawn is not None:
             on_spawn(proc.pid)
-    except OSError as exc:
-        message = f"cannot start {stage.command[0]}: {exc.strerror or exc}"
+    except (OSError, ValueError) as exc:  # ValueError: an argv the OS cannot take
+        message = f"cannot start {stage.command[0]}: {getattr(exc, 'strerror', None) or exc}"
         log.write_line(stage.name, message)
         return StageResult(stage.name, stage.critical, "failed", None, 0, "permanent", message)
     pump = threading.Thread(target=_pump, args=(proc.stdout, stage.name, log, secret), daemon=True)
     pump.start()
     timed_out = False
+    _STOP.waiting = True  # from here a SIGTERM interrupts the wait (section 9's _StopSignal)
     try:
+        _STOP.raise_if_stopped()  # one that came while the stage was being started
         code: int | None = proc.wait(timeout=limit)
     except RunStopped:  # the scheduler stops us: the stage's group must not outlive the run
         system.kill_group(proc, hard=True)
@@ -1860,6 +1919,7 @@ def run_stage(
         pump.join(timeout=5)
         raise
     except Exception:  # subprocess.TimeoutExpired, kept lazy
+        _STOP.waiting = False
         timed_out = True
         system.kill_group(proc, hard=False)
         try:
@@ -1867,6 +1927,8 @@ def run_stage(
         except Exception:
             system.kill_group(proc, hard=True)
             code = proc.wait()
+    finally:
+        _STOP.waiting = False
     # stragglers of a finished stage (or a timed-out one) die with their group
     system.kill_group(proc, hard=True)
     pump.join(timeout=5)
@@ -1935,6 +1997,12 @@ def run_stages(
     ordered = [s for s in stages if s.critical] + [s for s in stages if not s.critical]
     stopped: RunStopped | None = None
     for stage in ordered:
+        if stopped is None and _STOP.signum is not None:  # stopped between two stages
+            stopped = RunStopped(_STOP.signum)
+            message = f"stopped by signal {stopped.signum} before it started (the scheduler or system ended the run)"
+            log.write_line(stage.name, message)
+            results.append(StageResult(stage.name, stage.critical, "failed", None, 0, "transient", message))
+            continue
         if stopped is not None:
             results.append(StageResult(stage.name, stage.critical, "skipped", None, 0, None, "skipped: run stopped"))
             continue
@@ -4554,7 +4622,13 @@ def find_service(ctx: Context, args: argparse.Namespace) -> Manifest:
 def _obtain_token(ctx: Context, args: argparse.Namespace, token_env: str) -> str | None:
     """From --token-stdin, the named variable, or a hidden prompt; never argv."""
     if args.token_stdin:
-        lines = ctx.system.read_stdin().splitlines()
+        lines = [line for line in ctx.system.read_stdin().splitlines() if line.strip()]
+        if len(lines) > 1:  # e.g. a whole .env file piped in: its first line is not a token
+            raise UsageError(
+                f"standard input holds {len(lines)} lines; --token-stdin takes the token alone",
+                "pipe only the token, e.g. printenv GITLAB_TOKEN | lore-service install --token-stdin",
+                code="bad_token",
+            )
         return validate_token(lines[0] if lines else "")
     value = ctx.system.environ.get(token_env)
     if value:
@@ -4790,6 +4864,11 @@ def apply_install(
         ensure_dir(paths.state_dir(sid))
         ensure_dir(paths.log_dir(sid))
         applied = backend.install(manifest, token if source == "embedded" else None)
+        # last, and inside the rollback: without a manifest nothing could find
+        # (or uninstall) the token and entry written above
+        manifest_changed = file_differs(paths.manifest(sid), dump_json(manifest.to_dict()))
+        if manifest_changed:
+            save_manifest(paths, manifest)
     except BaseException:
         _roll_back_install(ctx, existing, manifest, backend, store_token, old_secret, old_config)
         raise
@@ -4798,10 +4877,6 @@ def apply_install(
             delete_secret(paths, existing)
         except LoreServiceError as exc:
             warnings.append(f"could not remove the token from {existing.token_source}: {exc.message}")
-    manifest_text = dump_json(manifest.to_dict())
-    manifest_changed = file_differs(paths.manifest(sid), manifest_text)
-    if manifest_changed:
-        save_manifest(paths, manifest)
     return manifest_changed or store_token or config_changed or entry_changed, applied
 
 
@@ -4981,13 +5056,17 @@ def _run(ctx: Context, args: argparse.Namespace, trigger: str) -> Outcome:
             log.write_line(
                 "run", f"warning: no token found in {manifest.token_source}; stages run without {cfg.token_env}"
             )
-        record = _run_catching_sigterm(lambda: run_stages(system, manifest, cfg, trigger, log, secret, lock))
+        restore_sigterm = _note_sigterm()
+        try:
+            record = run_stages(system, manifest, cfg, trigger, log, secret, lock)
 
-        def change(s: Status) -> None:
-            apply_outcome(s, record, cfg, system, system.now_ms())
-            s.next_due_at_ms = next_due_ms(manifest, record.started_at_ms)
+            def change(s: Status) -> None:
+                apply_outcome(s, record, cfg, system, system.now_ms())
+                s.next_due_at_ms = next_due_ms(manifest, record.started_at_ms)
 
-        status = update_status(paths, sid, system, change)
+            status = update_status(paths, sid, system, change)
+        finally:
+            restore_sigterm()
     finally:
         lock.release()
         log.close()
@@ -5014,18 +5093,22 @@ def _run(ctx: Context, args: argparse.Namespace, trigger: str) -> Outcome:
     return Outcome(data, text)
 
 
-def _run_catching_sigterm(body: Callable[[], RunRecord]) -> RunRecord:
-    """Run the stages with SIGTERM turned into RunStopped (main thread only)."""
+def _note_sigterm() -> Callable[[], None]:
+    """Until the returned function is called, SIGTERM goes to _STOP (section
+    9): it ends the waited-on stage, skips the rest, and the run is still
+    recorded. Main thread only, as Python's signal handlers."""
     import signal
     import threading
 
+    _STOP.signum, _STOP.waiting = None, False
     if os.name == "nt" or threading.current_thread() is not threading.main_thread():
-        return body()
-    previous = signal.signal(signal.SIGTERM, _raise_run_stopped)
-    try:
-        return body()
-    finally:
+        return lambda: None
+    previous = signal.signal(signal.SIGTERM, _STOP)
+
+    def restore() -> None:
         signal.signal(signal.SIGTERM, previous)
+
+    return restore
 
 
 def _with_data(error: LoreServiceError, data: dict[str, Any], text: str) -> LoreServiceError:
@@ -5191,17 +5274,7 @@ def cmd_status(ctx: Context, args: argparse.Namespace) -> Outcome:
             )
             or "no services installed"
         )
-        if worst != EXIT_OK:
-            bad = [x for x in services if "error" in x]
-            first = bad[0]["error"]
-            error = LoreServiceError(
-                f"{len(bad)} of {len(services)} services cannot be read: {first['message']}",
-                first["hint"],
-                code=first["code"],
-                exit_code=worst,
-            )
-            raise _with_data(error, {"services": services}, text)
-        return Outcome({"services": services}, text)
+        return _every_service(services, worst, text)
     try:
         manifest = find_service(ctx, args)
     except NotInstalledError as exc:
@@ -5211,8 +5284,25 @@ def cmd_status(ctx: Context, args: argparse.Namespace) -> Outcome:
     return Outcome(data, _render_status(data, ctx.system.now_ms()))
 
 
+def _every_service(services: list[dict[str, Any]], worst: int, text: str) -> Outcome:
+    """`status --all` and `list`: every readable service is shown, and one
+    that cannot be read still makes the command fail with its exit code."""
+    if worst == EXIT_OK:
+        return Outcome({"services": services}, text)
+    bad = [x for x in services if "error" in x]
+    first = bad[0]["error"]
+    error = LoreServiceError(
+        f"{len(bad)} of {len(services)} services cannot be read: {first['message']}",
+        first["hint"],
+        code=first["code"],
+        exit_code=worst,
+    )
+    raise _with_data(error, {"services": services}, text)
+
+
 def cmd_list(ctx: Context, args: argparse.Namespace) -> Outcome:
     rows: list[dict[str, Any]] = []
+    worst = EXIT_OK
     for sid in ctx.paths.installed_ids():
         try:
             manifest = load_manifest(ctx.paths, sid)
@@ -5231,6 +5321,7 @@ def cmd_list(ctx: Context, args: argparse.Namespace) -> Outcome:
                 }
             )
         except LoreServiceError as exc:
+            worst = max(worst, exc.exit_code)
             rows.append(
                 {
                     "service_id": sid,
@@ -5250,7 +5341,7 @@ def cmd_list(ctx: Context, args: argparse.Namespace) -> Outcome:
         )
         or "no services installed"
     )
-    return Outcome({"services": rows}, text)
+    return _every_service(rows, worst, text)
 
 
 # -- logs, doctor ------------------------------------------------------------------
@@ -5394,6 +5485,11 @@ def _emit(robot: bool, command: str, outcome: Outcome | None, error: LoreService
 
 def main(argv: Sequence[str] | None = None, system: System | None = None) -> int:
     """Entry point: parse, dispatch, print; the only place errors become exit codes."""
+    # pythonw.exe / lore-service-w.exe (what Task Scheduler starts) have no
+    # console: their streams are None, and output simply goes nowhere
+    if sys.stdout is None or sys.stderr is None:
+        sink = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115  (lives as long as the process)
+        sys.stdout, sys.stderr = sys.stdout or sink, sys.stderr or sink
     for stream in (sys.stdout, sys.stderr):  # a path with é on an ASCII terminal is not a crash
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")

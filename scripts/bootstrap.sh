@@ -12,10 +12,21 @@ if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; th
   echo "hint: install python3 (3.11+), or set PYTHON=/path/to/python3.11" >&2
   exit 2
 fi
-stamp="$VENV/.deps-$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
+# the stamp names the dependencies and the interpreter: either changing rebuilds
+want="$("$PY" -c 'import sys; print(sys.version)')"
+stamp="$VENV/.deps-$( { cat "$ROOT/pyproject.toml"; echo "$want"; } | sha256sum | cut -c1-16)"
 if [ ! -x "$VENV/bin/python" ] || [ ! -e "$stamp" ]; then
-  echo "setting up $VENV (first use or dependencies changed)..." >&2
-  "$PY" -m venv "$VENV"
+  echo "setting up $VENV (first use, or dependencies or Python changed)..." >&2
+  clear=()
+  # a venv made by another interpreter cannot be upgraded in place (its stdlib is gone)
+  if [ -e "$VENV/pyvenv.cfg" ] && [ "$("$VENV/bin/python" -c 'import sys; print(sys.version)' 2>/dev/null)" != "$want" ]; then
+    clear=(--clear)
+  fi
+  if ! "$PY" -m venv "${clear[@]}" "$VENV"; then
+    echo "error: '$PY -m venv' failed" >&2
+    echo "hint: on Debian/Ubuntu: sudo apt-get install python3-venv" >&2
+    exit 6
+  fi
   log="$VENV/pip-install.log"
   if ! { "$VENV/bin/python" -m pip install --disable-pip-version-check --upgrade pip &&
          "$VENV/bin/python" -m pip install --disable-pip-version-check -e "$ROOT[test]"; } >"$log" 2>&1; then

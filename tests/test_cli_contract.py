@@ -67,7 +67,9 @@ def test_bad_input_is_a_documented_exit_code_never_a_traceback(cli, argv, code):
     assert doc["ok"] is False and doc["error"]["message"] and "Traceback" not in r.out + r.err
 
 
-@pytest.mark.parametrize("interval", ["5s", "4m", "25h", "0m", "abc", "", "30", "1d", "-5m", "5.5m", "²h", "３０m"])
+@pytest.mark.parametrize(
+    "interval", ["5s", "4m", "25h", "0m", "abc", "", "30", "1d", "-5m", "5.5m", "²h", "３０m", "9" * 5000 + "m"]
+)
 def test_intervals_outside_5m_to_24h_or_in_other_units_are_refused(cli, interval):
     r = cli("--json", "install", "--backend", "none", f"--interval={interval}", "--dry-run")
     assert r.code == 2 and r.doc["error"]["code"] == "bad_interval"
@@ -170,6 +172,20 @@ def test_status_all_and_list_cover_every_service(cli, installed, tmp_path):
     assert set(states.values()) == {"idle"}
 
 
+def test_list_and_status_all_show_every_service_and_fail_on_an_unreadable_one(cli, installed, tmp_path, home):
+    other = tmp_path / "p2"
+    other.mkdir()
+    second = cli("--json", "install", "--backend", "none", "--project", str(other)).data["service_id"]
+    (home / "state" / second / "status.json").write_text("{torn")
+    for argv in (["list"], ["status", "--all"]):
+        r = cli("--json", *argv)
+        assert r.code == 4 and r.doc["ok"] is False and r.doc["error"]["code"] == "state_corrupt"
+        rows = {row["service_id"]: row for row in r.data["services"]}
+        assert "error" in rows[second] and "error" not in rows[installed["service_id"]]
+    text = cli("list")
+    assert text.code == 4 and installed["service_id"] in text.out and "hint:" in text.err
+
+
 def test_relocated_home_is_used_by_the_scheduler_entry(cli, installed, home):
     manifest = json.loads((home / "config" / installed["service_id"] / "manifest.json").read_text())
     program = manifest["program"]
@@ -227,3 +243,26 @@ def test_a_closed_pipe_ends_logs_follow_quietly(environ, project, tool, program)
 def test_help_lists_the_exit_codes(cli):
     r = cli("--json", "--help")
     assert "exit codes: 0 success" in r.data["help"] and "6 scheduler or prerequisite failure" in r.data["help"]
+
+
+@pytest.mark.parametrize(
+    ("where", "name"),
+    [("project", "line\nbreak"), ("project", "tab\there"), ("project", "bytes-\udcff-not-utf8"), ("home", "h\x1bome")],
+)
+def test_hostile_paths_are_refused_before_anything_is_written(tool, tmp_path, home, where, name):
+    """Paths end up in unit files, crontab lines and XML: a control character
+    could smuggle in a directive, and bytes that are not UTF-8 fit in none."""
+    folder = tmp_path / name
+    folder.mkdir()
+    argv = ["--project", str(folder)] if where == "project" else ["--home", str(folder), "--project", str(tmp_path)]
+    r = tool("--json", "install", "--backend", "none", *argv)
+    assert r.code == 2 and r.doc["error"]["code"] == "bad_path" and "Traceback" not in r.err, r.out + r.err
+    assert not home.exists() and not any(folder.iterdir())
+
+
+def test_a_lore_path_with_a_line_break_is_refused(cli, tmp_path):
+    lore = tmp_path / "evil\nExecStartPre=rm"
+    lore.write_text("#!/bin/sh\n")
+    lore.chmod(0o755)
+    r = cli("--json", "install", "--backend", "none", "--lore", str(lore), "--dry-run")
+    assert r.code == 2 and r.doc["error"]["code"] == "bad_path"

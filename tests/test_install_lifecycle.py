@@ -148,6 +148,52 @@ def test_failing_scheduler_on_first_install_leaves_nothing_behind(cli, system, h
     assert not any(p.name in ("service.toml", "token.env") for p in home.rglob("*"))
 
 
+def test_a_manifest_that_cannot_be_written_rolls_back_token_config_and_entry(cli, system, home, monkeypatch):
+    """Without its manifest nothing could find (or uninstall) what install wrote."""
+
+    def full_disk(paths, manifest):
+        raise OSError(28, "No space left on device", str(home / "manifest.json"))
+
+    monkeypatch.setattr(ls, "save_manifest", full_disk)
+    r = cli("--json", "install", "--backend", "fake")
+    assert r.code == 1 and r.doc["error"]["code"] == "os_error" and "No space left" in r.doc["error"]["message"]
+    assert ["fake-scheduler", "unregister", ls.derive_service_id(os.getcwd())] in system.commands
+    assert not any(p.name in ("service.toml", "token.env", "manifest.json") for p in home.rglob("*"))
+    assert not (home / "fake-scheduler").exists() or not any((home / "fake-scheduler").iterdir())
+
+
+def test_token_stdin_takes_the_token_alone(cli, system, home):
+    system.environ.pop("GITLAB_TOKEN")
+    system.stdin_text = "\n  glpat-alone  \n\n"
+    assert cli("--json", "install", "--backend", "fake", "--token-stdin").code == 0
+    system.stdin_text = "# my tokens\nGITLAB_TOKEN=glpat-x\n"
+    r = cli("--json", "install", "--backend", "fake", "--token-stdin")
+    assert r.code == 2 and r.doc["error"]["code"] == "bad_token" and "2 lines" in r.doc["error"]["message"]
+    assert "glpat-x" not in r.out
+
+
+def test_a_token_with_control_characters_or_undecodable_bytes_is_refused_unshown(cli, system):
+    for bad in ("glpat-\x1b[2Jx", "glpat-\udcffx", "glpat-\x00x"):
+        system.environ["GITLAB_TOKEN"] = bad
+        r = cli("--json", "install", "--backend", "fake")
+        assert r.code == 2 and r.doc["error"]["code"] == "bad_token", bad
+        assert "glpat-" not in r.out
+
+
+def test_the_token_is_prompted_for_hidden_on_a_terminal(cli, system, home):
+    system.environ.pop("GITLAB_TOKEN")
+    system.tty = True
+    prompts: list[str] = []
+    system.prompt_secret = lambda text: prompts.append(text) or "glpat-typed"  # type: ignore[method-assign]
+    r = cli("install", "--backend", "fake")
+    assert r.code == 0 and len(prompts) == 1 and "glpat-typed" not in r.out + r.err + prompts[0]
+    assert (home / "config" / ls.derive_service_id(os.getcwd()) / "token.env").read_text() == (
+        "GITLAB_TOKEN=glpat-typed\n"
+    )
+    # robot mode and --dry-run never stop to ask
+    assert cli("--json", "install", "--backend", "fake", "--name", "other").code == 2 and len(prompts) == 1
+
+
 def test_failing_reinstall_keeps_the_previous_config(cli, installed, system, home):
     sid = installed["service_id"]
     cfg = home / "config" / sid / "service.toml"

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import sys
 import time
 
 import pytest
-from conftest import calls, edit_config, write_plan
+from conftest import FakeSystem, calls, edit_config, write_plan
+
+import lore_service as ls
 
 
 def pid_alive(pid: int) -> bool:
@@ -132,3 +136,74 @@ def test_sigterm_from_the_scheduler_kills_the_stage_and_still_records_the_run(to
         assert not pid_alive(pid)
     status = json.loads(tool("--json", "status").out)["data"]
     assert status["last_run"]["outcome"] == "failed" and status["consecutive_failures"] == 1
+
+
+class StoppingSystem(FakeSystem):
+    """Delivers a SIGTERM to the run's handler at a chosen moment: `when`
+    is 'starting <stage>' (while that stage is being started) or 'after
+    <stage>' (after it ended, before the next one)."""
+
+    def __init__(self, environ: dict[str, str], when: str) -> None:
+        super().__init__(environ)
+        self.when = when
+        self.spawned: list[str] = []
+        self.pids: list[int] = []
+
+    def spawn(self, argv, *, cwd, env):  # type: ignore[override]
+        stage = _stage_of(argv)
+        self.spawned.append(stage)
+        proc = super().spawn(argv, cwd=cwd, env=env)
+        self.pids.append(proc.pid)
+        if self.when == f"starting {stage}":
+            ls._STOP(signal.SIGTERM, None)  # as the OS would call the installed handler
+        return proc
+
+    def kill_group(self, proc, *, hard: bool) -> None:  # type: ignore[override]
+        super().kill_group(proc, hard=hard)
+        if self.spawned and self.when == f"after {self.spawned[-1]}" and ls._STOP.signum is None:
+            ls._STOP(signal.SIGTERM, None)
+
+
+def _stage_of(argv: list[str]) -> str:
+    return argv[argv.index("--type") + 1] if "--type" in argv else {"generate-docs": "docs"}.get(argv[-1], "embeddings")
+
+
+@pytest.mark.parametrize(
+    ("when", "outcomes"),
+    [
+        ("starting issues", {"issues": "failed", "mrs": "skipped", "docs": "skipped"}),
+        ("after issues", {"issues": "success", "mrs": "failed", "docs": "skipped"}),
+    ],
+)
+def test_sigterm_outside_a_stage_wait_still_ends_the_run_cleanly_and_records_it(
+    cli, installed, project, environ, when, outcomes
+):
+    """A stop that lands while a stage is starting, or between two stages,
+    is not lost and does not cut the run's bookkeeping in half."""
+    write_plan(project, {"issues": {"grandchild": True, "sleep": 0 if when.startswith("after") else 30}})
+    stopping = StoppingSystem(environ, when)
+    started = time.monotonic()
+    r = cli("--json", "trigger", sys_=stopping)
+    assert time.monotonic() - started < 20  # the 30 s stage was ended, not waited for
+    assert r.code == 1, r.out
+    stages = {s["stage"]: s for s in r.data["run"]["stage_results"]}
+    assert {k: v["outcome"] for k, v in stages.items()} == outcomes
+    assert any("stopped by signal 15" in s["message"] for s in stages.values())
+    assert stopping.spawned == ["issues"]  # nothing started after the stop
+    pidfile = project / ".fake-lore-grandchild-issues.pid"  # absent if the stage was ended that early
+    for pid in stopping.pids + ([int(pidfile.read_text())] if pidfile.exists() else []):
+        end = time.monotonic() + 5
+        while pid_alive(pid) and time.monotonic() < end:
+            time.sleep(0.05)
+        assert not pid_alive(pid)
+    status = cli("--json", "status").data
+    assert status["last_run"]["run_id"] == r.data["run"]["run_id"] and status["consecutive_failures"] == 1
+
+
+def test_a_console_less_process_runs_without_streams(installed, project, environ, system, monkeypatch):
+    """pythonw.exe / lore-service-w.exe start with sys.stdout and sys.stderr None."""
+    monkeypatch.chdir(project)
+    monkeypatch.setattr(sys, "stdout", None)
+    monkeypatch.setattr(sys, "stderr", None)
+    assert ls.main(["--json", "trigger"], system=system) == 0
+    assert ls.main(["status", "--name", "no-such-service"], system=system) == 3

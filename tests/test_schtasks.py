@@ -551,7 +551,9 @@ def test_real_schtasks_install_status_uninstall(tool, environ: dict[str, str], t
     lore = tmp_path / "lore.cmd"
     lore.write_text("@echo off\r\nexit /b 0\r\n")
     env = {**os.environ, **environ}
-    r = tool("--json", "install", "--backend", "schtasks", "--token-source", "env-file", "--lore", str(lore), env=env)
+    # the runner's real Credential Manager, as users get by default (env-file is Linux only)
+    argv = ["--backend", "schtasks", "--token-source", "credential-manager", "--lore", str(lore)]
+    r = tool("--json", "install", *argv, env=env)
     assert r.code == 0, r.err + r.out
     name = f"LoreSync-{r.data['service_id']}"
     try:

@@ -65,6 +65,11 @@ def test_invalid_config_is_exit_4_with_the_path(cli, installed, home):
         r = cli("--json", "run")
         assert r.code == 4 and r.doc["error"]["code"] == "config_invalid", text
         assert str(path) in r.doc["error"]["message"]
+    path.write_text(
+        'profile = "fast"\n[stages.issues]\ncommand = ["lore", "ing\\u0000est"]\n[stages.mrs]\ncommand = ["x"]\n'
+    )
+    r = cli("--json", "run")
+    assert r.code == 4 and "NUL" in r.doc["error"]["message"]
 
 
 def test_state_files_carry_schema_version_and_updated_at(cli, installed, home):
@@ -96,8 +101,24 @@ def test_sigkilled_writer_never_leaves_a_torn_file(tmp_path):
         if target.exists():
             doc = json.loads(target.read_text())  # parseable every time
             assert doc["schema_version"] == 1
-    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "status.json"]
-    assert all(name.endswith(".tmp") for name in leftovers)
+    leftovers = [p for p in tmp_path.iterdir() if p.name != "status.json"]
+    assert all(p.name.endswith(".tmp") for p in leftovers)
+    # a killed writer's temp file is swept by a later write once it is stale
+    leftovers.append(tmp_path / ".status.json.4242.tmp")
+    leftovers[-1].write_text("{")
+    for p in leftovers:
+        os.utime(p, (time.time() - ls.STALE_TEMP_SECONDS - 1,) * 2)
+    fresh = tmp_path / ".status.json.999999.tmp"  # as if a writer were busy right now
+    fresh.write_text("{")
+    other = tmp_path / ".manifest.json.1.tmp"
+    other.write_text("{")
+    os.utime(other, (time.time() - ls.STALE_TEMP_SECONDS - 1,) * 2)
+    ls.atomic_write(str(target), ls.dump_json({"schema_version": 1}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".manifest.json.1.tmp",
+        ".status.json.999999.tmp",
+        "status.json",
+    ]
 
 
 def test_concurrent_scheduled_runs_execute_exactly_once(tool, project, lore_bin, environ):
