@@ -23,9 +23,17 @@ if [ ! -x "$VENV/bin/python" ] || [ ! -e "$stamp" ]; then
     clear=(--clear)
   fi
   if ! "$PY" -m venv "${clear[@]}" "$VENV"; then
-    echo "error: '$PY -m venv' failed" >&2
-    echo "hint: on Debian/Ubuntu: sudo apt-get install python3-venv" >&2
-    exit 6
+    # Debian's own python3 makes a virtualenv only with python3-venv installed
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! dpkg -s python3-venv >/dev/null 2>&1; then
+      echo "installing python3-venv..." >&2
+      DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >&2
+    fi
+    if ! "$PY" -m venv --clear "$VENV"; then
+      echo "error: '$PY -m venv' failed" >&2
+      echo "hint: on Debian/Ubuntu: sudo apt-get install python3-venv" >&2
+      exit 6
+    fi
   fi
   log="$VENV/pip-install.log"
   if ! { "$VENV/bin/python" -m pip install --disable-pip-version-check --upgrade pip &&
