@@ -1570,13 +1570,27 @@ def validate_token(token: str) -> str:
     return token
 
 
+def _secret_store_fix() -> str:
+    """What gets the OS store working, or the store to use instead, here."""
+    if sys.platform == "darwin":
+        return (
+            "unlock the login keychain (`security unlock-keychain`), or re-install with --token-source embedded "
+            "(the token is then kept in the LaunchAgent plist, mode 0600)"
+        )
+    if sys.platform == "win32":
+        return "run from the user's own log-on session, where Credential Manager is available"
+    return "start a Secret Service (e.g. gnome-keyring) in this session, or re-install with --token-source env-file"
+
+
 def _keyring() -> Any:
     try:
         import keyring
         import keyring.errors
     except ImportError:
         raise SchedulerError(
-            "the keyring package is not installed", "pip install keyring, or use --token-source env-file"
+            "the keyring package is not installed",
+            "reinstall lore-service with its dependencies (pip install keyring); or " + _secret_store_fix(),
+            code="secret_store",
         ) from None
     return keyring
 
@@ -1584,7 +1598,7 @@ def _keyring() -> Any:
 def _keyring_error(action: str, exc: Exception) -> SchedulerError:
     return SchedulerError(
         f"cannot {action} the token in the OS secret store: {exc.__class__.__name__}: {exc}",
-        "unlock the keychain / credential store (on Linux a Secret Service is needed), or use --token-source env-file",
+        _secret_store_fix(),
         code="secret_store",
     )
 
@@ -2436,13 +2450,18 @@ def systemd_quote(arg: str, *, specifiers: bool = True, variables: bool = True) 
     """One argument in systemd's unit syntax: double-quoted, C escapes,
     `%` -> `%%` (specifiers) and `$` -> `$$` (ExecStart= variable expansion).
     Verified with systemd 252 on spaces, quotes, `$VAR`, `${VAR}`, `%h`, `;`
-    and non-ASCII letters; ReadWritePaths= expands no variables, hence the flag."""
+    and non-ASCII letters; ReadWritePaths= and Environment= expand no variables,
+    hence the flag."""
     out = arg.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
     if variables:
         out = out.replace("$", "$$")
     if specifiers:
         out = out.replace("%", "%%")
     return f'"{out}"'
+
+
+def _environment_line(name: str, value: str) -> str:
+    return "Environment=" + systemd_quote(f"{name}={value}", variables=False)
 
 
 def systemd_seconds(seconds: int) -> str:
@@ -2526,7 +2545,11 @@ class SystemdBackend(SchedulerBackend):
 
     def _sandbox_check(self, manifest: Manifest) -> list[Check]:
         cfg = config_or_defaults(self.paths, manifest.service_id)
-        needed = [*manifest.program[:2], *self._write_paths(manifest, cfg)]
+        # what the run reads (program, config and token) and starts (stages), and where it writes
+        needed = [*manifest.program[:2], self.paths.config_dir(manifest.service_id)]
+        stages = [s.command[0] for s in cfg.active_stages()] if cfg.stages else [manifest.lore_path or ""]
+        needed += [p for p in stages if os.path.isabs(p)]  # (no config before the first install: lore's)
+        needed += self._write_paths(manifest, cfg)
         hidden = [p for p in needed if any(p == r or p.startswith(r + "/") for r in self.hidden_roots)]
         if not hidden:
             return []
@@ -2611,7 +2634,9 @@ class SystemdBackend(SchedulerBackend):
             "CPUSchedulingPolicy=batch",
         ]
         home = self.system.environ.get("HOME") or os.path.expanduser("~")
-        service += ["Environment=" + systemd_quote(f"{k}={v}") for k, v in self.paths.xdg_pins(home)]
+        # Environment= expands specifiers but no $VARIABLES: a `$` is written as itself
+        pins = self.paths.xdg_pins(home)
+        service += ["Environment=" + systemd_quote(f"{k}={v}", variables=False) for k, v in pins]
         if token_line is not None:
             service.append(token_line)
         service += [
@@ -2670,8 +2695,8 @@ class SystemdBackend(SchedulerBackend):
         shown_token = None
         token_line = None
         if manifest.token_source == "embedded":
-            token_line = "Environment=" + systemd_quote(f"{manifest.token_env}={embedded_token or ''}")
-            shown_token = "Environment=" + systemd_quote(f"{manifest.token_env}={SECRET_PLACEHOLDER}")
+            token_line = _environment_line(manifest.token_env, embedded_token or "")
+            shown_token = _environment_line(manifest.token_env, SECRET_PLACEHOLDER)
         cfg = config_or_defaults(self.paths, manifest.service_id)  # read once per plan
         service, timer = self.render(manifest, cfg, token_line)
         shown = self.render(manifest, cfg, shown_token)[0] if token_line else None
@@ -2728,8 +2753,8 @@ class SystemdBackend(SchedulerBackend):
         return tick_ms + -(-(due - tick_ms) // step) * step
 
     def _drift(self, manifest: Manifest) -> list[str]:
-        placeholder = f"{manifest.token_env}={SECRET_PLACEHOLDER}"
         expected = self.plan(manifest, SECRET_PLACEHOLDER if manifest.token_source == "embedded" else None)
+        token_prefix = 'Environment="' + manifest.token_env + "="
         problems = []
         for planned in expected.files:
             actual = read_text(planned.path)
@@ -2737,9 +2762,9 @@ class SystemdBackend(SchedulerBackend):
                 problems.append(f"{planned.path} is missing")
                 continue
             if manifest.token_source == "embedded":  # compare without the token itself
+                placeholder = _environment_line(manifest.token_env, SECRET_PLACEHOLDER)
                 actual = "\n".join(
-                    "Environment=" + systemd_quote(placeholder) if line.startswith("Environment=") else line
-                    for line in actual.split("\n")
+                    placeholder if line.startswith(token_prefix) else line for line in actual.split("\n")
                 )
             if actual != planned.content:
                 problems.append(f"{planned.path} differs from what install wrote (edited by hand?)")
@@ -2786,6 +2811,9 @@ class SystemdBackend(SchedulerBackend):
             result["last_finished_iso"] = finished
         if not result["active"] and not drift:
             drift.append(f"{base}.timer is not active ({timer.get('ActiveState', '?')}/{timer.get('SubState', '?')})")
+        elif timer.get("LoadState") == "loaded" and timer.get("UnitFileState") != "enabled" and not drift:
+            # running now, but gone after the next log-in or reboot
+            drift.append(f"{base}.timer is not enabled ({timer.get('UnitFileState') or 'unknown'})")
         result["detail"] = (
             f"timer {timer.get('ActiveState', '?')}/{timer.get('SubState', '?')}, "
             f"{timer.get('UnitFileState') or 'not installed'}"
@@ -3368,6 +3396,12 @@ class CronBackend(SchedulerBackend):
 LAUNCHD_LABEL_PREFIX = "com.gitlore.sync."
 LAUNCHD_NICE = 10
 LAUNCHCTL_NO_SUCH_SERVICE = (113, 3)  # "Could not find service" (113); older macOS: "No such process" (3)
+LAUNCHCTL_IN_PROGRESS = 36  # bootout of a running job: "Operation now in progress", it is being removed
+# bootout returns before launchd has let go of the label: a bootstrap right
+# after it fails with 5 (Input/output error) or 37 (already in progress) for a
+# few seconds, so install waits for the label to go and retries bootstrap
+LAUNCHCTL_BUSY = (5, 37)
+LAUNCHCTL_SETTLE_SECONDS = 10.0
 LAUNCHD_GUI_HINT = (
     "launchd agents live in your GUI login session (domain gui/<uid>) and the token lives in your login "
     "keychain; SSH, sudo and su sessions reach neither. Log in at the Mac, open Terminal there and run the "
@@ -3428,8 +3462,17 @@ def _read_bytes(path: str) -> bytes | None:
         return None
 
 
+def _file_mode(path: str) -> int:
+    """Permission bits of an existing file (0600 if there is none: the safe default)."""
+    try:
+        return os.stat(path).st_mode & 0o777
+    except OSError:
+        return 0o600
+
+
 def _restore_file(path: str, previous: bytes | None, mode: int) -> None:
-    """Undo a scheduler file written by a failed install."""
+    """Undo a scheduler file written by a failed install, with the mode it had
+    (an embedded token's plist stays 0600 even when the new one would not be)."""
     if previous is None:
         remove_file(path)
     else:
@@ -3550,42 +3593,62 @@ class LaunchdBackend(SchedulerBackend):
             return None
         raise self._launchctl_error(result, manifest)
 
+    def _launchctl(self, manifest: Manifest, ran: list[list[str]], *args: str, tolerate: tuple[int, ...] = ()) -> int:
+        argv = ["launchctl", *args]
+        ran.append(argv)
+        result = self.system.run(argv, timeout=60)
+        if not result.ok and result.returncode not in tolerate:
+            raise self._launchctl_error(result, manifest)
+        return result.returncode
+
+    def _bootout(self, manifest: Manifest, ran: list[list[str]]) -> None:
+        """Unload the job and wait until launchd has really let go of it."""
+        gone_or_going = (*LAUNCHCTL_NO_SUCH_SERVICE, LAUNCHCTL_IN_PROGRESS)
+        self._launchctl(manifest, ran, "bootout", self.target(manifest), tolerate=gone_or_going)
+        deadline = self.system.monotonic() + LAUNCHCTL_SETTLE_SECONDS
+        while self._print(manifest) is not None:
+            if self.system.monotonic() >= deadline:
+                raise SchedulerError(
+                    f"launchd still has {self.target(manifest)} loaded {LAUNCHCTL_SETTLE_SECONDS:.0f} s after bootout",
+                    f"wait for its run to end (`launchctl print {self.target(manifest)}`), then run the command again",
+                    code="launchctl",
+                )
+            self.system.sleep(0.25)
+
+    def _bootstrap(self, manifest: Manifest, ran: list[list[str]], path: str) -> None:
+        deadline = self.system.monotonic() + LAUNCHCTL_SETTLE_SECONDS
+        while True:
+            busy = LAUNCHCTL_BUSY if self.system.monotonic() < deadline else ()
+            if self._launchctl(manifest, ran, "bootstrap", self.domain(), path, tolerate=busy) == 0:
+                return
+            self.system.sleep(0.5)
+
     def install(self, manifest: Manifest, embedded_token: str | None) -> Plan:
         self._require_gui()  # before launchctl or the keychain is touched
         plan = self.plan(manifest, embedded_token)
         planned, target = plan.files[0], self.target(manifest)
-        previous = _read_bytes(planned.path)
+        previous, previous_mode = _read_bytes(planned.path), _file_mode(planned.path)
         loaded = self._print(manifest) is not None
         unchanged = previous == planned.content.encode("utf-8")
         ran: list[list[str]] = []
-
-        def launchctl(*args: str, tolerate: tuple[int, ...] = ()) -> None:
-            argv = ["launchctl", *args]
-            ran.append(argv)
-            result = self.system.run(argv, timeout=60)
-            if not result.ok and result.returncode not in tolerate:
-                raise self._launchctl_error(result, manifest)
-
         atomic_write(planned.path, planned.content, planned.mode)
         try:
             if loaded and unchanged:
-                launchctl("enable", target)  # already running this exact plist: no reload
+                self._launchctl(manifest, ran, "enable", target)  # already running this exact plist: no reload
             else:
                 if loaded:
-                    launchctl("bootout", target, tolerate=LAUNCHCTL_NO_SUCH_SERVICE)
+                    self._bootout(manifest, ran)
                 # enable first: bootstrap of a label left disabled fails
-                launchctl("enable", target)
-                launchctl("bootstrap", self.domain(), planned.path)
+                self._launchctl(manifest, ran, "enable", target)
+                self._bootstrap(manifest, ran, planned.path)
         except BaseException:
-            _restore_file(planned.path, previous, planned.mode)
+            _restore_file(planned.path, previous, previous_mode)
             raise
         return Plan(files=plan.files, commands=ran, warnings=plan.warnings)
 
     def uninstall(self, manifest: Manifest) -> None:
         self._require_gui()
-        result = self.system.run(["launchctl", "bootout", self.target(manifest)], timeout=60)
-        if not result.ok and result.returncode not in LAUNCHCTL_NO_SUCH_SERVICE:
-            raise self._launchctl_error(result, manifest)
+        self._bootout(manifest, [])
         remove_file(self.plist_path(manifest))
 
     def before_run(self, manifest: Manifest) -> None:
@@ -3977,13 +4040,23 @@ class SchtasksBackend(SchedulerBackend):
             )
         return SchedulerError(message, f"run `{TOOL_NAME} doctor` for the Task Scheduler checks", code="schtasks")
 
+    def entry_changed(self, manifest: Manifest, plan: Plan) -> bool:
+        # the file on disk is UTF-16 (task_xml_bytes): compare what it encodes
+        planned = plan.files[0]
+        if _read_bytes(planned.path) != task_xml_bytes(planned.content):
+            return True
+        return not self.system.run(["schtasks", "/Query", "/TN", self.task_name(manifest)], timeout=60).ok
+
     def install(self, manifest: Manifest, embedded_token: str | None) -> Plan:
         plan = self.plan(manifest, embedded_token)
         too_long = self._too_long(manifest)
         if too_long:
             raise SchedulerError(too_long.message, too_long.hint, code="command_too_long")
         planned = plan.files[0]
-        previous = _read_bytes(planned.path)
+        previous, previous_mode = _read_bytes(planned.path), _file_mode(planned.path)
+        # unchanged: register again only a task that went missing
+        if not self.entry_changed(manifest, plan):
+            return Plan(files=plan.files, commands=[], warnings=plan.warnings)
         atomic_write(planned.path, task_xml_bytes(planned.content), planned.mode)
         try:
             for argv in plan.commands:
@@ -3991,7 +4064,7 @@ class SchtasksBackend(SchedulerBackend):
                 if not result.ok:
                     raise self._schtasks_error(result)
         except BaseException:
-            _restore_file(planned.path, previous, planned.mode)
+            _restore_file(planned.path, previous, previous_mode)
             raise
         return plan
 
@@ -4746,6 +4819,15 @@ def cmd_install(ctx: Context, args: argparse.Namespace) -> Outcome:
         if same:
             manifest.updated_at_iso = existing.updated_at_iso
 
+    # prerequisites first: on macOS the GUI-session check must come before any keychain access
+    warnings: list[str] = []
+    prereq = backend.prerequisites(manifest)
+    failing = [c for c in prereq if c.status == "fail"]
+    warnings.extend(f"{c.message} (fix: {c.hint})" for c in prereq if c.status == "warn")
+    if failing and not args.dry_run:
+        raise SchedulerError(failing[0].message, failing[0].hint, code="prerequisite")
+    missing.extend(f"{c.message} (fix: {c.hint})" for c in failing)
+
     token = _obtain_token(ctx, args, token_env)
     if token is None and existing is not None and existing.token_source != "embedded":
         try:  # re-install without a new token: carry the stored one over (new variable name or store)
@@ -4761,19 +4843,11 @@ def cmd_install(ctx: Context, args: argparse.Namespace) -> Outcome:
             )
         missing.append(f"no token yet ({token_env} is not set)")
     embedded = token if source == "embedded" else None
-    warnings: list[str] = []
     if source == "embedded":
         warnings.append(
             "--token-source embedded writes the token in plain text into the scheduler entry; anyone "
             "who can read that file can use your GitLab account"
         )
-
-    prereq = backend.prerequisites(manifest)
-    failing = [c for c in prereq if c.status == "fail"]
-    warnings.extend(f"{c.message} (fix: {c.hint})" for c in prereq if c.status == "warn")
-    if failing and not args.dry_run:
-        raise SchedulerError(failing[0].message, failing[0].hint, code="prerequisite")
-    missing.extend(f"{c.message} (fix: {c.hint})" for c in failing)
 
     plan = backend.plan(manifest, embedded)
     warnings.extend(plan.warnings)

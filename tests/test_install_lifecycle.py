@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from conftest import TOKEN, edit_config
 
@@ -263,3 +264,19 @@ def test_auto_token_store_follows_the_os_even_without_a_scheduler(cli, system):
     assert cli("--json", "install", "--backend", "none", "--dry-run").data["token_source"] == "credential-manager"
     system._platform = "linux"
     assert cli("--json", "install", "--backend", "none", "--dry-run").data["token_source"] == "env-file"
+
+
+def test_a_failing_or_missing_secret_store_is_exit_6_with_the_fix_for_this_os(cli, system, memory_keyring, monkeypatch):
+    import keyring.errors
+
+    def locked(*_args):
+        raise keyring.errors.KeyringLocked("the collection is locked")
+
+    monkeypatch.setattr(memory_keyring, "set_password", locked)
+    r = cli("--json", "install", "--backend", "fake", "--token-source", "keychain")
+    assert r.code == 6 and r.doc["error"]["code"] == "secret_store" and "locked" in r.doc["error"]["message"]
+    assert "--token-source env-file" in r.doc["error"]["hint"] and TOKEN not in r.out
+    assert ls.Paths(system).installed_ids() == []  # rolled back
+    monkeypatch.setitem(sys.modules, "keyring", None)  # as if it were not installed
+    r = cli("--json", "install", "--backend", "fake", "--token-source", "keychain")
+    assert r.code == 6 and r.doc["error"]["code"] == "secret_store" and "pip install keyring" in r.doc["error"]["hint"]

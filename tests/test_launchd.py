@@ -44,7 +44,12 @@ def validate_plist(content: str) -> dict[str, Any]:
 
 
 class MacSystem(FakeSystem):
-    """A logged-in Mac user at the console, as far as lore-service can tell."""
+    """A logged-in Mac user at the console, as far as lore-service can tell.
+
+    launchctl is modelled as launchd behaves: `bootstrap` loads the job,
+    `bootout` unloads it, but asynchronously: `print` still shows it loaded
+    for `bootout_lag` more calls (launchd has not let go of the label yet).
+    The clock is fake, so waiting costs the tests nothing."""
 
     def __init__(self, environ: dict[str, str]) -> None:
         super().__init__(environ, platform="darwin")
@@ -52,8 +57,44 @@ class MacSystem(FakeSystem):
         self.fake_euid = UID
         self.console_uid: int | None = UID
         self.which_map["launchctl"] = "/bin/launchctl"
-        # the GUI domain exists and no job is loaded, until a test says otherwise
-        self.respond(["launchctl", "print"], lambda argv, _input: res(0) if argv[2] == f"gui/{UID}" else NOT_LOADED)
+        self.loaded: dict[str, int] = {}  # target -> print calls left before an unload shows (-1: loaded)
+        self.bootout_lag = 0
+        self.mono = 1000.0
+        self.respond(["launchctl", "print"], self._print)
+        self.respond(["launchctl", "bootstrap"], self._bootstrap)
+        self.respond(["launchctl", "bootout"], self._bootout)
+
+    def _print(self, argv: list[str], _input: Any) -> ls.CommandResult:
+        if argv[2] == f"gui/{UID}":
+            return res(0)
+        left = self.loaded.get(argv[2])
+        if left is None:
+            return NOT_LOADED
+        if left == 0:
+            del self.loaded[argv[2]]
+            return NOT_LOADED
+        if left > 0:
+            self.loaded[argv[2]] = left - 1
+        return res(0, fixture_text("print_idle_ran.txt"))
+
+    def _bootstrap(self, argv: list[str], _input: Any) -> ls.CommandResult:
+        target = f"{argv[2]}/{Path(argv[3]).stem}"
+        if self.loaded.get(target, 0) != 0:  # still (being) loaded: launchd refuses
+            return res(5, "", fixture_text("bootstrap_failed_5.stderr.txt"))
+        self.loaded[target] = -1
+        return res(0)
+
+    def _bootout(self, argv: list[str], _input: Any) -> ls.CommandResult:
+        if argv[2] not in self.loaded:
+            return res(113, "", "Boot-out failed: 113: Could not find specified service\n")
+        self.loaded[argv[2]] = self.bootout_lag
+        return res(0)
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    def sleep(self, seconds: float) -> None:
+        self.mono += seconds
 
     def uid(self) -> int:
         return self.fake_uid
@@ -215,7 +256,7 @@ def test_reinstall_unchanged_only_enables_and_changed_reloads(cli, mac: MacSyste
     sid = ls.Paths(mac).installed_ids()[0]
     label = f"com.gitlore.sync.{sid}"
     target = f"gui/{UID}/{label}"
-    mac.respond(["launchctl", "print", target], res(0, fixture_text("print_idle_ran.txt")))
+    assert target in mac.loaded  # bootstrapped by the first install
 
     mac.commands.clear()
     r = install(cli, mac)
@@ -230,6 +271,7 @@ def test_reinstall_unchanged_only_enables_and_changed_reloads(cli, mac: MacSyste
     plist = os.path.join(mac.environ["HOME"], "Library", "LaunchAgents", f"{label}.plist")
     assert mac.commands[2:] == [
         ["launchctl", "bootout", target],
+        ["launchctl", "print", target],  # gone: launchd let go of the label at once this time
         ["launchctl", "enable", target],
         ["launchctl", "bootstrap", f"gui/{UID}", plist],
     ]
@@ -255,7 +297,10 @@ def test_bootstrap_failure_is_exit_6_with_hint_and_rolls_back(
     assert f"({code})" in err["message"]
     assert ["launchctl", "bootstrap"] in [c[:2] for c in mac.commands]
     # the failed first install is rolled back: bootout (harmless if not loaded) and no files
-    assert mac.commands[-1][:2] == ["launchctl", "bootout"]
+    assert mac.commands[-2:] == [
+        ["launchctl", "bootout", mac.commands[-1][2]],
+        ["launchctl", "print", mac.commands[-1][2]],
+    ]
     # nothing half-installed: no plist for launchd to load at next login, no config, no secret
     assert list(Path(mac.environ["HOME"]).rglob("*.plist")) == []
     assert ls.Paths(mac).installed_ids() == []
@@ -339,7 +384,8 @@ def test_uninstall_sequence_and_cleanup(cli, mac: MacSystem, memory_keyring: Mem
     mac.commands.clear()
     r = cli("--json", "uninstall", sys_=mac)
     assert r.code == 0, r.err
-    assert mac.commands == [["launchctl", "bootout", f"gui/{UID}/com.gitlore.sync.{sid}"]]
+    target = f"gui/{UID}/com.gitlore.sync.{sid}"
+    assert mac.commands == [["launchctl", "bootout", target], ["launchctl", "print", target]]
     assert not plist.exists()
     assert str(plist) in r.data["removed"]
     assert memory_keyring.store == {}
@@ -348,6 +394,7 @@ def test_uninstall_sequence_and_cleanup(cli, mac: MacSystem, memory_keyring: Mem
 def test_uninstall_tolerates_not_loaded_but_not_other_errors(cli, mac: MacSystem) -> None:
     assert install(cli, mac).code == 0
     backend, manifest = backend_and_manifest(mac, ls.Paths(mac).installed_ids()[0])
+    mac.loaded.clear()  # unloaded by hand before: bootout answers 113
     mac.respond(["launchctl", "bootout"], res(113, "", "Boot-out failed: 113: Could not find specified service\n"))
     backend.uninstall(manifest)
     assert not Path(backend.plist_path(manifest)).exists()
@@ -408,6 +455,7 @@ def test_state_from_captured_print(
 
 def test_state_not_loaded(installed_mac, mac: MacSystem) -> None:
     backend, manifest = installed_mac
+    mac.loaded.clear()  # e.g. `launchctl bootout` by hand
     st = backend.state(manifest)
     assert st["registered"] is False and st["active"] is False
     assert st["drift"] == [f"{backend.label(manifest)} is not loaded in gui/{UID}"]
@@ -541,3 +589,46 @@ def test_real_launchctl_install_status_uninstall(tool, environ: dict[str, str], 
 
     gone = subprocess.run(["launchctl", "print", f"gui/{os.getuid()}/{label}"], capture_output=True, text=True)
     assert gone.returncode == 113
+
+
+def test_reinstall_waits_for_launchd_to_let_go_of_the_label(cli, mac: MacSystem) -> None:
+    """bootout returns before launchd releases the label; a bootstrap right
+    after it fails with 5 for a few seconds (a known launchctl race)."""
+    assert install(cli, mac).code == 0
+    target = next(iter(mac.loaded))
+    mac.bootout_lag = 3
+    mac.commands.clear()
+    r = install(cli, mac, "--interval", "2h")
+    assert r.code == 0, r.out
+    sequence = [c[1] for c in mac.commands if c[1] != "print" or c[2] == target]
+    assert sequence == ["print", "bootout", "print", "print", "print", "print", "enable", "bootstrap"]
+    assert mac.loaded == {target: -1}
+
+
+def test_bootout_in_progress_and_a_busy_bootstrap_are_waited_out(cli, mac: MacSystem) -> None:
+    assert install(cli, mac).code == 0
+    target = next(iter(mac.loaded))
+    mac.respond(["launchctl", "bootout"], lambda argv, _i: (mac.loaded.update({target: 1}), res(36, "", "36"))[1])
+    answers = [res(37, "", "Bootstrap failed: 37: Operation already in progress"), res(5, "", "5"), None]
+
+    def bootstrap(argv, _input):
+        answer = answers.pop(0)
+        return answer if answer is not None else mac._bootstrap(argv, _input)
+
+    mac.respond(["launchctl", "bootstrap"], bootstrap)
+    r = install(cli, mac, "--interval", "2h")
+    assert r.code == 0, r.out
+    assert [c[1] for c in mac.commands].count("bootstrap") == 3 + 1  # first install, then two refusals and a success
+
+
+def test_a_label_launchd_never_releases_is_exit_6_and_the_old_plist_stays_private(
+    cli, mac: MacSystem, memory_keyring: MemoryKeyring
+) -> None:
+    assert install(cli, mac, "--token-source", "embedded").code == 0
+    plist = next(Path(mac.environ["HOME"]).rglob("*.plist"))
+    before = plist.read_bytes()
+    mac.bootout_lag = 10_000  # a run that does not end
+    r = install(cli, mac, "--token-source", "keychain")
+    assert r.code == ls.EXIT_SCHEDULER and "after bootout" in r.doc["error"]["message"]
+    assert plist.read_bytes() == before and TOKEN.encode() in before
+    assert plist.stat().st_mode & 0o777 == 0o600  # the token's plist is not left readable by others

@@ -566,3 +566,18 @@ def test_real_schtasks_install_status_uninstall(tool, environ: dict[str, str], t
         u = tool("--json", "uninstall", "--purge", env=env)
     assert u.code == 0, u.err + u.out
     assert subprocess.run(["schtasks", "/Query", "/TN", name], capture_output=True).returncode != 0
+
+
+def test_reinstall_with_the_same_options_changes_nothing(cli, win: WinSystem) -> None:
+    """task.xml is UTF-16 on disk: comparing it as text would report a change every time."""
+    assert install(cli, win).data["changed"] is True
+    win.commands.clear()
+    again = install(cli, win)
+    assert again.code == 0 and again.data["changed"] is False
+    assert not any(c[:2] == ["schtasks", "/Create"] for c in win.commands)
+    assert install(cli, win, "--interval", "2h").data["changed"] is True
+    # the same XML, but the task was deleted in Task Scheduler: registered again
+    win.respond(["schtasks", "/Query", "/TN"], res(1, "", "ERROR: The system cannot find the file specified."))
+    win.commands.clear()
+    assert install(cli, win, "--interval", "2h").data["changed"] is True
+    assert any(c[:2] == ["schtasks", "/Create"] for c in win.commands)

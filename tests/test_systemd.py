@@ -264,3 +264,59 @@ def test_timeout_follows_a_larger_run_budget(cli, linux, home):
     assert install(cli).code == 0
     service, _ = units(linux, sid)
     assert "\nTimeoutStartSec=3660\n" in service
+
+
+def test_environment_lines_keep_a_dollar_as_written(cli, linux, home, tmp_path):
+    """Environment= expands specifiers but no $VARIABLES (systemd.exec), so a
+    `$` is written once while `%` is still doubled."""
+    del linux.environ["LORE_SERVICE_HOME"]
+    odd = tmp_path / "st$ate 100%"
+    linux.environ["XDG_STATE_HOME"] = str(odd)
+    linux.environ["GITLAB_TOKEN"] = "glpat-$HOME-x"
+    r = install(cli, "--token-source", "embedded")
+    assert r.code == 0, r.out
+    service, _ = units(linux, r.data["service_id"])
+    assert f'Environment="XDG_STATE_HOME={tmp_path}/st$ate 100%%"' in service
+    assert 'Environment="GITLAB_TOKEN=glpat-$HOME-x"' in service
+
+
+def test_embedded_token_with_pinned_folders_is_not_drift(cli, linux, home, tmp_path):
+    del linux.environ["LORE_SERVICE_HOME"]
+    linux.environ["XDG_CONFIG_HOME"] = str(tmp_path / "cfg")
+    sid = install(cli, "--token-source", "embedded").data["service_id"]
+    linux.respond(
+        ["systemctl", "--user", "--no-pager", "show", f"lore-sync-{sid}.timer"],
+        ls.CommandResult([], 0, "LoadState=loaded\nActiveState=active\nSubState=waiting\nUnitFileState=enabled\n", ""),
+    )
+    assert cli("--json", "status").data["scheduler"]["drift"] == []
+    assert cli("--json", "doctor").code == 0
+
+
+def test_a_running_but_disabled_timer_is_drift(cli, linux):
+    sid = install(cli).data["service_id"]
+    linux.respond(
+        ["systemctl", "--user", "--no-pager", "show", f"lore-sync-{sid}.timer"],
+        ls.CommandResult([], 0, "LoadState=loaded\nActiveState=active\nSubState=waiting\nUnitFileState=disabled\n", ""),
+    )
+    sched = cli("--json", "status").data["scheduler"]
+    assert sched["registered"] is False and sched["drift"] == [f"lore-sync-{sid}.timer is not enabled (disabled)"]
+
+
+@pytest.mark.parametrize("hidden", ["config", "stage"])
+def test_config_and_stage_programs_hidden_by_private_tmp_are_refused(cli, linux, tmp_path, monkeypatch, hidden):
+    """The run also reads its config and token and starts the stages: none of
+    them may sit where the unit's private /tmp hides them."""
+    shadow = tmp_path / "shadowed"
+    shadow.mkdir()
+    monkeypatch.setattr(ls.SystemdBackend, "hidden_roots", (str(shadow),))
+    extra: list[str] = []
+    if hidden == "config":
+        del linux.environ["LORE_SERVICE_HOME"]
+        linux.environ["XDG_CONFIG_HOME"] = str(shadow / "cfg")
+    else:
+        lore = shadow / "lore"
+        lore.write_text("#!/bin/sh\n")
+        lore.chmod(0o755)
+        extra = ["--lore", str(lore)]
+    r = install(cli, *extra)
+    assert r.code == 6 and str(shadow) in r.doc["error"]["message"], r.out
