@@ -290,19 +290,20 @@ class System:
         input: str | None = None,
         env: dict[str, str] | None = None,
         timeout: float = 60.0,
+        keep_newlines: bool = False,
     ) -> CommandResult:
-        """Run a short command (scheduler tools) and capture its output."""
+        """Run a short command (scheduler tools) and capture its output as
+        UTF-8 text (bad bytes become U+FFFD: localised tool output must not
+        crash a status). Line ends are normalised to \\n unless keep_newlines
+        (a crontab's \\r bytes are the user's, and must survive a rewrite)."""
         import subprocess
 
         argv = list(argv)
         try:
             proc = subprocess.run(
                 argv,
-                input=input,
+                input=None if input is None else input.encode("utf-8"),
                 capture_output=True,
-                text=True,
-                encoding="utf-8",
-                errors="replace",  # localised tool output must not crash a status
                 env=self.environ if env is None else env,
                 timeout=timeout,
                 stdin=None if input is not None else subprocess.DEVNULL,
@@ -313,7 +314,11 @@ class System:
             return CommandResult(argv, 126, "", f"{argv[0]}: {exc.strerror}")
         except subprocess.TimeoutExpired:
             return CommandResult(argv, 124, "", f"{argv[0]}: timed out after {timeout:g}s")
-        return CommandResult(argv, proc.returncode, proc.stdout, proc.stderr)
+        out, err = proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace")
+        if not keep_newlines:  # as text mode would
+            out = out.replace("\r\n", "\n").replace("\r", "\n")
+            err = err.replace("\r\n", "\n").replace("\r", "\n")
+        return CommandResult(argv, proc.returncode, out, err)
 
     def spawn(self, argv: Sequence[str], *, cwd: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
         """Start a stage in its own process group, output merged into one pipe."""
@@ -813,8 +818,11 @@ def running_bundle(
     if frozen:
         meipass = meipass if meipass is not None else getattr(sys, "_MEIPASS", None)
         home = os.path.dirname(interpreter)
-        inside = meipass is not None and os.path.commonpath([os.path.abspath(meipass), home]) == home
-        return Bundle("onedir" if inside else "onefile", interpreter, interpreter, meipass)
+        # one-folder: the bundle is the program's own folder (PyInstaller 5) or its
+        # _internal (6); a one-file build extracts to a _MEIxxxx folder elsewhere,
+        # which may be a sibling of the program (run from /tmp), so no prefix test
+        beside = meipass is not None and os.path.abspath(meipass) in (home, os.path.join(home, "_internal"))
+        return Bundle("onedir" if beside else "onefile", interpreter, interpreter, meipass)
     archive = os.path.dirname(os.path.abspath(module or __file__))
     if os.path.isfile(archive):  # python app.pyz: __file__ is app.pyz/lore_service.py
         return Bundle("zipapp", archive, interpreter)
@@ -965,23 +973,31 @@ def pin_bundle(
                 "check free space and that the data folder allows executing programs (not mounted noexec)",
                 code="pin_failed",
             )
-        old = None
         if os.path.lexists(folder):  # same version, different build: swap it out
+            # kept aside, not deleted: a run may still be executing from it (prune_pinned
+            # removes it later, once it is an hour old and no run is in progress)
             old = os.path.join(bin_root, f".{version}.{os.getpid()}.old")
-            os.replace(folder, old)
+            try:
+                os.replace(folder, old)
+            except OSError as exc:  # Windows: files of a running copy cannot be moved
+                raise SchedulerError(
+                    f"cannot replace the pinned copy {folder}: {exc.strerror or exc}",
+                    "a run is probably executing from it: run install again when it has ended",
+                    code="pin_failed",
+                ) from None
+            os.utime(old)
         os.replace(staging, folder)
         _fsync_dir(bin_root)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return command
 
 
-def prune_pinned(paths: Paths, keep: str, now_ms: int) -> list[str]:
+def prune_pinned(paths: Paths, system: System, keep: str) -> list[str]:
     """Remove bin/<version> folders no installed service's manifest runs any more
     (and leftovers of interrupted copies); keeps `keep`. Returns what was removed.
-    Any unreadable manifest stops the pruning: nothing is removed on a guess."""
+    Any unreadable manifest stops the pruning: nothing is removed on a guess;
+    nor while any run is in progress, since it may be executing from one of them."""
     import shutil
 
     bin_root = os.path.join(paths.data_root, PINNED_DIR)
@@ -989,6 +1005,13 @@ def prune_pinned(paths: Paths, keep: str, now_ms: int) -> list[str]:
         names = os.listdir(bin_root)
     except OSError:
         return []
+    try:
+        with_state = os.listdir(paths.state_root)  # uninstalled services' runs too
+    except OSError:
+        with_state = []
+    if any(lock_is_held(paths.run_lock(sid), system) for sid in with_state):
+        return []
+    now_ms = system.now_ms()
     used = {os.path.abspath(keep)}
     for sid in paths.installed_ids():
         try:
@@ -1025,7 +1048,7 @@ def pin_running_program(paths: Paths, system: System, *, dry_run: bool) -> list[
         _bundle_parts(bundle)  # still refuse an extraction folder
     else:
         _PINNED = pin_bundle(paths.data_root, bundle, system.run)
-        prune_pinned(paths, pinned_folder(paths.data_root), system.now_ms())
+        prune_pinned(paths, system, pinned_folder(paths.data_root))
     return _PINNED
 
 
@@ -3165,7 +3188,7 @@ class CronBackend(SchedulerBackend):
     # -- crontab
     def read_crontab(self) -> str:
         """The user's crontab; '' when there is none yet."""
-        result = self.system.run(["crontab", "-l"], timeout=30)
+        result = self.system.run(["crontab", "-l"], timeout=30, keep_newlines=True)
         if self._no_crontab(result):
             return ""
         if not result.ok:
@@ -3197,9 +3220,6 @@ class CronBackend(SchedulerBackend):
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(text.encode("utf-8"))
-            second = self.system.now_ms() / 1000 % 60
-            if second < CRON_RELOAD_GUARD_SECONDS:
-                self.system.sleep(CRON_RELOAD_GUARD_SECONDS - second)
             result = self.system.run(argv, timeout=60)
         finally:
             remove_file(tmp)
@@ -3224,11 +3244,20 @@ class CronBackend(SchedulerBackend):
         the later `crontab FILE` would drop the other's block."""
         return FileLock(os.path.join(_user_dirs(self.system)[1], "crontab.lock"))
 
+    def _outside_reload_window(self) -> None:
+        """Wait out the first seconds of a minute (cron's 1-second reload race),
+        before reading: read, splice and write then follow each other at once,
+        leaving a user's `crontab -e` the smallest window to be overwritten."""
+        second = self.system.now_ms() / 1000 % 60
+        if second < CRON_RELOAD_GUARD_SECONDS:
+            self.system.sleep(CRON_RELOAD_GUARD_SECONDS - second)
+
     def install(self, manifest: Manifest, embedded_token: str | None) -> Plan:
         plan = self.plan(manifest, embedded_token)  # refuses an unsafe or too long line first
         block = plan.files[0].content
         ran = [["crontab", "-l"]]
         with self._crontab_lock():
+            self._outside_reload_window()
             current = self.read_crontab()
             updated, _ = cron_splice(current, manifest.service_id, block)
             if updated != current:  # installing the same block again writes nothing
@@ -3246,6 +3275,7 @@ class CronBackend(SchedulerBackend):
         # An emptied crontab is written empty, not removed with `crontab -r`:
         # -r would also delete anything the user added since we read it.
         with self._crontab_lock():
+            self._outside_reload_window()
             try:
                 current = self.read_crontab()
             except SchedulerError as exc:
@@ -4431,13 +4461,22 @@ def core_checks(paths: Paths, system: System, manifest: Manifest) -> list[Check]
         for stage in cfg.active_stages():
             exe = stage.command[0]
             resolved = exe if os.path.isabs(exe) else system.which(exe)
-            if not resolved or not os.access(resolved, os.X_OK):
+            if not resolved or not (os.path.isfile(resolved) and os.access(resolved, os.X_OK)):
                 checks.append(
                     Check(
                         f"stage {stage.name}",
                         "fail",
                         f"{exe} is not an executable file",
                         f"`{TOOL_NAME} install --lore /path/to/lore`, or edit {paths.config(sid)}",
+                    )
+                )
+            elif resolved != exe:  # found on doctor's PATH, which need not be the scheduler's (cron: /usr/bin:/bin)
+                checks.append(
+                    Check(
+                        f"stage {stage.name}",
+                        "warn",
+                        f"{exe} is a bare name: found here as {resolved}, but scheduled runs search their own PATH",
+                        f"write the absolute path {resolved} in {paths.config(sid)}",
                     )
                 )
         if not any(c.name.startswith("stage ") for c in checks):
@@ -5054,7 +5093,7 @@ def cmd_uninstall(ctx: Context, args: argparse.Namespace) -> Outcome:
     except OSError:
         pass
     # pinned copies of older versions that no service runs any more
-    removed += prune_pinned(paths, pinned_folder(paths.data_root), ctx.system.now_ms())
+    removed += prune_pinned(paths, ctx.system, pinned_folder(paths.data_root))
     data = {"service_id": sid, "removed": removed, "kept": kept, "purged": bool(args.purge), "warnings": warnings}
     text = f"uninstalled {sid}" + (f"; kept {', '.join(kept)} (use --purge to delete)" if kept else "")
     text += "".join(f"\nwarning: {w}" for w in warnings)

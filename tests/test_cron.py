@@ -12,6 +12,7 @@ import os
 import re
 import shlex
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -755,3 +756,22 @@ def test_concurrent_installs_never_drop_each_others_blocks(environ, tmp_path: Pa
     assert all(p.returncode == 0 for p in procs), outs
     text = store.read_text()
     assert text.count("# BEGIN lore-service ") == 3 and text.count("# END lore-service ") == 3
+
+
+def test_system_run_keeps_a_crontabs_carriage_returns_only_when_asked():
+    """`crontab -l` is read with keep_newlines: a CR byte in the user's
+    crontab is theirs to keep (text mode would turn it into a line break)."""
+    script = "import sys; sys.stdout.buffer.write(b'# a\\r\\n# b\\rc\\n')"
+    system = ls.System(dict(os.environ))
+    kept = system.run([sys.executable, "-c", script], keep_newlines=True)
+    assert kept.ok and kept.stdout == "# a\r\n# b\rc\n"
+    assert system.run([sys.executable, "-c", script]).stdout == "# a\n# b\nc\n"
+
+
+def test_cr_bytes_in_the_crontab_survive_install_and_uninstall(cli, csys: FakeSystem, crontab: MemoryCrontab):
+    theirs = "# saved on Windows\r\n17 3 * * * /bin/true\n# lone\rbyte\n"
+    crontab.text = theirs
+    assert install(cli).code == 0
+    assert crontab.text.startswith(theirs)
+    assert cli("--json", "uninstall").code == 0
+    assert crontab.text == theirs

@@ -71,6 +71,11 @@ def test_running_bundle_tells_onedir_onefile_zipapp_and_source_apart(tmp_path: P
     assert (b.kind, b.executable) == ("onedir", str(exe))
     b = ls.running_bundle(frozen=True, executable=str(exe), meipass="/tmp/_MEIabc123")
     assert b.kind == "onefile" and ls.bundle_command(b) == [str(exe)]
+    # a one-file build run from /tmp itself extracts next to itself: still one-file
+    b = ls.running_bundle(frozen=True, executable="/tmp/lore-service", meipass="/tmp/_MEIabc123")
+    assert b.kind == "onefile"
+    b = ls.running_bundle(frozen=True, executable=str(exe), meipass=str(exe.parent))  # PyInstaller 5 one-folder
+    assert b.kind == "onedir"
     pyz = tmp_path / "lore-service.pyz"
     pyz.write_bytes(b"PK")
     b = ls.running_bundle(frozen=False, executable="/usr/bin/python3", module=str(pyz / "lore_service.py"))
@@ -123,10 +128,14 @@ def test_a_rebuilt_same_version_is_swapped_in_and_a_new_version_gets_its_own_fol
     second = fake_build(tmp_path / "dl2", tag="b")
     ls.pin_bundle(str(data), onedir(second), real_run)
     assert (data / "bin" / VERSION / "_internal" / "base_library.zip").read_text() == "library b\n"
+    # the replaced build is set aside, not deleted: a run may still be executing from it
+    (aside,) = (data / "bin").glob(f".{VERSION}.*.old")
+    assert (aside / "_internal" / "base_library.zip").read_text() == "library a\n"
+    assert time.time() - aside.stat().st_mtime < 60  # so prune_pinned's one-hour guard keeps it a while
     newer = fake_build(tmp_path / "dl3", version="9.0.0", tag="c")
     command = ls.pin_bundle(str(data), onedir(newer), real_run, version="9.0.0")
     assert command == [str(data / "bin" / "9.0.0" / "lore-service")]
-    assert sorted(p.name for p in (data / "bin").iterdir()) == sorted([VERSION, "9.0.0"])  # old kept until unused
+    assert sorted(p.name for p in (data / "bin").iterdir()) == sorted([VERSION, "9.0.0", aside.name])
 
 
 @pytest.mark.parametrize(
@@ -194,11 +203,17 @@ def test_prune_removes_versions_no_manifest_runs(cli, installed, home: Path) -> 
     manifest = ls.load_manifest(paths, installed["service_id"])
     manifest.program = [str(bin_root / "0.0.8" / "lore-service"), "run", "--service-id", manifest.service_id]
     ls.save_manifest(paths, manifest)
-    removed = ls.prune_pinned(paths, str(bin_root / VERSION), int(time.time() * 1000))
+    system = ls.System({"LORE_SERVICE_HOME": str(home)})
+    # a run in progress (of any service, installed or not) may execute from any copy: nothing goes
+    ls.ensure_dir(paths.state_dir("gone-service"))
+    with ls.FileLock(paths.run_lock("gone-service")) as running:
+        running.record_owner()
+        assert ls.prune_pinned(paths, system, str(bin_root / VERSION)) == []
+    removed = ls.prune_pinned(paths, system, str(bin_root / VERSION))
     assert removed == [str(bin_root / "0.0.7")]
     assert sorted(p.name for p in bin_root.iterdir()) == sorted([".0.0.9.123.tmp", "0.0.6", "0.0.8", VERSION])
     (Path(paths.manifest(manifest.service_id))).write_text("{corrupt")
-    assert ls.prune_pinned(paths, str(bin_root / VERSION), int(time.time() * 1000)) == []  # never on a guess
+    assert ls.prune_pinned(paths, system, str(bin_root / VERSION)) == []  # never on a guess
 
 
 def test_frozen_child_environ_restores_the_library_path_and_drops_bootloader_variables() -> None:

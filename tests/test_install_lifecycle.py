@@ -280,3 +280,18 @@ def test_a_failing_or_missing_secret_store_is_exit_6_with_the_fix_for_this_os(cl
     monkeypatch.setitem(sys.modules, "keyring", None)  # as if it were not installed
     r = cli("--json", "install", "--backend", "fake", "--token-source", "keychain")
     assert r.code == 6 and r.doc["error"]["code"] == "secret_store" and "pip install keyring" in r.doc["error"]["hint"]
+
+
+def test_doctor_flags_stage_programs_a_scheduled_run_could_not_start(cli, installed, home, tmp_path):
+    sid = installed["service_id"]
+
+    def stages(doc):
+        doc["stages"]["issues"]["command"] = ["lore", "ingest", "--type", "issues"]  # bare: the shell's PATH
+        doc["stages"]["mrs"]["command"] = [str(tmp_path), "ingest"]  # a folder is not a program
+
+    edit_config(home, sid, stages)
+    r = cli("--json", "doctor")
+    checks = {c["name"]: c for c in r.data["checks"]}
+    assert r.code == 1 and checks["stage mrs"]["status"] == "fail"
+    issues = checks["stage issues"]
+    assert issues["status"] == "warn" and "own PATH" in issues["message"] and os.sep in issues["hint"]
