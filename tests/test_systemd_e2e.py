@@ -147,6 +147,33 @@ def test_fired_service_runs_sync_under_sandbox_and_status_shows_it(um, app, inst
     assert sched["last_result"] == "success" and sched["last_exit_status"] == 0
 
 
+def test_a_pinned_state_folder_with_dollar_and_percent_reaches_the_sandboxed_run(um, app):
+    """Environment= expands no $VARIABLES (systemd.exec): the `$` of a pinned
+    XDG folder must reach the run as written, or its state lands elsewhere
+    (outside ReadWritePaths, where the sandbox refuses the write)."""
+    project = make_project(um, "dollar-state")
+    state_home = um.home / "st$ate 100%"
+    env = {"GITLAB_TOKEN": TOKEN, "XDG_STATE_HOME": str(state_home)}
+
+    def as_user(*argv: str):
+        res = um.run_as([*app["argv"], *argv], extra_env=env, timeout=120)
+        assert "Traceback" not in res.stderr, res.stderr
+        return res
+
+    res = as_user("--json", "install", "--backend", "systemd", "--lore", app["lore"], "--project", str(project))
+    assert res.returncode == 0, res.stdout + res.stderr
+    sid = json.loads(res.stdout)["data"]["service_id"]
+    try:
+        started = um.systemctl("start", f"lore-sync-{sid}.service", timeout=300)
+        assert started.returncode == 0, started.stderr
+        status = json.loads(as_user("--json", "status", "--name", sid).stdout)["data"]
+        assert status["last_run"] is not None and status["last_run"]["outcome"] == "success", status
+        assert (state_home / "lore" / "services" / sid / "status.json").is_file()
+        assert status["scheduler"]["drift"] == []
+    finally:
+        as_user("uninstall", "--purge", "--name", sid)
+
+
 def test_timer_is_active_with_next_elapse_about_one_interval_away(um, app, installed):
     sid = installed["service_id"]
     # when the manager has run for more than 5 minutes, OnStartupSec is past and
