@@ -680,6 +680,7 @@ class Paths:
     or one relocated tree under LORE_SERVICE_HOME / --home."""
 
     def __init__(self, system: System, home: str | None = None) -> None:
+        self.platform = system.platform  # (for the secret stores' OS-specific hints)
         home = home or system.environ.get("LORE_SERVICE_HOME") or None
         self.home = os.path.abspath(os.path.expanduser(home)) if home else None
         if self.home:
@@ -937,10 +938,16 @@ def _answers_version(argv: list[str], version: str, frozen: bool, run: Callable[
 
 
 def pin_bundle(
-    data_root: str, bundle: Bundle, run: Callable[..., CommandResult], version: str = __version__
+    data_root: str,
+    bundle: Bundle,
+    run: Callable[..., CommandResult],
+    version: str = __version__,
+    runs_in_progress: Callable[[], bool] = lambda: False,
 ) -> list[str]:
     """Make <data_root>/bin/<version>/ hold a verified copy of the bundle; returns
-    the argv prefix that runs it. Idempotent: an identical copy is kept as is."""
+    the argv prefix that runs it. Idempotent: an identical copy is kept as is.
+    A different build of the same version replaces it only while no run is in
+    progress: a running program finds its own files by path."""
     import shutil
 
     command = pinned_command(data_root, bundle, version)
@@ -974,23 +981,38 @@ def pin_bundle(
                 code="pin_failed",
             )
         if os.path.lexists(folder):  # same version, different build: swap it out
-            # kept aside, not deleted: a run may still be executing from it (prune_pinned
-            # removes it later, once it is an hour old and no run is in progress)
+            busy = "a run is executing from it: run install again when it has ended"
+            if runs_in_progress():
+                raise SchedulerError(f"cannot replace the pinned copy {folder} now", busy, code="pin_failed")
+            # set aside rather than deleted (prune_pinned removes it once an hour old)
             old = os.path.join(bin_root, f".{version}.{os.getpid()}.old")
             try:
                 os.replace(folder, old)
             except OSError as exc:  # Windows: files of a running copy cannot be moved
                 raise SchedulerError(
-                    f"cannot replace the pinned copy {folder}: {exc.strerror or exc}",
-                    "a run is probably executing from it: run install again when it has ended",
-                    code="pin_failed",
+                    f"cannot replace the pinned copy {folder}: {exc.strerror or exc}", busy, code="pin_failed"
                 ) from None
             os.utime(old)
-        os.replace(staging, folder)
+            try:
+                os.replace(staging, folder)
+            except BaseException:
+                os.replace(old, folder)  # never leave bin/<version> empty
+                raise
+        else:
+            os.replace(staging, folder)
         _fsync_dir(bin_root)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return command
+
+
+def runs_in_progress(paths: Paths, system: System) -> bool:
+    """Whether any service's run (installed or not: its state folder is kept) holds its lock."""
+    try:
+        with_state = os.listdir(paths.state_root)
+    except OSError:
+        return False
+    return any(lock_is_held(paths.run_lock(sid), system) for sid in with_state)
 
 
 def prune_pinned(paths: Paths, system: System, keep: str) -> list[str]:
@@ -1005,11 +1027,7 @@ def prune_pinned(paths: Paths, system: System, keep: str) -> list[str]:
         names = os.listdir(bin_root)
     except OSError:
         return []
-    try:
-        with_state = os.listdir(paths.state_root)  # uninstalled services' runs too
-    except OSError:
-        with_state = []
-    if any(lock_is_held(paths.run_lock(sid), system) for sid in with_state):
+    if runs_in_progress(paths, system):
         return []
     now_ms = system.now_ms()
     used = {os.path.abspath(keep)}
@@ -1047,7 +1065,9 @@ def pin_running_program(paths: Paths, system: System, *, dry_run: bool) -> list[
         _PINNED = pinned_command(paths.data_root, bundle)
         _bundle_parts(bundle)  # still refuse an extraction folder
     else:
-        _PINNED = pin_bundle(paths.data_root, bundle, system.run)
+        _PINNED = pin_bundle(
+            paths.data_root, bundle, system.run, runs_in_progress=lambda: runs_in_progress(paths, system)
+        )
         prune_pinned(paths, system, pinned_folder(paths.data_root))
     return _PINNED
 
@@ -1593,35 +1613,35 @@ def validate_token(token: str) -> str:
     return token
 
 
-def _secret_store_fix() -> str:
-    """What gets the OS store working, or the store to use instead, here."""
-    if sys.platform == "darwin":
+def _secret_store_fix(platform: str) -> str:
+    """What gets the OS store working on this platform, or the store to use instead."""
+    if platform == "darwin":
         return (
             "unlock the login keychain (`security unlock-keychain`), or re-install with --token-source embedded "
             "(the token is then kept in the LaunchAgent plist, mode 0600)"
         )
-    if sys.platform == "win32":
+    if platform == "win32":
         return "run from the user's own log-on session, where Credential Manager is available"
     return "start a Secret Service (e.g. gnome-keyring) in this session, or re-install with --token-source env-file"
 
 
-def _keyring() -> Any:
+def _keyring(platform: str) -> Any:
     try:
         import keyring
         import keyring.errors
     except ImportError:
         raise SchedulerError(
             "the keyring package is not installed",
-            "reinstall lore-service with its dependencies (pip install keyring); or " + _secret_store_fix(),
+            "reinstall lore-service with its dependencies (pip install keyring); or " + _secret_store_fix(platform),
             code="secret_store",
         ) from None
     return keyring
 
 
-def _keyring_error(action: str, exc: Exception) -> SchedulerError:
+def _keyring_error(action: str, exc: Exception, platform: str) -> SchedulerError:
     return SchedulerError(
         f"cannot {action} the token in the OS secret store: {exc.__class__.__name__}: {exc}",
-        _secret_store_fix(),
+        _secret_store_fix(platform),
         code="secret_store",
     )
 
@@ -1633,11 +1653,11 @@ def store_secret(paths: Paths, manifest: Manifest, token: str) -> str | None:
         atomic_write(path, f"{manifest.token_env}={token}\n", 0o600)
         return path
     if manifest.token_source in ("keychain", "credential-manager"):
-        keyring = _keyring()
+        keyring = _keyring(paths.platform)
         try:
             keyring.set_password(KEYRING_SERVICE, manifest.service_id, token)
         except Exception as exc:  # keyring backends raise many unrelated types
-            raise _keyring_error("store", exc) from None
+            raise _keyring_error("store", exc, paths.platform) from None
     return None
 
 
@@ -1657,11 +1677,11 @@ def read_secret(paths: Paths, manifest: Manifest, environ: dict[str, str]) -> st
         except (OSError, UnicodeDecodeError) as exc:
             raise StateFileError(f"cannot read the token file: {exc}", "check its permissions (0600, yours)") from None
     elif manifest.token_source in ("keychain", "credential-manager"):
-        keyring = _keyring()
+        keyring = _keyring(paths.platform)
         try:
             token = keyring.get_password(KEYRING_SERVICE, manifest.service_id)
         except Exception as exc:
-            raise _keyring_error("read", exc) from None
+            raise _keyring_error("read", exc, paths.platform) from None
     return token or environ.get(manifest.token_env) or None
 
 
@@ -1669,13 +1689,13 @@ def delete_secret(paths: Paths, manifest: Manifest) -> None:
     if manifest.token_source == "env-file":
         remove_file(paths.env_file(manifest.service_id))
     elif manifest.token_source in ("keychain", "credential-manager"):
-        keyring = _keyring()
+        keyring = _keyring(paths.platform)
         try:
             keyring.delete_password(KEYRING_SERVICE, manifest.service_id)
         except keyring.errors.PasswordDeleteError:
             pass  # already gone
         except Exception as exc:
-            raise _keyring_error("delete", exc) from None
+            raise _keyring_error("delete", exc, paths.platform) from None
 
 
 # ============================================================================
@@ -2065,6 +2085,8 @@ def run_stages(
     if critical_bad:
         outcome = "failed"
         error_class = "permanent" if any(r.error_class == "permanent" for r in critical_bad) else "transient"
+    elif stopped is not None:  # cut short, even if only an optional stage was: not a finished sync
+        outcome, error_class = "failed", "transient"
     else:
         outcome, error_class = ("degraded" if optional_bad else "success"), None
     duration = int((system.monotonic() - start) * 1000)
@@ -2893,6 +2915,7 @@ CRON_STEPS = tuple(m * 60 for m in CRON_MINUTE_STEPS) + tuple(h * 3600 for h in 
 # mtime (1 s resolution): a crontab written in that very second is missed until
 # the next change, so none is written in a minute's first seconds
 CRON_RELOAD_GUARD_SECONDS = 3.0
+CRON_SPLICE_SECONDS = 2.0  # ample for crontab -l, the splice and crontab FILE (milliseconds in practice)
 CRON_DAEMONS = ("cron", "crond")  # Debian/Ubuntu's Vixie cron, cronie (Fedora, Arch)
 CRON_INSTALL_HINT = (
     "install cron: `sudo apt install --no-install-recommends cron` (Debian/Ubuntu; without the flag apt "
@@ -3220,6 +3243,7 @@ class CronBackend(SchedulerBackend):
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(text.encode("utf-8"))
+            self._outside_reload_window(room=0)
             result = self.system.run(argv, timeout=60)
         finally:
             remove_file(tmp)
@@ -3244,13 +3268,17 @@ class CronBackend(SchedulerBackend):
         the later `crontab FILE` would drop the other's block."""
         return FileLock(os.path.join(_user_dirs(self.system)[1], "crontab.lock"))
 
-    def _outside_reload_window(self) -> None:
-        """Wait out the first seconds of a minute (cron's 1-second reload race),
-        before reading: read, splice and write then follow each other at once,
-        leaving a user's `crontab -e` the smallest window to be overwritten."""
+    def _outside_reload_window(self, room: float = CRON_SPLICE_SECONDS) -> None:
+        """Wait until a write is at least `room` seconds away from the first
+        seconds of a minute (cron's 1-second reload race). Called before the
+        read, so read, splice and write follow each other at once and a user's
+        `crontab -e` has the smallest window to be overwritten; and again
+        (room 0) right before the write, in case the read was slow."""
         second = self.system.now_ms() / 1000 % 60
         if second < CRON_RELOAD_GUARD_SECONDS:
             self.system.sleep(CRON_RELOAD_GUARD_SECONDS - second)
+        elif second > 60 - room:  # would end in the next minute's window: start after it instead
+            self.system.sleep(60 - second + CRON_RELOAD_GUARD_SECONDS)
 
     def install(self, manifest: Manifest, embedded_token: str | None) -> Plan:
         plan = self.plan(manifest, embedded_token)  # refuses an unsafe or too long line first
@@ -3784,7 +3812,7 @@ class LaunchdBackend(SchedulerBackend):
 
     def _keychain_check(self) -> Check:
         try:
-            backend = _keyring().get_keyring()
+            backend = _keyring(self.system.platform).get_keyring()
         except LoreServiceError as exc:
             return Check("keychain", "fail", exc.message, exc.hint)
         except Exception as exc:
@@ -4071,11 +4099,13 @@ class SchtasksBackend(SchedulerBackend):
         return SchedulerError(message, f"run `{TOOL_NAME} doctor` for the Task Scheduler checks", code="schtasks")
 
     def entry_changed(self, manifest: Manifest, plan: Plan) -> bool:
-        # the file on disk is UTF-16 (task_xml_bytes): compare what it encodes
+        # the file on disk is UTF-16 (task_xml_bytes): compare what it encodes; then
+        # the task itself, which may have been deleted, disabled or edited in the app
         planned = plan.files[0]
         if _read_bytes(planned.path) != task_xml_bytes(planned.content):
             return True
-        return not self.system.run(["schtasks", "/Query", "/TN", self.task_name(manifest)], timeout=60).ok
+        registered = self._registered_xml(manifest)
+        return registered is None or bool(self._registered_drift(manifest, registered))
 
     def install(self, manifest: Manifest, embedded_token: str | None) -> Plan:
         plan = self.plan(manifest, embedded_token)
@@ -4084,7 +4114,7 @@ class SchtasksBackend(SchedulerBackend):
             raise SchedulerError(too_long.message, too_long.hint, code="command_too_long")
         planned = plan.files[0]
         previous, previous_mode = _read_bytes(planned.path), _file_mode(planned.path)
-        # unchanged: register again only a task that went missing
+        # unchanged: register again only a task that went missing or was changed in the app
         if not self.entry_changed(manifest, plan):
             return Plan(files=plan.files, commands=[], warnings=plan.warnings)
         atomic_write(planned.path, task_xml_bytes(planned.content), planned.mode)
@@ -4124,6 +4154,26 @@ class SchtasksBackend(SchedulerBackend):
         el = root.find("/".join(f"{{{TASK_NS}}}{part}" for part in path.split("/")))
         return None if el is None else (el.text or "")
 
+    def _enabled(self, registered: Any) -> bool:
+        return (self._xml_text(registered, "Settings/Enabled") or "true").strip() != "false"
+
+    def _registered_drift(self, manifest: Manifest, registered: Any) -> list[str]:
+        """How the task Task Scheduler holds differs from ours (edited or
+        disabled in the Task Scheduler app): `install` registers it again."""
+        drift = []
+        command, arguments = self.exec_parts(manifest)
+        got_command = self._xml_text(registered, "Actions/Exec/Command")
+        got_arguments = self._xml_text(registered, "Actions/Exec/Arguments") or ""
+        if (got_command, got_arguments) != (command, arguments):
+            drift.append(f"the registered task runs {got_command} {got_arguments}, not {command} {arguments}")
+        interval = self._xml_text(registered, "Triggers/TimeTrigger/Repetition/Interval")
+        want = iso_duration(manifest.schedule_step_seconds)
+        if interval != want:
+            drift.append(f"the registered task repeats every {interval}, not every {want}")
+        if not self._enabled(registered):
+            drift.append(f"task {self.task_name(manifest)} is disabled")
+        return drift
+
     def _file_drift(self, manifest: Manifest) -> list[str]:
         path = self.xml_path(manifest)
         raw = _read_bytes(path)
@@ -4159,18 +4209,8 @@ class SchtasksBackend(SchedulerBackend):
         registered = self._registered_xml(manifest)
         enabled = True
         if registered is not None:
-            command, arguments = self.exec_parts(manifest)
-            got_command = self._xml_text(registered, "Actions/Exec/Command")
-            got_arguments = self._xml_text(registered, "Actions/Exec/Arguments") or ""
-            if (got_command, got_arguments) != (command, arguments):
-                drift.append(f"the registered task runs {got_command} {got_arguments}, not {command} {arguments}")
-            interval = self._xml_text(registered, "Triggers/TimeTrigger/Repetition/Interval")
-            want = iso_duration(manifest.schedule_step_seconds)
-            if interval != want:
-                drift.append(f"the registered task repeats every {interval}, not every {want}")
-            enabled = (self._xml_text(registered, "Settings/Enabled") or "true").strip() != "false"
-            if not enabled:
-                drift.append(f"task {name} is disabled")
+            enabled = self._enabled(registered)
+            drift += self._registered_drift(manifest, registered)
         status_text = row.get("Status", "")
         if running:
             detail = f"task {name} is running"
@@ -4858,7 +4898,9 @@ def cmd_install(ctx: Context, args: argparse.Namespace) -> Outcome:
         if same:
             manifest.updated_at_iso = existing.updated_at_iso
 
-    # prerequisites first: on macOS the GUI-session check must come before any keychain access
+    token = _obtain_token(ctx, args, token_env)  # bad input (exit 2) before the machine is judged
+    # prerequisites before the stored token is read: on macOS the GUI-session
+    # check must come before any keychain access, in --dry-run too
     warnings: list[str] = []
     prereq = backend.prerequisites(manifest)
     failing = [c for c in prereq if c.status == "fail"]
@@ -4867,8 +4909,7 @@ def cmd_install(ctx: Context, args: argparse.Namespace) -> Outcome:
         raise SchedulerError(failing[0].message, failing[0].hint, code="prerequisite")
     missing.extend(f"{c.message} (fix: {c.hint})" for c in failing)
 
-    token = _obtain_token(ctx, args, token_env)
-    if token is None and existing is not None and existing.token_source != "embedded":
+    if token is None and existing is not None and existing.token_source != "embedded" and not failing:
         try:  # re-install without a new token: carry the stored one over (new variable name or store)
             token = read_secret(paths, existing, {})
         except LoreServiceError:
@@ -5195,13 +5236,15 @@ def _run(ctx: Context, args: argparse.Namespace, trigger: str) -> Outcome:
     }
     text = _render_run(record, status)
     if record.outcome == "failed":
-        bad = next(r for r in record.stage_results if r.critical and r.outcome in ("failed", "timeout"))
+        failed = [r for r in record.stage_results if r.outcome in ("failed", "timeout")]
+        bad = next((r for r in failed if r.critical), failed[0])  # an optional one: the run was stopped
         hint = (
             status.paused.hint
             if status.paused
             else f"will retry after {iso_from_ms(status.next_retry_at_ms or 0)}; see `{TOOL_NAME} logs`"
         )
-        error = LoreServiceError(f"critical stage {bad.stage} {bad.outcome}: {bad.message}", hint, code="run_failed")
+        what = "critical stage" if bad.critical else "stage"
+        error = LoreServiceError(f"{what} {bad.stage} {bad.outcome}: {bad.message}", hint, code="run_failed")
         raise _with_data(error, data, text)
     return Outcome(data, text)
 

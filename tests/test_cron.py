@@ -71,7 +71,13 @@ def csys(system: FakeSystem, crontab: MemoryCrontab) -> FakeSystem:
     system.respond(["crontab", "-l"], crontab.list)
     system.respond(["pgrep", "-x", "cron"], res(0, "4242\n"))
     system.slept = []  # type: ignore[attr-defined]
-    system.sleep = system.slept.append  # type: ignore[method-assign,attr-defined]
+
+    def sleep(seconds: float) -> None:  # recorded, and the fake clock moves on
+        system.slept.append(seconds)  # type: ignore[attr-defined]
+        if system.clock_ms is not None:
+            system.clock_ms += round(seconds * 1000)
+
+    system.sleep = sleep  # type: ignore[method-assign]
     return system
 
 
@@ -710,7 +716,9 @@ def test_outputs_match_the_schemas(cli, csys: FakeSystem) -> None:
     validate(cli("--json", "doctor").data, "doctor-output.schema.json")
 
 
-@pytest.mark.parametrize(("second", "slept"), [(0.5, [2.5]), (2.0, [1.0]), (3.0, []), (59.9, [])])
+@pytest.mark.parametrize(
+    ("second", "slept"), [(0.5, [2.5]), (2.0, [1.0]), (3.0, []), (57.5, []), (58.5, [4.5]), (59.9, [3.1])]
+)
 def test_no_write_in_the_reload_second(cli, csys: FakeSystem, crontab: MemoryCrontab, second, slept) -> None:
     csys.clock_ms = int((1_800_000_000 // 60 * 60 + second) * 1000)
     assert install(cli).code == 0
@@ -775,3 +783,18 @@ def test_cr_bytes_in_the_crontab_survive_install_and_uninstall(cli, csys: FakeSy
     assert crontab.text.startswith(theirs)
     assert cli("--json", "uninstall").code == 0
     assert crontab.text == theirs
+
+
+def test_a_slow_read_that_ends_in_the_reload_window_still_waits_before_writing(
+    cli, csys: FakeSystem, crontab: MemoryCrontab
+) -> None:
+    csys.clock_ms = int((1_800_000_000 // 60 * 60 + 57.0) * 1000)
+
+    def slow_list(argv, _input):
+        csys.clock_ms += 3500  # `crontab -l` took 3.5 s: now second 0.5 of the next minute
+        return crontab.list(argv, _input)
+
+    csys.respond(["crontab", "-l"], slow_list)
+    assert install(cli).code == 0
+    assert csys.slept == pytest.approx([2.5])  # type: ignore[attr-defined]
+    assert len(crontab.writes) == 1

@@ -138,6 +138,16 @@ def test_a_rebuilt_same_version_is_swapped_in_and_a_new_version_gets_its_own_fol
     assert sorted(p.name for p in (data / "bin").iterdir()) == sorted([VERSION, "9.0.0", aside.name])
 
 
+def test_a_rebuilt_same_version_is_not_swapped_in_under_a_running_program(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    ls.pin_bundle(str(data), onedir(fake_build(tmp_path / "dl1", tag="a")), real_run)
+    with pytest.raises(ls.SchedulerError) as err:
+        ls.pin_bundle(str(data), onedir(fake_build(tmp_path / "dl2", tag="b")), real_run, runs_in_progress=lambda: True)
+    assert err.value.code == "pin_failed" and "run is executing" in err.value.hint
+    assert (data / "bin" / VERSION / "_internal" / "base_library.zip").read_text() == "library a\n"
+    assert sorted(p.name for p in (data / "bin").iterdir()) == [VERSION]  # no staging or aside left behind
+
+
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
     [

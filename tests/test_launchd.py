@@ -632,3 +632,30 @@ def test_a_label_launchd_never_releases_is_exit_6_and_the_old_plist_stays_privat
     assert r.code == ls.EXIT_SCHEDULER and "after bootout" in r.doc["error"]["message"]
     assert plist.read_bytes() == before and TOKEN.encode() in before
     assert plist.stat().st_mode & 0o777 == 0o600  # the token's plist is not left readable by others
+
+
+def test_a_reinstall_preview_over_ssh_never_reads_the_keychain(cli, mac: MacSystem, memory_keyring: MemoryKeyring):
+    assert install(cli, mac, "--token-source", "keychain").code == 0
+    reads: list[str] = []
+    real_get = memory_keyring.get_password
+    memory_keyring.get_password = lambda service, user: reads.append(user) or real_get(service, user)  # type: ignore[method-assign]
+    mac.environ.pop("GITLAB_TOKEN")
+    mac.environ["SSH_CONNECTION"] = "10.0.0.2 50000 10.0.0.1 22"
+    mac.console_uid = 0
+    r = install(cli, mac, "--dry-run")
+    assert r.code == 0 and any("SSH session" in m for m in r.data["missing"])
+    assert reads == []
+
+
+def test_a_locked_keychain_is_exit_6_with_the_macos_fix(
+    cli, mac: MacSystem, memory_keyring: MemoryKeyring, monkeypatch
+):
+    import keyring.errors
+
+    def locked(*_args):
+        raise keyring.errors.KeyringLocked("User interaction is not allowed.")
+
+    monkeypatch.setattr(memory_keyring, "set_password", locked)
+    r = install(cli, mac, "--token-source", "keychain")
+    assert r.code == 6 and r.doc["error"]["code"] == "secret_store"
+    assert "security unlock-keychain" in r.doc["error"]["hint"] and "env-file" not in r.doc["error"]["hint"]

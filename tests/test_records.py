@@ -19,12 +19,32 @@ RECORDS = [ls.CommandResult, ls.Bundle, ls.StageConfig, ls.ServiceConfig, ls.Man
 RECORDS += [ls.RunRecord, ls.Pause, ls.Status, ls.PlannedFile, ls.Plan, ls.Check, ls.Outcome]
 
 
+def as_stdlib_dataclass(cls: type) -> type:
+    """The class as type checkers see it: its own source, decorated by the
+    real dataclasses.dataclass (with the real field) instead of `record`."""
+    import inspect
+    import textwrap
+
+    source = textwrap.dedent(inspect.getsource(cls))
+    namespace = {**vars(ls), "record": dataclasses.dataclass, "field": dataclasses.field}
+    exec(compile(source, f"<dataclass {cls.__name__}>", "exec"), namespace)
+    return namespace[cls.__name__]
+
+
 @pytest.mark.parametrize("cls", RECORDS, ids=lambda c: c.__name__)
-def test_each_record_declares_the_same_fields_as_the_dataclass_checkers_see(cls):
-    """Type checkers read these classes as dataclasses: the same source must
-    make a valid dataclass with the same fields in the same order."""
-    twin = dataclasses.dataclass(type(cls.__name__, (), {"__annotations__": dict(cls.__annotations__)}))
-    assert cls.__record_fields__ == tuple(f.name for f in dataclasses.fields(twin))
+def test_each_record_behaves_as_the_dataclass_type_checkers_see(cls):
+    """Same fields in the same order, the same required ones, and the same
+    defaults (factories called afresh) as stdlib dataclasses would give."""
+    twin = as_stdlib_dataclass(cls)
+    fields = dataclasses.fields(twin)
+    assert cls.__record_fields__ == tuple(f.name for f in fields)
+    missing = dataclasses.MISSING
+    required = [f.name for f in fields if f.default is missing and f.default_factory is missing]
+    values = {name: object() for name in required}
+    ours, theirs = cls(**values), twin(**values)
+    assert vars(ours) == {f.name: getattr(theirs, f.name) for f in fields}
+    with pytest.raises(TypeError):
+        cls(**dict(list(values.items())[:-1])) if required else cls(nonexistent=1)
 
 
 def test_positional_keyword_and_default_fields_fill_in_declaration_order():

@@ -569,15 +569,26 @@ def test_real_schtasks_install_status_uninstall(tool, environ: dict[str, str], t
 
 
 def test_reinstall_with_the_same_options_changes_nothing(cli, win: WinSystem) -> None:
-    """task.xml is UTF-16 on disk: comparing it as text would report a change every time."""
+    """task.xml is UTF-16 on disk: comparing it as text would report a change
+    every time. A task deleted, disabled or edited in the app is registered again."""
     assert install(cli, win).data["changed"] is True
+    backend, manifest = backend_and_manifest(win)
+    registered = {"xml": Path(backend.xml_path(manifest)).read_bytes().decode("utf-16")}
+    win.respond(
+        ["schtasks", "/Query", "/TN", backend.task_name(manifest), "/XML"], lambda a, i: res(0, registered["xml"])
+    )
     win.commands.clear()
     again = install(cli, win)
     assert again.code == 0 and again.data["changed"] is False
     assert not any(c[:2] == ["schtasks", "/Create"] for c in win.commands)
-    assert install(cli, win, "--interval", "2h").data["changed"] is True
-    # the same XML, but the task was deleted in Task Scheduler: registered again
+    # disabled in the Task Scheduler app: the same XML on disk, but install repairs it
+    head, _, tail = registered["xml"].rpartition("<Enabled>true</Enabled>")  # the task's (Settings), not its trigger's
+    registered["xml"] = head + "<Enabled>false</Enabled>" + tail
+    win.commands.clear()
+    assert install(cli, win).data["changed"] is True
+    assert any(c[:2] == ["schtasks", "/Create"] for c in win.commands)
+    # deleted in the app
     win.respond(["schtasks", "/Query", "/TN"], res(1, "", "ERROR: The system cannot find the file specified."))
     win.commands.clear()
-    assert install(cli, win, "--interval", "2h").data["changed"] is True
+    assert install(cli, win).data["changed"] is True
     assert any(c[:2] == ["schtasks", "/Create"] for c in win.commands)
