@@ -10,7 +10,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -261,6 +261,20 @@ def memory_keyring():
     keyring.set_keyring(store)
     yield store
     keyring.set_keyring(old)
+
+
+B = TypeVar("B", bound=ls.SchedulerBackend)
+
+
+def backend_and_manifest(system: FakeSystem, kind: type[B], sid: str | None = None) -> tuple[B, ls.Manifest]:
+    """An installed service's manifest (the only one, unless `sid` names it)
+    and its backend as the class the test expects."""
+    paths = ls.Paths(system)
+    manifest = ls.load_manifest(paths, sid or paths.installed_ids()[0])
+    assert manifest is not None
+    backend = ls.get_backend(kind.name, system, paths)
+    assert isinstance(backend, kind)
+    return backend, manifest
 
 
 def shared_schema(name: str) -> Path:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TOKEN, FakeSystem, Result
+from conftest import TOKEN, FakeSystem, Result, backend_and_manifest
 from harness.cron_daemon import cron_command_as_executed, split_crontab_line
 
 import lore_service as ls
@@ -85,15 +85,6 @@ def install(cli, *extra: str) -> Result:
     return cli("--json", "install", "--backend", "cron", *extra)
 
 
-def backend_and_manifest(system: FakeSystem, sid: str) -> tuple[ls.CronBackend, ls.Manifest]:
-    paths = ls.Paths(system)
-    manifest = ls.load_manifest(paths, sid)
-    assert manifest is not None
-    backend = ls.get_backend("cron", system, paths)
-    assert isinstance(backend, ls.CronBackend)
-    return backend, manifest
-
-
 def block_of(text: str, sid: str) -> str:
     m = re.search(rf"# BEGIN lore-service {re.escape(sid)}\n.*?# END lore-service {re.escape(sid)}\n", text, re.S)
     assert m, text
@@ -154,7 +145,7 @@ def test_step_recorded_in_manifest_and_warned(cli, csys: FakeSystem) -> None:
     assert r.code == 0, r.err + r.out
     assert r.data["schedule_step_seconds"] == 900
     assert any("fires every 15m" in w for w in r.data["warnings"])
-    _, manifest = backend_and_manifest(csys, r.data["service_id"])
+    _, manifest = backend_and_manifest(csys, ls.CronBackend, r.data["service_id"])
     assert (manifest.interval_seconds, manifest.schedule_step_seconds) == (2700, 900)
 
 
@@ -496,7 +487,7 @@ def test_dry_run_real_subprocess(tool) -> None:
 
 def test_state_reads_the_block_back(cli, csys: FakeSystem, crontab: MemoryCrontab) -> None:
     sid = install(cli, "--interval", "30m").data["service_id"]
-    backend, manifest = backend_and_manifest(csys, sid)
+    backend, manifest = backend_and_manifest(csys, ls.CronBackend, sid)
     csys.clock_ms = 1_800_000_000_000
     st = backend.state(manifest)
     expr = ls.cron_expression(sid, 1800)
@@ -508,7 +499,7 @@ def test_state_reads_the_block_back(cli, csys: FakeSystem, crontab: MemoryCronta
 
 def test_next_run_skips_ticks_that_are_not_due(cli, csys: FakeSystem, crontab: MemoryCrontab) -> None:
     sid = install(cli, "--interval", "45m").data["service_id"]
-    backend, manifest = backend_and_manifest(csys, sid)
+    backend, manifest = backend_and_manifest(csys, ls.CronBackend, sid)
     now = 1_800_000_000_000
     csys.clock_ms = now
     due = now + 40 * 60_000
@@ -532,7 +523,7 @@ def test_drift_detected_and_repaired(cli, csys: FakeSystem, crontab: MemoryCront
         crontab.text = crontab.text.replace(line, line + "\n* * * * * echo hi")
     else:
         crontab.text = crontab.text.replace("LANG=C.UTF-8", f"LANG=C.UTF-8 GITLAB_TOKEN={TOKEN}")
-    backend, manifest = backend_and_manifest(csys, sid)
+    backend, manifest = backend_and_manifest(csys, ls.CronBackend, sid)
     st = backend.state(manifest)
     assert st["drift"], st
     assert st["registered"] is (edit != "removed")
@@ -615,7 +606,7 @@ def test_install_refused_when_crontab_missing(cli, csys: FakeSystem) -> None:
 
 def test_crash_log_trimmed_before_run(cli, csys: FakeSystem) -> None:
     sid = install(cli).data["service_id"]
-    backend, manifest = backend_and_manifest(csys, sid)
+    backend, manifest = backend_and_manifest(csys, ls.CronBackend, sid)
     crash = Path(ls.Paths(csys).crash_log(sid))
     crash.write_bytes(b"x" * 99 + b"\n" + b"y" * 99 + b"\n" * (ls.CRASH_LOG_MAX_BYTES // 100 + 10))
     before = crash.stat().st_ino

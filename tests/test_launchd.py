@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TOKEN, FakeSystem, MemoryKeyring, Result, shared_schema
+from conftest import TOKEN, FakeSystem, MemoryKeyring, Result, backend_and_manifest, shared_schema
 
 import lore_service as ls
 
@@ -124,15 +124,6 @@ def plist_file(data: dict[str, Any]) -> dict[str, Any]:
 
 def install(cli, mac: MacSystem, *extra: str) -> Result:
     return cli("--json", "install", "--backend", "launchd", *extra, sys_=mac)
-
-
-def backend_and_manifest(mac: MacSystem, sid: str) -> tuple[ls.LaunchdBackend, ls.Manifest]:
-    paths = ls.Paths(mac)
-    manifest = ls.load_manifest(paths, sid)
-    assert manifest is not None
-    backend = ls.get_backend("launchd", mac, paths)
-    assert isinstance(backend, ls.LaunchdBackend)
-    return backend, manifest
 
 
 # -- dry-run on Linux, real subprocess ------------------------------------------------
@@ -393,7 +384,7 @@ def test_uninstall_sequence_and_cleanup(cli, mac: MacSystem, memory_keyring: Mem
 
 def test_uninstall_tolerates_not_loaded_but_not_other_errors(cli, mac: MacSystem) -> None:
     assert install(cli, mac).code == 0
-    backend, manifest = backend_and_manifest(mac, ls.Paths(mac).installed_ids()[0])
+    backend, manifest = backend_and_manifest(mac, ls.LaunchdBackend)
     mac.loaded.clear()  # unloaded by hand before: bootout answers 113
     mac.respond(["launchctl", "bootout"], res(113, "", "Boot-out failed: 113: Could not find specified service\n"))
     backend.uninstall(manifest)
@@ -424,7 +415,7 @@ def own_print(job: dict[str, Any], plist: Path, state_text: str = "not running",
 @pytest.fixture
 def installed_mac(cli, mac: MacSystem) -> tuple[ls.LaunchdBackend, ls.Manifest]:
     assert install(cli, mac).code == 0
-    return backend_and_manifest(mac, ls.Paths(mac).installed_ids()[0])
+    return backend_and_manifest(mac, ls.LaunchdBackend)
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, TOKEN, FakeSystem, MemoryKeyring, Result, shared_schema
+from conftest import ROOT, TOKEN, FakeSystem, MemoryKeyring, Result, backend_and_manifest, shared_schema
 
 import lore_service as ls
 
@@ -123,15 +123,6 @@ def task_file(data: dict[str, Any]) -> dict[str, Any]:
 
 def install(cli, win: WinSystem, *extra: str) -> Result:
     return cli("--json", "install", "--backend", "schtasks", *extra, sys_=win)
-
-
-def backend_and_manifest(system: FakeSystem) -> tuple[ls.SchtasksBackend, ls.Manifest]:
-    paths = ls.Paths(system)
-    manifest = ls.load_manifest(paths, paths.installed_ids()[0])
-    assert manifest is not None
-    backend = ls.get_backend("schtasks", system, paths)
-    assert isinstance(backend, ls.SchtasksBackend)
-    return backend, manifest
 
 
 def children(el: Any) -> list[str]:
@@ -330,7 +321,7 @@ def test_missing_windowed_twin_is_a_prerequisite_failure(cli, win: WinSystem, py
 
 def test_uninstall_sequences(cli, win: WinSystem, memory_keyring: MemoryKeyring, home: Path) -> None:
     assert install(cli, win).code == 0
-    backend, manifest = backend_and_manifest(win)
+    backend, manifest = backend_and_manifest(win, ls.SchtasksBackend)
     name = backend.task_name(manifest)
     # access denied while the task still exists: exit 6, nothing removed
     win.respond(["schtasks", "/Delete"], res(1, "", fixture_text("create_access_denied.stderr.txt")))
@@ -350,7 +341,7 @@ def test_uninstall_sequences(cli, win: WinSystem, memory_keyring: MemoryKeyring,
 
 def test_uninstall_plain(cli, win: WinSystem) -> None:
     assert install(cli, win).code == 0
-    backend, manifest = backend_and_manifest(win)
+    backend, manifest = backend_and_manifest(win, ls.SchtasksBackend)
     win.commands.clear()
     assert cli("--json", "uninstall", sys_=win).code == 0
     assert win.commands == [["schtasks", "/Delete", "/TN", backend.task_name(manifest), "/F"]]
@@ -362,7 +353,7 @@ def test_uninstall_plain(cli, win: WinSystem) -> None:
 @pytest.fixture
 def installed_win(cli, win: WinSystem) -> tuple[ls.SchtasksBackend, ls.Manifest]:
     assert install(cli, win).code == 0
-    return backend_and_manifest(win)
+    return backend_and_manifest(win, ls.SchtasksBackend)
 
 
 def answer(win: WinSystem, backend: ls.SchtasksBackend, manifest: ls.Manifest, csv: str, xml: str | None) -> None:
@@ -572,7 +563,7 @@ def test_reinstall_with_the_same_options_changes_nothing(cli, win: WinSystem) ->
     """task.xml is UTF-16 on disk: comparing it as text would report a change
     every time. A task deleted, disabled or edited in the app is registered again."""
     assert install(cli, win).data["changed"] is True
-    backend, manifest = backend_and_manifest(win)
+    backend, manifest = backend_and_manifest(win, ls.SchtasksBackend)
     registered = {"xml": Path(backend.xml_path(manifest)).read_bytes().decode("utf-16")}
     win.respond(
         ["schtasks", "/Query", "/TN", backend.task_name(manifest), "/XML"], lambda a, i: res(0, registered["xml"])
