@@ -2,42 +2,55 @@
 """lore-service: run `lore` (gitlore) sync by itself, per project, on the OS scheduler.
 
 `lore` syncs GitLab issues and merge requests into a local store in four stages
-(issues, mrs, docs, embeddings). `lore-service install` registers one schedule
-per project with the operating system's own scheduler (systemd user timers,
-cron, launchd, Task Scheduler, or none); when it fires, `lore-service run`
-executes the stages under a policy (lock, persisted full-jitter backoff,
-circuit breaker, critical vs optional stages) and records the outcome in
-versioned, atomically written state.
+(issues, mrs, docs, embeddings). When the OS scheduler fires, it starts
+`lore-service run --service-id ID`, and `run_service()` decides: it takes the
+service's lock (a run never overlaps another), skips when the service is
+paused, backing off or not yet due, reads the token from its store, runs the
+critical stages (issues, mrs) and then the optional ones (docs, embeddings)
+with timeouts and redacted output, and folds the outcome into status.json:
+failures grow a persisted full-jitter backoff, a permanent error or too many
+transient ones pause the service (the circuit breaker). `install` is the
+other half: it resolves the request (`InstallRequest`), plans every file and
+command (`InstallPlan`, which is what `--dry-run` prints), and applies the
+plan with a rollback, registering the program with one `SchedulerBackend`
+(systemd user timer, cron, launchd, Task Scheduler, or none). `status`,
+`doctor` and `logs` only read what those two wrote, and ask the backend for
+the scheduler's own view.
 
-Contents (sections appear in dependency order; each is bannered):
-    1. Errors and exit codes      LoreServiceError and its exit-code family
-   1a. Records                    data classes built without importing dataclasses
-    2. System                     the one injectable object for OS calls
-    3. Utilities                  time formatting, intervals, atomic files
-    4. Identity and paths         service ids, per-user folders
-   4a. Pinned executable          frozen builds copy themselves to a stable path
-    5. Config and manifest        service.toml, manifest.json
-    6. Status                     status.json, run records, derived state
-    7. Secrets                    env-file, keyring stores, embedded
-    8. Policy                     lock, skip rules, backoff, circuit breaker
-    9. Runner                     stage processes, timeouts, streaming
-   10. Logs                       rotating service log, tail, follow
-   11. Backends                   SchedulerBackend, registry, none backend
-  11a.   systemd                  hardened user timer + oneshot service
-  11b.   cron                     a marked block in the user's crontab
-  11c.   launchd                  a LaunchAgent in the GUI domain (macOS)
-  11d.   schtasks                 a Task Scheduler task from XML (Windows)
-   12. Doctor                     checks with ok/warn/fail and a fix
-   13. CLI                        argparse, commands, robot envelope, main()
+Contents. The rule of the order: what a run decides, then how it happens, then
+how it gets scheduled, then how people look at it; the plumbing every section
+uses is last, in the platform appendix. (Python looks names up when a function
+runs, so a section may call what a later one defines; only what a class body
+or a decorator needs at import time comes earlier, hence section 1.)
+    1. Foundations                the error family and exit codes; `record`
+    2. Records                    service.toml, manifest.json, status.json, run records,
+                                  scheduler state, checks and plans: typed, validated on read
+    3. Policy                     skip rules, backoff, circuit breaker, derived state
+    4. The run                    run_service(): lock, orphans, secret, stages, SIGTERM, record
+    5. Install and uninstall      InstallRequest -> InstallPlan -> apply (with rollback)
+    6. Backends                   SchedulerBackend, its registry, `none`
+   6a.   systemd                  hardened user timer + oneshot service
+   6b.   cron                     a marked block in the user's crontab
+   6c.   launchd                  a LaunchAgent in the GUI domain (macOS)
+   6d.   schtasks                 a Task Scheduler task from XML (Windows)
+    7. Doctor                     checks with ok/warn/fail and a fix
+    8. CLI                        argparse, the commands, rendering, the robot envelope, main()
+    9. Platform appendix
+   9a.   System                   the one injectable object for OS calls (clock, randomness,
+                                  processes, signals, file locks, platform facts)
+   9b.   Files and time           atomic writes, state reads, timestamps
+   9c.   Identity and paths       service ids, per-user folders
+   9d.   Locks and the log        run lock, rotating service log, tail, follow
+   9e.   Secrets                  env-file, keyring stores
+   9f.   The pinned executable    frozen builds copy themselves to a stable path
 
 Start-up cost matters: `status` must start in a few multiples of a bare
 interpreter, so only json and argparse are imported at the top (records are
-built by section 1a rather than by dataclasses, for the same reason);
+built by section 1 rather than by dataclasses, for the same reason);
 everything else (subprocess, threading, tomllib, keyring, ...) is imported in
-the function that needs it. Section 4a sits before config because the
-manifest's program argv depends on where the running executable is pinned;
-the CLI imports argparse at its own banner for the same reason as above.
+the function that needs it.
 """
+
 
 from __future__ import annotations
 
@@ -59,9 +72,11 @@ APP_NAME = "lore"
 TOOL_NAME = "lore-service"
 SCHEMA_VERSION = 1
 
+
 # ============================================================================
-# 1. Errors and exit codes
+# 1. Foundations: the error family and the record decorator
 # ============================================================================
+
 
 EXIT_OK = 0  # success, including a run skipped by policy
 EXIT_FAILED = 1  # the operation failed (critical stage failed, doctor fail)
@@ -94,6 +109,18 @@ class LoreServiceError(Exception):
         self.hint = hint
         self.code = code or self.default_code
         self.exit_code = self.default_exit if exit_code is None else exit_code
+        # a command that fails but still has a result (a failed run, doctor with
+        # failing checks): the envelope is ok:false with both error and data
+        self.data: dict[str, Any] | None = None
+        self.text = ""
+
+    def payload(self) -> dict[str, str]:
+        """The `error` object of the JSON envelope (and of a service that cannot be read)."""
+        return {"code": self.code, "message": self.message, "hint": self.hint}
+
+    def with_result(self, data: dict[str, Any], text: str = "") -> LoreServiceError:
+        self.data, self.text = data, text
+        return self
 
 
 class UsageError(LoreServiceError):
@@ -121,9 +148,6 @@ class SchedulerError(LoreServiceError):
     default_exit = EXIT_SCHEDULER
 
 
-# ============================================================================
-# 1a. Records: data classes without the dataclasses module
-# ============================================================================
 # Manifest, config, status and every internal result are data classes declared
 # by annotated fields. At run time `record` builds them with one shared
 # __init__/__repr__/__eq__ instead of `dataclasses.dataclass`: importing
@@ -198,883 +222,9 @@ if not TYPE_CHECKING:
 
 
 # ============================================================================
-# 2. System: every OS interaction goes through one injectable object
+# 2. Records: what is configured, registered and recorded
 # ============================================================================
 
-
-@record
-class CommandResult:
-    argv: list[str]
-    returncode: int
-    stdout: str
-    stderr: str
-
-    @property
-    def ok(self) -> bool:
-        return self.returncode == 0
-
-    def summary(self) -> str:
-        text = (self.stderr.strip() or self.stdout.strip()).splitlines()
-        return text[-1] if text else f"exit status {self.returncode}"
-
-
-class System:
-    """Clock, randomness, environment and processes.
-
-    Tests subclass this (or swap single methods) instead of patching the
-    standard library; production code never calls subprocess, time or random
-    directly.
-    """
-
-    def __init__(self, environ: dict[str, str] | None = None) -> None:
-        # a frozen build must not hand its bundle's library path to lore or systemctl
-        self.environ: dict[str, str] = frozen_child_environ(dict(os.environ)) if environ is None else environ
-        self._rng: Any = None
-
-    # -- platform and identity
-    @property
-    def platform(self) -> str:
-        return sys.platform
-
-    def uid(self) -> int:
-        return os.getuid() if hasattr(os, "getuid") else 0
-
-    def euid(self) -> int:
-        return os.geteuid() if hasattr(os, "geteuid") else 0
-
-    def console_owner_uid(self) -> int | None:
-        """Owner of /dev/console (on macOS: who is logged in at the screen)."""
-        try:
-            return os.stat("/dev/console").st_uid
-        except OSError:
-            return None
-
-    def username(self) -> str:
-        for key in ("USER", "LOGNAME", "USERNAME"):
-            if self.environ.get(key):
-                return self.environ[key]
-        try:
-            import pwd
-
-            return pwd.getpwuid(self.uid()).pw_name
-        except (ImportError, KeyError):
-            return "unknown"
-
-    # -- time and randomness
-    def now_ms(self) -> int:
-        return time.time_ns() // 1_000_000
-
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(seconds)
-
-    def uniform(self, low: float, high: float) -> float:
-        if self._rng is None:
-            import random
-
-            self._rng = random.SystemRandom()
-        return self._rng.uniform(low, high)
-
-    # -- programs
-    def which(self, name: str) -> str | None:
-        import shutil
-
-        return shutil.which(name, path=self.environ.get("PATH", os.defpath))
-
-    def run(
-        self,
-        argv: Sequence[str],
-        *,
-        input: str | None = None,
-        env: dict[str, str] | None = None,
-        timeout: float = 60.0,
-        keep_newlines: bool = False,
-    ) -> CommandResult:
-        """Run a short command (scheduler tools) and capture its output as
-        UTF-8 text (bad bytes become U+FFFD: localised tool output must not
-        crash a status). Line ends are normalised to \\n unless keep_newlines
-        (a crontab's \\r bytes are the user's, and must survive a rewrite)."""
-        import subprocess
-
-        argv = list(argv)
-        try:
-            proc = subprocess.run(
-                argv,
-                input=None if input is None else input.encode("utf-8"),
-                capture_output=True,
-                env=self.environ if env is None else env,
-                timeout=timeout,
-                stdin=None if input is not None else subprocess.DEVNULL,
-            )
-        except FileNotFoundError:
-            return CommandResult(argv, 127, "", f"{argv[0]}: command not found")
-        except PermissionError as exc:
-            return CommandResult(argv, 126, "", f"{argv[0]}: {exc.strerror}")
-        except subprocess.TimeoutExpired:
-            return CommandResult(argv, 124, "", f"{argv[0]}: timed out after {timeout:g}s")
-        out, err = proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace")
-        if not keep_newlines:  # as text mode would
-            out = out.replace("\r\n", "\n").replace("\r", "\n")
-            err = err.replace("\r\n", "\n").replace("\r", "\n")
-        return CommandResult(argv, proc.returncode, out, err)
-
-    def spawn(self, argv: Sequence[str], *, cwd: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
-        """Start a stage in its own process group, output merged into one pipe."""
-        import subprocess
-
-        kwargs: dict[str, Any] = {}
-        if sys.platform == "win32":  # (not os.name: type checkers narrow on sys.platform)
-            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "CREATE_NO_WINDOW", 0)
-        else:
-            kwargs["start_new_session"] = True
-        return subprocess.Popen(
-            list(argv),
-            cwd=cwd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            **kwargs,
-        )
-
-    def kill_group(self, proc: subprocess.Popen[bytes], *, hard: bool) -> None:
-        """Signal the stage's whole process group, grandchildren included."""
-        self.kill_group_id(proc.pid, hard=hard)
-
-    def kill_group_id(self, pgid: int, *, hard: bool) -> None:
-        if os.name == "nt":
-            self.run(["taskkill", "/T", "/F", "/PID", str(pgid)], timeout=30)
-            return
-        import signal
-
-        try:
-            os.killpg(pgid, signal.SIGKILL if hard else signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-    def pid_alive(self, pid: int) -> bool:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except OSError:  # exists, but not ours to signal
-            return True
-        return True
-
-    def read_proc_environ(self, pid: int) -> list[bytes] | None:
-        """A process's environment (Linux /proc), or None when it cannot be read."""
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as fh:
-                return fh.read().split(b"\0")
-        except OSError:
-            return None
-
-    # -- terminal
-    def stdin_isatty(self) -> bool:
-        return sys.stdin is not None and sys.stdin.isatty()
-
-    def read_stdin(self) -> str:
-        return sys.stdin.read() if sys.stdin is not None else ""
-
-    def prompt_secret(self, prompt: str) -> str:
-        import getpass
-
-        return getpass.getpass(prompt)
-
-
-# ============================================================================
-# 3. Utilities: time formatting, intervals, atomic files
-# ============================================================================
-
-MIN_INTERVAL = 5 * 60
-MAX_INTERVAL = 24 * 3600
-
-
-def iso_from_ms(ms: int) -> str:
-    """UTC ISO 8601 with milliseconds, e.g. 2026-11-28T00:30:00.000Z."""
-    secs, rem = divmod(int(ms), 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{rem:03d}Z"
-
-
-def local_time(ms: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000))
-
-
-def human_duration(seconds: float) -> str:
-    seconds = abs(seconds)
-    if seconds < 10:
-        return f"{seconds:.1f}s"
-    if seconds < 120:
-        return f"{int(seconds)}s"
-    minutes = int(seconds // 60)
-    if minutes < 120:
-        return f"{minutes}m"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if minutes else f"{hours}h"
-
-
-def parse_interval(text: str) -> int:
-    """'30m' or '2h' -> seconds; only m and h, between 5m and 24h."""
-    raw = (text or "").strip().lower()
-    hint = "use minutes or hours between 5m and 24h, e.g. --interval 30m or --interval 2h"
-    # (at most 5 digits: int() refuses a few thousand, and no valid interval needs more)
-    if not 2 <= len(raw) <= 6 or raw[-1] not in "mh" or not (raw[:-1].isascii() and raw[:-1].isdigit()):
-        raise UsageError(f"invalid interval {text!r}", hint, code="bad_interval")
-    seconds = int(raw[:-1]) * (60 if raw[-1] == "m" else 3600)
-    if not MIN_INTERVAL <= seconds <= MAX_INTERVAL:
-        raise UsageError(f"interval {text!r} is outside 5m..24h", hint, code="bad_interval")
-    return seconds
-
-
-def format_interval(seconds: int) -> str:
-    return f"{seconds // 3600}h" if seconds % 3600 == 0 else f"{seconds // 60}m"
-
-
-def ensure_dir(path: str) -> None:
-    """Create a folder and its missing parents, each private (0700).
-
-    os.makedirs applies the mode to the last folder only."""
-    if os.path.isdir(path):
-        return
-    parent = os.path.dirname(os.path.abspath(path))
-    if parent != path:
-        ensure_dir(parent)
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
-
-
-def _fsync_dir(path: str) -> None:
-    if os.name == "nt":  # folders cannot be opened for fsync on Windows
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str, data: bytes | str, mode: int = 0o600) -> None:
-    """Temp file in the same folder, fsync, rename over, fsync the folder."""
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    folder = os.path.dirname(os.path.abspath(path))
-    ensure_dir(folder)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)  # the umask may have narrowed or widened O_CREAT
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(folder)
-    _sweep_stale_temps(folder, os.path.basename(path))
-
-
-STALE_TEMP_SECONDS = 3600  # no write takes this long: an older temp file is a killed writer's
-
-
-def _sweep_stale_temps(folder: str, name: str) -> None:
-    """A writer SIGKILLed mid-write leaves its `.<name>.<pid>.tmp` behind;
-    the next write of the same file removes it once it is clearly stale."""
-    prefix, cutoff = f".{name}.", time.time() - STALE_TEMP_SECONDS
-    try:
-        for entry in os.scandir(folder):
-            if entry.name.startswith(prefix) and entry.name.endswith(".tmp"):
-                try:
-                    if entry.stat(follow_symlinks=False).st_mtime < cutoff:
-                        os.unlink(entry.path)
-                except OSError:
-                    pass  # gone already, or not ours to remove
-    except OSError:
-        pass
-
-
-def read_text(path: str) -> str | None:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return fh.read()
-    except (OSError, UnicodeDecodeError):
-        return None
-
-
-def file_differs(path: str, content: str) -> bool:
-    """Whether writing content would change the file (re-install changes nothing)."""
-    return read_text(path) != content
-
-
-def remove_file(path: str) -> bool:
-    try:
-        os.unlink(path)
-        return True
-    except FileNotFoundError:
-        return False
-
-
-def dump_json(obj: Any) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-
-
-def read_json_file(path: str, what: str) -> dict[str, Any] | None:
-    """A dict, None when the file does not exist, StateFileError otherwise."""
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise StateFileError(
-            f"cannot read {what} {path}: {exc.strerror}",
-            "check the file's owner and permissions (lore-service doctor)",
-            code="state_unreadable",
-        ) from None
-    try:
-        obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise StateFileError(
-            f"{what} {path} is corrupt ({exc.__class__.__name__})",
-            f"move it aside and re-run `{TOOL_NAME} install` (it was not modified)",
-        ) from None
-    if not isinstance(obj, dict):
-        raise StateFileError(f"{what} {path} is corrupt (not an object)", "move it aside and re-run install")
-    version = obj.get("schema_version")
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise StateFileError(f"{what} {path} has no valid schema_version", "move it aside and re-run install")
-    if version > SCHEMA_VERSION:
-        raise StateFileError(
-            f"{what} {path} was written by a newer lore-service (schema {version}, this one reads {SCHEMA_VERSION})",
-            "upgrade lore-service; the file was left untouched",
-            code="state_newer_schema",
-        )
-    return obj
-
-
-MAX_STATE_INT = 2**53  # JSON-safe; far beyond any real timestamp in ms
-
-
-class _Fields:
-    """Typed reads from a decoded JSON object; any mismatch is exit 4."""
-
-    def __init__(self, obj: dict[str, Any], what: str) -> None:
-        self.obj = obj
-        self.what = what
-
-    def _bad(self, key: str, expected: str) -> StateFileError:
-        return StateFileError(
-            f"{self.what}: field {key!r} should be {expected}, got {self.obj.get(key)!r}",
-            "the file is corrupt or hand-edited; move it aside and re-run install",
-        )
-
-    def get(self, key: str, kind: type | tuple[type, ...], *, optional: bool = False, default: Any = None) -> Any:
-        if key not in self.obj or self.obj[key] is None:
-            if optional:
-                return default
-            raise self._bad(key, getattr(kind, "__name__", str(kind)))
-        value = self.obj[key]
-        if isinstance(value, bool) and kind is not bool and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-            raise self._bad(key, getattr(kind, "__name__", str(kind)))
-        if not isinstance(value, kind):
-            raise self._bad(key, getattr(kind, "__name__", str(kind)))
-        return value
-
-    def choice(self, key: str, choices: Sequence[str], *, optional: bool = False) -> Any:
-        value = self.get(key, str, optional=optional)
-        if value is not None and value not in choices:
-            raise self._bad(key, "one of " + "|".join(choices))
-        return value
-
-    def str_list(self, key: str, *, nonempty: bool = False) -> list[str]:
-        value = self.get(key, list)
-        if not all(isinstance(v, str) for v in value) or (nonempty and not value):
-            raise self._bad(key, "a non-empty list of strings" if nonempty else "a list of strings")
-        return list(value)
-
-    def count(self, key: str, *, optional: bool = False, low: int = 0, high: int = MAX_STATE_INT) -> Any:
-        """An integer in range: a timestamp, a duration or a count."""
-        value = self.get(key, int, optional=optional)
-        if value is not None and not low <= value <= high:
-            raise self._bad(key, f"an integer in {low}..{high}")
-        return value
-
-
-# ============================================================================
-# 4. Identity and paths
-# ============================================================================
-
-SERVICE_ID_MAX = 48
-
-
-def is_valid_service_id(value: str) -> bool:
-    if not 1 <= len(value) <= SERVICE_ID_MAX or not value.isascii():
-        return False
-    if not (value[0].islower() or value[0].isdigit()):
-        return False
-    return all(c.islower() or c.isdigit() or c == "-" for c in value)
-
-
-def validate_service_id(value: str) -> str:
-    if not is_valid_service_id(value):
-        raise UsageError(
-            f"invalid service name {value!r}",
-            "names are 1-48 characters of a-z, 0-9 and '-', starting with a letter or digit "
-            "(they become unit, label, task and file names)",
-            code="bad_name",
-        )
-    return value
-
-
-def slugify(name: str) -> str:
-    out: list[str] = []
-    for ch in name.lower():
-        if ch.isascii() and ch.isalnum():
-            out.append(ch)
-        elif out and out[-1] != "-":
-            out.append("-")
-    # 39 + '-' + 8 hex stays within the 48-character id limit
-    return "".join(out).strip("-")[:39].strip("-") or "project"
-
-
-def derive_service_id(project_root: str) -> str:
-    import hashlib
-
-    digest = hashlib.sha256(project_root.encode("utf-8", "surrogateescape")).hexdigest()[:8]
-    return f"{slugify(os.path.basename(project_root.rstrip(os.sep)) or 'root')}-{digest}"
-
-
-def canonical_project(path: str) -> str:
-    return os.path.realpath(os.path.abspath(os.path.expanduser(path)))
-
-
-def check_path_text(path: str, what: str) -> str:
-    """Paths end up in unit files, crontab lines and XML: a line break or
-    other control character there could smuggle in a directive. Bytes that
-    are not UTF-8 (surrogate escapes) cannot be written into any of them."""
-    if any(ord(c) < 32 or ord(c) == 127 for c in path):
-        raise UsageError(
-            f"{what} {path!r} contains a control character (line break, tab, ...)",
-            "rename the folder, or install from a path without control characters",
-            code="bad_path",
-        )
-    if any(0xD800 <= ord(c) <= 0xDFFF for c in path):
-        raise UsageError(
-            f"{what} {path!r} is not valid UTF-8",
-            "rename the folder to a UTF-8 name (e.g. with `convmv`), then install again",
-            code="bad_path",
-        )
-    return path
-
-
-class Paths:
-    """Where every file lives: platformdirs' per-user folders for app `lore`,
-    or one relocated tree under LORE_SERVICE_HOME / --home."""
-
-    def __init__(self, system: System, home: str | None = None) -> None:
-        self.platform = system.platform  # (for the secret stores' OS-specific hints)
-        home = home or system.environ.get("LORE_SERVICE_HOME") or None
-        self.home = os.path.abspath(os.path.expanduser(home)) if home else None
-        if self.home:
-            self.config_root = os.path.join(self.home, "config")
-            self.state_root = os.path.join(self.home, "state")
-            self.log_root = os.path.join(self.home, "logs")
-            self.data_root = os.path.join(self.home, "data")
-        else:
-            config, state, log, data = _user_dirs(system)
-            self.config_root = os.path.join(config, "services")
-            self.state_root = os.path.join(state, "services")
-            self.log_root = os.path.join(log, "services")
-            self.data_root = data
-
-    def config_dir(self, sid: str) -> str:
-        return os.path.join(self.config_root, sid)
-
-    def state_dir(self, sid: str) -> str:
-        return os.path.join(self.state_root, sid)
-
-    def log_dir(self, sid: str) -> str:
-        return os.path.join(self.log_root, sid)
-
-    def manifest(self, sid: str) -> str:
-        return os.path.join(self.config_dir(sid), "manifest.json")
-
-    def config(self, sid: str) -> str:
-        return os.path.join(self.config_dir(sid), "service.toml")
-
-    def env_file(self, sid: str) -> str:
-        return os.path.join(self.config_dir(sid), "token.env")
-
-    def status(self, sid: str) -> str:
-        return os.path.join(self.state_dir(sid), "status.json")
-
-    def run_lock(self, sid: str) -> str:
-        return os.path.join(self.state_dir(sid), "run.lock")
-
-    def status_lock(self, sid: str) -> str:
-        return os.path.join(self.state_dir(sid), "status.lock")
-
-    def log(self, sid: str) -> str:
-        return os.path.join(self.log_dir(sid), "service.log")
-
-    def crash_log(self, sid: str) -> str:
-        return os.path.join(self.log_dir(sid), "scheduler-output.log")
-
-    def xdg_pins(self, user_home: str) -> list[tuple[str, str]]:
-        """XDG variables a scheduler must set so a run finds these very folders
-        (the user manager or cron may not share the shell's environment). Only
-        non-default ones; none for a relocated home, which travels as --home."""
-        if self.home:
-            return []
-        pins = []
-        for var, root, default in (
-            ("XDG_CONFIG_HOME", os.path.dirname(os.path.dirname(self.config_root)), ".config"),
-            ("XDG_STATE_HOME", os.path.dirname(os.path.dirname(self.state_root)), ".local/state"),
-            ("XDG_DATA_HOME", os.path.dirname(self.data_root), ".local/share"),
-        ):
-            if root != os.path.join(user_home, default):
-                pins.append((var, root))
-        return pins
-
-    def installed_ids(self) -> list[str]:
-        try:
-            names = os.listdir(self.config_root)
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        return sorted(n for n in names if is_valid_service_id(n) and os.path.exists(self.manifest(n)))
-
-
-def _user_dirs(system: System) -> tuple[str, str, str, str]:
-    """(config, state, log, data) folders for app `lore`.
-
-    On Linux this is the XDG rule platformdirs applies, computed here because
-    importing platformdirs (pathlib, tempfile, ...) would triple the start-up
-    time of `status`; tests pin it to platformdirs' own answer. Elsewhere we
-    ask platformdirs.
-    """
-    if system.platform.startswith("linux"):
-        env = system.environ
-        home = env.get("HOME") or os.path.expanduser("~")
-
-        def xdg(var: str, default: str) -> str:
-            value = env.get(var, "").strip()
-            return value if value else os.path.join(home, default)
-
-        state = os.path.join(xdg("XDG_STATE_HOME", ".local/state"), APP_NAME)
-        return (
-            os.path.join(xdg("XDG_CONFIG_HOME", ".config"), APP_NAME),
-            state,
-            os.path.join(state, "log"),
-            os.path.join(xdg("XDG_DATA_HOME", ".local/share"), APP_NAME),
-        )
-    import platformdirs
-
-    dirs = platformdirs.PlatformDirs(APP_NAME, appauthor=False)
-    return dirs.user_config_dir, dirs.user_state_dir, dirs.user_log_dir, dirs.user_data_dir
-
-
-# ----------------------------------------------------------------------------
-# 4a. The pinned executable (frozen builds)
-# ----------------------------------------------------------------------------
-# A release is the one-folder PyInstaller build (an archive; see build.py) or a
-# .pyz. Wherever the user unpacked it (Downloads, /tmp), the scheduler must not
-# run it from there: `install` copies the running build into
-# <data_root>/bin/<version>/ and every scheduler entry names that copy. The copy
-# is made under a temporary name in bin/, fsynced, asked for `--version`, and
-# only then renamed into place; a newer version lands in its own folder, so
-# entries switch to it only when `install` rewrites them. From source nothing is
-# copied: the entry is the absolute interpreter and script (doctor judges
-# whether they look disposable, section 12).
-
-PINNED_DIR = "bin"
-PINNED_EXE = TOOL_NAME + (".exe" if os.name == "nt" else "")
-PINNED_PYZ = TOOL_NAME + ".pyz"
-_PINNED: list[str] | None = None  # set by pin_running_program(); read by self_command()
-
-
-@record
-class Bundle:
-    """What is running: kind onedir | onefile (PyInstaller), zipapp, or source."""
-
-    kind: str
-    executable: str  # the frozen program, the .pyz, or the interpreter (source)
-    interpreter: str  # sys.executable
-    extraction: str | None = None  # PyInstaller's sys._MEIPASS (onefile: a temporary folder)
-
-
-def running_bundle(
-    *, frozen: bool | None = None, executable: str | None = None, meipass: str | None = None, module: str | None = None
-) -> Bundle:
-    """Classify this process (parameters default to sys; tests pass them)."""
-    frozen = bool(getattr(sys, "frozen", False)) if frozen is None else frozen
-    interpreter = os.path.abspath(executable or sys.executable)
-    if frozen:
-        meipass = meipass if meipass is not None else getattr(sys, "_MEIPASS", None)
-        home = os.path.dirname(interpreter)
-        # one-folder: the bundle is the program's own folder (PyInstaller 5) or its
-        # _internal (6); a one-file build extracts to a _MEIxxxx folder elsewhere,
-        # which may be a sibling of the program (run from /tmp), so no prefix test
-        beside = meipass is not None and os.path.abspath(meipass) in (home, os.path.join(home, "_internal"))
-        return Bundle("onedir" if beside else "onefile", interpreter, interpreter, meipass)
-    archive = os.path.dirname(os.path.abspath(module or __file__))
-    if os.path.isfile(archive):  # python app.pyz: __file__ is app.pyz/lore_service.py
-        return Bundle("zipapp", archive, interpreter)
-    return Bundle("source", os.path.abspath(module or __file__), interpreter)
-
-
-def bundle_command(bundle: Bundle) -> list[str]:
-    """argv prefix that starts the bundle where it is now."""
-    if bundle.kind in ("onedir", "onefile"):
-        return [bundle.executable]
-    return [bundle.interpreter, bundle.executable]
-
-
-def pinned_folder(data_root: str, version: str = __version__) -> str:
-    return os.path.join(data_root, PINNED_DIR, version)
-
-
-def pinned_command(data_root: str, bundle: Bundle, version: str = __version__) -> list[str]:
-    """argv prefix of the pinned copy the scheduler runs (source: unchanged)."""
-    folder = pinned_folder(data_root, version)
-    if bundle.kind in ("onedir", "onefile"):
-        return [os.path.join(folder, PINNED_EXE)]
-    if bundle.kind == "zipapp":
-        return [bundle.interpreter, os.path.join(folder, PINNED_PYZ)]
-    return bundle_command(bundle)
-
-
-def _bundle_parts(bundle: Bundle) -> list[tuple[str, str]]:
-    """(source path, name inside bin/<version>/) of everything the copy needs."""
-    if bundle.kind == "zipapp":
-        return [(bundle.executable, PINNED_PYZ)]
-    extraction = os.path.abspath(bundle.extraction or os.sep)
-    if bundle.kind == "onefile" and os.path.commonpath([extraction, bundle.executable]) == extraction:
-        # never copy (or point a scheduler at) a one-file build's temporary extraction folder
-        raise SchedulerError(
-            f"{bundle.executable} is inside PyInstaller's extraction folder {bundle.extraction}",
-            "run the lore-service program you downloaded, not a file from its temporary folder",
-            code="pin_failed",
-        )
-    parts = [(bundle.executable, PINNED_EXE)]
-    twin = os.path.join(os.path.dirname(bundle.executable), TOOL_NAME + "-w.exe")
-    if os.name == "nt" and os.path.isfile(twin):  # the no-console twin the scheduled task runs
-        parts.append((twin, TOOL_NAME + "-w.exe"))
-    home = os.path.dirname(bundle.executable)
-    if bundle.kind == "onedir" and bundle.extraction:
-        contents = os.path.relpath(bundle.extraction, home)
-        if contents != ".":  # the shared _internal folder (PyInstaller 6's default)
-            parts.append((bundle.extraction, contents))
-        else:  # contents_directory="." (or PyInstaller 5): the whole folder is the build
-            taken = {name for _, name in parts} | {os.path.basename(bundle.executable)}
-            parts.extend((os.path.join(home, n), n) for n in sorted(os.listdir(home)) if n not in taken)
-    return parts
-
-
-def frozen_child_environ(environ: dict[str, str], frozen: bool | None = None) -> dict[str, str]:
-    """environ for programs a frozen build starts: the library path as it was
-    before PyInstaller's bootloader pointed it at the bundle, and none of its
-    _PYI_* variables (a child lore, systemctl or crontab must load the system's
-    libraries; a child lore-service must start as a fresh instance)."""
-    if not (bool(getattr(sys, "frozen", False)) if frozen is None else frozen):
-        return dict(environ)
-    env = {k: v for k, v in environ.items() if not k.startswith("_PYI_") and k != "_MEIPASS2"}
-    for var in ("LD_LIBRARY_PATH", "DYLD_LIBRARY_PATH", "LIBPATH"):
-        orig = env.pop(var + "_ORIG", None)
-        env.pop(var, None)
-        if orig is not None:
-            env[var] = orig
-    env["PYINSTALLER_RESET_ENVIRONMENT"] = "1"
-    return env
-
-
-def _same_file(a: str, b: str) -> bool:
-    import filecmp
-
-    try:
-        return filecmp.cmp(a, b, shallow=False)
-    except OSError:
-        return False
-
-
-def _copy_synced(src: str, dst: str) -> None:
-    """Copy a file or a folder tree (symlinks kept), fsyncing every file and folder."""
-    import shutil
-
-    if os.path.isdir(src) and not os.path.islink(src):
-        shutil.copytree(src, dst, symlinks=True)
-        for folder, _, files in os.walk(dst):
-            for name in files:
-                full = os.path.join(folder, name)
-                if not os.path.islink(full):
-                    with open(full, "rb+") as fh:
-                        os.fsync(fh.fileno())
-            _fsync_dir(folder)
-        return
-    shutil.copy2(src, dst)
-    with open(dst, "rb+") as fh:
-        os.fsync(fh.fileno())
-
-
-def _answers_version(argv: list[str], version: str, frozen: bool, run: Callable[..., CommandResult]) -> str | None:
-    """None when argv --version --json reports this version; else what went wrong."""
-    result = run([*argv, "--version", "--json"], timeout=120)  # System's environ: no bundle library path
-    if not result.ok:
-        return f"exit status {result.returncode}: {result.summary()}"
-    try:
-        data = json.loads(result.stdout)["data"]
-    except (ValueError, KeyError, TypeError):
-        return f"unreadable --version output {result.stdout[:200]!r}"
-    if data.get("version") != version or bool(data.get("frozen")) != frozen:
-        return f"it reports version {data.get('version')!r} (frozen {data.get('frozen')!r}), expected {version!r}"
-    return None
-
-
-def pin_bundle(
-    data_root: str,
-    bundle: Bundle,
-    run: Callable[..., CommandResult],
-    version: str = __version__,
-    runs_in_progress: Callable[[], bool] = lambda: False,
-) -> list[str]:
-    """Make <data_root>/bin/<version>/ hold a verified copy of the bundle; returns
-    the argv prefix that runs it. Idempotent: an identical copy is kept as is.
-    A different build of the same version replaces it only while no run is in
-    progress: a running program finds its own files by path."""
-    import shutil
-
-    command = pinned_command(data_root, bundle, version)
-    if bundle.kind == "source":
-        return command
-    folder = pinned_folder(data_root, version)
-    parts = _bundle_parts(bundle)
-    if os.path.realpath(bundle.executable) == os.path.realpath(os.path.join(folder, parts[0][1])):
-        return command  # running from the pinned copy itself
-    if all(_same_file(src, os.path.join(folder, name)) for src, name in parts[:1]) and all(
-        os.path.exists(os.path.join(folder, name)) for _, name in parts
-    ):
-        return command  # same build already pinned (the executable carries the code)
-    bin_root = os.path.dirname(folder)
-    ensure_dir(bin_root)
-    staging = os.path.join(bin_root, f".{version}.{os.getpid()}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        ensure_dir(staging)
-        for src, name in parts:
-            _copy_synced(src, os.path.join(staging, name))
-        _fsync_dir(staging)
-        trial = [os.path.join(staging, parts[0][1])]
-        if bundle.kind == "zipapp":
-            trial.insert(0, bundle.interpreter)
-        problem = _answers_version(trial, version, bundle.kind != "zipapp", run)
-        if problem:
-            raise SchedulerError(
-                f"the copy of {bundle.executable} in {staging} does not run: {problem}",
-                "check free space and that the data folder allows executing programs (not mounted noexec)",
-                code="pin_failed",
-            )
-        if os.path.lexists(folder):  # same version, different build: swap it out
-            busy = "a run is executing from it: run install again when it has ended"
-            if runs_in_progress():
-                raise SchedulerError(f"cannot replace the pinned copy {folder} now", busy, code="pin_failed")
-            # set aside rather than deleted (prune_pinned removes it once an hour old)
-            old = os.path.join(bin_root, f".{version}.{os.getpid()}.old")
-            try:
-                os.replace(folder, old)
-            except OSError as exc:  # Windows: files of a running copy cannot be moved
-                raise SchedulerError(
-                    f"cannot replace the pinned copy {folder}: {exc.strerror or exc}", busy, code="pin_failed"
-                ) from None
-            os.utime(old)
-            try:
-                os.replace(staging, folder)
-            except BaseException:
-                os.replace(old, folder)  # never leave bin/<version> empty
-                raise
-        else:
-            os.replace(staging, folder)
-        _fsync_dir(bin_root)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return command
-
-
-def runs_in_progress(paths: Paths, system: System) -> bool:
-    """Whether any service's run (installed or not: its state folder is kept) holds its lock."""
-    try:
-        with_state = os.listdir(paths.state_root)
-    except OSError:
-        return False
-    return any(lock_is_held(paths.run_lock(sid), system) for sid in with_state)
-
-
-def prune_pinned(paths: Paths, system: System, keep: str) -> list[str]:
-    """Remove bin/<version> folders no installed service's manifest runs any more
-    (and leftovers of interrupted copies); keeps `keep`. Returns what was removed.
-    Any unreadable manifest stops the pruning: nothing is removed on a guess;
-    nor while any run is in progress, since it may be executing from one of them."""
-    import shutil
-
-    bin_root = os.path.join(paths.data_root, PINNED_DIR)
-    try:
-        names = os.listdir(bin_root)
-    except OSError:
-        return []
-    if runs_in_progress(paths, system):
-        return []
-    now_ms = system.now_ms()
-    used = {os.path.abspath(keep)}
-    for sid in paths.installed_ids():
-        try:
-            manifest = load_manifest(paths, sid)
-        except LoreServiceError:
-            return []
-        for arg in manifest.program[:2] if manifest else ():
-            if os.path.abspath(arg).startswith(bin_root + os.sep):
-                used.add(os.path.join(bin_root, os.path.relpath(arg, bin_root).split(os.sep)[0]))
-    removed = []
-    for name in names:
-        full = os.path.join(bin_root, name)
-        try:  # a folder younger than an hour may be another install's copy, not yet in its manifest
-            fresh = now_ms / 1000 - os.stat(full).st_mtime < 3600
-        except OSError:
-            continue
-        if full not in used and not fresh and os.path.isdir(full):
-            shutil.rmtree(full, ignore_errors=True)
-            removed.append(full)
-    return removed
-
-
-def pin_running_program(paths: Paths, system: System, *, dry_run: bool) -> list[str]:
-    """install's one call into this section: for a frozen build or a .pyz, copy it
-    to bin/<version>/ (not on --dry-run) and make self_command() name that copy,
-    so the manifest and every scheduler entry run it. From source: no-op."""
-    global _PINNED
-    bundle = running_bundle()
-    if bundle.kind == "source":
-        _PINNED = None
-        return bundle_command(bundle)
-    if dry_run:
-        _PINNED = pinned_command(paths.data_root, bundle)
-        _bundle_parts(bundle)  # still refuse an extraction folder
-    else:
-        _PINNED = pin_bundle(
-            paths.data_root, bundle, system.run, runs_in_progress=lambda: runs_in_progress(paths, system)
-        )
-        prune_pinned(paths, system, pinned_folder(paths.data_root))
-    return _PINNED
-
-
-# ============================================================================
-# 5. Config and manifest
-# ============================================================================
 
 STAGES = ("issues", "mrs", "docs", "embeddings")
 CRITICAL_STAGES = ("issues", "mrs")
@@ -1094,6 +244,36 @@ SCHEDULER_TIMEOUT = 900
 DEFAULT_STAGE_TIMEOUT = 600
 TOKEN_SOURCES = ("env-file", "keychain", "credential-manager", "embedded")
 TOKEN_SOURCES_CLI = ("auto", *TOKEN_SOURCES)
+MIN_INTERVAL = 5 * 60
+MAX_INTERVAL = 24 * 3600
+
+
+def parse_interval(text: str) -> int:
+    """'30m' or '2h' -> seconds; only m and h, between 5m and 24h."""
+    raw = (text or "").strip().lower()
+    hint = "use minutes or hours between 5m and 24h, e.g. --interval 30m or --interval 2h"
+    # (at most 5 digits: int() refuses a few thousand, and no valid interval needs more)
+    if not 2 <= len(raw) <= 6 or raw[-1] not in "mh" or not (raw[:-1].isascii() and raw[:-1].isdigit()):
+        raise UsageError(f"invalid interval {text!r}", hint, code="bad_interval")
+    seconds = int(raw[:-1]) * (60 if raw[-1] == "m" else 3600)
+    if not MIN_INTERVAL <= seconds <= MAX_INTERVAL:
+        raise UsageError(f"interval {text!r} is outside 5m..24h", hint, code="bad_interval")
+    return seconds
+
+
+def format_interval(seconds: int) -> str:
+    return f"{seconds // 3600}h" if seconds % 3600 == 0 else f"{seconds // 60}m"
+
+
+def validate_env_name(name: str) -> str:
+    ok = bool(name) and len(name) <= 128 and name.isascii() and not name[0].isdigit()
+    if not ok or not all(c.isalnum() or c == "_" for c in name):
+        raise UsageError(
+            f"invalid environment variable name {name!r}",
+            "use letters, digits and '_', e.g. GITLAB_TOKEN",
+            code="bad_env",
+        )
+    return name
 
 
 def stage_argv(lore: str, stage: str) -> list[str]:
@@ -1254,17 +434,6 @@ class ServiceConfig:
         return cfg
 
 
-def validate_env_name(name: str) -> str:
-    ok = bool(name) and len(name) <= 128 and name.isascii() and not name[0].isdigit()
-    if not ok or not all(c.isalnum() or c == "_" for c in name):
-        raise UsageError(
-            f"invalid environment variable name {name!r}",
-            "use letters, digits and '_', e.g. GITLAB_TOKEN",
-            code="bad_env",
-        )
-    return name
-
-
 def load_config(paths: Paths, sid: str) -> ServiceConfig:
     path = paths.config(sid)
     try:
@@ -1360,10 +529,6 @@ def load_manifest(paths: Paths, sid: str) -> Manifest | None:
 def save_manifest(paths: Paths, manifest: Manifest) -> None:
     atomic_write(paths.manifest(manifest.service_id), dump_json(manifest.to_dict()))
 
-
-# ============================================================================
-# 6. Status: status.json, run records, derived state
-# ============================================================================
 
 HISTORY_LIMIT = 20
 STAGE_OUTCOMES = ("success", "failed", "timeout", "skipped")
@@ -1532,6 +697,89 @@ def save_status(paths: Paths, status: Status, now_ms: int) -> None:
     atomic_write(paths.status(status.service_id), dump_json(status.to_dict()))
 
 
+MAX_STATE_INT = 2**53  # JSON-safe; far beyond any real timestamp in ms
+
+class _Fields:
+    """Typed reads from a decoded JSON object; any mismatch is exit 4."""
+
+    def __init__(self, obj: dict[str, Any], what: str) -> None:
+        self.obj = obj
+        self.what = what
+
+    def _bad(self, key: str, expected: str) -> StateFileError:
+        return StateFileError(
+            f"{self.what}: field {key!r} should be {expected}, got {self.obj.get(key)!r}",
+            "the file is corrupt or hand-edited; move it aside and re-run install",
+        )
+
+    def get(self, key: str, kind: type | tuple[type, ...], *, optional: bool = False, default: Any = None) -> Any:
+        if key not in self.obj or self.obj[key] is None:
+            if optional:
+                return default
+            raise self._bad(key, getattr(kind, "__name__", str(kind)))
+        value = self.obj[key]
+        if isinstance(value, bool) and kind is not bool and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            raise self._bad(key, getattr(kind, "__name__", str(kind)))
+        if not isinstance(value, kind):
+            raise self._bad(key, getattr(kind, "__name__", str(kind)))
+        return value
+
+    def choice(self, key: str, choices: Sequence[str], *, optional: bool = False) -> Any:
+        value = self.get(key, str, optional=optional)
+        if value is not None and value not in choices:
+            raise self._bad(key, "one of " + "|".join(choices))
+        return value
+
+    def str_list(self, key: str, *, nonempty: bool = False) -> list[str]:
+        value = self.get(key, list)
+        if not all(isinstance(v, str) for v in value) or (nonempty and not value):
+            raise self._bad(key, "a non-empty list of strings" if nonempty else "a list of strings")
+        return list(value)
+
+    def count(self, key: str, *, optional: bool = False, low: int = 0, high: int = MAX_STATE_INT) -> Any:
+        """An integer in range: a timestamp, a duration or a count."""
+        value = self.get(key, int, optional=optional)
+        if value is not None and not low <= value <= high:
+            raise self._bad(key, f"an integer in {low}..{high}")
+        return value
+
+
+@record
+class Check:
+    name: str
+    status: str  # ok | warn | fail
+    message: str
+    hint: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        return {"name": self.name, "status": self.status, "message": self.message, "hint": self.hint}
+
+
+@record
+class PlannedFile:
+    path: str
+    content: str
+    mode: int = 0o644
+    redacted: str | None = None  # what --dry-run shows when content carries a secret
+
+    def shown(self) -> str:
+        return self.content if self.redacted is None else self.redacted
+
+
+@record
+class Plan:
+    """What an install would write and run: --dry-run prints it, install applies it."""
+
+    files: list[PlannedFile] = field(default_factory=list)
+    commands: list[list[str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+# ============================================================================
+# 3. Policy: what a run decides
+# ============================================================================
+
+
 def derive_state(status: Status, now_ms: int, running: bool) -> str:
     if running:
         return "running"
@@ -1544,255 +792,6 @@ def derive_state(status: Status, now_ms: int, running: bool) -> str:
     if status.last_run.outcome == "failed":  # resumed after a failure: the next run retries
         return "backoff"
     return "degraded" if status.last_run.outcome == "degraded" else "healthy"
-
-
-# ============================================================================
-# 7. Secrets: the GitLab token's stores
-# ============================================================================
-
-KEYRING_SERVICE = "lore-service"
-SECRET_PLACEHOLDER = "<redacted>"
-
-
-def _os_store(backend: str, platform: str) -> str | None:
-    """The OS secret store that must hold the token, if any: macOS and Windows
-    have one (a launchd or schtasks entry is a preview of those OSes)."""
-    if backend == "launchd" or (platform == "darwin" and backend == "none"):
-        return "keychain"
-    if backend == "schtasks" or (platform == "win32" and backend == "none"):
-        return "credential-manager"
-    return None
-
-
-def default_token_source(backend: str, platform: str) -> str:
-    """auto: keychain on macOS, Credential Manager on Windows, env-file elsewhere."""
-    return _os_store(backend, platform) or "env-file"
-
-
-def check_token_source(source: str, backend: str, platform: str) -> None:
-    """The combinations the design review rules out, each with the way out."""
-    store = _os_store(backend, platform)
-    if source == "env-file" and store:
-        raise UsageError(
-            "the env-file token store is offered on Linux only",
-            f"use --token-source {store} (the default there) so nothing secret sits in a file",
-            code="bad_token_source",
-        )
-    if source != "embedded":
-        return
-    if backend == "none":
-        raise UsageError(
-            "--token-source embedded needs a scheduler entry to embed into, and backend none has none",
-            f"use --token-source {store or 'env-file'}, or set the token variable where `run` is called",
-            code="bad_token_source",
-        )
-    if backend in ("schtasks", "cron"):
-        # a task has no environment block, and cron hands its line to `sh -c`:
-        # either way the token would sit in an argv every process can read
-        raise UsageError(
-            f"--token-source embedded is not offered with {backend}: the token would be visible in the "
-            "process list while a run lasts",
-            f"use --token-source {store or 'env-file'} (the default)",
-            code="bad_token_source",
-        )
-
-
-def validate_token(token: str) -> str:
-    token = token.strip()
-    if not token:
-        raise UsageError("the token is empty", "pass a GitLab personal access token", code="no_token")
-    if any(c in token for c in "\r\n"):
-        raise UsageError("the token contains a line break", "pass the token on one line", code="bad_token")
-    # control characters and undecodable bytes (surrogate escapes) cannot be stored or sent as a header
-    if any(ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF for c in token):
-        raise UsageError(
-            "the token contains a control character or bytes that are not UTF-8",
-            "copy the token again from GitLab (User settings > Access tokens)",
-            code="bad_token",
-        )
-    return token
-
-
-def _secret_store_fix(platform: str) -> str:
-    """What gets the OS store working on this platform, or the store to use instead."""
-    if platform == "darwin":
-        return (
-            "unlock the login keychain (`security unlock-keychain`), or re-install with --token-source embedded "
-            "(the token is then kept in the LaunchAgent plist, mode 0600)"
-        )
-    if platform == "win32":
-        return "run from the user's own log-on session, where Credential Manager is available"
-    return "start a Secret Service (e.g. gnome-keyring) in this session, or re-install with --token-source env-file"
-
-
-def _keyring(platform: str) -> Any:
-    try:
-        import keyring
-        import keyring.errors
-    except ImportError:
-        raise SchedulerError(
-            "the keyring package is not installed",
-            "reinstall lore-service with its dependencies (pip install keyring); or " + _secret_store_fix(platform),
-            code="secret_store",
-        ) from None
-    return keyring
-
-
-def _keyring_error(action: str, exc: Exception, platform: str) -> SchedulerError:
-    return SchedulerError(
-        f"cannot {action} the token in the OS secret store: {exc.__class__.__name__}: {exc}",
-        _secret_store_fix(platform),
-        code="secret_store",
-    )
-
-
-def store_secret(paths: Paths, manifest: Manifest, token: str) -> str | None:
-    """Persist the token; returns the file written, if any."""
-    if manifest.token_source == "env-file":
-        path = paths.env_file(manifest.service_id)
-        atomic_write(path, f"{manifest.token_env}={token}\n", 0o600)
-        return path
-    if manifest.token_source in ("keychain", "credential-manager"):
-        keyring = _keyring(paths.platform)
-        try:
-            keyring.set_password(KEYRING_SERVICE, manifest.service_id, token)
-        except Exception as exc:  # keyring backends raise many unrelated types
-            raise _keyring_error("store", exc, paths.platform) from None
-    return None
-
-
-def read_secret(paths: Paths, manifest: Manifest, environ: dict[str, str]) -> str | None:
-    """The token for a run, or None; the variable in the caller's environment
-    (embedded entries, or `run` called from the user's own cron) is the fallback."""
-    token: str | None = None
-    if manifest.token_source == "env-file":
-        try:
-            with open(paths.env_file(manifest.service_id), encoding="utf-8") as fh:
-                for line in fh:
-                    key, sep, value = line.rstrip("\n").partition("=")
-                    if sep and key == manifest.token_env:
-                        token = value
-        except FileNotFoundError:
-            pass
-        except (OSError, UnicodeDecodeError) as exc:
-            raise StateFileError(f"cannot read the token file: {exc}", "check its permissions (0600, yours)") from None
-    elif manifest.token_source in ("keychain", "credential-manager"):
-        keyring = _keyring(paths.platform)
-        try:
-            token = keyring.get_password(KEYRING_SERVICE, manifest.service_id)
-        except Exception as exc:
-            raise _keyring_error("read", exc, paths.platform) from None
-    return token or environ.get(manifest.token_env) or None
-
-
-def delete_secret(paths: Paths, manifest: Manifest) -> None:
-    if manifest.token_source == "env-file":
-        remove_file(paths.env_file(manifest.service_id))
-    elif manifest.token_source in ("keychain", "credential-manager"):
-        keyring = _keyring(paths.platform)
-        try:
-            keyring.delete_password(KEYRING_SERVICE, manifest.service_id)
-        except keyring.errors.PasswordDeleteError:
-            pass  # already gone
-        except Exception as exc:
-            raise _keyring_error("delete", exc, paths.platform) from None
-
-
-# ============================================================================
-# 8. Policy: lock, skip rules, backoff, circuit breaker
-# ============================================================================
-
-
-class FileLock:
-    """An OS file lock (flock / msvcrt) that dies with its process, so a
-    crashed run never leaves a stale lock behind."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._fd: int | None = None
-
-    def _lock(self, fd: int, blocking: bool) -> bool:
-        if sys.platform == "win32":
-            import msvcrt
-
-            mode = msvcrt.LK_LOCK if blocking else msvcrt.LK_NBLCK
-            try:
-                msvcrt.locking(fd, mode, 1)
-                return True
-            except OSError:
-                return False
-        import fcntl
-
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-            return True
-        except BlockingIOError:
-            return False
-
-    def try_acquire(self, blocking: bool = False) -> bool:
-        ensure_dir(os.path.dirname(self.path))
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        if self._lock(fd, blocking):
-            self._fd = fd
-            return True
-        os.close(fd)
-        return False
-
-    def record_owner(self, note: str = "") -> None:
-        """Write our pid (and a note: the running stage) into the held lock
-        file, for lock_is_held() and for the next run after a crash."""
-        if self._fd is not None and os.name != "nt":  # msvcrt locks the byte we would write
-            os.ftruncate(self._fd, 0)
-            os.pwrite(self._fd, f"{os.getpid()}\n{note}".encode(), 0)
-
-    def previous_note(self) -> str:
-        """What the last holder recorded (read before record_owner overwrites it)."""
-        if self._fd is None or os.name == "nt":
-            return ""
-        return os.pread(self._fd, 512, 0).decode("utf-8", "replace")
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing drops the lock on every OS
-            self._fd = None
-
-    def __enter__(self) -> FileLock:
-        self.try_acquire(blocking=True)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-def lock_is_held(path: str, system: System) -> bool:
-    """Whether a run holds the lock. Probing takes the lock for an instant,
-    which could make a run starting at that instant skip, so it is only done
-    when the pid the holder recorded is alive."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(64).split(b"\n", 1)[0].strip()
-    except OSError:
-        return False
-    if os.name != "nt" and not (head.isdigit() and system.pid_alive(int(head))):
-        return False
-    probe = FileLock(path)
-    try:
-        if probe.try_acquire():
-            probe.release()
-            return False
-    except OSError:
-        return False
-    return True
-
-
-def update_status(paths: Paths, sid: str, system: System, change: Callable[[Status], None]) -> Status:
-    """Read-modify-write of status.json under its own short lock, so `pause`
-    during a run and the run's own update never lose each other's change."""
-    with FileLock(paths.status_lock(sid)):
-        status = load_status(paths, sid)
-        change(status)
-        save_status(paths, status, system.now_ms())
-    return status
 
 
 def skip_reason(status: Status, manifest: Manifest, now_ms: int, trigger: str) -> tuple[str, bool] | None:
@@ -1857,154 +856,106 @@ def apply_outcome(status: Status, record: RunRecord, cfg: ServiceConfig, system:
 
 
 # ============================================================================
-# 9. Runner: stage processes, timeouts, output streaming
-# (it writes through ServiceLog, defined with tail/follow in the next section)
+# 4. The run: what happens when the scheduler fires
 # ============================================================================
 
-KILL_GRACE_SECONDS = 3.0
-MAX_LINE_BYTES = 64 * 1024  # longer lines are split: memory stays flat
+
+@record
+class RunResult:
+    """What run_service() did: skipped (and why), or ran (the record, and the
+    status the policy left behind)."""
+
+    service_id: str
+    skip_reason: str | None = None
+    quiet: bool = False  # a routine skip: heard of neither in the log nor the scheduler's output
+    record: RunRecord | None = None
+    status: Status | None = None
 
 
-class RunStopped(BaseException):
-    """SIGTERM during a run (systemctl stop, shutdown, a scheduler's time
-    limit): the running stage is killed and the run still recorded."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-class _StopSignal:
-    """SIGTERM during a run is noted at once but raised only while the run
-    waits on a stage, so the bookkeeping between stages (and the write of
-    the run record) is never cut in half. One per process: signals are."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self.waiting = False
-
-    def __call__(self, signum: int, frame: Any) -> None:
-        self.signum = signum
-        if self.waiting:
-            self.waiting = False  # a second signal during the clean-up must not cut it short
-            raise RunStopped(signum)
-
-    def raise_if_stopped(self) -> None:
-        if self.signum is not None:
-            self.waiting = False
-            raise RunStopped(self.signum)
-
-
-_STOP = _StopSignal()
-
-
-def classify_exit(exit_code: int | None, permanent_codes: Sequence[int]) -> tuple[str, str | None]:
-    """(outcome, error_class) of a stage that ran to its end."""
-    if exit_code == 0:
-        return "success", None
-    if exit_code is not None and exit_code > 0 and exit_code in permanent_codes:
-        return "failed", "permanent"
-    return "failed", "transient"  # other codes and signals (negative)
-
-
-def _pump(stream: Any, stage: str, log: ServiceLog, secret: str | None) -> None:
-    """Child output -> log, one line at a time. A line longer than
-    MAX_LINE_BYTES is written in pieces; the last len(secret) bytes of each
-    piece are carried into the next so a token on the cut is still redacted."""
-    token = secret.encode() if secret else b""
-    carry = b""
+def run_service(system: System, paths: Paths, manifest: Manifest, trigger: str) -> RunResult:
+    """One attempt at the sync: `run` (trigger "scheduled") when the scheduler
+    fires, `trigger` ("manual") when a person asks. Everything it decides is
+    persisted before it returns; the CLI only renders the result."""
+    sid = manifest.service_id
+    cfg = load_config(paths, sid)
+    load_status(paths, sid)  # a corrupt status is exit 4 before anything runs
+    log = ServiceLog(paths.log(sid), system, cfg.log_max_bytes, cfg.log_backups)
+    lock = FileLock(paths.run_lock(sid))
     try:
-        while True:
-            chunk = stream.readline(MAX_LINE_BYTES)
-            if not chunk:
-                break
-            data = carry + chunk
-            if token:
-                data = data.replace(token, SECRET_PLACEHOLDER.encode())
-            if data.endswith(b"\n") or len(token) <= 1:
-                carry = b""
-            else:
-                data, carry = data[: -(len(token) - 1)], data[-(len(token) - 1) :]
-            if data:
-                log.write_line(stage, data.decode("utf-8", "replace").rstrip("\r\n"))
-    except (OSError, ValueError):
-        pass  # pipe closed under us after a kill
-    if carry:
-        log.write_line(stage, carry.replace(token, SECRET_PLACEHOLDER.encode()).decode("utf-8", "replace"))
-
-
-def run_stage(
-    system: System,
-    stage: StageConfig,
-    cwd: str,
-    env: dict[str, str],
-    deadline: float,
-    log: ServiceLog,
-    cfg: ServiceConfig,
-    secret: str | None,
-    on_spawn: Callable[[int], None] | None = None,
-) -> StageResult:
-    import threading
-
-    start = system.monotonic()
-    budget = deadline - start
-    if budget <= 0:
-        log.write_line(stage.name, "not started: the run budget is used up")
-        return StageResult(
-            stage.name, stage.critical, "timeout", None, 0, "transient", "run budget exhausted before start"
-        )
-    limit = min(float(stage.timeout_seconds), budget)
-    log.write_line(stage.name, "start: " + " ".join(stage.command))
-    try:
-        proc = system.spawn(stage.command, cwd=cwd, env=env)
-        if on_spawn is not None:
-            on_spawn(proc.pid)
-    except (OSError, ValueError) as exc:  # ValueError: an argv the OS cannot take
-        message = f"cannot start {stage.command[0]}: {getattr(exc, 'strerror', None) or exc}"
-        log.write_line(stage.name, message)
-        return StageResult(stage.name, stage.critical, "failed", None, 0, "permanent", message)
-    pump = threading.Thread(target=_pump, args=(proc.stdout, stage.name, log, secret), daemon=True)
-    pump.start()
-    timed_out = False
-    _STOP.waiting = True  # from here a SIGTERM interrupts the wait (section 9's _StopSignal)
-    try:
-        _STOP.raise_if_stopped()  # one that came while the stage was being started
-        code: int | None = proc.wait(timeout=limit)
-    except RunStopped:  # the scheduler stops us: the stage's group must not outlive the run
-        system.kill_group(proc, hard=True)
-        proc.wait()
-        pump.join(timeout=5)
-        raise
-    except Exception:  # subprocess.TimeoutExpired, kept lazy
-        _STOP.waiting = False
-        timed_out = True
-        system.kill_group(proc, hard=False)
-        try:
-            code = proc.wait(timeout=KILL_GRACE_SECONDS)
-        except Exception:
-            system.kill_group(proc, hard=True)
-            code = proc.wait()
+        if not lock.try_acquire():
+            if trigger == "manual":
+                raise BusyError("another run of this service is in progress", "wait for it; `status` shows it running")
+            log.may_rotate = False  # only the lock holder rotates
+            log.write_line("skip", "another run holds the lock")
+            return RunResult(sid, "another run holds the lock")
+        reap_orphaned_stage(lock.previous_note(), system, log)
+        lock.record_owner()
+        if manifest.backend in BACKENDS:  # e.g. launchd keeps its crash log bounded
+            get_backend(manifest.backend, system, paths).before_run(manifest)
+        skipped = _policy_skip(system, paths, manifest, trigger, log)
+        return skipped or _run_stages_and_record(system, paths, manifest, cfg, trigger, log, lock)
     finally:
-        _STOP.waiting = False
-    # stragglers of a finished stage (or a timed-out one) die with their group
-    system.kill_group(proc, hard=True)
-    pump.join(timeout=5)
-    if proc.stdout is not None and not pump.is_alive():
-        proc.stdout.close()
-    duration = int((system.monotonic() - start) * 1000)
-    error_class: str | None
-    if timed_out:
-        why = "stage timeout" if limit == stage.timeout_seconds else "run budget"
-        message = f"timed out after {human_duration(limit)} ({why}); process group killed"
-        outcome, error_class = "timeout", "transient"
-    else:
-        outcome, error_class = classify_exit(code, cfg.permanent_exit_codes)
-        if code is not None and code < 0:
-            message = f"killed by signal {-code}"
-        else:
-            message = "ok" if outcome == "success" else f"exit status {code}"
-    log.write_line(stage.name, f"end: {outcome} ({message}) in {human_duration(duration / 1000)}")
-    return StageResult(stage.name, stage.critical, outcome, None if timed_out else code, duration, error_class, message)
+        lock.release()
+        log.close()
+
+
+def _policy_skip(system: System, paths: Paths, manifest: Manifest, trigger: str, log: ServiceLog) -> RunResult | None:
+    """A skip by policy (paused, backing off, not due), read under the lock;
+    a person who triggers a paused service is told, not skipped."""
+    sid = manifest.service_id
+    status = load_status(paths, sid)
+    skip = skip_reason(status, manifest, system.now_ms(), trigger)
+    if skip is None:
+        return None
+    reason, routine = skip
+    if trigger == "manual":
+        raise LoreServiceError(
+            f"{sid} is {reason}: {status.paused.reason if status.paused else ''}".rstrip(": "),
+            f"`{TOOL_NAME} resume`, then trigger again",
+            code="paused",
+        )
+    if not routine:
+        log.write_line("skip", reason)
+    return RunResult(sid, reason, quiet=routine)
+
+
+def _run_stages_and_record(
+    system: System,
+    paths: Paths,
+    manifest: Manifest,
+    cfg: ServiceConfig,
+    trigger: str,
+    log: ServiceLog,
+    lock: FileLock,
+) -> RunResult:
+    sid = manifest.service_id
+    secret = read_secret(paths, manifest, system.environ)
+    if secret is None:
+        log.write_line("run", f"warning: no token found in {manifest.token_source}; stages run without {cfg.token_env}")
+    # until restored, SIGTERM ends the waited-on stage and the run is still recorded
+    _STOP.reset()
+    restore_sigterm = system.on_sigterm(_STOP)
+    try:
+        record = run_stages(system, manifest, cfg, trigger, log, secret, lock)
+
+        def change(s: Status) -> None:
+            apply_outcome(s, record, cfg, system, system.now_ms())
+            s.next_due_at_ms = next_due_ms(manifest, record.started_at_ms)
+
+        status = update_status(paths, sid, system, change)
+    finally:
+        restore_sigterm()
+    return RunResult(sid, record=record, status=status)
+
+
+def update_status(paths: Paths, sid: str, system: System, change: Callable[[Status], None]) -> Status:
+    """Read-modify-write of status.json under its own short lock, so `pause`
+    during a run and the run's own update never lose each other's change."""
+    with FileLock(paths.status_lock(sid)):
+        status = load_status(paths, sid)
+        change(status)
+        save_status(paths, status, system.now_ms())
+    return status
 
 
 def reap_orphaned_stage(note: str, system: System, log: ServiceLog) -> None:
@@ -2104,167 +1055,480 @@ def run_stages(
     )
 
 
-# ============================================================================
-# 10. Logs: rotating service log, tail from the end, follow across rotation
-# ============================================================================
+KILL_GRACE_SECONDS = 3.0
+MAX_LINE_BYTES = 64 * 1024  # longer lines are split: memory stays flat
 
 
-class ServiceLog:
-    """Appends timestamped lines; rotates by size (service.log -> .1 -> .2 ...)."""
+class RunStopped(BaseException):
+    """SIGTERM during a run (systemctl stop, shutdown, a scheduler's time
+    limit): the running stage is killed and the run still recorded."""
 
-    def __init__(self, path: str, system: System, max_bytes: int = 5 * 1024 * 1024, backups: int = 3) -> None:
-        self.path = path
-        self.system = system
-        self.max_bytes = max_bytes
-        self.backups = backups
-        self.may_rotate = True  # only the run-lock holder rotates
-        self._fh: Any = None
-        self._size = 0
-
-    def _open(self) -> None:
-        ensure_dir(os.path.dirname(self.path))
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        self._fh = os.fdopen(fd, "ab", buffering=0)
-        self._size = os.fstat(fd).st_size
-
-    def _rotate(self) -> None:
-        self.close()
-        if self.backups == 0:
-            remove_file(self.path)
-        else:
-            for i in range(self.backups - 1, 0, -1):
-                src = f"{self.path}.{i}"
-                if os.path.exists(src):
-                    os.replace(src, f"{self.path}.{i + 1}")
-            if os.path.exists(self.path):
-                os.replace(self.path, f"{self.path}.1")
-        self._open()
-
-    def write_line(self, prefix: str, text: str) -> None:
-        if self._fh is None:
-            self._open()
-        stamp = iso_from_ms(self.system.now_ms())
-        data = f"{stamp} [{prefix}] {text}\n".encode("utf-8", "replace")
-        if self.may_rotate and self._size and self._size + len(data) > self.max_bytes:
-            self._rotate()
-        self._fh.write(data)
-        self._size += len(data)
-
-    def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
-def _tail_file(path: str, n: int, block: int = 64 * 1024) -> list[bytes]:
-    """Last n lines, reading backwards: the cost depends on n, not file size."""
-    with open(path, "rb") as fh:
-        end = fh.seek(0, os.SEEK_END)
-        pos, data = end, b""
-        while pos > 0 and data.count(b"\n") <= n:
-            step = min(block, pos)
-            pos -= step
-            fh.seek(pos)
-            data = fh.read(step) + data
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    if pos > 0:
-        lines = lines[1:]  # the first piece may be half a line
-    return lines[-n:] if n else []
+class _StopSignal:
+    """SIGTERM during a run is noted at once but raised only while the run
+    waits on a stage, so the bookkeeping between stages (and the write of
+    the run record) is never cut in half. One per process: signals are."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.waiting = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        if self.waiting:
+            self.waiting = False  # a second signal during the clean-up must not cut it short
+            raise RunStopped(signum)
+
+    def reset(self) -> None:
+        self.signum, self.waiting = None, False
+
+    def raise_if_stopped(self) -> None:
+        if self.signum is not None:
+            self.waiting = False
+            raise RunStopped(self.signum)
 
 
-def tail_lines(path: str, n: int) -> list[str]:
-    """Last n lines of the log, reaching into service.log.1 if rotation just happened."""
-    lines: list[bytes] = []
-    for candidate in (path, path + ".1"):
-        if len(lines) >= n:
-            break
+_STOP = _StopSignal()
+
+
+def classify_exit(exit_code: int | None, permanent_codes: Sequence[int]) -> tuple[str, str | None]:
+    """(outcome, error_class) of a stage that ran to its end."""
+    if exit_code == 0:
+        return "success", None
+    if exit_code is not None and exit_code > 0 and exit_code in permanent_codes:
+        return "failed", "permanent"
+    return "failed", "transient"  # other codes and signals (negative)
+
+
+def run_stage(
+    system: System,
+    stage: StageConfig,
+    cwd: str,
+    env: dict[str, str],
+    deadline: float,
+    log: ServiceLog,
+    cfg: ServiceConfig,
+    secret: str | None,
+    on_spawn: Callable[[int], None] | None = None,
+) -> StageResult:
+    import threading
+
+    start = system.monotonic()
+    budget = deadline - start
+    if budget <= 0:
+        log.write_line(stage.name, "not started: the run budget is used up")
+        return StageResult(
+            stage.name, stage.critical, "timeout", None, 0, "transient", "run budget exhausted before start"
+        )
+    limit = min(float(stage.timeout_seconds), budget)
+    log.write_line(stage.name, "start: " + " ".join(stage.command))
+    try:
+        proc = system.spawn(stage.command, cwd=cwd, env=env)
+        if on_spawn is not None:
+            on_spawn(proc.pid)
+    except (OSError, ValueError) as exc:  # ValueError: an argv the OS cannot take
+        message = f"cannot start {stage.command[0]}: {getattr(exc, 'strerror', None) or exc}"
+        log.write_line(stage.name, message)
+        return StageResult(stage.name, stage.critical, "failed", None, 0, "permanent", message)
+    pump = threading.Thread(target=_pump, args=(proc.stdout, stage.name, log, secret), daemon=True)
+    pump.start()
+    timed_out = False
+    _STOP.waiting = True  # from here a SIGTERM interrupts the wait (_StopSignal)
+    try:
+        _STOP.raise_if_stopped()  # one that came while the stage was being started
+        code: int | None = proc.wait(timeout=limit)
+    except RunStopped:  # the scheduler stops us: the stage's group must not outlive the run
+        system.kill_group(proc, hard=True)
+        proc.wait()
+        pump.join(timeout=5)
+        raise
+    except Exception:  # subprocess.TimeoutExpired, kept lazy
+        _STOP.waiting = False
+        timed_out = True
+        system.kill_group(proc, hard=False)
         try:
-            lines = _tail_file(candidate, n - len(lines)) + lines
-        except FileNotFoundError:
-            continue
-    return [line.decode("utf-8", "replace") for line in lines]
+            code = proc.wait(timeout=KILL_GRACE_SECONDS)
+        except Exception:
+            system.kill_group(proc, hard=True)
+            code = proc.wait()
+    finally:
+        _STOP.waiting = False
+    # stragglers of a finished stage (or a timed-out one) die with their group
+    system.kill_group(proc, hard=True)
+    pump.join(timeout=5)
+    if proc.stdout is not None and not pump.is_alive():
+        proc.stdout.close()
+    duration = int((system.monotonic() - start) * 1000)
+    error_class: str | None
+    if timed_out:
+        why = "stage timeout" if limit == stage.timeout_seconds else "run budget"
+        message = f"timed out after {human_duration(limit)} ({why}); process group killed"
+        outcome, error_class = "timeout", "transient"
+    else:
+        outcome, error_class = classify_exit(code, cfg.permanent_exit_codes)
+        if code is not None and code < 0:
+            message = f"killed by signal {-code}"
+        else:
+            message = "ok" if outcome == "success" else f"exit status {code}"
+    log.write_line(stage.name, f"end: {outcome} ({message}) in {human_duration(duration / 1000)}")
+    return StageResult(stage.name, stage.critical, outcome, None if timed_out else code, duration, error_class, message)
 
 
-def follow_lines(path: str, system: System, poll: float = 0.25) -> Iterator[str]:
-    """New lines as they are written; reopens the file when it is rotated."""
-    fh: Any = None
-    ident: tuple[int, int] | None = None
-    partial = b""
-    first = True  # only the file open at start is read from its end
+def _pump(stream: Any, stage: str, log: ServiceLog, secret: str | None) -> None:
+    """Child output -> log, one line at a time. A line longer than
+    MAX_LINE_BYTES is written in pieces; the last len(secret) bytes of each
+    piece are carried into the next so a token on the cut is still redacted."""
+    token = secret.encode() if secret else b""
+    carry = b""
     try:
         while True:
-            if fh is None:
-                try:
-                    fh = open(path, "rb")  # noqa: SIM115 (reopened on rotation; closed in finally)
-                except FileNotFoundError:
-                    first = False
-                    system.sleep(poll)
-                    continue
-                st = os.fstat(fh.fileno())
-                ident = (st.st_dev, st.st_ino)
-                if first:
-                    fh.seek(0, os.SEEK_END)
-                first = False
-            chunk = fh.read(64 * 1024)
-            if chunk:
-                partial += chunk
-                *complete, partial = partial.split(b"\n")
-                for line in complete:
-                    yield line.decode("utf-8", "replace")
-                continue
-            try:
-                st = os.stat(path)
-                rotated = (st.st_dev, st.st_ino) != ident or st.st_size < fh.tell()
-            except FileNotFoundError:
-                rotated = True
-            if rotated:
-                fh.close()
-                fh = None
-                continue
-            system.sleep(poll)
-    finally:
-        if fh is not None:
-            fh.close()
+            chunk = stream.readline(MAX_LINE_BYTES)
+            if not chunk:
+                break
+            data = carry + chunk
+            if token:
+                data = data.replace(token, SECRET_PLACEHOLDER.encode())
+            if data.endswith(b"\n") or len(token) <= 1:
+                carry = b""
+            else:
+                data, carry = data[: -(len(token) - 1)], data[-(len(token) - 1) :]
+            if data:
+                log.write_line(stage, data.decode("utf-8", "replace").rstrip("\r\n"))
+    except (OSError, ValueError):
+        pass  # pipe closed under us after a kill
+    if carry:
+        log.write_line(stage, carry.replace(token, SECRET_PLACEHOLDER.encode()).decode("utf-8", "replace"))
+
+
+def self_command() -> list[str]:
+    """The argv prefix that starts this very program, in absolute paths: the
+    interpreter and script from source (abspath, not realpath: a virtualenv's
+    python is a symlink that must stay inside the venv), the frozen program, or
+    interpreter + .pyz. During `install` of a frozen build or a .pyz it is the
+    pinned copy under <data_root>/bin/<version>/ instead (section 4a), so the
+    manifest and the scheduler entries never name the download or a PyInstaller
+    extraction folder."""
+    if _PINNED is not None:
+        return list(_PINNED)
+    return bundle_command(running_bundle())
+
+
+def scheduled_program(paths: Paths, sid: str) -> list[str]:
+    home = ["--home", paths.home] if paths.home else []
+    return [*self_command(), *home, "run", "--service-id", sid]
+
+
+# -- install ------------------------------------------------------------------
+
+
+def _obtain_token(ctx: Context, args: argparse.Namespace, token_env: str) -> str | None:
+    """From --token-stdin, the named variable, or a hidden prompt; never argv."""
+    if args.token_stdin:
+        lines = [line for line in ctx.system.read_stdin().splitlines() if line.strip()]
+        if len(lines) > 1:  # e.g. a whole .env file piped in: its first line is not a token
+            raise UsageError(
+                f"standard input holds {len(lines)} lines; --token-stdin takes the token alone",
+                "pipe only the token, e.g. printenv GITLAB_TOKEN | lore-service install --token-stdin",
+                code="bad_token",
+            )
+        return validate_token(lines[0] if lines else "")
+    value = ctx.system.environ.get(token_env)
+    if value:
+        return validate_token(value)
+    if ctx.system.stdin_isatty() and not ctx.robot and not args.dry_run:
+        return validate_token(ctx.system.prompt_secret("GitLab token (stored in the OS store, not shown): "))
+    return None
+
+
+def _resolve_lore(ctx: Context, args: argparse.Namespace, existing: Manifest | None) -> str | None:
+    if args.lore:
+        path = check_path_text(os.path.abspath(os.path.expanduser(args.lore)), "--lore")
+        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+            raise UsageError(
+                f"--lore {args.lore}: not an executable file", "give the full path of the lore program", code="bad_lore"
+            )
+        return path
+    if existing and existing.lore_path and os.path.exists(existing.lore_path):
+        return existing.lore_path
+    found = ctx.system.which("lore")
+    return os.path.abspath(found) if found else None
+
+
+def cmd_install(ctx: Context, args: argparse.Namespace) -> Outcome:
+    system, paths = ctx.system, ctx.paths
+    project = check_path_text(canonical_project(args.project or os.getcwd()), "project folder")
+    if paths.home:
+        check_path_text(paths.home, "--home")
+    if not os.path.isdir(project):
+        raise UsageError(
+            f"project folder {project} does not exist", "pass --project DIR of a lore workspace", code="bad_project"
+        )
+    sid = validate_service_id(args.name) if args.name else derive_service_id(project)
+    existing = load_manifest(paths, sid)
+    if existing is not None and existing.project_root != project:
+        raise UsageError(
+            f"service id {sid!r} already belongs to {existing.project_root}",
+            "choose another --name for this project",
+            code="id_taken",
+        )
+    old_cfg = load_config(paths, sid) if existing is not None and os.path.exists(paths.config(sid)) else None
+    # a flag not given keeps what service.toml says now: the user's edits there
+    # are exactly what a re-install is asked to apply
+    now_cfg: ServiceConfig | Manifest = old_cfg or existing or ServiceConfig()
+    interval = parse_interval(args.interval) if args.interval is not None else now_cfg.interval_seconds
+    profile = args.profile or now_cfg.profile
+    token_env = validate_env_name(args.token_env or now_cfg.token_env)
+    lore = _resolve_lore(ctx, args, existing)  # bad input is refused before the machine is probed
+    missing: list[str] = []
+
+    requested = args.backend or (existing.backend if existing else "auto")
+    if requested == "auto":
+        chosen, reason, _ = choose_backend(system)
+        if chosen is None:
+            if not args.dry_run:
+                raise SchedulerError(
+                    reason,
+                    "start a systemd user manager (Linux) or install cron, or pass "
+                    "`--backend none` and call `lore-service run` from your own scheduler",
+                )
+            missing.append(reason)
+            chosen, reason = "none", f"auto found nothing usable; previewing backend none ({reason})"
+        backend_name = chosen
+    else:
+        backend_name, reason = requested, f"--backend {requested}"
+        if existing is not None and args.backend is None:
+            reason = existing.backend_reason
+    backend = get_backend(backend_name, system, paths)
+
+    source = args.token_source or "auto"
+    if source == "auto" and existing is not None and existing.backend == backend_name and args.token_source is None:
+        source = existing.token_source
+    if source == "auto":
+        source = default_token_source(backend_name, system.platform)
+    check_token_source(source, backend_name, system.platform)
+    if lore is None:
+        if not args.dry_run:
+            raise SchedulerError(
+                "`lore` was not found on PATH", "install gitlore, or pass --lore /path/to/lore", code="lore_missing"
+            )
+        missing.append("`lore` is not on PATH (pass --lore PATH)")
+    cfg = old_cfg or ServiceConfig.defaults(lore or "lore")
+    if old_cfg is not None and lore and existing and existing.lore_path and existing.lore_path != lore:
+        for stage in cfg.stages.values():  # follow a moved lore, keep hand-written commands
+            if stage.command and stage.command[0] == existing.lore_path:
+                stage.command[0] = lore
+    cfg.interval_seconds, cfg.profile, cfg.token_env = interval, profile, token_env
+
+    # 4a: a frozen build or .pyz copies itself to <data_root>/bin/<version>/ (verified, not on
+    # --dry-run) so that scheduled_program() below, and so the manifest and the backend plan, name the copy
+    pin_running_program(paths, system, dry_run=bool(args.dry_run))
+    now_iso = iso_from_ms(system.now_ms())
+    manifest = Manifest(
+        service_id=sid,
+        project_root=project,
+        backend=backend_name,
+        backend_reason=reason,
+        interval_seconds=interval,
+        schedule_step_seconds=backend.schedule_step(interval),
+        profile=profile,
+        token_source=source,
+        token_env=token_env,
+        program=scheduled_program(paths, sid),
+        lore_path=lore,
+        home=paths.home,
+        created_at_iso=existing.created_at_iso if existing else now_iso,
+        updated_at_iso=now_iso,
+    )
+    if existing is not None:
+        same = {**existing.to_dict(), "updated_at_iso": "", "tool_version": ""} == {
+            **manifest.to_dict(),
+            "updated_at_iso": "",
+            "tool_version": "",
+        }
+        if same:
+            manifest.updated_at_iso = existing.updated_at_iso
+
+    token = _obtain_token(ctx, args, token_env)  # bad input (exit 2) before the machine is judged
+    # prerequisites before the stored token is read: on macOS the GUI-session
+    # check must come before any keychain access, in --dry-run too
+    warnings: list[str] = []
+    prereq = backend.prerequisites(manifest)
+    failing = [c for c in prereq if c.status == "fail"]
+    warnings.extend(f"{c.message} (fix: {c.hint})" for c in prereq if c.status == "warn")
+    if failing and not args.dry_run:
+        raise SchedulerError(failing[0].message, failing[0].hint, code="prerequisite")
+    missing.extend(f"{c.message} (fix: {c.hint})" for c in failing)
+
+    if token is None and existing is not None and existing.token_source != "embedded" and not failing:
+        try:  # re-install without a new token: carry the stored one over (new variable name or store)
+            token = read_secret(paths, existing, {})
+        except LoreServiceError:
+            token = None
+    if token is None:
+        if not args.dry_run:
+            raise UsageError(
+                f"no token: {token_env} is not set",
+                f"export {token_env}=<GitLab token>, or pipe it with --token-stdin",
+                code="no_token",
+            )
+        missing.append(f"no token yet ({token_env} is not set)")
+    embedded = token if source == "embedded" else None
+    if source == "embedded":
+        warnings.append(
+            "--token-source embedded writes the token in plain text into the scheduler entry; anyone "
+            "who can read that file can use your GitLab account"
+        )
+
+    plan = backend.plan(manifest, embedded)
+    warnings.extend(plan.warnings)
+    config_text = cfg.to_toml(sid)
+    manifest_text = dump_json(manifest.to_dict())
+    core_files = [
+        PlannedFile(paths.config(sid), config_text, 0o600),
+        PlannedFile(paths.manifest(sid), manifest_text, 0o600),
+    ]
+    if source == "env-file":
+        core_files.insert(
+            0,
+            PlannedFile(
+                paths.env_file(sid),
+                f"{token_env}={token or ''}\n",
+                0o600,
+                redacted=f"{token_env}={SECRET_PLACEHOLDER}\n",
+            ),
+        )
+    data: dict[str, Any] = {
+        "service_id": sid,
+        "project_root": project,
+        "backend": backend_name,
+        "backend_reason": reason,
+        "interval_seconds": interval,
+        "schedule_step_seconds": manifest.schedule_step_seconds,
+        "profile": profile,
+        "token_source": source,
+        "token_env": token_env,
+        "program": manifest.program,
+        "dry_run": bool(args.dry_run),
+        "warnings": warnings,
+        "missing": missing,
+    }
+    if args.dry_run:
+        shown = core_files + plan.files
+        data["files"] = [{"path": f.path, "mode": f"{f.mode:04o}", "content": f.shown()} for f in shown]
+        data["commands"] = plan.commands
+        data["changed"] = False
+        return Outcome(data, _render_install(data))
+
+    changed, applied = apply_install(ctx, existing, manifest, backend, plan, token, config_text, warnings)
+    data["files"] = [f.path for f in core_files + applied.files]
+    data["commands"] = applied.commands
+    data["changed"] = changed
+    return Outcome(data, _render_install(data))
+
+
+def apply_install(
+    ctx: Context,
+    existing: Manifest | None,
+    manifest: Manifest,
+    backend: SchedulerBackend,
+    plan: Plan,
+    token: str | None,
+    config_text: str,
+    warnings: list[str],
+) -> tuple[bool, Plan]:
+    """Write secret, config, scheduler entry and manifest; on failure put back
+    what was there before. Returns whether anything changed, and what was applied."""
+    paths, system, sid = ctx.paths, ctx.system, manifest.service_id
+    source = manifest.token_source
+    old_secret: str | None = None
+    if existing is not None:
+        try:
+            old_secret = read_secret(paths, existing, {})
+        except LoreServiceError:
+            old_secret = None
+    same_store = (
+        existing is not None
+        and existing.token_source == source
+        and existing.token_env == manifest.token_env
+        and source != "embedded"
+    )
+    store_token = token is not None and source != "embedded" and not (same_store and old_secret == token)
+    old_config = read_text(paths.config(sid))
+    switched = existing is not None and existing.backend != manifest.backend and existing.backend in BACKENDS
+    entry_changed = existing is None or switched or backend.entry_changed(manifest, plan)
+    config_changed = old_config != config_text
+    try:
+        if switched and existing is not None:  # a service must never run from two schedulers
+            get_backend(existing.backend, system, paths).uninstall(existing)
+            warnings.append(f"removed the {existing.backend} entry before registering with {manifest.backend}")
+        if store_token and token is not None:
+            store_secret(paths, manifest, token)
+        if config_changed:
+            atomic_write(paths.config(sid), config_text, 0o600)
+        ensure_dir(paths.state_dir(sid))
+        ensure_dir(paths.log_dir(sid))
+        applied = backend.install(manifest, token if source == "embedded" else None)
+        # last, and inside the rollback: without a manifest nothing could find
+        # (or uninstall) the token and entry written above
+        manifest_changed = file_differs(paths.manifest(sid), dump_json(manifest.to_dict()))
+        if manifest_changed:
+            save_manifest(paths, manifest)
+    except BaseException:
+        _roll_back_install(ctx, existing, manifest, backend, store_token, old_secret, old_config)
+        raise
+    if existing is not None and existing.token_source != source:
+        try:  # the old store must not keep a copy of the token
+            delete_secret(paths, existing)
+        except LoreServiceError as exc:
+            warnings.append(f"could not remove the token from {existing.token_source}: {exc.message}")
+    return manifest_changed or store_token or config_changed or entry_changed, applied
+
+
+def _roll_back_install(
+    ctx: Context,
+    existing: Manifest | None,
+    manifest: Manifest,
+    backend: SchedulerBackend,
+    stored_token: bool,
+    old_secret: str | None,
+    old_config: str | None,
+) -> None:
+    """Best effort: each step may itself fail, and the original error wins."""
+    paths, sid = ctx.paths, manifest.service_id
+    steps: list[Callable[[], object]] = []
+    if existing is None:
+        steps.append(lambda: backend.uninstall(manifest))
+        steps.append(lambda: remove_file(paths.config(sid)))
+        if stored_token:
+            steps.append(lambda: delete_secret(paths, manifest))
+    else:
+        if old_config is not None:
+            steps.append(lambda: atomic_write(paths.config(sid), old_config, 0o600))
+        if stored_token:
+            if old_secret is not None and existing.token_source == manifest.token_source:
+                steps.append(lambda: store_secret(paths, existing, old_secret))
+            elif existing.token_source != manifest.token_source:
+                steps.append(lambda: delete_secret(paths, manifest))
+        if existing.token_source != "embedded":  # the entry as it was (a launchd job is unloaded by now)
+            old_backend = get_backend(existing.backend, ctx.system, paths)
+            steps.append(lambda: old_backend.install(existing, None))
+    for step in steps:
+        try:
+            step()
+        except Exception:
+            pass
 
 
 # ============================================================================
-# 11. Backends: the SchedulerBackend interface, its registry, `none`
+# 6. Backends: the SchedulerBackend interface, its registry, `none`
 # ============================================================================
+
 
 from abc import ABC, abstractmethod  # noqa: E402  (abc is loaded at interpreter start: free)
-
-
-@record
-class PlannedFile:
-    path: str
-    content: str
-    mode: int = 0o644
-    redacted: str | None = None  # what --dry-run shows when content carries a secret
-
-    def shown(self) -> str:
-        return self.content if self.redacted is None else self.redacted
-
-
-@record
-class Plan:
-    """What an install would write and run: --dry-run prints it, install applies it."""
-
-    files: list[PlannedFile] = field(default_factory=list)
-    commands: list[list[str]] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-
-@record
-class Check:
-    name: str
-    status: str  # ok | warn | fail
-    message: str
-    hint: str = ""
-
-    def to_dict(self) -> dict[str, str]:
-        return {"name": self.name, "status": self.status, "message": self.message, "hint": self.hint}
 
 
 class SchedulerBackend(ABC):
@@ -2370,7 +1634,6 @@ def get_backend(name: str, system: System, paths: Paths) -> SchedulerBackend:
 
 # auto's preference per OS; a backend that is not registered is passed over
 AUTO_ORDER = {"darwin": ("launchd",), "win32": ("schtasks",), "linux": ("systemd", "cron")}
-
 
 def choose_backend(system: System) -> tuple[str | None, str, list[str]]:
     """(backend or None, reason, what was tried) for --backend auto."""
@@ -2483,9 +1746,35 @@ def crash_log_check(path: str, what: str) -> Check:
     return Check("crash log", "warn", f"{path} is {size} bytes", f"`{TOOL_NAME} run` trims it")
 
 
-# ---------------------------------------------------------------------------
-# 11a. systemd user timers (Linux)
-# ---------------------------------------------------------------------------
+def _read_bytes(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError:
+        return None
+
+
+def _file_mode(path: str) -> int:
+    """Permission bits of an existing file (0600 if there is none: the safe default)."""
+    try:
+        return os.stat(path).st_mode & 0o777
+    except OSError:
+        return 0o600
+
+
+def _restore_file(path: str, previous: bytes | None, mode: int) -> None:
+    """Undo a scheduler file written by a failed install, with the mode it had
+    (an embedded token's plist stays 0600 even when the new one would not be)."""
+    if previous is None:
+        remove_file(path)
+    else:
+        atomic_write(path, previous, mode)
+
+
+# ----------------------------------------------------------------------------
+# 6a. systemd user timers (Linux)
+# ----------------------------------------------------------------------------
+
 
 SYSTEMD_MIN_VERSION = 247  # ProtectProc=, ProcSubset= and FixedRandomDelay= arrived in 247
 SYSTEMD_UP_STATES = ("running", "degraded", "starting", "initializing")
@@ -2519,6 +1808,27 @@ def _systemd_timestamp(value: str) -> str | None:
     if value.startswith("@") and value[1:].isdigit() and int(value[1:]) > 0:
         return iso_from_ms(int(value[1:]) * 1000)
     return None
+
+
+def _show_properties(text: str) -> dict[str, str]:
+    """`systemctl show -p A,B` output (`A=value` lines) as a dict."""
+    return dict(line.partition("=")[::2] for line in text.splitlines() if "=" in line)
+
+
+def _user_manager_problem(system: System, answer: CommandResult) -> str:
+    """One sentence on why `systemctl --user` does not answer."""
+    env = system.environ
+    missing = [v for v in ("XDG_RUNTIME_DIR", "DBUS_SESSION_BUS_ADDRESS") if not env.get(v)]
+    if answer.returncode == 127:
+        return "systemctl is not installed"
+    if answer.stdout.strip() == "offline":
+        return "this system was not booted with systemd (no /run/systemd/system), so there is no user manager"
+    if len(missing) == 2:
+        return (
+            "no user manager reachable: XDG_RUNTIME_DIR and DBUS_SESSION_BUS_ADDRESS are not set "
+            "(typical under sudo, su, cron or in containers)"
+        )
+    return f"no user manager reachable ({answer.summary()})"
 
 
 @register_backend
@@ -2874,30 +2184,10 @@ class SystemdBackend(SchedulerBackend):
         return checks
 
 
-def _show_properties(text: str) -> dict[str, str]:
-    """`systemctl show -p A,B` output (`A=value` lines) as a dict."""
-    return dict(line.partition("=")[::2] for line in text.splitlines() if "=" in line)
+# ----------------------------------------------------------------------------
+# 6b. cron (Linux and other Unix without a user manager)
+# ----------------------------------------------------------------------------
 
-
-def _user_manager_problem(system: System, answer: CommandResult) -> str:
-    """One sentence on why `systemctl --user` does not answer."""
-    env = system.environ
-    missing = [v for v in ("XDG_RUNTIME_DIR", "DBUS_SESSION_BUS_ADDRESS") if not env.get(v)]
-    if answer.returncode == 127:
-        return "systemctl is not installed"
-    if answer.stdout.strip() == "offline":
-        return "this system was not booted with systemd (no /run/systemd/system), so there is no user manager"
-    if len(missing) == 2:
-        return (
-            "no user manager reachable: XDG_RUNTIME_DIR and DBUS_SESSION_BUS_ADDRESS are not set "
-            "(typical under sudo, su, cron or in containers)"
-        )
-    return f"no user manager reachable ({answer.summary()})"
-
-
-# ---------------------------------------------------------------------------
-# 11b. cron (Linux and other Unix without a user manager)
-# ---------------------------------------------------------------------------
 
 CRON_BEGIN = "# BEGIN lore-service "
 CRON_END = "# END lore-service "
@@ -3447,9 +2737,10 @@ class CronBackend(SchedulerBackend):
         return checks
 
 
-# ---------------------------------------------------------------------------
-# 11c. launchd LaunchAgents (macOS)
-# ---------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
+# 6c. launchd LaunchAgents (macOS)
+# ----------------------------------------------------------------------------
+
 
 LAUNCHD_LABEL_PREFIX = "com.gitlore.sync."
 LAUNCHD_NICE = 10
@@ -3510,31 +2801,6 @@ def launchd_context_problem(system: System) -> str | None:
             who = "nobody" if owner in (None, 0) else f"uid {owner}"
             return f"this is an SSH session and {who} (not you, uid {uid}) is logged in at the Mac's screen"
     return None
-
-
-def _read_bytes(path: str) -> bytes | None:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read()
-    except OSError:
-        return None
-
-
-def _file_mode(path: str) -> int:
-    """Permission bits of an existing file (0600 if there is none: the safe default)."""
-    try:
-        return os.stat(path).st_mode & 0o777
-    except OSError:
-        return 0o600
-
-
-def _restore_file(path: str, previous: bytes | None, mode: int) -> None:
-    """Undo a scheduler file written by a failed install, with the mode it had
-    (an embedded token's plist stays 0600 even when the new one would not be)."""
-    if previous is None:
-        remove_file(path)
-    else:
-        atomic_write(path, previous, mode)
 
 
 @register_backend
@@ -3840,9 +3106,10 @@ class LaunchdBackend(SchedulerBackend):
         return checks
 
 
-# ---------------------------------------------------------------------------
-# 11d. Task Scheduler (Windows)
-# ---------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
+# 6d. Task Scheduler (Windows)
+# ----------------------------------------------------------------------------
+
 
 SCHTASKS_TASK_PREFIX = "LoreSync-"
 TASK_NS = "http://schemas.microsoft.com/windows/2004/02/mit/task"
@@ -4318,8 +3585,9 @@ class SchtasksBackend(SchedulerBackend):
 
 
 # ============================================================================
-# 12. Doctor: checks with ok / warn / fail and the step that fixes each
+# 7. Doctor: checks with ok / warn / fail and the step that fixes each
 # ============================================================================
+
 
 # Folders whose content goes away by itself: temporary folders, PyInstaller's
 # one-file extraction folder (_MEIxxxx), test and build sandboxes, the browser's
@@ -4339,6 +3607,8 @@ DISPOSABLE_MARKERS = (
     "/.cache/pre-commit/",
     "/downloads/",
 )
+
+
 # A folder holding one of these is a project checkout; a virtualenv directly
 # inside one is the project's development venv.
 CHECKOUT_MARKERS = (".git", ".hg", "pyproject.toml", "setup.py", "setup.cfg", "tox.ini")
@@ -4565,8 +3835,9 @@ def readiness_checks(system: System, paths: Paths) -> list[Check]:
 
 
 # ============================================================================
-# 13. CLI: argument parsing, commands, output, main()
+# 8. CLI: argument parsing, commands, output, main()
 # ============================================================================
+
 
 import argparse  # noqa: E402  (only the CLI needs it; kept next to its users)
 
@@ -4713,24 +3984,6 @@ class Outcome:
     text: str = ""
 
 
-def self_command() -> list[str]:
-    """The argv prefix that starts this very program, in absolute paths: the
-    interpreter and script from source (abspath, not realpath: a virtualenv's
-    python is a symlink that must stay inside the venv), the frozen program, or
-    interpreter + .pyz. During `install` of a frozen build or a .pyz it is the
-    pinned copy under <data_root>/bin/<version>/ instead (section 4a), so the
-    manifest and the scheduler entries never name the download or a PyInstaller
-    extraction folder."""
-    if _PINNED is not None:
-        return list(_PINNED)
-    return bundle_command(running_bundle())
-
-
-def scheduled_program(paths: Paths, sid: str) -> list[str]:
-    home = ["--home", paths.home] if paths.home else []
-    return [*self_command(), *home, "run", "--service-id", sid]
-
-
 def find_service(ctx: Context, args: argparse.Namespace) -> Manifest:
     """By --name/--service-id, else by the project folder's realpath."""
     name = getattr(args, "name", None)
@@ -4766,307 +4019,6 @@ def find_service(ctx: Context, args: argparse.Namespace) -> Manifest:
         f"no service is installed for {project}",
         f"`{TOOL_NAME} install --project '{project}'`, or --name NAME (see `{TOOL_NAME} list`)",
     )
-
-
-# -- install ------------------------------------------------------------------
-
-
-def _obtain_token(ctx: Context, args: argparse.Namespace, token_env: str) -> str | None:
-    """From --token-stdin, the named variable, or a hidden prompt; never argv."""
-    if args.token_stdin:
-        lines = [line for line in ctx.system.read_stdin().splitlines() if line.strip()]
-        if len(lines) > 1:  # e.g. a whole .env file piped in: its first line is not a token
-            raise UsageError(
-                f"standard input holds {len(lines)} lines; --token-stdin takes the token alone",
-                "pipe only the token, e.g. printenv GITLAB_TOKEN | lore-service install --token-stdin",
-                code="bad_token",
-            )
-        return validate_token(lines[0] if lines else "")
-    value = ctx.system.environ.get(token_env)
-    if value:
-        return validate_token(value)
-    if ctx.system.stdin_isatty() and not ctx.robot and not args.dry_run:
-        return validate_token(ctx.system.prompt_secret("GitLab token (stored in the OS store, not shown): "))
-    return None
-
-
-def _resolve_lore(ctx: Context, args: argparse.Namespace, existing: Manifest | None) -> str | None:
-    if args.lore:
-        path = check_path_text(os.path.abspath(os.path.expanduser(args.lore)), "--lore")
-        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
-            raise UsageError(
-                f"--lore {args.lore}: not an executable file", "give the full path of the lore program", code="bad_lore"
-            )
-        return path
-    if existing and existing.lore_path and os.path.exists(existing.lore_path):
-        return existing.lore_path
-    found = ctx.system.which("lore")
-    return os.path.abspath(found) if found else None
-
-
-def cmd_install(ctx: Context, args: argparse.Namespace) -> Outcome:
-    system, paths = ctx.system, ctx.paths
-    project = check_path_text(canonical_project(args.project or os.getcwd()), "project folder")
-    if paths.home:
-        check_path_text(paths.home, "--home")
-    if not os.path.isdir(project):
-        raise UsageError(
-            f"project folder {project} does not exist", "pass --project DIR of a lore workspace", code="bad_project"
-        )
-    sid = validate_service_id(args.name) if args.name else derive_service_id(project)
-    existing = load_manifest(paths, sid)
-    if existing is not None and existing.project_root != project:
-        raise UsageError(
-            f"service id {sid!r} already belongs to {existing.project_root}",
-            "choose another --name for this project",
-            code="id_taken",
-        )
-    old_cfg = load_config(paths, sid) if existing is not None and os.path.exists(paths.config(sid)) else None
-    # a flag not given keeps what service.toml says now: the user's edits there
-    # are exactly what a re-install is asked to apply
-    now_cfg: ServiceConfig | Manifest = old_cfg or existing or ServiceConfig()
-    interval = parse_interval(args.interval) if args.interval is not None else now_cfg.interval_seconds
-    profile = args.profile or now_cfg.profile
-    token_env = validate_env_name(args.token_env or now_cfg.token_env)
-    lore = _resolve_lore(ctx, args, existing)  # bad input is refused before the machine is probed
-    missing: list[str] = []
-
-    requested = args.backend or (existing.backend if existing else "auto")
-    if requested == "auto":
-        chosen, reason, _ = choose_backend(system)
-        if chosen is None:
-            if not args.dry_run:
-                raise SchedulerError(
-                    reason,
-                    "start a systemd user manager (Linux) or install cron, or pass "
-                    "`--backend none` and call `lore-service run` from your own scheduler",
-                )
-            missing.append(reason)
-            chosen, reason = "none", f"auto found nothing usable; previewing backend none ({reason})"
-        backend_name = chosen
-    else:
-        backend_name, reason = requested, f"--backend {requested}"
-        if existing is not None and args.backend is None:
-            reason = existing.backend_reason
-    backend = get_backend(backend_name, system, paths)
-
-    source = args.token_source or "auto"
-    if source == "auto" and existing is not None and existing.backend == backend_name and args.token_source is None:
-        source = existing.token_source
-    if source == "auto":
-        source = default_token_source(backend_name, system.platform)
-    check_token_source(source, backend_name, system.platform)
-    if lore is None:
-        if not args.dry_run:
-            raise SchedulerError(
-                "`lore` was not found on PATH", "install gitlore, or pass --lore /path/to/lore", code="lore_missing"
-            )
-        missing.append("`lore` is not on PATH (pass --lore PATH)")
-    cfg = old_cfg or ServiceConfig.defaults(lore or "lore")
-    if old_cfg is not None and lore and existing and existing.lore_path and existing.lore_path != lore:
-        for stage in cfg.stages.values():  # follow a moved lore, keep hand-written commands
-            if stage.command and stage.command[0] == existing.lore_path:
-                stage.command[0] = lore
-    cfg.interval_seconds, cfg.profile, cfg.token_env = interval, profile, token_env
-
-    # 4a: a frozen build or .pyz copies itself to <data_root>/bin/<version>/ (verified, not on
-    # --dry-run) so that scheduled_program() below, and so the manifest and the backend plan, name the copy
-    pin_running_program(paths, system, dry_run=bool(args.dry_run))
-    now_iso = iso_from_ms(system.now_ms())
-    manifest = Manifest(
-        service_id=sid,
-        project_root=project,
-        backend=backend_name,
-        backend_reason=reason,
-        interval_seconds=interval,
-        schedule_step_seconds=backend.schedule_step(interval),
-        profile=profile,
-        token_source=source,
-        token_env=token_env,
-        program=scheduled_program(paths, sid),
-        lore_path=lore,
-        home=paths.home,
-        created_at_iso=existing.created_at_iso if existing else now_iso,
-        updated_at_iso=now_iso,
-    )
-    if existing is not None:
-        same = {**existing.to_dict(), "updated_at_iso": "", "tool_version": ""} == {
-            **manifest.to_dict(),
-            "updated_at_iso": "",
-            "tool_version": "",
-        }
-        if same:
-            manifest.updated_at_iso = existing.updated_at_iso
-
-    token = _obtain_token(ctx, args, token_env)  # bad input (exit 2) before the machine is judged
-    # prerequisites before the stored token is read: on macOS the GUI-session
-    # check must come before any keychain access, in --dry-run too
-    warnings: list[str] = []
-    prereq = backend.prerequisites(manifest)
-    failing = [c for c in prereq if c.status == "fail"]
-    warnings.extend(f"{c.message} (fix: {c.hint})" for c in prereq if c.status == "warn")
-    if failing and not args.dry_run:
-        raise SchedulerError(failing[0].message, failing[0].hint, code="prerequisite")
-    missing.extend(f"{c.message} (fix: {c.hint})" for c in failing)
-
-    if token is None and existing is not None and existing.token_source != "embedded" and not failing:
-        try:  # re-install without a new token: carry the stored one over (new variable name or store)
-            token = read_secret(paths, existing, {})
-        except LoreServiceError:
-            token = None
-    if token is None:
-        if not args.dry_run:
-            raise UsageError(
-                f"no token: {token_env} is not set",
-                f"export {token_env}=<GitLab token>, or pipe it with --token-stdin",
-                code="no_token",
-            )
-        missing.append(f"no token yet ({token_env} is not set)")
-    embedded = token if source == "embedded" else None
-    if source == "embedded":
-        warnings.append(
-            "--token-source embedded writes the token in plain text into the scheduler entry; anyone "
-            "who can read that file can use your GitLab account"
-        )
-
-    plan = backend.plan(manifest, embedded)
-    warnings.extend(plan.warnings)
-    config_text = cfg.to_toml(sid)
-    manifest_text = dump_json(manifest.to_dict())
-    core_files = [
-        PlannedFile(paths.config(sid), config_text, 0o600),
-        PlannedFile(paths.manifest(sid), manifest_text, 0o600),
-    ]
-    if source == "env-file":
-        core_files.insert(
-            0,
-            PlannedFile(
-                paths.env_file(sid),
-                f"{token_env}={token or ''}\n",
-                0o600,
-                redacted=f"{token_env}={SECRET_PLACEHOLDER}\n",
-            ),
-        )
-    data: dict[str, Any] = {
-        "service_id": sid,
-        "project_root": project,
-        "backend": backend_name,
-        "backend_reason": reason,
-        "interval_seconds": interval,
-        "schedule_step_seconds": manifest.schedule_step_seconds,
-        "profile": profile,
-        "token_source": source,
-        "token_env": token_env,
-        "program": manifest.program,
-        "dry_run": bool(args.dry_run),
-        "warnings": warnings,
-        "missing": missing,
-    }
-    if args.dry_run:
-        shown = core_files + plan.files
-        data["files"] = [{"path": f.path, "mode": f"{f.mode:04o}", "content": f.shown()} for f in shown]
-        data["commands"] = plan.commands
-        data["changed"] = False
-        return Outcome(data, _render_install(data))
-
-    changed, applied = apply_install(ctx, existing, manifest, backend, plan, token, config_text, warnings)
-    data["files"] = [f.path for f in core_files + applied.files]
-    data["commands"] = applied.commands
-    data["changed"] = changed
-    return Outcome(data, _render_install(data))
-
-
-def apply_install(
-    ctx: Context,
-    existing: Manifest | None,
-    manifest: Manifest,
-    backend: SchedulerBackend,
-    plan: Plan,
-    token: str | None,
-    config_text: str,
-    warnings: list[str],
-) -> tuple[bool, Plan]:
-    """Write secret, config, scheduler entry and manifest; on failure put back
-    what was there before. Returns whether anything changed, and what was applied."""
-    paths, system, sid = ctx.paths, ctx.system, manifest.service_id
-    source = manifest.token_source
-    old_secret: str | None = None
-    if existing is not None:
-        try:
-            old_secret = read_secret(paths, existing, {})
-        except LoreServiceError:
-            old_secret = None
-    same_store = (
-        existing is not None
-        and existing.token_source == source
-        and existing.token_env == manifest.token_env
-        and source != "embedded"
-    )
-    store_token = token is not None and source != "embedded" and not (same_store and old_secret == token)
-    old_config = read_text(paths.config(sid))
-    switched = existing is not None and existing.backend != manifest.backend and existing.backend in BACKENDS
-    entry_changed = existing is None or switched or backend.entry_changed(manifest, plan)
-    config_changed = old_config != config_text
-    try:
-        if switched and existing is not None:  # a service must never run from two schedulers
-            get_backend(existing.backend, system, paths).uninstall(existing)
-            warnings.append(f"removed the {existing.backend} entry before registering with {manifest.backend}")
-        if store_token and token is not None:
-            store_secret(paths, manifest, token)
-        if config_changed:
-            atomic_write(paths.config(sid), config_text, 0o600)
-        ensure_dir(paths.state_dir(sid))
-        ensure_dir(paths.log_dir(sid))
-        applied = backend.install(manifest, token if source == "embedded" else None)
-        # last, and inside the rollback: without a manifest nothing could find
-        # (or uninstall) the token and entry written above
-        manifest_changed = file_differs(paths.manifest(sid), dump_json(manifest.to_dict()))
-        if manifest_changed:
-            save_manifest(paths, manifest)
-    except BaseException:
-        _roll_back_install(ctx, existing, manifest, backend, store_token, old_secret, old_config)
-        raise
-    if existing is not None and existing.token_source != source:
-        try:  # the old store must not keep a copy of the token
-            delete_secret(paths, existing)
-        except LoreServiceError as exc:
-            warnings.append(f"could not remove the token from {existing.token_source}: {exc.message}")
-    return manifest_changed or store_token or config_changed or entry_changed, applied
-
-
-def _roll_back_install(
-    ctx: Context,
-    existing: Manifest | None,
-    manifest: Manifest,
-    backend: SchedulerBackend,
-    stored_token: bool,
-    old_secret: str | None,
-    old_config: str | None,
-) -> None:
-    """Best effort: each step may itself fail, and the original error wins."""
-    paths, sid = ctx.paths, manifest.service_id
-    steps: list[Callable[[], object]] = []
-    if existing is None:
-        steps.append(lambda: backend.uninstall(manifest))
-        steps.append(lambda: remove_file(paths.config(sid)))
-        if stored_token:
-            steps.append(lambda: delete_secret(paths, manifest))
-    else:
-        if old_config is not None:
-            steps.append(lambda: atomic_write(paths.config(sid), old_config, 0o600))
-        if stored_token:
-            if old_secret is not None and existing.token_source == manifest.token_source:
-                steps.append(lambda: store_secret(paths, existing, old_secret))
-            elif existing.token_source != manifest.token_source:
-                steps.append(lambda: delete_secret(paths, manifest))
-        if existing.token_source != "embedded":  # the entry as it was (a launchd job is unloaded by now)
-            old_backend = get_backend(existing.backend, ctx.system, paths)
-            steps.append(lambda: old_backend.install(existing, None))
-    for step in steps:
-        try:
-            step()
-        except Exception:
-            pass
 
 
 def _render_install(d: dict[str, Any]) -> str:
@@ -5170,66 +4122,37 @@ def cmd_resume(ctx: Context, args: argparse.Namespace) -> Outcome:
     return Outcome({"service_id": manifest.service_id, "was_paused": was.to_dict() if was else None}, text)
 
 
-# -- run, trigger ------------------------------------------------------------------
+def _render_run(record: RunRecord, status: Status) -> str:
+    lines = [f"run {record.run_id}: {record.outcome} in {human_duration(record.duration_ms / 1000)}"]
+    for r in record.stage_results:
+        lines.append(f"  {r.stage:<11}{r.outcome:<9}{human_duration(r.duration_ms / 1000):>7}  {r.message}")
+    if status.paused:
+        lines.append(f"paused ({status.paused.kind}): {status.paused.reason}\n  fix: {status.paused.hint}")
+    elif status.next_retry_at_ms:
+        lines.append(f"retry not before {local_time(status.next_retry_at_ms)}")
+    return "\n".join(lines)
 
 
-def _run(ctx: Context, args: argparse.Namespace, trigger: str) -> Outcome:
-    system, paths = ctx.system, ctx.paths
-    manifest = find_service(ctx, args)
-    sid = manifest.service_id
-    cfg = load_config(paths, sid)
-    load_status(paths, sid)  # a corrupt status is exit 4 before anything runs
-    log = ServiceLog(paths.log(sid), system, cfg.log_max_bytes, cfg.log_backups)
-    lock = FileLock(paths.run_lock(sid))
-    try:
-        if not lock.try_acquire():
-            if trigger == "manual":
-                raise BusyError("another run of this service is in progress", "wait for it; `status` shows it running")
-            log.may_rotate = False
-            log.write_line("skip", "another run holds the lock")
-            return _skipped(sid, "another run holds the lock")
-        reap_orphaned_stage(lock.previous_note(), system, log)
-        lock.record_owner()
-        if manifest.backend in BACKENDS:  # e.g. launchd keeps its crash log bounded
-            get_backend(manifest.backend, system, paths).before_run(manifest)
-        status = load_status(paths, sid)
-        skip = skip_reason(status, manifest, system.now_ms(), trigger)
-        if skip and trigger == "manual":
-            raise LoreServiceError(
-                f"{sid} is {skip[0]}: {status.paused.reason if status.paused else ''}".rstrip(": "),
-                f"`{TOOL_NAME} resume`, then trigger again",
-                code="paused",
-            )
-        if skip:
-            reason, routine = skip
-            if not routine:  # a routine skip is heard of neither in the log nor the scheduler's output
-                log.write_line("skip", reason)
-            return _skipped(sid, reason, quiet=routine)
-        secret = read_secret(paths, manifest, system.environ)
-        if secret is None:
-            log.write_line(
-                "run", f"warning: no token found in {manifest.token_source}; stages run without {cfg.token_env}"
-            )
-        restore_sigterm = _note_sigterm()
-        try:
-            record = run_stages(system, manifest, cfg, trigger, log, secret, lock)
+def cmd_run(ctx: Context, args: argparse.Namespace) -> Outcome:
+    return _run_command(ctx, args, "scheduled")
 
-            def change(s: Status) -> None:
-                apply_outcome(s, record, cfg, system, system.now_ms())
-                s.next_due_at_ms = next_due_ms(manifest, record.started_at_ms)
 
-            status = update_status(paths, sid, system, change)
-        finally:
-            restore_sigterm()
-    finally:
-        lock.release()
-        log.close()
+def cmd_trigger(ctx: Context, args: argparse.Namespace) -> Outcome:
+    return _run_command(ctx, args, "manual")
+
+
+def _run_command(ctx: Context, args: argparse.Namespace, trigger: str) -> Outcome:
+    result = run_service(ctx.system, ctx.paths, find_service(ctx, args), trigger)
+    record, status, sid = result.record, result.status, result.service_id
+    if record is None or status is None:
+        data = {"service_id": sid, "skipped": True, "skip_reason": result.skip_reason, "run": None}
+        return Outcome(data, "" if result.quiet else f"skipped {sid}: {result.skip_reason}")
     data = {
         "service_id": sid,
         "skipped": False,
         "skip_reason": None,
         "run": record.to_dict(),
-        "state": derive_state(status, system.now_ms(), False),
+        "state": derive_state(status, ctx.system.now_ms(), False),
         "consecutive_failures": status.consecutive_failures,
         "next_retry_at_ms": status.next_retry_at_ms,
         "paused": status.paused.to_dict() if status.paused else None,
@@ -5245,58 +4168,8 @@ def _run(ctx: Context, args: argparse.Namespace, trigger: str) -> Outcome:
         )
         what = "critical stage" if bad.critical else "stage"
         error = LoreServiceError(f"{what} {bad.stage} {bad.outcome}: {bad.message}", hint, code="run_failed")
-        raise _with_data(error, data, text)
+        raise error.with_result(data, text)
     return Outcome(data, text)
-
-
-def _note_sigterm() -> Callable[[], None]:
-    """Until the returned function is called, SIGTERM goes to _STOP (section
-    9): it ends the waited-on stage, skips the rest, and the run is still
-    recorded. Main thread only, as Python's signal handlers."""
-    import signal
-    import threading
-
-    _STOP.signum, _STOP.waiting = None, False
-    if os.name == "nt" or threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    previous = signal.signal(signal.SIGTERM, _STOP)
-
-    def restore() -> None:
-        signal.signal(signal.SIGTERM, previous)
-
-    return restore
-
-
-def _with_data(error: LoreServiceError, data: dict[str, Any], text: str) -> LoreServiceError:
-    """An error that still carries its command's result (a failed run, a doctor
-    with failing checks): the envelope is ok:false with both error and data."""
-    error.data = data  # type: ignore[attr-defined]
-    error.text = text  # type: ignore[attr-defined]
-    return error
-
-
-def _skipped(sid: str, reason: str, quiet: bool = False) -> Outcome:
-    data = {"service_id": sid, "skipped": True, "skip_reason": reason, "run": None}
-    return Outcome(data, "" if quiet else f"skipped {sid}: {reason}")
-
-
-def _render_run(record: RunRecord, status: Status) -> str:
-    lines = [f"run {record.run_id}: {record.outcome} in {human_duration(record.duration_ms / 1000)}"]
-    for r in record.stage_results:
-        lines.append(f"  {r.stage:<11}{r.outcome:<9}{human_duration(r.duration_ms / 1000):>7}  {r.message}")
-    if status.paused:
-        lines.append(f"paused ({status.paused.kind}): {status.paused.reason}\n  fix: {status.paused.hint}")
-    elif status.next_retry_at_ms:
-        lines.append(f"retry not before {local_time(status.next_retry_at_ms)}")
-    return "\n".join(lines)
-
-
-def cmd_run(ctx: Context, args: argparse.Namespace) -> Outcome:
-    return _run(ctx, args, "scheduled")
-
-
-def cmd_trigger(ctx: Context, args: argparse.Namespace) -> Outcome:
-    return _run(ctx, args, "manual")
 
 
 # -- status, list ------------------------------------------------------------------
@@ -5330,7 +4203,7 @@ def service_status(ctx: Context, manifest: Manifest) -> dict[str, Any]:
         try:
             data["scheduler"] = get_backend(manifest.backend, ctx.system, paths).state(manifest)
         except LoreServiceError as exc:
-            data["scheduler"] = {"error": {"code": exc.code, "message": exc.message, "hint": exc.hint}}
+            data["scheduler"] = {"error": exc.payload()}
     else:
         data["scheduler"] = {
             "error": {
@@ -5340,18 +4213,6 @@ def service_status(ctx: Context, manifest: Manifest) -> dict[str, Any]:
             }
         }
     return data
-
-
-def ms_from_iso(iso: str) -> int | None:
-    """Inverse of iso_from_ms (UTC, `Z`); None for anything else."""
-    import calendar
-
-    try:
-        whole = calendar.timegm(time.strptime(iso[:19], "%Y-%m-%dT%H:%M:%S"))
-        frac = int(iso[20:23]) if iso[19:20] == "." else 0
-    except (ValueError, TypeError):
-        return None
-    return whole * 1000 + frac
 
 
 def _when(iso: str | None, now_ms: int) -> str:
@@ -5419,7 +4280,7 @@ def cmd_status(ctx: Context, args: argparse.Namespace) -> Outcome:
             except LoreServiceError as exc:
                 worst = max(worst, exc.exit_code)
                 services.append(
-                    {"service_id": sid, "error": {"code": exc.code, "message": exc.message, "hint": exc.hint}}
+                    {"service_id": sid, "error": exc.payload()}
                 )
         text = (
             "\n\n".join(
@@ -5434,7 +4295,7 @@ def cmd_status(ctx: Context, args: argparse.Namespace) -> Outcome:
     try:
         manifest = find_service(ctx, args)
     except NotInstalledError as exc:
-        exc.data = {"state": "not_installed"}  # type: ignore[attr-defined]
+        exc.data = {"state": "not_installed"}
         raise
     data = service_status(ctx, manifest)
     return Outcome(data, _render_status(data, ctx.system.now_ms()))
@@ -5453,7 +4314,7 @@ def _every_service(services: list[dict[str, Any]], worst: int, text: str) -> Out
         code=first["code"],
         exit_code=worst,
     )
-    raise _with_data(error, {"services": services}, text)
+    raise error.with_result({"services": services}, text)
 
 
 def cmd_list(ctx: Context, args: argparse.Namespace) -> Outcome:
@@ -5482,7 +4343,7 @@ def cmd_list(ctx: Context, args: argparse.Namespace) -> Outcome:
                 {
                     "service_id": sid,
                     "state": "error",
-                    "error": {"code": exc.code, "message": exc.message, "hint": exc.hint},
+                    "error": exc.payload(),
                 }
             )
     text = (
@@ -5579,7 +4440,7 @@ def cmd_doctor(ctx: Context, args: argparse.Namespace) -> Outcome:
     if failed:
         first = next(c for c in checks if c.status == "fail")
         message = f"{failed} check(s) failing, first: {first.name}: {first.message}"
-        raise _with_data(LoreServiceError(message, first.hint, code="checks_failed"), data, "\n".join(lines))
+        raise LoreServiceError(message, first.hint, code="checks_failed").with_result(data, "\n".join(lines))
     return Outcome(data, "\n".join(lines))
 
 
@@ -5622,18 +4483,18 @@ def _emit(robot: bool, command: str, outcome: Outcome | None, error: LoreService
             doc = {
                 "ok": False,
                 "command": command,
-                "error": {"code": error.code, "message": error.message, "hint": error.hint},
+                "error": error.payload(),
             }
-            if getattr(error, "data", None) is not None:
-                doc["data"] = error.data  # type: ignore[attr-defined]
+            if error.data is not None:
+                doc["data"] = error.data
         # \u escapes: one document that survives any stdout encoding (cp1252 pipes)
         sys.stdout.write(json.dumps(doc) + "\n")
         return
     if outcome is not None and outcome.text:
         sys.stdout.write(outcome.text + "\n")
     if error is not None:
-        if getattr(error, "text", None):
-            sys.stdout.write(error.text + "\n")  # type: ignore[attr-defined]
+        if error.text:
+            sys.stdout.write(error.text + "\n")
         sys.stderr.write(f"error: {error.message}\n")
         if error.hint:
             sys.stderr.write(f"hint: {error.hint}\n")
@@ -5719,6 +4580,1209 @@ def main(argv: Sequence[str] | None = None, system: System | None = None) -> int
         )
         _emit(robot, command, None, err)
         return EXIT_FAILED
+
+
+# ============================================================================
+# 9. Platform appendix: the System seam, files, paths, locks, logs, secrets, pinning
+# ============================================================================
+
+
+# ----------------------------------------------------------------------------
+# 9a. System: every OS interaction goes through one injectable object
+# ----------------------------------------------------------------------------
+
+
+@record
+class CommandResult:
+    argv: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    def summary(self) -> str:
+        text = (self.stderr.strip() or self.stdout.strip()).splitlines()
+        return text[-1] if text else f"exit status {self.returncode}"
+
+
+class System:
+    """Clock, randomness, environment and processes.
+
+    Tests subclass this (or swap single methods) instead of patching the
+    standard library; production code never calls subprocess, time or random
+    directly.
+    """
+
+    def __init__(self, environ: dict[str, str] | None = None) -> None:
+        # a frozen build must not hand its bundle's library path to lore or systemctl
+        self.environ: dict[str, str] = frozen_child_environ(dict(os.environ)) if environ is None else environ
+        self._rng: Any = None
+
+    # -- platform and identity
+    @property
+    def platform(self) -> str:
+        return sys.platform
+
+    def uid(self) -> int:
+        return os.getuid() if hasattr(os, "getuid") else 0
+
+    def euid(self) -> int:
+        return os.geteuid() if hasattr(os, "geteuid") else 0
+
+    def console_owner_uid(self) -> int | None:
+        """Owner of /dev/console (on macOS: who is logged in at the screen)."""
+        try:
+            return os.stat("/dev/console").st_uid
+        except OSError:
+            return None
+
+    def username(self) -> str:
+        for key in ("USER", "LOGNAME", "USERNAME"):
+            if self.environ.get(key):
+                return self.environ[key]
+        try:
+            import pwd
+
+            return pwd.getpwuid(self.uid()).pw_name
+        except (ImportError, KeyError):
+            return "unknown"
+
+    # -- time and randomness
+    def now_ms(self) -> int:
+        return time.time_ns() // 1_000_000
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    def uniform(self, low: float, high: float) -> float:
+        if self._rng is None:
+            import random
+
+            self._rng = random.SystemRandom()
+        return self._rng.uniform(low, high)
+
+    # -- programs
+    def which(self, name: str) -> str | None:
+        import shutil
+
+        return shutil.which(name, path=self.environ.get("PATH", os.defpath))
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        input: str | None = None,
+        env: dict[str, str] | None = None,
+        timeout: float = 60.0,
+        keep_newlines: bool = False,
+    ) -> CommandResult:
+        """Run a short command (scheduler tools) and capture its output as
+        UTF-8 text (bad bytes become U+FFFD: localised tool output must not
+        crash a status). Line ends are normalised to \\n unless keep_newlines
+        (a crontab's \\r bytes are the user's, and must survive a rewrite)."""
+        import subprocess
+
+        argv = list(argv)
+        try:
+            proc = subprocess.run(
+                argv,
+                input=None if input is None else input.encode("utf-8"),
+                capture_output=True,
+                env=self.environ if env is None else env,
+                timeout=timeout,
+                stdin=None if input is not None else subprocess.DEVNULL,
+            )
+        except FileNotFoundError:
+            return CommandResult(argv, 127, "", f"{argv[0]}: command not found")
+        except PermissionError as exc:
+            return CommandResult(argv, 126, "", f"{argv[0]}: {exc.strerror}")
+        except subprocess.TimeoutExpired:
+            return CommandResult(argv, 124, "", f"{argv[0]}: timed out after {timeout:g}s")
+        out, err = proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace")
+        if not keep_newlines:  # as text mode would
+            out = out.replace("\r\n", "\n").replace("\r", "\n")
+            err = err.replace("\r\n", "\n").replace("\r", "\n")
+        return CommandResult(argv, proc.returncode, out, err)
+
+    def spawn(self, argv: Sequence[str], *, cwd: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        """Start a stage in its own process group, output merged into one pipe."""
+        import subprocess
+
+        kwargs: dict[str, Any] = {}
+        if sys.platform == "win32":  # (not os.name: type checkers narrow on sys.platform)
+            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "CREATE_NO_WINDOW", 0)
+        else:
+            kwargs["start_new_session"] = True
+        return subprocess.Popen(
+            list(argv),
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            **kwargs,
+        )
+
+    def kill_group(self, proc: subprocess.Popen[bytes], *, hard: bool) -> None:
+        """Signal the stage's whole process group, grandchildren included."""
+        self.kill_group_id(proc.pid, hard=hard)
+
+    def kill_group_id(self, pgid: int, *, hard: bool) -> None:
+        if os.name == "nt":
+            self.run(["taskkill", "/T", "/F", "/PID", str(pgid)], timeout=30)
+            return
+        import signal
+
+        try:
+            os.killpg(pgid, signal.SIGKILL if hard else signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def pid_alive(self, pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:  # exists, but not ours to signal
+            return True
+        return True
+
+    def read_proc_environ(self, pid: int) -> list[bytes] | None:
+        """A process's environment (Linux /proc), or None when it cannot be read."""
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                return fh.read().split(b"\0")
+        except OSError:
+            return None
+
+    def on_sigterm(self, handler: Callable[[int, Any], None]) -> Callable[[], None]:
+        """Send SIGTERM to `handler` until the returned function is called.
+        Main thread only, as Python's signal handlers; Windows schedulers end
+        a task without a SIGTERM to catch."""
+        import signal
+        import threading
+
+        if sys.platform == "win32" or threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = signal.signal(signal.SIGTERM, handler)
+
+        def restore() -> None:
+            signal.signal(signal.SIGTERM, previous)
+
+        return restore
+
+    # -- terminal
+    def stdin_isatty(self) -> bool:
+        return sys.stdin is not None and sys.stdin.isatty()
+
+    def read_stdin(self) -> str:
+        return sys.stdin.read() if sys.stdin is not None else ""
+
+    def prompt_secret(self, prompt: str) -> str:
+        import getpass
+
+        return getpass.getpass(prompt)
+
+
+# ----------------------------------------------------------------------------
+# 9b. Files and time: atomic writes, state reads, timestamps
+# ----------------------------------------------------------------------------
+
+
+def ensure_dir(path: str) -> None:
+    """Create a folder and its missing parents, each private (0700).
+
+    os.makedirs applies the mode to the last folder only."""
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if parent != path:
+        ensure_dir(parent)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+
+
+def _fsync_dir(path: str) -> None:
+    if os.name == "nt":  # folders cannot be opened for fsync on Windows
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, data: bytes | str, mode: int = 0o600) -> None:
+    """Temp file in the same folder, fsync, rename over, fsync the folder."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    folder = os.path.dirname(os.path.abspath(path))
+    ensure_dir(folder)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)  # the umask may have narrowed or widened O_CREAT
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(folder)
+    _sweep_stale_temps(folder, os.path.basename(path))
+
+
+STALE_TEMP_SECONDS = 3600  # no write takes this long: an older temp file is a killed writer's
+
+
+def _sweep_stale_temps(folder: str, name: str) -> None:
+    """A writer SIGKILLed mid-write leaves its `.<name>.<pid>.tmp` behind;
+    the next write of the same file removes it once it is clearly stale."""
+    prefix, cutoff = f".{name}.", time.time() - STALE_TEMP_SECONDS
+    try:
+        for entry in os.scandir(folder):
+            if entry.name.startswith(prefix) and entry.name.endswith(".tmp"):
+                try:
+                    if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                        os.unlink(entry.path)
+                except OSError:
+                    pass  # gone already, or not ours to remove
+    except OSError:
+        pass
+
+
+def read_text(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def file_differs(path: str, content: str) -> bool:
+    """Whether writing content would change the file (re-install changes nothing)."""
+    return read_text(path) != content
+
+
+def remove_file(path: str) -> bool:
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def dump_json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def read_json_file(path: str, what: str) -> dict[str, Any] | None:
+    """A dict, None when the file does not exist, StateFileError otherwise."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StateFileError(
+            f"cannot read {what} {path}: {exc.strerror}",
+            "check the file's owner and permissions (lore-service doctor)",
+            code="state_unreadable",
+        ) from None
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise StateFileError(
+            f"{what} {path} is corrupt ({exc.__class__.__name__})",
+            f"move it aside and re-run `{TOOL_NAME} install` (it was not modified)",
+        ) from None
+    if not isinstance(obj, dict):
+        raise StateFileError(f"{what} {path} is corrupt (not an object)", "move it aside and re-run install")
+    version = obj.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise StateFileError(f"{what} {path} has no valid schema_version", "move it aside and re-run install")
+    if version > SCHEMA_VERSION:
+        raise StateFileError(
+            f"{what} {path} was written by a newer lore-service (schema {version}, this one reads {SCHEMA_VERSION})",
+            "upgrade lore-service; the file was left untouched",
+            code="state_newer_schema",
+        )
+    return obj
+
+
+def iso_from_ms(ms: int) -> str:
+    """UTC ISO 8601 with milliseconds, e.g. 2026-11-28T00:30:00.000Z."""
+    secs, rem = divmod(int(ms), 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{rem:03d}Z"
+
+
+def ms_from_iso(iso: str) -> int | None:
+    """Inverse of iso_from_ms (UTC, `Z`); None for anything else."""
+    import calendar
+
+    try:
+        whole = calendar.timegm(time.strptime(iso[:19], "%Y-%m-%dT%H:%M:%S"))
+        frac = int(iso[20:23]) if iso[19:20] == "." else 0
+    except (ValueError, TypeError):
+        return None
+    return whole * 1000 + frac
+
+
+def local_time(ms: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000))
+
+
+def human_duration(seconds: float) -> str:
+    seconds = abs(seconds)
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    if seconds < 120:
+        return f"{int(seconds)}s"
+    minutes = int(seconds // 60)
+    if minutes < 120:
+        return f"{minutes}m"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if minutes else f"{hours}h"
+
+
+# ----------------------------------------------------------------------------
+# 9c. Identity and paths
+# ----------------------------------------------------------------------------
+
+
+SERVICE_ID_MAX = 48
+
+
+def is_valid_service_id(value: str) -> bool:
+    if not 1 <= len(value) <= SERVICE_ID_MAX or not value.isascii():
+        return False
+    if not (value[0].islower() or value[0].isdigit()):
+        return False
+    return all(c.islower() or c.isdigit() or c == "-" for c in value)
+
+
+def validate_service_id(value: str) -> str:
+    if not is_valid_service_id(value):
+        raise UsageError(
+            f"invalid service name {value!r}",
+            "names are 1-48 characters of a-z, 0-9 and '-', starting with a letter or digit "
+            "(they become unit, label, task and file names)",
+            code="bad_name",
+        )
+    return value
+
+
+def slugify(name: str) -> str:
+    out: list[str] = []
+    for ch in name.lower():
+        if ch.isascii() and ch.isalnum():
+            out.append(ch)
+        elif out and out[-1] != "-":
+            out.append("-")
+    # 39 + '-' + 8 hex stays within the 48-character id limit
+    return "".join(out).strip("-")[:39].strip("-") or "project"
+
+
+def derive_service_id(project_root: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256(project_root.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return f"{slugify(os.path.basename(project_root.rstrip(os.sep)) or 'root')}-{digest}"
+
+
+def canonical_project(path: str) -> str:
+    return os.path.realpath(os.path.abspath(os.path.expanduser(path)))
+
+
+def check_path_text(path: str, what: str) -> str:
+    """Paths end up in unit files, crontab lines and XML: a line break or
+    other control character there could smuggle in a directive. Bytes that
+    are not UTF-8 (surrogate escapes) cannot be written into any of them."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in path):
+        raise UsageError(
+            f"{what} {path!r} contains a control character (line break, tab, ...)",
+            "rename the folder, or install from a path without control characters",
+            code="bad_path",
+        )
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in path):
+        raise UsageError(
+            f"{what} {path!r} is not valid UTF-8",
+            "rename the folder to a UTF-8 name (e.g. with `convmv`), then install again",
+            code="bad_path",
+        )
+    return path
+
+
+class Paths:
+    """Where every file lives: platformdirs' per-user folders for app `lore`,
+    or one relocated tree under LORE_SERVICE_HOME / --home."""
+
+    def __init__(self, system: System, home: str | None = None) -> None:
+        self.platform = system.platform  # (for the secret stores' OS-specific hints)
+        home = home or system.environ.get("LORE_SERVICE_HOME") or None
+        self.home = os.path.abspath(os.path.expanduser(home)) if home else None
+        if self.home:
+            self.config_root = os.path.join(self.home, "config")
+            self.state_root = os.path.join(self.home, "state")
+            self.log_root = os.path.join(self.home, "logs")
+            self.data_root = os.path.join(self.home, "data")
+        else:
+            config, state, log, data = _user_dirs(system)
+            self.config_root = os.path.join(config, "services")
+            self.state_root = os.path.join(state, "services")
+            self.log_root = os.path.join(log, "services")
+            self.data_root = data
+
+    def config_dir(self, sid: str) -> str:
+        return os.path.join(self.config_root, sid)
+
+    def state_dir(self, sid: str) -> str:
+        return os.path.join(self.state_root, sid)
+
+    def log_dir(self, sid: str) -> str:
+        return os.path.join(self.log_root, sid)
+
+    def manifest(self, sid: str) -> str:
+        return os.path.join(self.config_dir(sid), "manifest.json")
+
+    def config(self, sid: str) -> str:
+        return os.path.join(self.config_dir(sid), "service.toml")
+
+    def env_file(self, sid: str) -> str:
+        return os.path.join(self.config_dir(sid), "token.env")
+
+    def status(self, sid: str) -> str:
+        return os.path.join(self.state_dir(sid), "status.json")
+
+    def run_lock(self, sid: str) -> str:
+        return os.path.join(self.state_dir(sid), "run.lock")
+
+    def status_lock(self, sid: str) -> str:
+        return os.path.join(self.state_dir(sid), "status.lock")
+
+    def log(self, sid: str) -> str:
+        return os.path.join(self.log_dir(sid), "service.log")
+
+    def crash_log(self, sid: str) -> str:
+        return os.path.join(self.log_dir(sid), "scheduler-output.log")
+
+    def xdg_pins(self, user_home: str) -> list[tuple[str, str]]:
+        """XDG variables a scheduler must set so a run finds these very folders
+        (the user manager or cron may not share the shell's environment). Only
+        non-default ones; none for a relocated home, which travels as --home."""
+        if self.home:
+            return []
+        pins = []
+        for var, root, default in (
+            ("XDG_CONFIG_HOME", os.path.dirname(os.path.dirname(self.config_root)), ".config"),
+            ("XDG_STATE_HOME", os.path.dirname(os.path.dirname(self.state_root)), ".local/state"),
+            ("XDG_DATA_HOME", os.path.dirname(self.data_root), ".local/share"),
+        ):
+            if root != os.path.join(user_home, default):
+                pins.append((var, root))
+        return pins
+
+    def installed_ids(self) -> list[str]:
+        try:
+            names = os.listdir(self.config_root)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted(n for n in names if is_valid_service_id(n) and os.path.exists(self.manifest(n)))
+
+
+def _user_dirs(system: System) -> tuple[str, str, str, str]:
+    """(config, state, log, data) folders for app `lore`.
+
+    On Linux this is the XDG rule platformdirs applies, computed here because
+    importing platformdirs (pathlib, tempfile, ...) would triple the start-up
+    time of `status`; tests pin it to platformdirs' own answer. Elsewhere we
+    ask platformdirs.
+    """
+    if system.platform.startswith("linux"):
+        env = system.environ
+        home = env.get("HOME") or os.path.expanduser("~")
+
+        def xdg(var: str, default: str) -> str:
+            value = env.get(var, "").strip()
+            return value if value else os.path.join(home, default)
+
+        state = os.path.join(xdg("XDG_STATE_HOME", ".local/state"), APP_NAME)
+        return (
+            os.path.join(xdg("XDG_CONFIG_HOME", ".config"), APP_NAME),
+            state,
+            os.path.join(state, "log"),
+            os.path.join(xdg("XDG_DATA_HOME", ".local/share"), APP_NAME),
+        )
+    import platformdirs
+
+    dirs = platformdirs.PlatformDirs(APP_NAME, appauthor=False)
+    return dirs.user_config_dir, dirs.user_state_dir, dirs.user_log_dir, dirs.user_data_dir
+
+
+# ----------------------------------------------------------------------------
+# 9d. Locks and the service log
+# ----------------------------------------------------------------------------
+
+
+class FileLock:
+    """An OS file lock (flock / msvcrt) that dies with its process, so a
+    crashed run never leaves a stale lock behind."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def _lock(self, fd: int, blocking: bool) -> bool:
+        if sys.platform == "win32":
+            import msvcrt
+
+            mode = msvcrt.LK_LOCK if blocking else msvcrt.LK_NBLCK
+            try:
+                msvcrt.locking(fd, mode, 1)
+                return True
+            except OSError:
+                return False
+        import fcntl
+
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            return True
+        except BlockingIOError:
+            return False
+
+    def try_acquire(self, blocking: bool = False) -> bool:
+        ensure_dir(os.path.dirname(self.path))
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        if self._lock(fd, blocking):
+            self._fd = fd
+            return True
+        os.close(fd)
+        return False
+
+    def record_owner(self, note: str = "") -> None:
+        """Write our pid (and a note: the running stage) into the held lock
+        file, for lock_is_held() and for the next run after a crash."""
+        if self._fd is not None and os.name != "nt":  # msvcrt locks the byte we would write
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, f"{os.getpid()}\n{note}".encode(), 0)
+
+    def previous_note(self) -> str:
+        """What the last holder recorded (read before record_owner overwrites it)."""
+        if self._fd is None or os.name == "nt":
+            return ""
+        return os.pread(self._fd, 512, 0).decode("utf-8", "replace")
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the lock on every OS
+            self._fd = None
+
+    def __enter__(self) -> FileLock:
+        self.try_acquire(blocking=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def lock_is_held(path: str, system: System) -> bool:
+    """Whether a run holds the lock. Probing takes the lock for an instant,
+    which could make a run starting at that instant skip, so it is only done
+    when the pid the holder recorded is alive."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(64).split(b"\n", 1)[0].strip()
+    except OSError:
+        return False
+    if os.name != "nt" and not (head.isdigit() and system.pid_alive(int(head))):
+        return False
+    probe = FileLock(path)
+    try:
+        if probe.try_acquire():
+            probe.release()
+            return False
+    except OSError:
+        return False
+    return True
+
+
+class ServiceLog:
+    """Appends timestamped lines; rotates by size (service.log -> .1 -> .2 ...)."""
+
+    def __init__(self, path: str, system: System, max_bytes: int = 5 * 1024 * 1024, backups: int = 3) -> None:
+        self.path = path
+        self.system = system
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self.may_rotate = True  # only the run-lock holder rotates
+        self._fh: Any = None
+        self._size = 0
+
+    def _open(self) -> None:
+        ensure_dir(os.path.dirname(self.path))
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._fh = os.fdopen(fd, "ab", buffering=0)
+        self._size = os.fstat(fd).st_size
+
+    def _rotate(self) -> None:
+        self.close()
+        if self.backups == 0:
+            remove_file(self.path)
+        else:
+            for i in range(self.backups - 1, 0, -1):
+                src = f"{self.path}.{i}"
+                if os.path.exists(src):
+                    os.replace(src, f"{self.path}.{i + 1}")
+            if os.path.exists(self.path):
+                os.replace(self.path, f"{self.path}.1")
+        self._open()
+
+    def write_line(self, prefix: str, text: str) -> None:
+        if self._fh is None:
+            self._open()
+        stamp = iso_from_ms(self.system.now_ms())
+        data = f"{stamp} [{prefix}] {text}\n".encode("utf-8", "replace")
+        if self.may_rotate and self._size and self._size + len(data) > self.max_bytes:
+            self._rotate()
+        self._fh.write(data)
+        self._size += len(data)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def _tail_file(path: str, n: int, block: int = 64 * 1024) -> list[bytes]:
+    """Last n lines, reading backwards: the cost depends on n, not file size."""
+    with open(path, "rb") as fh:
+        end = fh.seek(0, os.SEEK_END)
+        pos, data = end, b""
+        while pos > 0 and data.count(b"\n") <= n:
+            step = min(block, pos)
+            pos -= step
+            fh.seek(pos)
+            data = fh.read(step) + data
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    if pos > 0:
+        lines = lines[1:]  # the first piece may be half a line
+    return lines[-n:] if n else []
+
+
+def tail_lines(path: str, n: int) -> list[str]:
+    """Last n lines of the log, reaching into service.log.1 if rotation just happened."""
+    lines: list[bytes] = []
+    for candidate in (path, path + ".1"):
+        if len(lines) >= n:
+            break
+        try:
+            lines = _tail_file(candidate, n - len(lines)) + lines
+        except FileNotFoundError:
+            continue
+    return [line.decode("utf-8", "replace") for line in lines]
+
+
+def follow_lines(path: str, system: System, poll: float = 0.25) -> Iterator[str]:
+    """New lines as they are written; reopens the file when it is rotated."""
+    fh: Any = None
+    ident: tuple[int, int] | None = None
+    partial = b""
+    first = True  # only the file open at start is read from its end
+    try:
+        while True:
+            if fh is None:
+                try:
+                    fh = open(path, "rb")  # noqa: SIM115 (reopened on rotation; closed in finally)
+                except FileNotFoundError:
+                    first = False
+                    system.sleep(poll)
+                    continue
+                st = os.fstat(fh.fileno())
+                ident = (st.st_dev, st.st_ino)
+                if first:
+                    fh.seek(0, os.SEEK_END)
+                first = False
+            chunk = fh.read(64 * 1024)
+            if chunk:
+                partial += chunk
+                *complete, partial = partial.split(b"\n")
+                for line in complete:
+                    yield line.decode("utf-8", "replace")
+                continue
+            try:
+                st = os.stat(path)
+                rotated = (st.st_dev, st.st_ino) != ident or st.st_size < fh.tell()
+            except FileNotFoundError:
+                rotated = True
+            if rotated:
+                fh.close()
+                fh = None
+                continue
+            system.sleep(poll)
+    finally:
+        if fh is not None:
+            fh.close()
+
+
+# ----------------------------------------------------------------------------
+# 9e. Secrets: the GitLab token's stores
+# ----------------------------------------------------------------------------
+
+
+KEYRING_SERVICE = "lore-service"
+SECRET_PLACEHOLDER = "<redacted>"
+
+
+def _os_store(backend: str, platform: str) -> str | None:
+    """The OS secret store that must hold the token, if any: macOS and Windows
+    have one (a launchd or schtasks entry is a preview of those OSes)."""
+    if backend == "launchd" or (platform == "darwin" and backend == "none"):
+        return "keychain"
+    if backend == "schtasks" or (platform == "win32" and backend == "none"):
+        return "credential-manager"
+    return None
+
+
+def default_token_source(backend: str, platform: str) -> str:
+    """auto: keychain on macOS, Credential Manager on Windows, env-file elsewhere."""
+    return _os_store(backend, platform) or "env-file"
+
+
+def check_token_source(source: str, backend: str, platform: str) -> None:
+    """The combinations the design review rules out, each with the way out."""
+    store = _os_store(backend, platform)
+    if source == "env-file" and store:
+        raise UsageError(
+            "the env-file token store is offered on Linux only",
+            f"use --token-source {store} (the default there) so nothing secret sits in a file",
+            code="bad_token_source",
+        )
+    if source != "embedded":
+        return
+    if backend == "none":
+        raise UsageError(
+            "--token-source embedded needs a scheduler entry to embed into, and backend none has none",
+            f"use --token-source {store or 'env-file'}, or set the token variable where `run` is called",
+            code="bad_token_source",
+        )
+    if backend in ("schtasks", "cron"):
+        # a task has no environment block, and cron hands its line to `sh -c`:
+        # either way the token would sit in an argv every process can read
+        raise UsageError(
+            f"--token-source embedded is not offered with {backend}: the token would be visible in the "
+            "process list while a run lasts",
+            f"use --token-source {store or 'env-file'} (the default)",
+            code="bad_token_source",
+        )
+
+
+def validate_token(token: str) -> str:
+    token = token.strip()
+    if not token:
+        raise UsageError("the token is empty", "pass a GitLab personal access token", code="no_token")
+    if any(c in token for c in "\r\n"):
+        raise UsageError("the token contains a line break", "pass the token on one line", code="bad_token")
+    # control characters and undecodable bytes (surrogate escapes) cannot be stored or sent as a header
+    if any(ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF for c in token):
+        raise UsageError(
+            "the token contains a control character or bytes that are not UTF-8",
+            "copy the token again from GitLab (User settings > Access tokens)",
+            code="bad_token",
+        )
+    return token
+
+
+def _secret_store_fix(platform: str) -> str:
+    """What gets the OS store working on this platform, or the store to use instead."""
+    if platform == "darwin":
+        return (
+            "unlock the login keychain (`security unlock-keychain`), or re-install with --token-source embedded "
+            "(the token is then kept in the LaunchAgent plist, mode 0600)"
+        )
+    if platform == "win32":
+        return "run from the user's own log-on session, where Credential Manager is available"
+    return "start a Secret Service (e.g. gnome-keyring) in this session, or re-install with --token-source env-file"
+
+
+def _keyring(platform: str) -> Any:
+    try:
+        import keyring
+        import keyring.errors
+    except ImportError:
+        raise SchedulerError(
+            "the keyring package is not installed",
+            "reinstall lore-service with its dependencies (pip install keyring); or " + _secret_store_fix(platform),
+            code="secret_store",
+        ) from None
+    return keyring
+
+
+def _keyring_error(action: str, exc: Exception, platform: str) -> SchedulerError:
+    return SchedulerError(
+        f"cannot {action} the token in the OS secret store: {exc.__class__.__name__}: {exc}",
+        _secret_store_fix(platform),
+        code="secret_store",
+    )
+
+
+def store_secret(paths: Paths, manifest: Manifest, token: str) -> str | None:
+    """Persist the token; returns the file written, if any."""
+    if manifest.token_source == "env-file":
+        path = paths.env_file(manifest.service_id)
+        atomic_write(path, f"{manifest.token_env}={token}\n", 0o600)
+        return path
+    if manifest.token_source in ("keychain", "credential-manager"):
+        keyring = _keyring(paths.platform)
+        try:
+            keyring.set_password(KEYRING_SERVICE, manifest.service_id, token)
+        except Exception as exc:  # keyring backends raise many unrelated types
+            raise _keyring_error("store", exc, paths.platform) from None
+    return None
+
+
+def read_secret(paths: Paths, manifest: Manifest, environ: dict[str, str]) -> str | None:
+    """The token for a run, or None; the variable in the caller's environment
+    (embedded entries, or `run` called from the user's own cron) is the fallback."""
+    token: str | None = None
+    if manifest.token_source == "env-file":
+        try:
+            with open(paths.env_file(manifest.service_id), encoding="utf-8") as fh:
+                for line in fh:
+                    key, sep, value = line.rstrip("\n").partition("=")
+                    if sep and key == manifest.token_env:
+                        token = value
+        except FileNotFoundError:
+            pass
+        except (OSError, UnicodeDecodeError) as exc:
+            raise StateFileError(f"cannot read the token file: {exc}", "check its permissions (0600, yours)") from None
+    elif manifest.token_source in ("keychain", "credential-manager"):
+        keyring = _keyring(paths.platform)
+        try:
+            token = keyring.get_password(KEYRING_SERVICE, manifest.service_id)
+        except Exception as exc:
+            raise _keyring_error("read", exc, paths.platform) from None
+    return token or environ.get(manifest.token_env) or None
+
+
+def delete_secret(paths: Paths, manifest: Manifest) -> None:
+    if manifest.token_source == "env-file":
+        remove_file(paths.env_file(manifest.service_id))
+    elif manifest.token_source in ("keychain", "credential-manager"):
+        keyring = _keyring(paths.platform)
+        try:
+            keyring.delete_password(KEYRING_SERVICE, manifest.service_id)
+        except keyring.errors.PasswordDeleteError:
+            pass  # already gone
+        except Exception as exc:
+            raise _keyring_error("delete", exc, paths.platform) from None
+
+
+# ----------------------------------------------------------------------------
+# 9f. The pinned executable (frozen builds)
+# ----------------------------------------------------------------------------
+
+
+# A release is the one-folder PyInstaller build (an archive; see build.py) or a
+# .pyz. Wherever the user unpacked it (Downloads, /tmp), the scheduler must not
+# run it from there: `install` copies the running build into
+# <data_root>/bin/<version>/ and every scheduler entry names that copy. The copy
+# is made under a temporary name in bin/, fsynced, asked for `--version`, and
+# only then renamed into place; a newer version lands in its own folder, so
+# entries switch to it only when `install` rewrites them. From source nothing is
+# copied: the entry is the absolute interpreter and script (doctor judges
+# whether they look disposable, section 12).
+
+PINNED_DIR = "bin"
+PINNED_EXE = TOOL_NAME + (".exe" if os.name == "nt" else "")
+PINNED_PYZ = TOOL_NAME + ".pyz"
+_PINNED: list[str] | None = None  # set by pin_running_program(); read by self_command()
+
+
+@record
+class Bundle:
+    """What is running: kind onedir | onefile (PyInstaller), zipapp, or source."""
+
+    kind: str
+    executable: str  # the frozen program, the .pyz, or the interpreter (source)
+    interpreter: str  # sys.executable
+    extraction: str | None = None  # PyInstaller's sys._MEIPASS (onefile: a temporary folder)
+
+
+def running_bundle(
+    *, frozen: bool | None = None, executable: str | None = None, meipass: str | None = None, module: str | None = None
+) -> Bundle:
+    """Classify this process (parameters default to sys; tests pass them)."""
+    frozen = bool(getattr(sys, "frozen", False)) if frozen is None else frozen
+    interpreter = os.path.abspath(executable or sys.executable)
+    if frozen:
+        meipass = meipass if meipass is not None else getattr(sys, "_MEIPASS", None)
+        home = os.path.dirname(interpreter)
+        # one-folder: the bundle is the program's own folder (PyInstaller 5) or its
+        # _internal (6); a one-file build extracts to a _MEIxxxx folder elsewhere,
+        # which may be a sibling of the program (run from /tmp), so no prefix test
+        beside = meipass is not None and os.path.abspath(meipass) in (home, os.path.join(home, "_internal"))
+        return Bundle("onedir" if beside else "onefile", interpreter, interpreter, meipass)
+    archive = os.path.dirname(os.path.abspath(module or __file__))
+    if os.path.isfile(archive):  # python app.pyz: __file__ is app.pyz/lore_service.py
+        return Bundle("zipapp", archive, interpreter)
+    return Bundle("source", os.path.abspath(module or __file__), interpreter)
+
+
+def bundle_command(bundle: Bundle) -> list[str]:
+    """argv prefix that starts the bundle where it is now."""
+    if bundle.kind in ("onedir", "onefile"):
+        return [bundle.executable]
+    return [bundle.interpreter, bundle.executable]
+
+
+def pinned_folder(data_root: str, version: str = __version__) -> str:
+    return os.path.join(data_root, PINNED_DIR, version)
+
+
+def pinned_command(data_root: str, bundle: Bundle, version: str = __version__) -> list[str]:
+    """argv prefix of the pinned copy the scheduler runs (source: unchanged)."""
+    folder = pinned_folder(data_root, version)
+    if bundle.kind in ("onedir", "onefile"):
+        return [os.path.join(folder, PINNED_EXE)]
+    if bundle.kind == "zipapp":
+        return [bundle.interpreter, os.path.join(folder, PINNED_PYZ)]
+    return bundle_command(bundle)
+
+
+def _bundle_parts(bundle: Bundle) -> list[tuple[str, str]]:
+    """(source path, name inside bin/<version>/) of everything the copy needs."""
+    if bundle.kind == "zipapp":
+        return [(bundle.executable, PINNED_PYZ)]
+    extraction = os.path.abspath(bundle.extraction or os.sep)
+    if bundle.kind == "onefile" and os.path.commonpath([extraction, bundle.executable]) == extraction:
+        # never copy (or point a scheduler at) a one-file build's temporary extraction folder
+        raise SchedulerError(
+            f"{bundle.executable} is inside PyInstaller's extraction folder {bundle.extraction}",
+            "run the lore-service program you downloaded, not a file from its temporary folder",
+            code="pin_failed",
+        )
+    parts = [(bundle.executable, PINNED_EXE)]
+    twin = os.path.join(os.path.dirname(bundle.executable), TOOL_NAME + "-w.exe")
+    if os.name == "nt" and os.path.isfile(twin):  # the no-console twin the scheduled task runs
+        parts.append((twin, TOOL_NAME + "-w.exe"))
+    home = os.path.dirname(bundle.executable)
+    if bundle.kind == "onedir" and bundle.extraction:
+        contents = os.path.relpath(bundle.extraction, home)
+        if contents != ".":  # the shared _internal folder (PyInstaller 6's default)
+            parts.append((bundle.extraction, contents))
+        else:  # contents_directory="." (or PyInstaller 5): the whole folder is the build
+            taken = {name for _, name in parts} | {os.path.basename(bundle.executable)}
+            parts.extend((os.path.join(home, n), n) for n in sorted(os.listdir(home)) if n not in taken)
+    return parts
+
+
+def frozen_child_environ(environ: dict[str, str], frozen: bool | None = None) -> dict[str, str]:
+    """environ for programs a frozen build starts: the library path as it was
+    before PyInstaller's bootloader pointed it at the bundle, and none of its
+    _PYI_* variables (a child lore, systemctl or crontab must load the system's
+    libraries; a child lore-service must start as a fresh instance)."""
+    if not (bool(getattr(sys, "frozen", False)) if frozen is None else frozen):
+        return dict(environ)
+    env = {k: v for k, v in environ.items() if not k.startswith("_PYI_") and k != "_MEIPASS2"}
+    for var in ("LD_LIBRARY_PATH", "DYLD_LIBRARY_PATH", "LIBPATH"):
+        orig = env.pop(var + "_ORIG", None)
+        env.pop(var, None)
+        if orig is not None:
+            env[var] = orig
+    env["PYINSTALLER_RESET_ENVIRONMENT"] = "1"
+    return env
+
+
+def _same_file(a: str, b: str) -> bool:
+    import filecmp
+
+    try:
+        return filecmp.cmp(a, b, shallow=False)
+    except OSError:
+        return False
+
+
+def _copy_synced(src: str, dst: str) -> None:
+    """Copy a file or a folder tree (symlinks kept), fsyncing every file and folder."""
+    import shutil
+
+    if os.path.isdir(src) and not os.path.islink(src):
+        shutil.copytree(src, dst, symlinks=True)
+        for folder, _, files in os.walk(dst):
+            for name in files:
+                full = os.path.join(folder, name)
+                if not os.path.islink(full):
+                    with open(full, "rb+") as fh:
+                        os.fsync(fh.fileno())
+            _fsync_dir(folder)
+        return
+    shutil.copy2(src, dst)
+    with open(dst, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def _answers_version(argv: list[str], version: str, frozen: bool, run: Callable[..., CommandResult]) -> str | None:
+    """None when argv --version --json reports this version; else what went wrong."""
+    result = run([*argv, "--version", "--json"], timeout=120)  # System's environ: no bundle library path
+    if not result.ok:
+        return f"exit status {result.returncode}: {result.summary()}"
+    try:
+        data = json.loads(result.stdout)["data"]
+    except (ValueError, KeyError, TypeError):
+        return f"unreadable --version output {result.stdout[:200]!r}"
+    if data.get("version") != version or bool(data.get("frozen")) != frozen:
+        return f"it reports version {data.get('version')!r} (frozen {data.get('frozen')!r}), expected {version!r}"
+    return None
+
+
+def pin_bundle(
+    data_root: str,
+    bundle: Bundle,
+    run: Callable[..., CommandResult],
+    version: str = __version__,
+    runs_in_progress: Callable[[], bool] = lambda: False,
+) -> list[str]:
+    """Make <data_root>/bin/<version>/ hold a verified copy of the bundle; returns
+    the argv prefix that runs it. Idempotent: an identical copy is kept as is.
+    A different build of the same version replaces it only while no run is in
+    progress: a running program finds its own files by path."""
+    import shutil
+
+    command = pinned_command(data_root, bundle, version)
+    if bundle.kind == "source":
+        return command
+    folder = pinned_folder(data_root, version)
+    parts = _bundle_parts(bundle)
+    if os.path.realpath(bundle.executable) == os.path.realpath(os.path.join(folder, parts[0][1])):
+        return command  # running from the pinned copy itself
+    if all(_same_file(src, os.path.join(folder, name)) for src, name in parts[:1]) and all(
+        os.path.exists(os.path.join(folder, name)) for _, name in parts
+    ):
+        return command  # same build already pinned (the executable carries the code)
+    bin_root = os.path.dirname(folder)
+    ensure_dir(bin_root)
+    staging = os.path.join(bin_root, f".{version}.{os.getpid()}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        ensure_dir(staging)
+        for src, name in parts:
+            _copy_synced(src, os.path.join(staging, name))
+        _fsync_dir(staging)
+        trial = [os.path.join(staging, parts[0][1])]
+        if bundle.kind == "zipapp":
+            trial.insert(0, bundle.interpreter)
+        problem = _answers_version(trial, version, bundle.kind != "zipapp", run)
+        if problem:
+            raise SchedulerError(
+                f"the copy of {bundle.executable} in {staging} does not run: {problem}",
+                "check free space and that the data folder allows executing programs (not mounted noexec)",
+                code="pin_failed",
+            )
+        if os.path.lexists(folder):  # same version, different build: swap it out
+            busy = "a run is executing from it: run install again when it has ended"
+            if runs_in_progress():
+                raise SchedulerError(f"cannot replace the pinned copy {folder} now", busy, code="pin_failed")
+            # set aside rather than deleted (prune_pinned removes it once an hour old)
+            old = os.path.join(bin_root, f".{version}.{os.getpid()}.old")
+            try:
+                os.replace(folder, old)
+            except OSError as exc:  # Windows: files of a running copy cannot be moved
+                raise SchedulerError(
+                    f"cannot replace the pinned copy {folder}: {exc.strerror or exc}", busy, code="pin_failed"
+                ) from None
+            os.utime(old)
+            try:
+                os.replace(staging, folder)
+            except BaseException:
+                os.replace(old, folder)  # never leave bin/<version> empty
+                raise
+        else:
+            os.replace(staging, folder)
+        _fsync_dir(bin_root)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return command
+
+
+def runs_in_progress(paths: Paths, system: System) -> bool:
+    """Whether any service's run (installed or not: its state folder is kept) holds its lock."""
+    try:
+        with_state = os.listdir(paths.state_root)
+    except OSError:
+        return False
+    return any(lock_is_held(paths.run_lock(sid), system) for sid in with_state)
+
+
+def prune_pinned(paths: Paths, system: System, keep: str) -> list[str]:
+    """Remove bin/<version> folders no installed service's manifest runs any more
+    (and leftovers of interrupted copies); keeps `keep`. Returns what was removed.
+    Any unreadable manifest stops the pruning: nothing is removed on a guess;
+    nor while any run is in progress, since it may be executing from one of them."""
+    import shutil
+
+    bin_root = os.path.join(paths.data_root, PINNED_DIR)
+    try:
+        names = os.listdir(bin_root)
+    except OSError:
+        return []
+    if runs_in_progress(paths, system):
+        return []
+    now_ms = system.now_ms()
+    used = {os.path.abspath(keep)}
+    for sid in paths.installed_ids():
+        try:
+            manifest = load_manifest(paths, sid)
+        except LoreServiceError:
+            return []
+        for arg in manifest.program[:2] if manifest else ():
+            if os.path.abspath(arg).startswith(bin_root + os.sep):
+                used.add(os.path.join(bin_root, os.path.relpath(arg, bin_root).split(os.sep)[0]))
+    removed = []
+    for name in names:
+        full = os.path.join(bin_root, name)
+        try:  # a folder younger than an hour may be another install's copy, not yet in its manifest
+            fresh = now_ms / 1000 - os.stat(full).st_mtime < 3600
+        except OSError:
+            continue
+        if full not in used and not fresh and os.path.isdir(full):
+            shutil.rmtree(full, ignore_errors=True)
+            removed.append(full)
+    return removed
+
+
+def pin_running_program(paths: Paths, system: System, *, dry_run: bool) -> list[str]:
+    """install's one call into this section: for a frozen build or a .pyz, copy it
+    to bin/<version>/ (not on --dry-run) and make self_command() name that copy,
+    so the manifest and every scheduler entry run it. From source: no-op."""
+    global _PINNED
+    bundle = running_bundle()
+    if bundle.kind == "source":
+        _PINNED = None
+        return bundle_command(bundle)
+    if dry_run:
+        _PINNED = pinned_command(paths.data_root, bundle)
+        _bundle_parts(bundle)  # still refuse an extraction folder
+    else:
+        _PINNED = pin_bundle(
+            paths.data_root, bundle, system.run, runs_in_progress=lambda: runs_in_progress(paths, system)
+        )
+        prune_pinned(paths, system, pinned_folder(paths.data_root))
+    return _PINNED
 
 
 if __name__ == "__main__":
