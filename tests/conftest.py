@@ -9,6 +9,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -321,9 +322,9 @@ def edit_config(home: Path, sid: str, change) -> None:
     import tomli_w
 
     path = home / "config" / sid / "service.toml"
-    doc = tomllib.loads(path.read_text())
+    doc = tomllib.loads(path.read_text(encoding="utf-8"))
     change(doc)
-    path.write_text(tomli_w.dumps(doc))
+    path.write_text(tomli_w.dumps(doc), encoding="utf-8")
 
 
 class MemoryKeyring:
@@ -385,3 +386,28 @@ def shared_schema(name: str) -> Path:
         pytest.fail(message + "; LORE_E2E_REQUIRED=1 makes this an error")
     pytest.skip(message)
 
+
+def pid_alive(pid: int) -> bool:
+    """The process exists and is not a zombie (a zombie still answers kill(0))."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def wait_until(condition: Callable[[], bool], timeout: float) -> None:
+    """Poll `condition` every 50 ms until it holds or `timeout` seconds pass;
+    the caller asserts what it needs afterwards."""
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def wait_for_exit(pid: int, timeout: float = 5.0) -> None:
+    """Give a process up to `timeout` seconds to die (the caller asserts it did)."""
+    wait_until(lambda: not pid_alive(pid), timeout)
