@@ -1,5 +1,6 @@
-"""Shared fixtures: a private home, a project, the fake `lore`, a fake System,
-and two ways to drive the tool: main(argv) in-process and a real subprocess."""
+"""Shared fixtures: a private home, a project, the fake `lore`, a fake System
+(and its macOS and Windows kinds), and two ways to drive the tool: main(argv)
+in-process and a real subprocess."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import os
 import stat
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,6 +28,7 @@ import lore_service as ls  # noqa: E402
 TOKEN = "glpat-SECRET-token-value-42"
 SCRIPT = str(ROOT / "lore_service.py")
 FAKE_LORE = str(Path(__file__).resolve().parent / "fake_lore.py")
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 class FakeSystem(ls.System):
@@ -83,6 +87,95 @@ class FakeSystem(ls.System):
 
     def read_stdin(self) -> str:
         return self.stdin_text
+
+
+def res(code: int, stdout: str = "", stderr: str = "") -> ls.CommandResult:
+    """A scheduler command's answer, for FakeSystem.respond."""
+    return ls.CommandResult([], code, stdout, stderr)
+
+
+def fixture_bytes(folder: str, name: str) -> bytes:
+    """A captured real output in tests/fixtures/<folder>/ (launchd, schtasks)."""
+    return (FIXTURES / folder / name).read_bytes()
+
+
+def fixture_text(folder: str, name: str) -> str:
+    return fixture_bytes(folder, name).decode("utf-8")
+
+
+UID = 501  # the Mac user's uid
+NOT_LOADED = res(113, "", fixture_text("launchd", "print_not_loaded.stderr.txt"))
+
+
+class MacSystem(FakeSystem):
+    """A logged-in Mac user at the console, as far as lore-service can tell.
+
+    launchctl is modelled as launchd behaves: `bootstrap` loads the job,
+    `bootout` unloads it, but asynchronously: `print` still shows it loaded
+    for `bootout_lag` more calls (launchd has not let go of the label yet).
+    The clock is fake, so waiting costs the tests nothing."""
+
+    def __init__(self, environ: dict[str, str]) -> None:
+        super().__init__(environ, platform="darwin")
+        self.fake_uid = UID
+        self.fake_euid = UID
+        self.console_uid: int | None = UID
+        self.which_map["launchctl"] = "/bin/launchctl"
+        self.loaded: dict[str, int] = {}  # target -> print calls left before an unload shows (-1: loaded)
+        self.bootout_lag = 0
+        self.mono = 1000.0
+        self.respond(["launchctl", "print"], self._print)
+        self.respond(["launchctl", "bootstrap"], self._bootstrap)
+        self.respond(["launchctl", "bootout"], self._bootout)
+
+    def _print(self, argv: list[str], _input: Any) -> ls.CommandResult:
+        if argv[2] == f"gui/{UID}":
+            return res(0)
+        left = self.loaded.get(argv[2])
+        if left is None:
+            return NOT_LOADED
+        if left == 0:
+            del self.loaded[argv[2]]
+            return NOT_LOADED
+        if left > 0:
+            self.loaded[argv[2]] = left - 1
+        return res(0, fixture_text("launchd", "print_idle_ran.txt"))
+
+    def _bootstrap(self, argv: list[str], _input: Any) -> ls.CommandResult:
+        target = f"{argv[2]}/{Path(argv[3]).stem}"
+        if self.loaded.get(target, 0) != 0:  # still (being) loaded: launchd refuses
+            return res(5, "", fixture_text("launchd", "bootstrap_failed_5.stderr.txt"))
+        self.loaded[target] = -1
+        return res(0)
+
+    def _bootout(self, argv: list[str], _input: Any) -> ls.CommandResult:
+        if argv[2] not in self.loaded:
+            return res(113, "", "Boot-out failed: 113: Could not find specified service\n")
+        self.loaded[argv[2]] = self.bootout_lag
+        return res(0)
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    def sleep(self, seconds: float) -> None:
+        self.mono += seconds
+
+    def uid(self) -> int:
+        return self.fake_uid
+
+    def euid(self) -> int:
+        return self.fake_euid
+
+    def console_owner_uid(self) -> int | None:
+        return self.console_uid
+
+
+class WinSystem(FakeSystem):
+    """A Windows user with schtasks.exe on PATH."""
+
+    def __init__(self, environ: dict[str, str]) -> None:
+        super().__init__(environ, platform="win32")
+        self.which_map["schtasks"] = "C:\\Windows\\System32\\schtasks.exe"
 
 
 @dataclass
@@ -155,6 +248,11 @@ def cli(system: FakeSystem, capsys: pytest.CaptureFixture[str], project: Path, m
     return call
 
 
+def install(cli: Callable[..., Result], backend: str, *extra: str, system: FakeSystem | None = None) -> Result:
+    """`install --backend <backend> <extra>` through `cli`, on `system` (default: the `system` fixture)."""
+    return cli("--json", "install", "--backend", backend, *extra, sys_=system)
+
+
 FROZEN = os.environ.get("LORE_SERVICE_FROZEN", "")
 
 
@@ -212,7 +310,7 @@ def calls(project: Path) -> list[dict[str, Any]]:
 @pytest.fixture
 def installed(cli, project: Path, lore_bin: Path):
     """A service installed for `project` on the fake backend."""
-    result = cli("--json", "install", "--backend", "fake", "--interval", "30m")
+    result = install(cli, "fake", "--interval", "30m")
     assert result.code == 0, result.err + result.out
     return result.data
 
@@ -224,9 +322,9 @@ def edit_config(home: Path, sid: str, change) -> None:
     import tomli_w
 
     path = home / "config" / sid / "service.toml"
-    doc = tomllib.loads(path.read_text())
+    doc = tomllib.loads(path.read_text(encoding="utf-8"))
     change(doc)
-    path.write_text(tomli_w.dumps(doc))
+    path.write_text(tomli_w.dumps(doc), encoding="utf-8")
 
 
 class MemoryKeyring:
@@ -287,3 +385,29 @@ def shared_schema(name: str) -> Path:
     if os.environ.get("LORE_E2E_REQUIRED") == "1":
         pytest.fail(message + "; LORE_E2E_REQUIRED=1 makes this an error")
     pytest.skip(message)
+
+
+def pid_alive(pid: int) -> bool:
+    """The process exists and is not a zombie (a zombie still answers kill(0))."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def wait_until(condition: Callable[[], bool], timeout: float) -> None:
+    """Poll `condition` every 50 ms until it holds or `timeout` seconds pass;
+    the caller asserts what it needs afterwards."""
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def wait_for_exit(pid: int, timeout: float = 5.0) -> None:
+    """Give a process up to `timeout` seconds to die (the caller asserts it did)."""
+    wait_until(lambda: not pid_alive(pid), timeout)

@@ -17,16 +17,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TOKEN, FakeSystem, Result, backend_and_manifest
+from conftest import TOKEN, FakeSystem, MacSystem, WinSystem, backend_and_manifest, install, res
 from harness.cron_daemon import cron_command_as_executed, split_crontab_line
 
 import lore_service as ls
 
 USER = "alice"
-
-
-def res(code: int, stdout: str = "", stderr: str = "") -> ls.CommandResult:
-    return ls.CommandResult([], code, stdout, stderr)
 
 
 class MemoryCrontab:
@@ -79,10 +75,6 @@ def csys(system: FakeSystem, crontab: MemoryCrontab) -> FakeSystem:
 
     system.sleep = sleep  # type: ignore[method-assign]
     return system
-
-
-def install(cli, *extra: str) -> Result:
-    return cli("--json", "install", "--backend", "cron", *extra)
 
 
 def block_of(text: str, sid: str) -> str:
@@ -141,7 +133,7 @@ def test_offsets_spread_services() -> None:
 
 
 def test_step_recorded_in_manifest_and_warned(cli, csys: FakeSystem) -> None:
-    r = install(cli, "--interval", "45m")
+    r = install(cli, "cron", "--interval", "45m")
     assert r.code == 0, r.err + r.out
     assert r.data["schedule_step_seconds"] == 900
     assert any("fires every 15m" in w for w in r.data["warnings"])
@@ -186,7 +178,7 @@ OTHERS = (
 
 def test_install_keeps_every_other_byte(cli, csys: FakeSystem, crontab: MemoryCrontab) -> None:
     crontab.text = OTHERS
-    r = install(cli)
+    r = install(cli, "cron")
     assert r.code == 0, r.err + r.out
     sid = r.data["service_id"]
     assert crontab.text.startswith(OTHERS)
@@ -199,9 +191,9 @@ def test_install_keeps_every_other_byte(cli, csys: FakeSystem, crontab: MemoryCr
 
 def test_install_twice_leaves_one_block_and_writes_once(cli, csys: FakeSystem, crontab: MemoryCrontab) -> None:
     crontab.text = OTHERS
-    assert install(cli).code == 0
+    assert install(cli, "cron").code == 0
     after_first = crontab.text
-    r = install(cli)
+    r = install(cli, "cron")
     assert r.code == 0, r.err
     assert crontab.text == after_first
     assert len(crontab.writes) == 1
@@ -211,27 +203,27 @@ def test_install_twice_leaves_one_block_and_writes_once(cli, csys: FakeSystem, c
 
 
 def test_reinstall_replaces_block_in_place(cli, csys: FakeSystem, crontab: MemoryCrontab) -> None:
-    r = install(cli, "--interval", "30m")
+    r = install(cli, "cron", "--interval", "30m")
     sid = r.data["service_id"]
     old = block_of(crontab.text, sid)
     crontab.text = "# top\n" + old + "# bottom\n"
-    assert install(cli, "--interval", "2h").code == 0
+    assert install(cli, "cron", "--interval", "2h").code == 0
     new = block_of(crontab.text, sid)
     assert new != old and "-23/2 * * *" in new
     assert crontab.text == "# top\n" + new + "# bottom\n"
 
 
 def test_duplicate_blocks_collapse_to_one(cli, csys: FakeSystem, crontab: MemoryCrontab) -> None:
-    sid = install(cli).data["service_id"]
+    sid = install(cli, "cron").data["service_id"]
     block = block_of(crontab.text, sid)
     crontab.text = block + "# mine\n" + block
-    assert install(cli).code == 0
+    assert install(cli, "cron").code == 0
     assert crontab.text == block + "# mine\n"
 
 
 def test_crontab_without_final_newline(cli, csys: FakeSystem, crontab: MemoryCrontab) -> None:
     crontab.text = "MAILTO=me"
-    r = install(cli)
+    r = install(cli, "cron")
     assert r.code == 0, r.err + r.out
     assert crontab.text == "MAILTO=me\n" + block_of(crontab.text, r.data["service_id"])
     # uninstall takes exactly the block away again
@@ -251,7 +243,7 @@ def test_lone_marker_is_refused(cli, csys: FakeSystem, crontab: MemoryCrontab, p
     sid = ls.derive_service_id(str(project.resolve()))
     crontab.text = "# keep\n" + broken.format(sid=sid)
     before = crontab.text
-    r = install(cli)
+    r = install(cli, "cron")
     assert r.code == ls.EXIT_SCHEDULER, r.out
     err = r.doc["error"]
     assert err["code"] == "crontab_marker"
@@ -263,14 +255,14 @@ def test_lone_marker_is_refused(cli, csys: FakeSystem, crontab: MemoryCrontab, p
 def test_markers_of_other_ids_are_not_ours(cli, csys: FakeSystem, crontab: MemoryCrontab, project: Path) -> None:
     sid = ls.derive_service_id(str(project.resolve()))
     crontab.text = f"# BEGIN lore-service {sid}-old\n* * * * * x\n"  # lone, but another id (a prefix of ours)
-    r = install(cli)
+    r = install(cli, "cron")
     assert r.code == 0, r.err + r.out
     assert crontab.text.startswith(f"# BEGIN lore-service {sid}-old\n* * * * * x\n# BEGIN lore-service {sid}\n")
 
 
 def test_uninstall_leaves_the_rest(cli, csys: FakeSystem, crontab: MemoryCrontab) -> None:
     crontab.text = OTHERS
-    assert install(cli).code == 0
+    assert install(cli, "cron").code == 0
     r = cli("--json", "uninstall")
     assert r.code == 0, r.err + r.out
     assert crontab.text == OTHERS
@@ -278,14 +270,14 @@ def test_uninstall_leaves_the_rest(cli, csys: FakeSystem, crontab: MemoryCrontab
 
 
 def test_uninstall_of_the_only_block_keeps_an_empty_crontab(cli, csys: FakeSystem, crontab: MemoryCrontab) -> None:
-    assert install(cli).code == 0  # no crontab before
+    assert install(cli, "cron").code == 0  # no crontab before
     assert cli("--json", "uninstall").code == 0
     assert crontab.text == ""
     assert all(c[:2] != ["crontab", "-r"] for c in csys.commands)
 
 
 def test_uninstall_without_block_writes_nothing(cli, csys: FakeSystem, crontab: MemoryCrontab) -> None:
-    assert install(cli).code == 0
+    assert install(cli, "cron").code == 0
     crontab.text = OTHERS
     crontab.writes.clear()
     assert cli("--json", "uninstall").code == 0
@@ -293,7 +285,7 @@ def test_uninstall_without_block_writes_nothing(cli, csys: FakeSystem, crontab: 
 
 
 def test_uninstall_refuses_a_lone_marker(cli, csys: FakeSystem, crontab: MemoryCrontab) -> None:
-    sid = install(cli).data["service_id"]
+    sid = install(cli, "cron").data["service_id"]
     crontab.text = f"# END lore-service {sid}\n"
     r = cli("--json", "uninstall")
     assert r.code == ls.EXIT_SCHEDULER
@@ -303,7 +295,7 @@ def test_uninstall_refuses_a_lone_marker(cli, csys: FakeSystem, crontab: MemoryC
 
 
 def test_exact_command_sequence(cli, csys: FakeSystem, crontab: MemoryCrontab) -> None:
-    r = install(cli)
+    r = install(cli, "cron")
     assert r.code == 0, r.err
     tmp = os.path.join(ls.Paths(csys).state_dir(r.data["service_id"]), "crontab.new")
     assert csys.commands == [
@@ -322,7 +314,7 @@ def test_crontab_write_failure_is_exit_6(cli, csys: FakeSystem, crontab: MemoryC
         return res(1, "", '"/x":1: bad minute\nerrors in crontab file, can\'t install.') if argv[1] != "-l" else res(0)
 
     csys.respond(["crontab"], refuse)
-    r = install(cli)
+    r = install(cli, "cron")
     assert r.code == ls.EXIT_SCHEDULER
     assert r.doc["error"]["code"] == "crontab_write"
     assert ls.Paths(csys).installed_ids() == []
@@ -330,7 +322,7 @@ def test_crontab_write_failure_is_exit_6(cli, csys: FakeSystem, crontab: MemoryC
 
 def test_non_utf8_crontab_is_not_rewritten(cli, csys: FakeSystem, crontab: MemoryCrontab) -> None:
     crontab.text = "# caf\ufffd\n"  # what System.run makes of a Latin-1 byte
-    r = install(cli)
+    r = install(cli, "cron")
     assert r.code == ls.EXIT_SCHEDULER
     assert r.doc["error"]["code"] == "crontab_encoding"
     assert crontab.writes == []
@@ -352,7 +344,7 @@ def test_line_sets_environment_and_quotes_program(
     weird = tmp_path / "home 100% 'q' \"x\" $HOME é"
     csys.environ["LORE_SERVICE_HOME"] = str(weird)
     csys.environ["HOME"] = str(tmp_path / "u 50%")
-    r = install(cli)
+    r = install(cli, "cron")
     assert r.code == 0, r.err + r.out
     sid = r.data["service_id"]
     line = job_line(crontab.text, sid)
@@ -420,7 +412,7 @@ def fake_manifest(paths: ls.Paths, sid: str, **kw) -> ls.Manifest:
 def test_backslash_is_refused(cli, csys: FakeSystem, tmp_path: Path) -> None:
     csys.environ["LORE_SERVICE_HOME"] = str(tmp_path / "a\\b")
     for extra in ((), ("--dry-run",)):
-        r = install(cli, *extra)
+        r = install(cli, "cron", *extra)
         assert r.code == ls.EXIT_USAGE, r.out
         assert r.doc["error"]["code"] == "cron_unsafe"
         assert "backslash" in r.doc["error"]["hint"]
@@ -428,7 +420,7 @@ def test_backslash_is_refused(cli, csys: FakeSystem, tmp_path: Path) -> None:
 
 def test_too_long_line_is_refused(cli, csys: FakeSystem, tmp_path: Path, crontab: MemoryCrontab) -> None:
     csys.environ["LORE_SERVICE_HOME"] = str(tmp_path / "/".join(["x" * 60] * 8))
-    r = install(cli)
+    r = install(cli, "cron")
     assert r.code == ls.EXIT_USAGE, r.out
     assert r.doc["error"]["code"] == "cron_line_too_long"
     assert "999" in r.doc["error"]["message"]
@@ -441,13 +433,13 @@ def test_too_long_line_is_refused(cli, csys: FakeSystem, tmp_path: Path, crontab
 def test_the_token_is_never_in_the_crontab_and_embedded_is_refused(
     cli, csys: FakeSystem, crontab: MemoryCrontab
 ) -> None:
-    r = install(cli)
+    r = install(cli, "cron")
     assert r.code == 0
     assert TOKEN not in crontab.text and "GITLAB_TOKEN" not in crontab.text
     before = crontab.text
     # cron hands its line to `sh -c`: an embedded token would be in a visible argv
     for extra in ((), ("--dry-run",)):
-        refused = install(cli, "--token-source", "embedded", *extra)
+        refused = install(cli, "cron", "--token-source", "embedded", *extra)
         assert refused.code == 2 and refused.doc["error"]["code"] == "bad_token_source"
         assert "process list" in refused.doc["error"]["message"] and "env-file" in refused.doc["error"]["hint"]
         assert TOKEN not in refused.out
@@ -486,7 +478,7 @@ def test_dry_run_real_subprocess(tool) -> None:
 
 
 def test_state_reads_the_block_back(cli, csys: FakeSystem, crontab: MemoryCrontab) -> None:
-    sid = install(cli, "--interval", "30m").data["service_id"]
+    sid = install(cli, "cron", "--interval", "30m").data["service_id"]
     backend, manifest = backend_and_manifest(csys, ls.CronBackend, sid)
     csys.clock_ms = 1_800_000_000_000
     st = backend.state(manifest)
@@ -498,7 +490,7 @@ def test_state_reads_the_block_back(cli, csys: FakeSystem, crontab: MemoryCronta
 
 
 def test_next_run_skips_ticks_that_are_not_due(cli, csys: FakeSystem, crontab: MemoryCrontab) -> None:
-    sid = install(cli, "--interval", "45m").data["service_id"]
+    sid = install(cli, "cron", "--interval", "45m").data["service_id"]
     backend, manifest = backend_and_manifest(csys, ls.CronBackend, sid)
     now = 1_800_000_000_000
     csys.clock_ms = now
@@ -512,7 +504,7 @@ def test_next_run_skips_ticks_that_are_not_due(cli, csys: FakeSystem, crontab: M
 
 @pytest.mark.parametrize("edit", ["minute", "removed", "extra line", "token added"])
 def test_drift_detected_and_repaired(cli, csys: FakeSystem, crontab: MemoryCrontab, edit: str) -> None:
-    sid = install(cli).data["service_id"]
+    sid = install(cli, "cron").data["service_id"]
     block = block_of(crontab.text, sid)
     line = block.splitlines()[1]
     if edit == "minute":
@@ -532,20 +524,20 @@ def test_drift_detected_and_repaired(cli, csys: FakeSystem, crontab: MemoryCront
     assert any(c["name"] == "scheduler entry" and c["status"] == "fail" for c in r.data["checks"])
     status = cli("--json", "status").data
     assert status["scheduler"]["drift"]
-    assert install(cli).code == 0
+    assert install(cli, "cron").code == 0
     assert backend.state(manifest)["drift"] == []
     assert crontab.text.count(f"# BEGIN lore-service {sid}\n") == 1
 
 
 def test_lone_marker_is_drift_in_status(cli, csys: FakeSystem, crontab: MemoryCrontab) -> None:
-    sid = install(cli).data["service_id"]
+    sid = install(cli, "cron").data["service_id"]
     crontab.text = f"# BEGIN lore-service {sid}\n"
     st = cli("--json", "status").data["scheduler"]
     assert st["registered"] is False and "lone" in st["drift"][0]
 
 
 def test_doctor_all_ok(cli, csys: FakeSystem) -> None:
-    assert install(cli).code == 0
+    assert install(cli, "cron").code == 0
     r = cli("--json", "doctor")
     checks = {c["name"]: c for c in r.data["checks"]}
     assert r.code == 0, [c for c in r.data["checks"] if c["status"] != "ok"]
@@ -555,7 +547,7 @@ def test_doctor_all_ok(cli, csys: FakeSystem) -> None:
 
 
 def test_doctor_warns_without_daemon(cli, csys: FakeSystem) -> None:
-    assert install(cli).code == 0
+    assert install(cli, "cron").code == 0
     csys.respond(["pgrep"], res(1))
     r = cli("--json", "doctor")
     check = next(c for c in r.data["checks"] if c["name"] == "cron daemon")
@@ -587,7 +579,7 @@ def test_daemon_without_pgrep_reads_proc(csys: FakeSystem) -> None:
 
 
 def test_doctor_fails_when_crontab_missing(cli, csys: FakeSystem) -> None:
-    assert install(cli).code == 0
+    assert install(cli, "cron").code == 0
     csys.respond(["crontab"], res(127, "", "crontab: command not found"))
     r = cli("--json", "doctor")
     assert r.code == ls.EXIT_FAILED
@@ -599,13 +591,13 @@ def test_doctor_fails_when_crontab_missing(cli, csys: FakeSystem) -> None:
 
 def test_install_refused_when_crontab_missing(cli, csys: FakeSystem) -> None:
     csys.respond(["crontab"], res(127, "", "crontab: command not found"))
-    r = install(cli)
+    r = install(cli, "cron")
     assert r.code == ls.EXIT_SCHEDULER
     assert "apt install" in r.doc["error"]["hint"]
 
 
 def test_crash_log_trimmed_before_run(cli, csys: FakeSystem) -> None:
-    sid = install(cli).data["service_id"]
+    sid = install(cli, "cron").data["service_id"]
     backend, manifest = backend_and_manifest(csys, ls.CronBackend, sid)
     crash = Path(ls.Paths(csys).crash_log(sid))
     crash.write_bytes(b"x" * 99 + b"\n" + b"y" * 99 + b"\n" * (ls.CRASH_LOG_MAX_BYTES // 100 + 10))
@@ -617,7 +609,7 @@ def test_crash_log_trimmed_before_run(cli, csys: FakeSystem) -> None:
 
 
 def test_doctor_flags_missing_log_folder(cli, csys: FakeSystem) -> None:
-    sid = install(cli).data["service_id"]
+    sid = install(cli, "cron").data["service_id"]
     shutil.rmtree(ls.Paths(csys).log_dir(sid))
     r = cli("--json", "doctor")
     check = next(c for c in r.data["checks"] if c["name"] == "crash log")
@@ -628,9 +620,9 @@ def test_doctor_flags_missing_log_folder(cli, csys: FakeSystem) -> None:
 
 
 def test_detect(environ: dict[str, str]) -> None:
-    mac = FakeSystem(environ, platform="darwin")
+    mac = MacSystem(environ)
     assert ls.CronBackend.detect(mac)[0] is False and "macOS" in ls.CronBackend.detect(mac)[1]
-    assert ls.CronBackend.detect(FakeSystem(environ, platform="win32"))[0] is False
+    assert ls.CronBackend.detect(WinSystem(environ))[0] is False
     linux = FakeSystem(environ)
     linux.respond(["crontab", "-l"], res(1, "", "no crontab for alice\n"))
     assert ls.CronBackend.detect(linux) == (True, "the user's crontab can be read (`crontab -l`)")
@@ -681,13 +673,13 @@ def test_readiness_doctor_names_cron_and_daemon(cli, csys: FakeSystem, no_user_m
 
 
 def test_switching_to_cron_removes_the_old_entry(cli, csys: FakeSystem, crontab: MemoryCrontab) -> None:
-    r = cli("--json", "install", "--backend", "fake")
+    r = install(cli, "fake")
     assert r.code == 0, r.err + r.out
-    r = install(cli)
+    r = install(cli, "cron")
     assert r.code == 0, r.err + r.out
     assert any("removed the fake entry" in w for w in r.data["warnings"])
     # and back: the cron block goes away
-    r = cli("--json", "install", "--backend", "fake")
+    r = install(cli, "fake")
     assert r.code == 0, r.err + r.out
     assert "# BEGIN lore-service" not in crontab.text
 
@@ -695,7 +687,7 @@ def test_switching_to_cron_removes_the_old_entry(cli, csys: FakeSystem, crontab:
 def test_outputs_match_the_schemas(cli, csys: FakeSystem) -> None:
     from test_schemas import validate
 
-    r = install(cli, "--interval", "45m")
+    r = install(cli, "cron", "--interval", "45m")
     assert r.code == 0, r.err + r.out
     validate(r.doc, "envelope.schema.json")
     sid = r.data["service_id"]
@@ -712,7 +704,7 @@ def test_outputs_match_the_schemas(cli, csys: FakeSystem) -> None:
 )
 def test_no_write_in_the_reload_second(cli, csys: FakeSystem, crontab: MemoryCrontab, second, slept) -> None:
     csys.clock_ms = int((1_800_000_000 // 60 * 60 + second) * 1000)
-    assert install(cli).code == 0
+    assert install(cli, "cron").code == 0
     assert csys.slept == pytest.approx(slept)  # type: ignore[attr-defined]
     assert len(crontab.writes) == 1
 
@@ -770,7 +762,7 @@ def test_system_run_keeps_a_crontabs_carriage_returns_only_when_asked():
 def test_cr_bytes_in_the_crontab_survive_install_and_uninstall(cli, csys: FakeSystem, crontab: MemoryCrontab):
     theirs = "# saved on Windows\r\n17 3 * * * /bin/true\n# lone\rbyte\n"
     crontab.text = theirs
-    assert install(cli).code == 0
+    assert install(cli, "cron").code == 0
     assert crontab.text.startswith(theirs)
     assert cli("--json", "uninstall").code == 0
     assert crontab.text == theirs
@@ -786,6 +778,6 @@ def test_a_slow_read_that_ends_in_the_reload_window_still_waits_before_writing(
         return crontab.list(argv, _input)
 
     csys.respond(["crontab", "-l"], slow_list)
-    assert install(cli).code == 0
+    assert install(cli, "cron").code == 0
     assert csys.slept == pytest.approx([2.5])  # type: ignore[attr-defined]
     assert len(crontab.writes) == 1

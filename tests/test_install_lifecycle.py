@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from conftest import TOKEN, edit_config
+from conftest import TOKEN, edit_config, res
 
 import lore_service as ls
 
@@ -39,7 +39,7 @@ def test_dry_run_writes_and_runs_nothing_and_redacts_the_token(cli, home, system
 def test_dry_run_names_what_is_missing_where_nothing_is_available(cli, system, home):
     system.which_map.update({"lore": None, "systemctl": None, "crontab": None})
     for tool in ("systemctl", "crontab"):
-        system.respond([tool], ls.CommandResult([], 127, "", f"{tool}: command not found"))
+        system.respond([tool], res(127, "", f"{tool}: command not found"))
     system.environ.pop("GITLAB_TOKEN")
     r = cli("--json", "install", "--dry-run")
     assert r.code == 0
@@ -142,7 +142,7 @@ def test_switching_backend_removes_the_old_entry_first(cli, installed, system, h
 
 
 def test_failing_scheduler_on_first_install_leaves_nothing_behind(cli, system, home):
-    system.respond(["fake-scheduler", "register"], ls.CommandResult([], 1, "", "permission denied"))
+    system.respond(["fake-scheduler", "register"], res(1, "", "permission denied"))
     r = cli("--json", "install", "--backend", "fake")
     assert r.code == 6 and "permission denied" in r.doc["error"]["message"]
     assert ls.Paths(system).installed_ids() == []
@@ -199,7 +199,7 @@ def test_failing_reinstall_keeps_the_previous_config(cli, installed, system, hom
     sid = installed["service_id"]
     cfg = home / "config" / sid / "service.toml"
     before = cfg.read_text()
-    system.respond(["fake-scheduler", "register"], ls.CommandResult([], 1, "", "boom"))
+    system.respond(["fake-scheduler", "register"], res(1, "", "boom"))
     r = cli("--json", "install", "--backend", "fake", "--interval", "1h")
     assert r.code == 6
     assert cfg.read_text() == before

@@ -14,16 +14,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TOKEN, FakeSystem, MemoryKeyring, Result, backend_and_manifest, shared_schema
+from conftest import (
+    TOKEN,
+    UID,
+    FakeSystem,
+    MacSystem,
+    MemoryKeyring,
+    backend_and_manifest,
+    fixture_text,
+    install,
+    res,
+    shared_schema,
+)
 
 import lore_service as ls
-
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "launchd"
-UID = 501
-
-
-def fixture_text(name: str) -> str:
-    return (FIXTURES / name).read_text(encoding="utf-8")
 
 
 def schemas_dir() -> Path:
@@ -43,87 +47,13 @@ def validate_plist(content: str) -> dict[str, Any]:
     return job
 
 
-class MacSystem(FakeSystem):
-    """A logged-in Mac user at the console, as far as lore-service can tell.
-
-    launchctl is modelled as launchd behaves: `bootstrap` loads the job,
-    `bootout` unloads it, but asynchronously: `print` still shows it loaded
-    for `bootout_lag` more calls (launchd has not let go of the label yet).
-    The clock is fake, so waiting costs the tests nothing."""
-
-    def __init__(self, environ: dict[str, str]) -> None:
-        super().__init__(environ, platform="darwin")
-        self.fake_uid = UID
-        self.fake_euid = UID
-        self.console_uid: int | None = UID
-        self.which_map["launchctl"] = "/bin/launchctl"
-        self.loaded: dict[str, int] = {}  # target -> print calls left before an unload shows (-1: loaded)
-        self.bootout_lag = 0
-        self.mono = 1000.0
-        self.respond(["launchctl", "print"], self._print)
-        self.respond(["launchctl", "bootstrap"], self._bootstrap)
-        self.respond(["launchctl", "bootout"], self._bootout)
-
-    def _print(self, argv: list[str], _input: Any) -> ls.CommandResult:
-        if argv[2] == f"gui/{UID}":
-            return res(0)
-        left = self.loaded.get(argv[2])
-        if left is None:
-            return NOT_LOADED
-        if left == 0:
-            del self.loaded[argv[2]]
-            return NOT_LOADED
-        if left > 0:
-            self.loaded[argv[2]] = left - 1
-        return res(0, fixture_text("print_idle_ran.txt"))
-
-    def _bootstrap(self, argv: list[str], _input: Any) -> ls.CommandResult:
-        target = f"{argv[2]}/{Path(argv[3]).stem}"
-        if self.loaded.get(target, 0) != 0:  # still (being) loaded: launchd refuses
-            return res(5, "", fixture_text("bootstrap_failed_5.stderr.txt"))
-        self.loaded[target] = -1
-        return res(0)
-
-    def _bootout(self, argv: list[str], _input: Any) -> ls.CommandResult:
-        if argv[2] not in self.loaded:
-            return res(113, "", "Boot-out failed: 113: Could not find specified service\n")
-        self.loaded[argv[2]] = self.bootout_lag
-        return res(0)
-
-    def monotonic(self) -> float:
-        return self.mono
-
-    def sleep(self, seconds: float) -> None:
-        self.mono += seconds
-
-    def uid(self) -> int:
-        return self.fake_uid
-
-    def euid(self) -> int:
-        return self.fake_euid
-
-    def console_owner_uid(self) -> int | None:
-        return self.console_uid
-
-
 @pytest.fixture
 def mac(environ: dict[str, str], memory_keyring: MemoryKeyring) -> MacSystem:
     return MacSystem(dict(environ))
 
 
-def res(code: int, stdout: str = "", stderr: str = "") -> ls.CommandResult:
-    return ls.CommandResult([], code, stdout, stderr)
-
-
-NOT_LOADED = res(113, "", fixture_text("print_not_loaded.stderr.txt"))
-
-
 def plist_file(data: dict[str, Any]) -> dict[str, Any]:
     return next(f for f in data["files"] if f["path"].endswith(".plist"))
-
-
-def install(cli, mac: MacSystem, *extra: str) -> Result:
-    return cli("--json", "install", "--backend", "launchd", *extra, sys_=mac)
 
 
 # -- dry-run on Linux, real subprocess ------------------------------------------------
@@ -218,7 +148,7 @@ def test_detect(environ: dict[str, str]) -> None:
 
 
 def test_fresh_install_sequence(cli, mac: MacSystem, memory_keyring: MemoryKeyring, home: Path) -> None:
-    r = install(cli, mac)
+    r = install(cli, "launchd", system=mac)
     assert r.code == 0, r.err + r.out
     sid = r.data["service_id"]
     label = f"com.gitlore.sync.{sid}"
@@ -243,21 +173,21 @@ def test_fresh_install_sequence(cli, mac: MacSystem, memory_keyring: MemoryKeyri
 
 
 def test_reinstall_unchanged_only_enables_and_changed_reloads(cli, mac: MacSystem) -> None:
-    assert install(cli, mac).code == 0
+    assert install(cli, "launchd", system=mac).code == 0
     sid = ls.Paths(mac).installed_ids()[0]
     label = f"com.gitlore.sync.{sid}"
     target = f"gui/{UID}/{label}"
     assert target in mac.loaded  # bootstrapped by the first install
 
     mac.commands.clear()
-    r = install(cli, mac)
+    r = install(cli, "launchd", system=mac)
     assert r.code == 0, r.err
     assert mac.commands == [["launchctl", "print", f"gui/{UID}"], ["launchctl", "print", target]] + [
         ["launchctl", "enable", target]
     ]
 
     mac.commands.clear()
-    r = install(cli, mac, "--interval", "1h")
+    r = install(cli, "launchd", "--interval", "1h", system=mac)
     assert r.code == 0, r.err
     plist = os.path.join(mac.environ["HOME"], "Library", "LaunchAgents", f"{label}.plist")
     assert mac.commands[2:] == [
@@ -279,8 +209,8 @@ def test_reinstall_unchanged_only_enables_and_changed_reloads(cli, mac: MacSyste
 def test_bootstrap_failure_is_exit_6_with_hint_and_rolls_back(
     cli, mac: MacSystem, memory_keyring: MemoryKeyring, code: int, stderr_file: str, error_code: str, hint_word: str
 ) -> None:
-    mac.respond(["launchctl", "bootstrap"], res(code, "", fixture_text(stderr_file)))
-    r = install(cli, mac)
+    mac.respond(["launchctl", "bootstrap"], res(code, "", fixture_text("launchd", stderr_file)))
+    r = install(cli, "launchd", system=mac)
     assert r.code == ls.EXIT_SCHEDULER, r.out
     err = r.doc["error"]
     assert err["code"] == error_code
@@ -299,11 +229,11 @@ def test_bootstrap_failure_is_exit_6_with_hint_and_rolls_back(
 
 
 def test_bootstrap_failure_on_reinstall_restores_previous_plist(cli, mac: MacSystem) -> None:
-    assert install(cli, mac).code == 0
+    assert install(cli, "launchd", system=mac).code == 0
     plist = next(Path(mac.environ["HOME"]).rglob("*.plist"))
     before = plist.read_bytes()
-    mac.respond(["launchctl", "bootstrap"], res(5, "", fixture_text("bootstrap_failed_5.stderr.txt")))
-    r = install(cli, mac, "--interval", "1h")
+    mac.respond(["launchctl", "bootstrap"], res(5, "", fixture_text("launchd", "bootstrap_failed_5.stderr.txt")))
+    r = install(cli, "launchd", "--interval", "1h", system=mac)
     assert r.code == ls.EXIT_SCHEDULER
     assert plist.read_bytes() == before
 
@@ -324,7 +254,7 @@ def test_non_gui_context_stops_before_launchctl_and_keychain(
 ) -> None:
     mac.environ.update(env)
     mac.fake_uid, mac.fake_euid, mac.console_uid = uid, euid, console
-    r = install(cli, mac)
+    r = install(cli, "launchd", system=mac)
     assert r.code == ls.EXIT_SCHEDULER, r.out
     err = r.doc["error"]
     assert err["code"] == "prerequisite"
@@ -333,7 +263,7 @@ def test_non_gui_context_stops_before_launchctl_and_keychain(
     assert mac.commands == []  # launchctl never ran
     assert memory_keyring.store == {}  # keychain never touched
     # the dry-run still previews, listing the problem under `missing`
-    d = install(cli, mac, "--dry-run")
+    d = install(cli, "launchd", "--dry-run", system=mac)
     assert d.code == 0
     assert any(why in m for m in d.data["missing"])
     assert mac.commands == []
@@ -341,19 +271,19 @@ def test_non_gui_context_stops_before_launchctl_and_keychain(
 
 def test_ssh_while_owning_the_console_is_fine(cli, mac: MacSystem) -> None:
     mac.environ["SSH_CONNECTION"] = "10.0.0.2 50000 10.0.0.1 22"
-    assert install(cli, mac).code == 0
+    assert install(cli, "launchd", system=mac).code == 0
 
 
 def test_missing_gui_domain_is_a_prerequisite_failure(cli, mac: MacSystem) -> None:
     mac.respond(["launchctl", "print", f"gui/{UID}"], res(113, "", "Could not find domain for user gui: 501\n"))
-    r = install(cli, mac)
+    r = install(cli, "launchd", system=mac)
     assert r.code == ls.EXIT_SCHEDULER
     assert "gui/501 is not available" in r.doc["error"]["message"]
     assert mac.commands == [["launchctl", "print", f"gui/{UID}"]]
 
 
 def test_embedded_install_puts_token_only_in_the_plist(cli, mac: MacSystem, memory_keyring: MemoryKeyring) -> None:
-    r = install(cli, mac, "--token-source", "embedded")
+    r = install(cli, "launchd", "--token-source", "embedded", system=mac)
     assert r.code == 0, r.err
     assert TOKEN not in r.out
     plist = next(Path(mac.environ["HOME"]).rglob("*.plist"))
@@ -369,7 +299,7 @@ def test_embedded_install_puts_token_only_in_the_plist(cli, mac: MacSystem, memo
 
 
 def test_uninstall_sequence_and_cleanup(cli, mac: MacSystem, memory_keyring: MemoryKeyring) -> None:
-    assert install(cli, mac).code == 0
+    assert install(cli, "launchd", system=mac).code == 0
     sid = ls.Paths(mac).installed_ids()[0]
     plist = next(Path(mac.environ["HOME"]).rglob("*.plist"))
     mac.commands.clear()
@@ -383,7 +313,7 @@ def test_uninstall_sequence_and_cleanup(cli, mac: MacSystem, memory_keyring: Mem
 
 
 def test_uninstall_tolerates_not_loaded_but_not_other_errors(cli, mac: MacSystem) -> None:
-    assert install(cli, mac).code == 0
+    assert install(cli, "launchd", system=mac).code == 0
     backend, manifest = backend_and_manifest(mac, ls.LaunchdBackend)
     mac.loaded.clear()  # unloaded by hand before: bootout answers 113
     mac.respond(["launchctl", "bootout"], res(113, "", "Boot-out failed: 113: Could not find specified service\n"))
@@ -414,7 +344,7 @@ def own_print(job: dict[str, Any], plist: Path, state_text: str = "not running",
 
 @pytest.fixture
 def installed_mac(cli, mac: MacSystem) -> tuple[ls.LaunchdBackend, ls.Manifest]:
-    assert install(cli, mac).code == 0
+    assert install(cli, "launchd", system=mac).code == 0
     return backend_and_manifest(mac, ls.LaunchdBackend)
 
 
@@ -431,7 +361,7 @@ def test_state_from_captured_print(
     installed_mac, mac: MacSystem, fixture: str, running: bool, last_result, runs, pid, detail_word
 ) -> None:
     backend, manifest = installed_mac
-    mac.respond(["launchctl", "print", backend.target(manifest)], res(0, fixture_text(fixture)))
+    mac.respond(["launchctl", "print", backend.target(manifest)], res(0, fixture_text("launchd", fixture)))
     st = backend.state(manifest)
     assert st["registered"] is True and st["active"] is True
     assert st["running"] is running
@@ -496,13 +426,13 @@ def test_status_in_non_gui_context_reports_error_not_not_loaded(installed_mac, m
 
 
 def test_parse_launchctl_print_only_reads_top_level() -> None:
-    info = ls.parse_launchctl_print(fixture_text("print_idle_ran.txt"))
+    info = ls.parse_launchctl_print(fixture_text("launchd", "print_idle_ran.txt"))
     assert info["state"] == "not running"
     assert info["active count"] == "0"
     assert info["runs"] == "6"
     assert info["domain"] == "gui/501 [100003]"
     assert "keepalive" not in info and "Minute" not in info
-    running = ls.parse_launchctl_print(fixture_text("print_running.txt"))
+    running = ls.parse_launchctl_print(fixture_text("launchd", "print_running.txt"))
     assert running["pid"] == "35711" and "last exit code" not in running
     assert ls.launchd_exit_code("78: EX_CONFIG") == 78
     assert ls.launchd_exit_code("(never exited)") is None
@@ -585,11 +515,11 @@ def test_real_launchctl_install_status_uninstall(tool, environ: dict[str, str], 
 def test_reinstall_waits_for_launchd_to_let_go_of_the_label(cli, mac: MacSystem) -> None:
     """bootout returns before launchd releases the label; a bootstrap right
     after it fails with 5 for a few seconds (a known launchctl race)."""
-    assert install(cli, mac).code == 0
+    assert install(cli, "launchd", system=mac).code == 0
     target = next(iter(mac.loaded))
     mac.bootout_lag = 3
     mac.commands.clear()
-    r = install(cli, mac, "--interval", "2h")
+    r = install(cli, "launchd", "--interval", "2h", system=mac)
     assert r.code == 0, r.out
     sequence = [c[1] for c in mac.commands if c[1] != "print" or c[2] == target]
     assert sequence == ["print", "bootout", "print", "print", "print", "print", "enable", "bootstrap"]
@@ -597,7 +527,7 @@ def test_reinstall_waits_for_launchd_to_let_go_of_the_label(cli, mac: MacSystem)
 
 
 def test_bootout_in_progress_and_a_busy_bootstrap_are_waited_out(cli, mac: MacSystem) -> None:
-    assert install(cli, mac).code == 0
+    assert install(cli, "launchd", system=mac).code == 0
     target = next(iter(mac.loaded))
     mac.respond(["launchctl", "bootout"], lambda argv, _i: (mac.loaded.update({target: 1}), res(36, "", "36"))[1])
     answers = [res(37, "", "Bootstrap failed: 37: Operation already in progress"), res(5, "", "5"), None]
@@ -607,7 +537,7 @@ def test_bootout_in_progress_and_a_busy_bootstrap_are_waited_out(cli, mac: MacSy
         return answer if answer is not None else mac._bootstrap(argv, _input)
 
     mac.respond(["launchctl", "bootstrap"], bootstrap)
-    r = install(cli, mac, "--interval", "2h")
+    r = install(cli, "launchd", "--interval", "2h", system=mac)
     assert r.code == 0, r.out
     assert [c[1] for c in mac.commands].count("bootstrap") == 3 + 1  # first install, then two refusals and a success
 
@@ -615,25 +545,25 @@ def test_bootout_in_progress_and_a_busy_bootstrap_are_waited_out(cli, mac: MacSy
 def test_a_label_launchd_never_releases_is_exit_6_and_the_old_plist_stays_private(
     cli, mac: MacSystem, memory_keyring: MemoryKeyring
 ) -> None:
-    assert install(cli, mac, "--token-source", "embedded").code == 0
+    assert install(cli, "launchd", "--token-source", "embedded", system=mac).code == 0
     plist = next(Path(mac.environ["HOME"]).rglob("*.plist"))
     before = plist.read_bytes()
     mac.bootout_lag = 10_000  # a run that does not end
-    r = install(cli, mac, "--token-source", "keychain")
+    r = install(cli, "launchd", "--token-source", "keychain", system=mac)
     assert r.code == ls.EXIT_SCHEDULER and "after bootout" in r.doc["error"]["message"]
     assert plist.read_bytes() == before and TOKEN.encode() in before
     assert plist.stat().st_mode & 0o777 == 0o600  # the token's plist is not left readable by others
 
 
 def test_a_reinstall_preview_over_ssh_never_reads_the_keychain(cli, mac: MacSystem, memory_keyring: MemoryKeyring):
-    assert install(cli, mac, "--token-source", "keychain").code == 0
+    assert install(cli, "launchd", "--token-source", "keychain", system=mac).code == 0
     reads: list[str] = []
     real_get = memory_keyring.get_password
     memory_keyring.get_password = lambda service, user: reads.append(user) or real_get(service, user)  # type: ignore[method-assign]
     mac.environ.pop("GITLAB_TOKEN")
     mac.environ["SSH_CONNECTION"] = "10.0.0.2 50000 10.0.0.1 22"
     mac.console_uid = 0
-    r = install(cli, mac, "--dry-run")
+    r = install(cli, "launchd", "--dry-run", system=mac)
     assert r.code == 0 and any("SSH session" in m for m in r.data["missing"])
     assert reads == []
 
@@ -647,6 +577,6 @@ def test_a_locked_keychain_is_exit_6_with_the_macos_fix(
         raise keyring.errors.KeyringLocked("User interaction is not allowed.")
 
     monkeypatch.setattr(memory_keyring, "set_password", locked)
-    r = install(cli, mac, "--token-source", "keychain")
+    r = install(cli, "launchd", "--token-source", "keychain", system=mac)
     assert r.code == 6 and r.doc["error"]["code"] == "secret_store"
     assert "security unlock-keychain" in r.doc["error"]["hint"] and "env-file" not in r.doc["error"]["hint"]

@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import sys
 import time
 
 import pytest
-from conftest import FakeSystem, calls, edit_config, write_plan
+from conftest import FakeSystem, calls, edit_config, pid_alive, wait_for_exit, wait_until, write_plan
 
 import lore_service as ls
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie still answers kill(0); check its state
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(") ")[1][0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_hanging_stage_times_out_and_its_grandchild_dies(cli, installed, project, home):
@@ -40,9 +26,7 @@ def test_hanging_stage_times_out_and_its_grandchild_dies(cli, installed, project
     assert "process group killed" in issues["message"]
     assert elapsed < 30
     grandchild = int((project / ".fake-lore-grandchild-issues.pid").read_text())
-    deadline = time.monotonic() + 5
-    while pid_alive(grandchild) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for_exit(grandchild)
     assert not pid_alive(grandchild)
     # the other critical stage still ran, and so did docs
     assert [c["stage"] for c in calls(project)] == ["issues", "mrs", "docs"]
@@ -52,9 +36,7 @@ def test_grandchild_left_behind_by_a_finished_stage_is_killed(cli, installed, pr
     write_plan(project, {"mrs": {"grandchild": True}})
     assert cli("--json", "run").code == 0
     grandchild = int((project / ".fake-lore-grandchild-mrs.pid").read_text())
-    deadline = time.monotonic() + 5
-    while pid_alive(grandchild) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for_exit(grandchild)
     assert not pid_alive(grandchild)
 
 
@@ -117,9 +99,7 @@ def test_sigterm_from_the_scheduler_kills_the_stage_and_still_records_the_run(to
     runner = subprocess.Popen(
         [*tool.program, "--json", "run"], cwd=project, env=environ, stdout=subprocess.PIPE, text=True
     )
-    deadline = time.monotonic() + 10
-    while not (project / ".fake-lore-grandchild-issues.pid").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until((project / ".fake-lore-grandchild-issues.pid").exists, 10)
     stage_pid = calls(project)[0]["pid"]
     grandchild = int((project / ".fake-lore-grandchild-issues.pid").read_text())
     runner.send_signal(signal.SIGTERM)  # to the run only, as systemd's stop would start
@@ -130,9 +110,7 @@ def test_sigterm_from_the_scheduler_kills_the_stage_and_still_records_the_run(to
     assert "stopped by signal 15" in stages["issues"]["message"]
     assert stages["mrs"]["outcome"] == "skipped" and stages["docs"]["outcome"] == "skipped"
     for pid in (stage_pid, grandchild):
-        end = time.monotonic() + 5
-        while pid_alive(pid) and time.monotonic() < end:
-            time.sleep(0.05)
+        wait_for_exit(pid)
         assert not pid_alive(pid)
     status = json.loads(tool("--json", "status").out)["data"]
     assert status["last_run"]["outcome"] == "failed" and status["consecutive_failures"] == 1
@@ -194,9 +172,7 @@ def test_sigterm_outside_a_stage_wait_still_ends_the_run_cleanly_and_records_it(
     assert stopping.spawned == ["issues", "mrs"][: 2 if when == "after mrs" else 1]  # nothing started after the stop
     pidfile = project / ".fake-lore-grandchild-issues.pid"  # absent if the stage was ended that early
     for pid in stopping.pids + ([int(pidfile.read_text())] if pidfile.exists() else []):
-        end = time.monotonic() + 5
-        while pid_alive(pid) and time.monotonic() < end:
-            time.sleep(0.05)
+        wait_for_exit(pid)
         assert not pid_alive(pid)
     status = cli("--json", "status").data
     assert status["last_run"]["run_id"] == r.data["run"]["run_id"] and status["consecutive_failures"] == 1

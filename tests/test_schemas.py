@@ -14,7 +14,7 @@ from typing import Any
 
 import jsonschema
 import pytest
-from conftest import TOKEN, write_plan
+from conftest import TOKEN, edit_config, write_plan
 from referencing import Registry, Resource
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "specs" / "schemas"
@@ -199,17 +199,6 @@ def test_failed_run_with_backoff(cli, installed: dict[str, Any], home: Path, pro
     sdata = envelope(out)["data"]
     validate(sdata, "status-output.schema.json")
     assert sdata["state"] == "backoff"
-
-
-def edit_config(home: Path, sid: str, change: Any) -> None:
-    import tomllib
-
-    import tomli_w
-
-    cfg = home / "config" / sid / "service.toml"
-    doc = tomllib.loads(cfg.read_text(encoding="utf-8"))
-    change(doc)
-    cfg.write_text(tomli_w.dumps(doc), encoding="utf-8")
 
 
 def test_timeout_and_permanent_pause(cli, installed: dict[str, Any], home: Path, project: Path) -> None:

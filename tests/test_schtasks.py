@@ -16,20 +16,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, TOKEN, FakeSystem, MemoryKeyring, Result, backend_and_manifest, shared_schema
+from conftest import (
+    ROOT,
+    TOKEN,
+    FakeSystem,
+    MemoryKeyring,
+    WinSystem,
+    backend_and_manifest,
+    fixture_bytes,
+    fixture_text,
+    install,
+    res,
+    shared_schema,
+)
 
 import lore_service as ls
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "schtasks"
 NS = {"t": ls.TASK_NS}
-
-
-def fixture_bytes(name: str) -> bytes:
-    return (FIXTURES / name).read_bytes()
-
-
-def fixture_text(name: str) -> str:
-    return fixture_bytes(name).decode("utf-8")
 
 
 def schemas_dir() -> Path:
@@ -90,12 +93,6 @@ def parse_windows_args(cmdline: str) -> list[str]:
         args.append("".join(arg))
 
 
-class WinSystem(FakeSystem):
-    def __init__(self, environ: dict[str, str]) -> None:
-        super().__init__(environ, platform="win32")
-        self.which_map["schtasks"] = "C:\\Windows\\System32\\schtasks.exe"
-
-
 @pytest.fixture
 def python_dir(tmp_path: Path) -> Path:
     """A Python folder with an awkward name, holding python.exe and its windowed twin."""
@@ -113,16 +110,8 @@ def win(environ: dict[str, str], memory_keyring: MemoryKeyring, python_dir: Path
     return WinSystem(dict(environ))
 
 
-def res(code: int, stdout: str = "", stderr: str = "") -> ls.CommandResult:
-    return ls.CommandResult([], code, stdout, stderr)
-
-
 def task_file(data: dict[str, Any]) -> dict[str, Any]:
     return next(f for f in data["files"] if f["path"].endswith("task.xml"))
-
-
-def install(cli, win: WinSystem, *extra: str) -> Result:
-    return cli("--json", "install", "--backend", "schtasks", *extra, sys_=win)
 
 
 def children(el: Any) -> list[str]:
@@ -169,7 +158,7 @@ def test_dry_run_on_linux_previews_a_valid_task(tool, home: Path, project: Path)
 
 @pytest.mark.parametrize(("interval", "iso"), [("5m", "PT5M"), ("90m", "PT1H30M"), ("2h", "PT2H"), ("24h", "PT24H")])
 def test_intervals_validate(cli, interval: str, iso: str) -> None:
-    r = cli("--json", "install", "--backend", "schtasks", "--dry-run", "--interval", interval)
+    r = install(cli, "schtasks", "--dry-run", "--interval", interval)
     assert r.code == 0, r.out
     doc = validate_task(task_file(r.data)["content"])
     assert doc.findtext("t:Triggers/t:TimeTrigger/t:Repetition/t:Interval", namespaces=NS) == iso
@@ -181,7 +170,7 @@ def test_embedded_token_is_refused(tool, cli, win: WinSystem, memory_keyring: Me
     assert r.doc["error"]["code"] == "bad_token_source"
     assert "credential-manager" in r.doc["error"]["hint"]
     assert TOKEN not in r.out
-    r = install(cli, win, "--token-source", "embedded")
+    r = install(cli, "schtasks", "--token-source", "embedded", system=win)
     assert r.code == ls.EXIT_USAGE
     assert win.commands == [] and memory_keyring.store == {}
     assert ls.Paths(win).installed_ids() == []
@@ -258,8 +247,8 @@ def test_install_sequence_file_and_exec(
 ) -> None:
     project = tmp_path / 'My "Quoted" Prøject 100% & <x>'
     project.mkdir()
-    win.respond(["schtasks", "/Create"], res(0, fixture_text("create_success.stdout.txt")))
-    r = install(cli, win, "--project", str(project))
+    win.respond(["schtasks", "/Create"], res(0, fixture_text("schtasks", "create_success.stdout.txt")))
+    r = install(cli, "schtasks", "--project", str(project), system=win)
     assert r.code == 0, r.out + r.err
     sid = r.data["service_id"]
     xml_path = home / "config" / sid / "task.xml"
@@ -284,8 +273,8 @@ def test_install_sequence_file_and_exec(
 
 
 def test_access_denied_is_exit_6_with_hint_and_rolls_back(cli, win: WinSystem, memory_keyring, home: Path) -> None:
-    win.respond(["schtasks", "/Create"], res(1, "", fixture_text("create_access_denied.stderr.txt")))
-    r = install(cli, win)
+    win.respond(["schtasks", "/Create"], res(1, "", fixture_text("schtasks", "create_access_denied.stderr.txt")))
+    r = install(cli, "schtasks", system=win)
     assert r.code == ls.EXIT_SCHEDULER, r.out
     err = r.doc["error"]
     assert err["code"] == "schtasks_access_denied"
@@ -302,10 +291,10 @@ def test_too_long_command_is_refused(cli, win: WinSystem, tmp_path: Path, monkey
     for exe in ("python.exe", "pythonw.exe"):
         (deep / exe).write_text("")
     monkeypatch.setattr(ls, "self_command", lambda: [str(deep / "python.exe"), str(ROOT / "lore_service.py")])
-    d = install(cli, win, "--dry-run")
+    d = install(cli, "schtasks", "--dry-run", system=win)
     assert d.code == 0
     assert any("Task Scheduler allows 260" in m for m in d.data["missing"])
-    r = install(cli, win)
+    r = install(cli, "schtasks", system=win)
     assert r.code == ls.EXIT_SCHEDULER
     assert "260" in r.doc["error"]["message"] and "shorter folder" in r.doc["error"]["hint"]
     assert win.commands == []
@@ -313,26 +302,26 @@ def test_too_long_command_is_refused(cli, win: WinSystem, tmp_path: Path, monkey
 
 def test_missing_windowed_twin_is_a_prerequisite_failure(cli, win: WinSystem, python_dir: Path) -> None:
     (python_dir / "pythonw.exe").unlink()
-    r = install(cli, win)
+    r = install(cli, "schtasks", system=win)
     assert r.code == ls.EXIT_SCHEDULER
     assert "pythonw.exe" in r.doc["error"]["message"]
     assert win.commands == []
 
 
 def test_uninstall_sequences(cli, win: WinSystem, memory_keyring: MemoryKeyring, home: Path) -> None:
-    assert install(cli, win).code == 0
+    assert install(cli, "schtasks", system=win).code == 0
     backend, manifest = backend_and_manifest(win, ls.SchtasksBackend)
     name = backend.task_name(manifest)
     # access denied while the task still exists: exit 6, nothing removed
-    win.respond(["schtasks", "/Delete"], res(1, "", fixture_text("create_access_denied.stderr.txt")))
+    win.respond(["schtasks", "/Delete"], res(1, "", fixture_text("schtasks", "create_access_denied.stderr.txt")))
     win.commands.clear()
     r = cli("--json", "uninstall", sys_=win)
     assert r.code == ls.EXIT_SCHEDULER
     assert win.commands == [["schtasks", "/Delete", "/TN", name, "/F"], ["schtasks", "/Query", "/TN", name]]
     assert Path(backend.xml_path(manifest)).exists()
     # already gone (a localised "cannot find"): the Query confirms it and uninstall finishes
-    win.respond(["schtasks", "/Delete"], res(1, "", fixture_text("query_missing.stderr.txt")))
-    win.respond(["schtasks", "/Query"], res(1, "", fixture_text("query_missing.stderr.txt")))
+    win.respond(["schtasks", "/Delete"], res(1, "", fixture_text("schtasks", "query_missing.stderr.txt")))
+    win.respond(["schtasks", "/Query"], res(1, "", fixture_text("schtasks", "query_missing.stderr.txt")))
     r = cli("--json", "uninstall", sys_=win)
     assert r.code == 0, r.out
     assert not Path(backend.xml_path(manifest)).exists()
@@ -340,7 +329,7 @@ def test_uninstall_sequences(cli, win: WinSystem, memory_keyring: MemoryKeyring,
 
 
 def test_uninstall_plain(cli, win: WinSystem) -> None:
-    assert install(cli, win).code == 0
+    assert install(cli, "schtasks", system=win).code == 0
     backend, manifest = backend_and_manifest(win, ls.SchtasksBackend)
     win.commands.clear()
     assert cli("--json", "uninstall", sys_=win).code == 0
@@ -352,7 +341,7 @@ def test_uninstall_plain(cli, win: WinSystem) -> None:
 
 @pytest.fixture
 def installed_win(cli, win: WinSystem) -> tuple[ls.SchtasksBackend, ls.Manifest]:
-    assert install(cli, win).code == 0
+    assert install(cli, "schtasks", system=win).code == 0
     return backend_and_manifest(win, ls.SchtasksBackend)
 
 
@@ -370,7 +359,7 @@ def local_iso(text: str, fmt: str) -> str:
 
 def test_state_never_run(installed_win, win: WinSystem) -> None:
     backend, manifest = installed_win
-    answer(win, backend, manifest, fixture_text("csv_verbose_never_run.csv"), None)
+    answer(win, backend, manifest, fixture_text("schtasks", "csv_verbose_never_run.csv"), None)
     st = backend.state(manifest)
     assert st["registered"] is True and st["active"] is True
     assert st["last_result"] is None and st["running"] is False
@@ -386,7 +375,7 @@ def test_state_never_run(installed_win, win: WinSystem) -> None:
 
 def test_state_ok_with_times(installed_win, win: WinSystem) -> None:
     backend, manifest = installed_win
-    answer(win, backend, manifest, fixture_text("csv_verbose_ok_first9cols.csv"), None)
+    answer(win, backend, manifest, fixture_text("schtasks", "csv_verbose_ok_first9cols.csv"), None)
     st = backend.state(manifest)
     assert st["last_result"] == 0
     assert st["next_run_iso"] == local_iso("8/2/2026 1:00:00 PM", "%m/%d/%Y %I:%M:%S %p")
@@ -399,7 +388,7 @@ def test_state_ok_with_times(installed_win, win: WinSystem) -> None:
 )
 def test_state_result_codes(installed_win, win: WinSystem, code: str, running: bool, last) -> None:
     backend, manifest = installed_win
-    csv = fixture_text("csv_verbose_ok_first9cols.csv").replace('"0"', f'"{code}"', 1)
+    csv = fixture_text("schtasks", "csv_verbose_ok_first9cols.csv").replace('"0"', f'"{code}"', 1)
     answer(win, backend, manifest, csv, None)
     st = backend.state(manifest)
     assert st["running"] is running and st["last_result"] == last
@@ -407,7 +396,7 @@ def test_state_result_codes(installed_win, win: WinSystem, code: str, running: b
 
 def test_state_localised_header_maps_by_position(installed_win, win: WinSystem) -> None:
     backend, manifest = installed_win
-    header, row = fixture_text("csv_verbose_never_run.csv").splitlines()[:2]
+    header, row = fixture_text("schtasks", "csv_verbose_never_run.csv").splitlines()[:2]
     russian = header.replace(
         '"HostName","TaskName","Next Run Time"', '"Имя узла","Имя задачи","Время следующего запуска"'
     )
@@ -422,7 +411,7 @@ def test_state_localised_header_maps_by_position(installed_win, win: WinSystem) 
 
 def test_state_not_registered(installed_win, win: WinSystem, cli) -> None:
     backend, manifest = installed_win
-    win.respond(["schtasks", "/Query"], res(1, "", fixture_text("query_missing.stderr.txt")))
+    win.respond(["schtasks", "/Query"], res(1, "", fixture_text("schtasks", "query_missing.stderr.txt")))
     st = backend.state(manifest)
     assert st["registered"] is False
     assert st["drift"] == [f"task {backend.task_name(manifest)} is not registered"]
@@ -432,7 +421,7 @@ def test_state_not_registered(installed_win, win: WinSystem, cli) -> None:
 
 def test_state_access_denied_is_an_error(installed_win, win: WinSystem) -> None:
     backend, manifest = installed_win
-    win.respond(["schtasks", "/Query"], res(1, "", fixture_text("create_access_denied.stderr.txt")))
+    win.respond(["schtasks", "/Query"], res(1, "", fixture_text("schtasks", "create_access_denied.stderr.txt")))
     with pytest.raises(ls.SchedulerError) as exc:
         backend.state(manifest)
     assert exc.value.code == "schtasks_access_denied"
@@ -441,14 +430,14 @@ def test_state_access_denied_is_an_error(installed_win, win: WinSystem) -> None:
 def test_state_drift_from_registered_xml_and_local_file(installed_win, win: WinSystem) -> None:
     backend, manifest = installed_win
     # a task that Windows stores for someone else's command (the real /Query /XML capture)
-    foreign = fixture_bytes("query_xml_schtasks_created.utf16le.xml").decode("utf-16")
-    answer(win, backend, manifest, fixture_text("csv_verbose_never_run.csv"), foreign)
+    foreign = fixture_bytes("schtasks", "query_xml_schtasks_created.utf16le.xml").decode("utf-16")
+    answer(win, backend, manifest, fixture_text("schtasks", "csv_verbose_never_run.csv"), foreign)
     drift = backend.state(manifest)["drift"]
     assert any("runs cmd.exe /c echo hello" in d for d in drift)
     assert any("repeats every None" in d for d in drift)
     # our own XML as it arrives through a code-page pipe (UTF-16 bytes read as single bytes)
     piped = ls.task_xml_bytes(backend.task_xml(manifest)).decode("latin-1")
-    answer(win, backend, manifest, fixture_text("csv_verbose_never_run.csv"), piped)
+    answer(win, backend, manifest, fixture_text("schtasks", "csv_verbose_never_run.csv"), piped)
     assert backend.state(manifest)["drift"] == []
     xml_path = Path(backend.xml_path(manifest))
     xml_path.write_bytes(ls.task_xml_bytes(backend.task_xml(manifest).replace("PT30M", "PT1M")))
@@ -461,24 +450,24 @@ def test_decode_task_xml_variants() -> None:
     from xml.etree import ElementTree as ET
 
     for raw in (
-        fixture_bytes("query_xml_schtasks_created.utf16le.xml"),
-        fixture_bytes("query_xml_schtasks_created.utf8.xml"),
+        fixture_bytes("schtasks", "query_xml_schtasks_created.utf16le.xml"),
+        fixture_bytes("schtasks", "query_xml_schtasks_created.utf8.xml"),
     ):
         root = ET.fromstring(ls.decode_task_xml(raw))
         assert root.findtext("t:Actions/t:Exec/t:Command", namespaces=NS) == "cmd.exe"
-    text = fixture_bytes("query_xml_schtasks_created.utf16le.xml").decode("utf-16")
+    text = fixture_bytes("schtasks", "query_xml_schtasks_created.utf16le.xml").decode("utf-16")
     assert ET.fromstring(ls.decode_task_xml(text)).get("version") == "1.2"
     # the real export puts StartBoundary before Enabled, which the XSD rejects: our lint is stricter
     etree = pytest.importorskip("lxml.etree")
     schema = etree.XMLSchema(etree.parse(str(schemas_dir() / "task-scheduler-1.3.xsd")))
-    assert not schema.validate(etree.fromstring(fixture_bytes("query_xml_schtasks_created.utf16le.xml")))
-    assert validate_task(fixture_bytes("sample_valid_task.xml")) is not None
+    assert not schema.validate(etree.fromstring(fixture_bytes("schtasks", "query_xml_schtasks_created.utf16le.xml")))
+    assert validate_task(fixture_bytes("schtasks", "sample_valid_task.xml")) is not None
 
 
 def test_parse_list_fixtures_are_not_csv() -> None:
     # LIST output is for humans; the backend asks for CSV. Parsing LIST as CSV must not crash.
     for name in ("list_verbose_never_run_ru-RU.txt", "list_verbose_failed_ko-KR.txt"):
-        rows = ls.parse_schtasks_csv(fixture_text(name))
+        rows = ls.parse_schtasks_csv(fixture_text("schtasks", name))
         assert isinstance(rows, list)
 
 
@@ -515,18 +504,18 @@ def test_parse_schtasks_time_unknown_or_never(text: str | None) -> None:
 
 def test_doctor_reports_task_and_battery(installed_win, win: WinSystem, cli, python_dir: Path) -> None:
     backend, manifest = installed_win
-    answer(win, backend, manifest, fixture_text("csv_verbose_never_run.csv"), None)
+    answer(win, backend, manifest, fixture_text("schtasks", "csv_verbose_never_run.csv"), None)
     checks = {c["name"]: c for c in cli("--json", "doctor", sys_=win).data["checks"]}
     assert checks["task"]["status"] == "ok"
     assert checks["battery"]["status"] == "ok"
     assert checks["windowed program"]["message"] == f"the task runs {python_dir / 'pythonw.exe'} (no console window)"
     # a task Windows stored with its defaults: no runs on battery
-    foreign = fixture_bytes("query_xml_schtasks_created.utf16le.xml").decode("utf-16")
-    answer(win, backend, manifest, fixture_text("csv_verbose_never_run.csv"), foreign)
+    foreign = fixture_bytes("schtasks", "query_xml_schtasks_created.utf16le.xml").decode("utf-16")
+    answer(win, backend, manifest, fixture_text("schtasks", "csv_verbose_never_run.csv"), foreign)
     checks = {c["name"]: c for c in cli("--json", "doctor", sys_=win).data["checks"]}
     assert checks["battery"]["status"] == "warn"
     assert "DisallowStartIfOnBatteries" in checks["battery"]["message"]
-    win.respond(["schtasks", "/Query"], res(1, "", fixture_text("query_missing.stderr.txt")))
+    win.respond(["schtasks", "/Query"], res(1, "", fixture_text("schtasks", "query_missing.stderr.txt")))
     checks = {c["name"]: c for c in cli("--json", "doctor", sys_=win).data["checks"]}
     assert checks["task"]["status"] == "fail"
 
@@ -562,24 +551,24 @@ def test_real_schtasks_install_status_uninstall(tool, environ: dict[str, str], t
 def test_reinstall_with_the_same_options_changes_nothing(cli, win: WinSystem) -> None:
     """task.xml is UTF-16 on disk: comparing it as text would report a change
     every time. A task deleted, disabled or edited in the app is registered again."""
-    assert install(cli, win).data["changed"] is True
+    assert install(cli, "schtasks", system=win).data["changed"] is True
     backend, manifest = backend_and_manifest(win, ls.SchtasksBackend)
     registered = {"xml": Path(backend.xml_path(manifest)).read_bytes().decode("utf-16")}
     win.respond(
         ["schtasks", "/Query", "/TN", backend.task_name(manifest), "/XML"], lambda a, i: res(0, registered["xml"])
     )
     win.commands.clear()
-    again = install(cli, win)
+    again = install(cli, "schtasks", system=win)
     assert again.code == 0 and again.data["changed"] is False
     assert not any(c[:2] == ["schtasks", "/Create"] for c in win.commands)
     # disabled in the Task Scheduler app: the same XML on disk, but install repairs it
     head, _, tail = registered["xml"].rpartition("<Enabled>true</Enabled>")  # the task's (Settings), not its trigger's
     registered["xml"] = head + "<Enabled>false</Enabled>" + tail
     win.commands.clear()
-    assert install(cli, win).data["changed"] is True
+    assert install(cli, "schtasks", system=win).data["changed"] is True
     assert any(c[:2] == ["schtasks", "/Create"] for c in win.commands)
     # deleted in the app
     win.respond(["schtasks", "/Query", "/TN"], res(1, "", "ERROR: The system cannot find the file specified."))
     win.commands.clear()
-    assert install(cli, win).data["changed"] is True
+    assert install(cli, "schtasks", system=win).data["changed"] is True
     assert any(c[:2] == ["schtasks", "/Create"] for c in win.commands)

@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from conftest import SCRIPT, calls, write_plan
+from conftest import SCRIPT, calls, pid_alive, wait_for_exit, wait_until, write_plan
 
 import lore_service as ls
 
@@ -145,9 +145,7 @@ def test_trigger_while_running_is_busy_exit_5_and_status_says_running(tool, proj
     runner = subprocess.Popen(
         [sys.executable, SCRIPT, "--json", "run"], cwd=project, env=environ, stdout=subprocess.PIPE, text=True
     )
-    deadline = time.time() + 10
-    while not (project / ".fake-lore-calls.jsonl").exists() and time.time() < deadline:
-        time.sleep(0.05)
+    wait_until((project / ".fake-lore-calls.jsonl").exists, 10)
     busy = tool("--json", "trigger")
     assert busy.code == 5 and json.loads(busy.out)["error"]["code"] == "busy"
     assert json.loads(tool("--json", "status").out)["data"]["state"] == "running"
@@ -160,31 +158,19 @@ def test_a_killed_run_leaves_no_stale_lock_and_the_next_run_ends_its_orphaned_st
     assert tool("--json", "install", "--backend", "none").code == 0
     write_plan(project, {"issues": {"hang": True}})
     runner = subprocess.Popen([sys.executable, SCRIPT, "run"], cwd=project, env=environ, start_new_session=True)
-    deadline = time.time() + 10
-    while not (project / ".fake-lore-calls.jsonl").exists() and time.time() < deadline:
-        time.sleep(0.05)
+    wait_until((project / ".fake-lore-calls.jsonl").exists, 10)
     stage_pid = calls(project)[0]["pid"]
     os.killpg(runner.pid, signal.SIGKILL)  # the run dies; its stage, in its own session, does not
     runner.wait()
-    assert _alive(stage_pid)
+    assert pid_alive(stage_pid)
     write_plan(project, {})
     r = tool("--json", "trigger")
     assert r.code == 0, r.out + r.err
     assert json.loads(r.out)["data"]["run"]["outcome"] == "success"
-    deadline = time.time() + 5
-    while _alive(stage_pid) and time.time() < deadline:
-        time.sleep(0.05)
-    assert not _alive(stage_pid)
+    wait_for_exit(stage_pid)
+    assert not pid_alive(stage_pid)
     lines = json.loads(tool("--json", "logs", "--tail", "50").out)["data"]["lines"]
     assert any("left running by crashed run" in line for line in lines)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(") ")[1][0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
 
 
 def test_linux_folders_match_platformdirs(system):

@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import TOKEN, FakeSystem, edit_config
+from conftest import TOKEN, FakeSystem, edit_config, install, res
 
 import lore_service as ls
+
+EVERY_45M = ("--interval", "45m")
 
 
 @pytest.fixture
@@ -17,17 +19,13 @@ def linux(system: FakeSystem, monkeypatch: pytest.MonkeyPatch) -> FakeSystem:
     # pytest's folders live under /tmp, which the real unit's PrivateTmp hides
     monkeypatch.setattr(ls.SystemdBackend, "hidden_roots", ())
     system.which_map["systemctl"] = "/usr/bin/systemctl"
-    system.respond(["systemctl", "--user", "is-system-running"], ls.CommandResult([], 0, "running\n", ""))
+    system.respond(["systemctl", "--user", "is-system-running"], res(0, "running\n"))
     system.respond(
         ["systemctl", "--user", "--no-pager", "--version"],
-        ls.CommandResult([], 0, "systemd 252 (252.38-1~deb12u1)\n+PAM\n", ""),
+        res(0, "systemd 252 (252.38-1~deb12u1)\n+PAM\n"),
     )
-    system.respond(["loginctl"], ls.CommandResult([], 0, "yes\n", ""))
+    system.respond(["loginctl"], res(0, "yes\n"))
     return system
-
-
-def install(cli, *extra: str):
-    return cli("--json", "install", "--backend", "systemd", "--interval", "45m", *extra)
 
 
 def units(system: FakeSystem, sid: str) -> tuple[str, str]:
@@ -36,7 +34,7 @@ def units(system: FakeSystem, sid: str) -> tuple[str, str]:
 
 
 def test_install_writes_hardened_units_and_enables_the_timer(cli, linux, project, home):
-    r = install(cli)
+    r = install(cli, "systemd", *EVERY_45M)
     assert r.code == 0, r.out
     sid = r.data["service_id"]
     service, timer = units(linux, sid)
@@ -79,18 +77,18 @@ def test_exec_start_quotes_every_argument_by_systemd_rules():
 
 
 def test_extra_write_paths_from_config_are_allowed_after_reinstall(cli, linux, home):
-    sid = install(cli).data["service_id"]
+    sid = install(cli, "systemd", *EVERY_45M).data["service_id"]
     edit_config(home, sid, lambda doc: doc.update(extra_write_paths=["/srv/lore db"]))
-    assert install(cli).code == 0
+    assert install(cli, "systemd", *EVERY_45M).code == 0
     service, _ = units(linux, sid)
     assert '-"/srv/lore db"' in service
 
 
 def test_embedded_token_is_in_the_unit_only_when_asked_and_redacted_in_dry_run(cli, linux):
-    dry = install(cli, "--token-source", "embedded", "--dry-run")
+    dry = install(cli, "systemd", *EVERY_45M, "--token-source", "embedded", "--dry-run")
     assert TOKEN not in dry.out
     assert any(ls.SECRET_PLACEHOLDER in f["content"] for f in dry.data["files"] if f["path"].endswith(".service"))
-    real = install(cli, "--token-source", "embedded")
+    real = install(cli, "systemd", *EVERY_45M, "--token-source", "embedded")
     assert real.code == 0 and TOKEN not in real.out
     assert any("plain text" in w for w in real.data["warnings"])
     service, _ = units(linux, real.data["service_id"])
@@ -104,9 +102,9 @@ def test_no_user_manager_names_the_missing_variables_and_exits_6(cli, system):
     system.which_map["systemctl"] = "/usr/bin/systemctl"
     system.respond(
         ["systemctl", "--user", "is-system-running"],
-        ls.CommandResult([], 1, "", "Failed to connect to bus: No medium found\n"),
+        res(1, "", "Failed to connect to bus: No medium found\n"),
     )
-    r = install(cli)
+    r = install(cli, "systemd", *EVERY_45M)
     assert r.code == 6
     assert "XDG_RUNTIME_DIR" in r.doc["error"]["message"] and "cron" in r.doc["error"]["hint"]
     assert not any(c[2:3] == ["enable"] for c in system.commands if c[:2] == ["systemctl", "--user"])
@@ -115,28 +113,28 @@ def test_no_user_manager_names_the_missing_variables_and_exits_6(cli, system):
 def test_system_not_booted_with_systemd_is_explained(cli, system):
     system.which_map["systemctl"] = "/usr/bin/systemctl"
     system.environ["XDG_RUNTIME_DIR"] = "/run/user/0"
-    system.respond(["systemctl", "--user", "is-system-running"], ls.CommandResult([], 1, "offline\n", ""))
-    r = install(cli)
+    system.respond(["systemctl", "--user", "is-system-running"], res(1, "offline\n"))
+    r = install(cli, "systemd", *EVERY_45M)
     assert r.code == 6 and "not booted with systemd" in r.doc["error"]["message"]
 
 
 def test_too_old_systemd_is_a_prerequisite_failure(cli, linux):
-    linux.respond(["systemctl", "--user", "--no-pager", "--version"], ls.CommandResult([], 0, "systemd 239\n", ""))
-    r = install(cli)
+    linux.respond(["systemctl", "--user", "--no-pager", "--version"], res(0, "systemd 239\n"))
+    r = install(cli, "systemd", *EVERY_45M)
     assert r.code == 6 and "older than 247" in r.doc["error"]["message"]
 
 
 @pytest.mark.parametrize(
     ("answer", "status", "words"),
     [
-        (ls.CommandResult([], 0, "no\n", ""), "warn", "only fires while"),
-        (ls.CommandResult([], 0, "yes\n", ""), "ok", "lingering is on"),
-        (ls.CommandResult([], 1, "", "Failed to connect to bus: No such file or directory\n"), "warn", "unknown"),
+        (res(0, "no\n"), "warn", "only fires while"),
+        (res(0, "yes\n"), "ok", "lingering is on"),
+        (res(1, "", "Failed to connect to bus: No such file or directory\n"), "warn", "unknown"),
     ],
 )
 def test_lingering_is_reported_with_its_fix(cli, linux, answer, status, words):
     linux.respond(["loginctl"], answer)
-    install(cli)
+    install(cli, "systemd", *EVERY_45M)
     checks = {c["name"]: c for c in cli("--json", "doctor").data["checks"]}
     assert checks["lingering"]["status"] == status and words in checks["lingering"]["message"]
     if status == "warn":
@@ -144,16 +142,15 @@ def test_lingering_is_reported_with_its_fix(cli, linux, answer, status, words):
 
 
 def test_status_reads_systemd_properties_not_human_text(cli, linux):
-    sid = install(cli).data["service_id"]
+    sid = install(cli, "systemd", *EVERY_45M).data["service_id"]
     timer, service = f"lore-sync-{sid}.timer", f"lore-sync-{sid}.service"
     linux.respond(
         ["systemctl", "--user", "--no-pager", "show", timer],
-        ls.CommandResult([], 0, "LoadState=loaded\nActiveState=active\nSubState=waiting\nUnitFileState=enabled\n", ""),
+        res(0, "LoadState=loaded\nActiveState=active\nSubState=waiting\nUnitFileState=enabled\n"),
     )
     linux.respond(
         ["systemctl", "--user", "--no-pager", "list-timers"],
-        ls.CommandResult(
-            [],
+        res(
             0,
             json.dumps(
                 [
@@ -167,14 +164,11 @@ def test_status_reads_systemd_properties_not_human_text(cli, linux):
                     }
                 ]
             ),
-            "",
         ),
     )
     linux.respond(
         ["systemctl", "--user", "--no-pager", "show", service],
-        ls.CommandResult(
-            [], 0, "Result=success\nExecMainStatus=0\nExecMainExitTimestamp=@1795825944\nActiveState=inactive\n", ""
-        ),
+        res(0, "Result=success\nExecMainStatus=0\nExecMainExitTimestamp=@1795825944\nActiveState=inactive\n"),
     )
     sched = cli("--json", "status").data["scheduler"]
     assert sched["registered"] and sched["active"] and sched["drift"] == []
@@ -188,10 +182,10 @@ def test_status_reads_systemd_properties_not_human_text(cli, linux):
 
 
 def test_missing_or_edited_units_are_drift_and_doctor_fails(cli, linux):
-    sid = install(cli).data["service_id"]
+    sid = install(cli, "systemd", *EVERY_45M).data["service_id"]
     linux.respond(
         ["systemctl", "--user", "--no-pager", "show"],
-        ls.CommandResult([], 0, "LoadState=loaded\nActiveState=active\nUnitFileState=enabled\n", ""),
+        res(0, "LoadState=loaded\nActiveState=active\nUnitFileState=enabled\n"),
     )
     base = f"{linux.environ['HOME']}/.config/systemd/user/lore-sync-{sid}"
     with open(base + ".timer", "a") as fh:
@@ -202,12 +196,12 @@ def test_missing_or_edited_units_are_drift_and_doctor_fails(cli, linux):
     drift = cli("--json", "status").data["scheduler"]["drift"]
     assert any("missing" in d for d in drift) and any("differs" in d for d in drift)
     assert cli("--json", "doctor").code == 1
-    assert install(cli).code == 0
+    assert install(cli, "systemd", *EVERY_45M).code == 0
     assert cli("--json", "status").data["scheduler"]["drift"] == []
 
 
 def test_uninstall_disables_removes_and_reloads(cli, linux):
-    sid = install(cli).data["service_id"]
+    sid = install(cli, "systemd", *EVERY_45M).data["service_id"]
     linux.commands.clear()
     assert cli("--json", "uninstall").code == 0
     sequence = [c for c in linux.commands if c[:2] == ["systemctl", "--user"]]
@@ -222,9 +216,9 @@ def test_uninstall_disables_removes_and_reloads(cli, linux):
 
 def test_paths_under_tmp_are_refused_because_private_tmp_hides_them(cli, system):
     system.which_map["systemctl"] = "/usr/bin/systemctl"
-    system.respond(["systemctl", "--user", "is-system-running"], ls.CommandResult([], 0, "running\n", ""))
-    system.respond(["systemctl", "--user", "--no-pager", "--version"], ls.CommandResult([], 0, "systemd 252\n", ""))
-    r = install(cli)
+    system.respond(["systemctl", "--user", "is-system-running"], res(0, "running\n"))
+    system.respond(["systemctl", "--user", "--no-pager", "--version"], res(0, "systemd 252\n"))
+    r = install(cli, "systemd", *EVERY_45M)
     assert r.code == 6 and "temporary folder" in r.doc["error"]["message"]
     assert "--backend cron" in r.doc["error"]["hint"]
 
@@ -232,7 +226,7 @@ def test_paths_under_tmp_are_refused_because_private_tmp_hides_them(cli, system)
 def test_uninstall_disables_the_timer_even_when_its_files_were_deleted_by_hand(cli, linux):
     import os
 
-    sid = install(cli).data["service_id"]
+    sid = install(cli, "systemd", *EVERY_45M).data["service_id"]
     for suffix in (".service", ".timer"):
         os.unlink(f"{linux.environ['HOME']}/.config/systemd/user/lore-sync-{sid}{suffix}")
     linux.commands.clear()
@@ -242,7 +236,7 @@ def test_uninstall_disables_the_timer_even_when_its_files_were_deleted_by_hand(c
 
 @pytest.mark.parametrize(("interval", "step"), [("5m", 300), ("45m", 2700), ("1h", 3600), ("2h", 3600), ("24h", 3600)])
 def test_long_intervals_fire_hourly_so_a_nightly_shutdown_cannot_starve_them(cli, linux, home, interval, step):
-    r = cli("--json", "install", "--backend", "systemd", "--interval", interval)
+    r = install(cli, "systemd", "--interval", interval)
     assert r.code == 0 and r.data["schedule_step_seconds"] == step
     _, timer = units(linux, r.data["service_id"])
     assert f"\nOnUnitActiveSec={ls.systemd_seconds(step)}\n" in timer and "\nOnStartupSec=5min\n" in timer
@@ -251,7 +245,7 @@ def test_long_intervals_fire_hourly_so_a_nightly_shutdown_cannot_starve_them(cli
 def test_non_default_xdg_folders_are_pinned_in_the_unit(cli, linux, home, tmp_path):
     del linux.environ["LORE_SERVICE_HOME"]
     linux.environ["XDG_STATE_HOME"] = str(tmp_path / "state-elsewhere")
-    r = cli("--json", "install", "--backend", "systemd")
+    r = install(cli, "systemd")
     assert r.code == 0, r.out
     service, _ = units(linux, r.data["service_id"])
     assert f'Environment="XDG_STATE_HOME={tmp_path / "state-elsewhere"}"' in service
@@ -259,9 +253,9 @@ def test_non_default_xdg_folders_are_pinned_in_the_unit(cli, linux, home, tmp_pa
 
 
 def test_timeout_follows_a_larger_run_budget(cli, linux, home):
-    sid = install(cli).data["service_id"]
+    sid = install(cli, "systemd", *EVERY_45M).data["service_id"]
     edit_config(home, sid, lambda doc: doc.update(run_budget_seconds=3600))
-    assert install(cli).code == 0
+    assert install(cli, "systemd", *EVERY_45M).code == 0
     service, _ = units(linux, sid)
     assert "\nTimeoutStartSec=3660\n" in service
 
@@ -273,7 +267,7 @@ def test_environment_lines_keep_a_dollar_as_written(cli, linux, home, tmp_path):
     odd = tmp_path / "st$ate 100%"
     linux.environ["XDG_STATE_HOME"] = str(odd)
     linux.environ["GITLAB_TOKEN"] = "glpat-$HOME-x"
-    r = install(cli, "--token-source", "embedded")
+    r = install(cli, "systemd", *EVERY_45M, "--token-source", "embedded")
     assert r.code == 0, r.out
     service, _ = units(linux, r.data["service_id"])
     assert f'Environment="XDG_STATE_HOME={tmp_path}/st$ate 100%%"' in service
@@ -283,20 +277,20 @@ def test_environment_lines_keep_a_dollar_as_written(cli, linux, home, tmp_path):
 def test_embedded_token_with_pinned_folders_is_not_drift(cli, linux, home, tmp_path):
     del linux.environ["LORE_SERVICE_HOME"]
     linux.environ["XDG_CONFIG_HOME"] = str(tmp_path / "cfg")
-    sid = install(cli, "--token-source", "embedded").data["service_id"]
+    sid = install(cli, "systemd", *EVERY_45M, "--token-source", "embedded").data["service_id"]
     linux.respond(
         ["systemctl", "--user", "--no-pager", "show", f"lore-sync-{sid}.timer"],
-        ls.CommandResult([], 0, "LoadState=loaded\nActiveState=active\nSubState=waiting\nUnitFileState=enabled\n", ""),
+        res(0, "LoadState=loaded\nActiveState=active\nSubState=waiting\nUnitFileState=enabled\n"),
     )
     assert cli("--json", "status").data["scheduler"]["drift"] == []
     assert cli("--json", "doctor").code == 0
 
 
 def test_a_running_but_disabled_timer_is_drift(cli, linux):
-    sid = install(cli).data["service_id"]
+    sid = install(cli, "systemd", *EVERY_45M).data["service_id"]
     linux.respond(
         ["systemctl", "--user", "--no-pager", "show", f"lore-sync-{sid}.timer"],
-        ls.CommandResult([], 0, "LoadState=loaded\nActiveState=active\nSubState=waiting\nUnitFileState=disabled\n", ""),
+        res(0, "LoadState=loaded\nActiveState=active\nSubState=waiting\nUnitFileState=disabled\n"),
     )
     sched = cli("--json", "status").data["scheduler"]
     assert sched["registered"] is False and sched["drift"] == [f"lore-sync-{sid}.timer is not enabled (disabled)"]
@@ -318,5 +312,5 @@ def test_config_and_stage_programs_hidden_by_private_tmp_are_refused(cli, linux,
         lore.write_text("#!/bin/sh\n")
         lore.chmod(0o755)
         extra = ["--lore", str(lore)]
-    r = install(cli, *extra)
+    r = install(cli, "systemd", *EVERY_45M, *extra)
     assert r.code == 6 and str(shadow) in r.doc["error"]["message"], r.out
