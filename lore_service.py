@@ -243,6 +243,8 @@ DEFAULT_RUN_BUDGET = 840
 SCHEDULER_TIMEOUT = 900
 DEFAULT_STAGE_TIMEOUT = 600
 TOKEN_SOURCES = ("env-file", "keychain", "credential-manager", "embedded")
+# macOS and Windows have a secret store of their own: no token sits in a file there
+OS_TOKEN_STORES = {"darwin": ("keychain", "credential-manager"), "win32": ("credential-manager", "keychain")}
 TOKEN_SOURCES_CLI = ("auto", *TOKEN_SOURCES)
 MIN_INTERVAL = 5 * 60
 MAX_INTERVAL = 24 * 3600
@@ -767,6 +769,33 @@ class PlannedFile:
 
 
 @record
+class SchedulerState:
+    """SchedulerBackend.state(): the OS scheduler's own view of one entry.
+    `status --json` shows it as `scheduler`, `extra` merged in."""
+
+    registered: bool
+    active: bool | None  # None: there is no scheduler to be active (backend none)
+    detail: str
+    drift: list[str] = field(default_factory=list)  # how the entry differs from what install wrote
+    next_run_iso: str | None = None
+    last_trigger_iso: str | None = None
+    last_result: int | str | None = None  # systemd's Result word, launchd's or Task Scheduler's exit code
+    extra: dict[str, Any] = field(default_factory=dict)  # the backend's own facts: units, pid, schedule, ...
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "registered": self.registered,
+            "active": self.active,
+            "next_run_iso": self.next_run_iso,
+            "last_trigger_iso": self.last_trigger_iso,
+            "last_result": self.last_result,
+            "drift": self.drift,
+            "detail": self.detail,
+            **self.extra,
+        }
+
+
+@record
 class Plan:
     """What an install would write and run: --dry-run prints it, install applies it."""
 
@@ -1204,62 +1233,92 @@ def _pump(stream: Any, stage: str, log: ServiceLog, secret: str | None) -> None:
         log.write_line(stage, carry.replace(token, SECRET_PLACEHOLDER.encode()).decode("utf-8", "replace"))
 
 
+# ============================================================================
+# 5. Install and uninstall
+# ============================================================================
+# `install` runs in three steps, each with a typed result: resolve the request
+# (InstallRequest: every option and default decided, bad input refused before
+# the machine is probed), plan it (InstallPlan: the manifest, every file with
+# its content and mode, every scheduler command, warnings and what is missing;
+# `--dry-run` prints exactly this), and apply it (apply_install: pin the
+# program, write, register, and put everything back if any step fails).
+
+
+# the manifest's fields that `install --json` reports
+INSTALL_SUMMARY = (
+    "service_id", "project_root", "backend", "backend_reason", "interval_seconds",
+    "schedule_step_seconds", "profile", "token_source", "token_env", "program",
+)  # fmt: skip
+
+
+@record
+class InstallRequest:
+    """What `install` was asked for, every default resolved."""
+
+    service_id: str
+    project_root: str
+    backend: str
+    backend_reason: str
+    token_source: str
+    config: ServiceConfig  # service.toml as it will be (interval, profile, token variable, stages)
+    lore_path: str | None
+    existing: Manifest | None  # the service as installed now (a re-install)
+    dry_run: bool = False
+    missing: list[str] = field(default_factory=list)  # what a --dry-run found absent
+
+
+@record
+class InstallPlan:
+    """Everything install writes and runs, in order; --dry-run shows it with the token redacted."""
+
+    request: InstallRequest
+    manifest: Manifest
+    core_files: list[PlannedFile]  # token.env (env-file store), service.toml, manifest.json
+    scheduler: Plan  # the backend's files and commands
+    token: str | None  # to store (or embed); a re-install carries the stored one over
+    warnings: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+    def __repr__(self) -> str:  # never the token
+        return f"InstallPlan({self.manifest.service_id}, {len(self.core_files + self.scheduler.files)} files)"
+
+    def summary(self) -> dict[str, Any]:
+        """The facts `install --json` reports, as the manifest records them."""
+        facts = self.manifest.to_dict()
+        return {key: facts[key] for key in INSTALL_SUMMARY}
+
+
 def self_command() -> list[str]:
     """The argv prefix that starts this very program, in absolute paths: the
     interpreter and script from source (abspath, not realpath: a virtualenv's
     python is a symlink that must stay inside the venv), the frozen program, or
-    interpreter + .pyz. During `install` of a frozen build or a .pyz it is the
-    pinned copy under <data_root>/bin/<version>/ instead (section 4a), so the
-    manifest and the scheduler entries never name the download or a PyInstaller
-    extraction folder."""
-    if _PINNED is not None:
-        return list(_PINNED)
+    interpreter + .pyz. What the scheduler runs is planned_program()."""
     return bundle_command(running_bundle())
 
 
-def scheduled_program(paths: Paths, sid: str) -> list[str]:
+def planned_program(paths: Paths) -> list[str]:
+    """The argv prefix a scheduler entry names: from source the running
+    program, for a frozen build or a .pyz its pinned copy under
+    <data_root>/bin/<version>/ (section 9f; apply_install makes the copy), so
+    no entry names the download or a PyInstaller extraction folder."""
+    bundle = running_bundle()
+    if bundle.kind == "source":
+        return self_command()
+    _bundle_parts(bundle)  # refuses a one-file build's extraction folder
+    return pinned_command(paths.data_root, bundle)
+
+
+def scheduled_program(prefix: Sequence[str], paths: Paths, sid: str) -> list[str]:
     home = ["--home", paths.home] if paths.home else []
-    return [*self_command(), *home, "run", "--service-id", sid]
+    return [*prefix, *home, "run", "--service-id", sid]
 
 
-# -- install ------------------------------------------------------------------
+# -- 1. resolve -----------------------------------------------------------------
 
 
-def _obtain_token(ctx: Context, args: argparse.Namespace, token_env: str) -> str | None:
-    """From --token-stdin, the named variable, or a hidden prompt; never argv."""
-    if args.token_stdin:
-        lines = [line for line in ctx.system.read_stdin().splitlines() if line.strip()]
-        if len(lines) > 1:  # e.g. a whole .env file piped in: its first line is not a token
-            raise UsageError(
-                f"standard input holds {len(lines)} lines; --token-stdin takes the token alone",
-                "pipe only the token, e.g. printenv GITLAB_TOKEN | lore-service install --token-stdin",
-                code="bad_token",
-            )
-        return validate_token(lines[0] if lines else "")
-    value = ctx.system.environ.get(token_env)
-    if value:
-        return validate_token(value)
-    if ctx.system.stdin_isatty() and not ctx.robot and not args.dry_run:
-        return validate_token(ctx.system.prompt_secret("GitLab token (stored in the OS store, not shown): "))
-    return None
-
-
-def _resolve_lore(ctx: Context, args: argparse.Namespace, existing: Manifest | None) -> str | None:
-    if args.lore:
-        path = check_path_text(os.path.abspath(os.path.expanduser(args.lore)), "--lore")
-        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
-            raise UsageError(
-                f"--lore {args.lore}: not an executable file", "give the full path of the lore program", code="bad_lore"
-            )
-        return path
-    if existing and existing.lore_path and os.path.exists(existing.lore_path):
-        return existing.lore_path
-    found = ctx.system.which("lore")
-    return os.path.abspath(found) if found else None
-
-
-def cmd_install(ctx: Context, args: argparse.Namespace) -> Outcome:
-    system, paths = ctx.system, ctx.paths
+def resolve_install(system: System, paths: Paths, args: argparse.Namespace) -> InstallRequest:
+    """Every option decided: flags, else what is installed now, else defaults.
+    Bad input is refused here, before anything on the machine is probed."""
     project = check_path_text(canonical_project(args.project or os.getcwd()), "project folder")
     if paths.home:
         check_path_text(paths.home, "--home")
@@ -1275,181 +1334,198 @@ def cmd_install(ctx: Context, args: argparse.Namespace) -> Outcome:
             "choose another --name for this project",
             code="id_taken",
         )
-    old_cfg = load_config(paths, sid) if existing is not None and os.path.exists(paths.config(sid)) else None
-    # a flag not given keeps what service.toml says now: the user's edits there
-    # are exactly what a re-install is asked to apply
-    now_cfg: ServiceConfig | Manifest = old_cfg or existing or ServiceConfig()
-    interval = parse_interval(args.interval) if args.interval is not None else now_cfg.interval_seconds
-    profile = args.profile or now_cfg.profile
-    token_env = validate_env_name(args.token_env or now_cfg.token_env)
-    lore = _resolve_lore(ctx, args, existing)  # bad input is refused before the machine is probed
+    cfg, lore = _resolve_config(system, paths, args, existing)
     missing: list[str] = []
-
-    requested = args.backend or (existing.backend if existing else "auto")
-    if requested == "auto":
-        chosen, reason, _ = choose_backend(system)
-        if chosen is None:
-            if not args.dry_run:
-                raise SchedulerError(
-                    reason,
-                    "start a systemd user manager (Linux) or install cron, or pass "
-                    "`--backend none` and call `lore-service run` from your own scheduler",
-                )
-            missing.append(reason)
-            chosen, reason = "none", f"auto found nothing usable; previewing backend none ({reason})"
-        backend_name = chosen
-    else:
-        backend_name, reason = requested, f"--backend {requested}"
-        if existing is not None and args.backend is None:
-            reason = existing.backend_reason
-    backend = get_backend(backend_name, system, paths)
-
+    backend, reason = _resolve_backend(system, paths, args, existing, missing)
     source = args.token_source or "auto"
-    if source == "auto" and existing is not None and existing.backend == backend_name and args.token_source is None:
+    if source == "auto" and existing is not None and existing.backend == backend.name and args.token_source is None:
         source = existing.token_source
     if source == "auto":
-        source = default_token_source(backend_name, system.platform)
-    check_token_source(source, backend_name, system.platform)
+        source = backend.default_token_source()
+    backend.check_token_source(source)
     if lore is None:
         if not args.dry_run:
             raise SchedulerError(
                 "`lore` was not found on PATH", "install gitlore, or pass --lore /path/to/lore", code="lore_missing"
             )
         missing.append("`lore` is not on PATH (pass --lore PATH)")
-    cfg = old_cfg or ServiceConfig.defaults(lore or "lore")
-    if old_cfg is not None and lore and existing and existing.lore_path and existing.lore_path != lore:
+    return InstallRequest(sid, project, backend.name, reason, source, cfg, lore, existing, bool(args.dry_run), missing)
+
+
+def _resolve_config(
+    system: System, paths: Paths, args: argparse.Namespace, existing: Manifest | None
+) -> tuple[ServiceConfig, str | None]:
+    """service.toml as the install leaves it, and the lore program. A flag not
+    given keeps what service.toml says now: the user's edits there are exactly
+    what a re-install is asked to apply."""
+    sid = existing.service_id if existing else ""
+    old = load_config(paths, sid) if existing is not None and os.path.exists(paths.config(sid)) else None
+    if old is None and existing is not None:  # config deleted: the manifest remembers the options
+        now = ServiceConfig(existing.interval_seconds, existing.profile, existing.token_env)
+    else:
+        now = old or ServiceConfig()
+    interval = parse_interval(args.interval) if args.interval is not None else now.interval_seconds
+    profile = args.profile or now.profile
+    token_env = validate_env_name(args.token_env or now.token_env)
+    lore = _resolve_lore(system, args, existing)
+    cfg = old or ServiceConfig.defaults(lore or "lore")
+    if old is not None and lore and existing and existing.lore_path and existing.lore_path != lore:
         for stage in cfg.stages.values():  # follow a moved lore, keep hand-written commands
             if stage.command and stage.command[0] == existing.lore_path:
                 stage.command[0] = lore
     cfg.interval_seconds, cfg.profile, cfg.token_env = interval, profile, token_env
+    return cfg, lore
 
-    # 4a: a frozen build or .pyz copies itself to <data_root>/bin/<version>/ (verified, not on
-    # --dry-run) so that scheduled_program() below, and so the manifest and the backend plan, name the copy
-    pin_running_program(paths, system, dry_run=bool(args.dry_run))
-    now_iso = iso_from_ms(system.now_ms())
-    manifest = Manifest(
-        service_id=sid,
-        project_root=project,
-        backend=backend_name,
-        backend_reason=reason,
-        interval_seconds=interval,
-        schedule_step_seconds=backend.schedule_step(interval),
-        profile=profile,
-        token_source=source,
-        token_env=token_env,
-        program=scheduled_program(paths, sid),
-        lore_path=lore,
-        home=paths.home,
-        created_at_iso=existing.created_at_iso if existing else now_iso,
-        updated_at_iso=now_iso,
-    )
-    if existing is not None:
-        same = {**existing.to_dict(), "updated_at_iso": "", "tool_version": ""} == {
-            **manifest.to_dict(),
-            "updated_at_iso": "",
-            "tool_version": "",
-        }
-        if same:
-            manifest.updated_at_iso = existing.updated_at_iso
 
-    token = _obtain_token(ctx, args, token_env)  # bad input (exit 2) before the machine is judged
+def _resolve_lore(system: System, args: argparse.Namespace, existing: Manifest | None) -> str | None:
+    if args.lore:
+        path = check_path_text(os.path.abspath(os.path.expanduser(args.lore)), "--lore")
+        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+            raise UsageError(
+                f"--lore {args.lore}: not an executable file", "give the full path of the lore program", code="bad_lore"
+            )
+        return path
+    if existing and existing.lore_path and os.path.exists(existing.lore_path):
+        return existing.lore_path
+    found = system.which("lore")
+    return os.path.abspath(found) if found else None
+
+
+def _resolve_backend(
+    system: System, paths: Paths, args: argparse.Namespace, existing: Manifest | None, missing: list[str]
+) -> tuple[SchedulerBackend, str]:
+    """The backend and why it was chosen; auto asks each candidate's availability."""
+    requested = args.backend or (existing.backend if existing else "auto")
+    if requested != "auto":
+        reason = existing.backend_reason if existing is not None and args.backend is None else f"--backend {requested}"
+        return get_backend(requested, system, paths), reason
+    chosen, reason, _ = choose_backend(system)
+    if chosen is None:
+        if not args.dry_run:
+            raise SchedulerError(
+                reason,
+                "start a systemd user manager (Linux) or install cron, or pass "
+                "`--backend none` and call `lore-service run` from your own scheduler",
+            )
+        missing.append(reason)
+        chosen, reason = "none", f"auto found nothing usable; previewing backend none ({reason})"
+    return get_backend(chosen, system, paths), reason
+
+
+def obtain_token(system: System, args: argparse.Namespace, token_env: str, interactive: bool) -> str | None:
+    """From --token-stdin, the named variable, or a hidden prompt; never argv."""
+    if args.token_stdin:
+        lines = [line for line in system.read_stdin().splitlines() if line.strip()]
+        if len(lines) > 1:  # e.g. a whole .env file piped in: its first line is not a token
+            raise UsageError(
+                f"standard input holds {len(lines)} lines; --token-stdin takes the token alone",
+                "pipe only the token, e.g. printenv GITLAB_TOKEN | lore-service install --token-stdin",
+                code="bad_token",
+            )
+        return validate_token(lines[0] if lines else "")
+    value = system.environ.get(token_env)
+    if value:
+        return validate_token(value)
+    if interactive and system.stdin_isatty():
+        return validate_token(system.prompt_secret("GitLab token (stored in the OS store, not shown): "))
+    return None
+
+
+# -- 2. plan ----------------------------------------------------------------------
+
+
+def plan_install(system: System, paths: Paths, request: InstallRequest, token: str | None) -> InstallPlan:
+    """The manifest and every file and command, after the backend's
+    prerequisites (a failing one stops a real install, and is listed as
+    missing by --dry-run). Reads the stored token only to carry it over."""
+    backend = get_backend(request.backend, system, paths)
+    manifest = _planned_manifest(system, paths, request, backend)
+    warnings: list[str] = []
+    missing = list(request.missing)
     # prerequisites before the stored token is read: on macOS the GUI-session
     # check must come before any keychain access, in --dry-run too
-    warnings: list[str] = []
     prereq = backend.prerequisites(manifest)
     failing = [c for c in prereq if c.status == "fail"]
     warnings.extend(f"{c.message} (fix: {c.hint})" for c in prereq if c.status == "warn")
-    if failing and not args.dry_run:
+    if failing and not request.dry_run:
         raise SchedulerError(failing[0].message, failing[0].hint, code="prerequisite")
     missing.extend(f"{c.message} (fix: {c.hint})" for c in failing)
-
+    existing, source = request.existing, request.token_source
     if token is None and existing is not None and existing.token_source != "embedded" and not failing:
         try:  # re-install without a new token: carry the stored one over (new variable name or store)
             token = read_secret(paths, existing, {})
         except LoreServiceError:
             token = None
+    token_env = request.config.token_env
     if token is None:
-        if not args.dry_run:
+        if not request.dry_run:
             raise UsageError(
                 f"no token: {token_env} is not set",
                 f"export {token_env}=<GitLab token>, or pipe it with --token-stdin",
                 code="no_token",
             )
         missing.append(f"no token yet ({token_env} is not set)")
-    embedded = token if source == "embedded" else None
     if source == "embedded":
         warnings.append(
             "--token-source embedded writes the token in plain text into the scheduler entry; anyone "
             "who can read that file can use your GitLab account"
         )
+    scheduler = backend.plan(manifest, request.config, token if source == "embedded" else None)
+    warnings.extend(scheduler.warnings)
+    core = _core_files(paths, manifest, request.config, token)
+    return InstallPlan(request, manifest, core, scheduler, token, warnings, missing)
 
-    plan = backend.plan(manifest, embedded)
-    warnings.extend(plan.warnings)
-    config_text = cfg.to_toml(sid)
-    manifest_text = dump_json(manifest.to_dict())
-    core_files = [
-        PlannedFile(paths.config(sid), config_text, 0o600),
-        PlannedFile(paths.manifest(sid), manifest_text, 0o600),
+
+def _planned_manifest(system: System, paths: Paths, request: InstallRequest, backend: SchedulerBackend) -> Manifest:
+    cfg, existing, sid = request.config, request.existing, request.service_id
+    now_iso = iso_from_ms(system.now_ms())
+    manifest = Manifest(
+        service_id=sid,
+        project_root=request.project_root,
+        backend=request.backend,
+        backend_reason=request.backend_reason,
+        interval_seconds=cfg.interval_seconds,
+        schedule_step_seconds=backend.schedule_step(cfg.interval_seconds),
+        profile=cfg.profile,
+        token_source=request.token_source,
+        token_env=cfg.token_env,
+        program=scheduled_program(planned_program(paths), paths, sid),
+        lore_path=request.lore_path,
+        home=paths.home,
+        created_at_iso=existing.created_at_iso if existing else now_iso,
+        updated_at_iso=now_iso,
+    )
+    if existing is not None:  # an unchanged re-install keeps the manifest byte for byte
+        unstamped = {"updated_at_iso": "", "tool_version": ""}
+        if {**existing.to_dict(), **unstamped} == {**manifest.to_dict(), **unstamped}:
+            manifest.updated_at_iso = existing.updated_at_iso
+    return manifest
+
+
+def _core_files(paths: Paths, manifest: Manifest, cfg: ServiceConfig, token: str | None) -> list[PlannedFile]:
+    sid = manifest.service_id
+    files = [
+        PlannedFile(paths.config(sid), cfg.to_toml(sid), 0o600),
+        PlannedFile(paths.manifest(sid), dump_json(manifest.to_dict()), 0o600),
     ]
-    if source == "env-file":
-        core_files.insert(
-            0,
-            PlannedFile(
-                paths.env_file(sid),
-                f"{token_env}={token or ''}\n",
-                0o600,
-                redacted=f"{token_env}={SECRET_PLACEHOLDER}\n",
-            ),
-        )
-    data: dict[str, Any] = {
-        "service_id": sid,
-        "project_root": project,
-        "backend": backend_name,
-        "backend_reason": reason,
-        "interval_seconds": interval,
-        "schedule_step_seconds": manifest.schedule_step_seconds,
-        "profile": profile,
-        "token_source": source,
-        "token_env": token_env,
-        "program": manifest.program,
-        "dry_run": bool(args.dry_run),
-        "warnings": warnings,
-        "missing": missing,
-    }
-    if args.dry_run:
-        shown = core_files + plan.files
-        data["files"] = [{"path": f.path, "mode": f"{f.mode:04o}", "content": f.shown()} for f in shown]
-        data["commands"] = plan.commands
-        data["changed"] = False
-        return Outcome(data, _render_install(data))
-
-    changed, applied = apply_install(ctx, existing, manifest, backend, plan, token, config_text, warnings)
-    data["files"] = [f.path for f in core_files + applied.files]
-    data["commands"] = applied.commands
-    data["changed"] = changed
-    return Outcome(data, _render_install(data))
+    if manifest.token_source == "env-file":
+        line, shown = f"{manifest.token_env}={token or ''}\n", f"{manifest.token_env}={SECRET_PLACEHOLDER}\n"
+        files.insert(0, PlannedFile(paths.env_file(sid), line, 0o600, redacted=shown))
+    return files
 
 
-def apply_install(
-    ctx: Context,
-    existing: Manifest | None,
-    manifest: Manifest,
-    backend: SchedulerBackend,
-    plan: Plan,
-    token: str | None,
-    config_text: str,
-    warnings: list[str],
-) -> tuple[bool, Plan]:
-    """Write secret, config, scheduler entry and manifest; on failure put back
-    what was there before. Returns whether anything changed, and what was applied."""
-    paths, system, sid = ctx.paths, ctx.system, manifest.service_id
-    source = manifest.token_source
-    old_secret: str | None = None
-    if existing is not None:
-        try:
-            old_secret = read_secret(paths, existing, {})
-        except LoreServiceError:
-            old_secret = None
+# -- 3. apply ---------------------------------------------------------------------
+
+
+def apply_install(system: System, paths: Paths, plan: InstallPlan) -> tuple[bool, Plan]:
+    """Pin the program, then write secret, config, scheduler entry and
+    manifest; on failure put back what was there before. Returns whether
+    anything changed, and what the backend did."""
+    manifest, existing, cfg = plan.manifest, plan.request.existing, plan.request.config
+    sid, source, token = manifest.service_id, manifest.token_source, plan.token
+    pin_running_program(paths, system)  # before any entry can name the copy
+    backend = get_backend(manifest.backend, system, paths)
+    old_secret = _stored_secret(paths, existing)
     same_store = (
         existing is not None
         and existing.token_source == source
@@ -1457,48 +1533,57 @@ def apply_install(
         and source != "embedded"
     )
     store_token = token is not None and source != "embedded" and not (same_store and old_secret == token)
-    old_config = read_text(paths.config(sid))
+    old_config, config_text = read_text(paths.config(sid)), cfg.to_toml(sid)
     switched = existing is not None and existing.backend != manifest.backend and existing.backend in BACKENDS
-    entry_changed = existing is None or switched or backend.entry_changed(manifest, plan)
-    config_changed = old_config != config_text
+    entry_changed = existing is None or switched or backend.entry_changed(manifest, plan.scheduler)
     try:
         if switched and existing is not None:  # a service must never run from two schedulers
             get_backend(existing.backend, system, paths).uninstall(existing)
-            warnings.append(f"removed the {existing.backend} entry before registering with {manifest.backend}")
+            plan.warnings.append(f"removed the {existing.backend} entry before registering with {manifest.backend}")
         if store_token and token is not None:
             store_secret(paths, manifest, token)
-        if config_changed:
+        if old_config != config_text:
             atomic_write(paths.config(sid), config_text, 0o600)
         ensure_dir(paths.state_dir(sid))
         ensure_dir(paths.log_dir(sid))
-        applied = backend.install(manifest, token if source == "embedded" else None)
+        applied = backend.install(manifest, cfg, token if source == "embedded" else None)
         # last, and inside the rollback: without a manifest nothing could find
         # (or uninstall) the token and entry written above
         manifest_changed = file_differs(paths.manifest(sid), dump_json(manifest.to_dict()))
         if manifest_changed:
             save_manifest(paths, manifest)
     except BaseException:
-        _roll_back_install(ctx, existing, manifest, backend, store_token, old_secret, old_config)
+        _roll_back_install(system, paths, plan, backend, store_token, old_secret, old_config)
         raise
     if existing is not None and existing.token_source != source:
         try:  # the old store must not keep a copy of the token
             delete_secret(paths, existing)
         except LoreServiceError as exc:
-            warnings.append(f"could not remove the token from {existing.token_source}: {exc.message}")
-    return manifest_changed or store_token or config_changed or entry_changed, applied
+            plan.warnings.append(f"could not remove the token from {existing.token_source}: {exc.message}")
+    return manifest_changed or store_token or old_config != config_text or entry_changed, applied
+
+
+def _stored_secret(paths: Paths, manifest: Manifest | None) -> str | None:
+    if manifest is None:
+        return None
+    try:
+        return read_secret(paths, manifest, {})
+    except LoreServiceError:
+        return None
 
 
 def _roll_back_install(
-    ctx: Context,
-    existing: Manifest | None,
-    manifest: Manifest,
+    system: System,
+    paths: Paths,
+    plan: InstallPlan,
     backend: SchedulerBackend,
     stored_token: bool,
     old_secret: str | None,
     old_config: str | None,
 ) -> None:
     """Best effort: each step may itself fail, and the original error wins."""
-    paths, sid = ctx.paths, manifest.service_id
+    manifest, existing = plan.manifest, plan.request.existing
+    sid = manifest.service_id
     steps: list[Callable[[], object]] = []
     if existing is None:
         steps.append(lambda: backend.uninstall(manifest))
@@ -1514,13 +1599,64 @@ def _roll_back_install(
             elif existing.token_source != manifest.token_source:
                 steps.append(lambda: delete_secret(paths, manifest))
         if existing.token_source != "embedded":  # the entry as it was (a launchd job is unloaded by now)
-            old_backend = get_backend(existing.backend, ctx.system, paths)
-            steps.append(lambda: old_backend.install(existing, None))
+            old_backend = get_backend(existing.backend, system, paths)
+            # rendered from the config just put back
+            steps.append(lambda: old_backend.install(existing, config_or_defaults(paths, sid), None))
     for step in steps:
         try:
             step()
         except Exception:
             pass
+
+
+# -- uninstall ----------------------------------------------------------------------
+
+
+@record
+class Removal:
+    """What uninstall removed, kept, and could not finish."""
+
+    removed: list[str]
+    kept: list[str]
+    warnings: list[str]
+
+
+def uninstall_service(system: System, paths: Paths, manifest: Manifest, purge: bool) -> Removal:
+    """Scheduler entry first (nothing may fire into a half-removed service), then
+    token, config and manifest; with purge also status and logs."""
+    import shutil
+
+    sid = manifest.service_id
+    if manifest.backend not in BACKENDS:
+        raise SchedulerError(
+            f"this lore-service cannot remove a {manifest.backend} entry",
+            f"uninstall with the lore-service build that installed it ({manifest.tool_version})",
+        )
+    backend = get_backend(manifest.backend, system, paths)
+    removed = backend.file_paths(manifest)
+    backend.uninstall(manifest)
+    warnings: list[str] = []
+    try:
+        delete_secret(paths, manifest)
+    except LoreServiceError as exc:  # the entry is gone already: finish, and say what is left
+        warnings.append(f"the token may still be in {manifest.token_source}: {exc.message}")
+    for path in (paths.config(sid), paths.manifest(sid)):
+        remove_file(path)
+    removed += [paths.config(sid), paths.manifest(sid)]
+    kept: list[str] = []
+    if purge:
+        for folder in (paths.state_dir(sid), paths.log_dir(sid)):
+            shutil.rmtree(folder, ignore_errors=True)
+        removed += [paths.state_dir(sid), paths.log_dir(sid)]
+    else:
+        kept = [p for p in (paths.status(sid), paths.log(sid), paths.crash_log(sid)) if os.path.exists(p)]
+    try:
+        os.rmdir(paths.config_dir(sid))
+    except OSError:
+        pass
+    # pinned copies of older versions that no service runs any more
+    removed += prune_pinned(paths, system, pinned_folder(paths.data_root))
+    return Removal(removed, kept, warnings)
 
 
 # ============================================================================
@@ -1532,58 +1668,102 @@ from abc import ABC, abstractmethod  # noqa: E402  (abc is loaded at interpreter
 
 
 class SchedulerBackend(ABC):
-    """One OS scheduler. Backends never touch the run policy: they only make
-    the scheduler call `program` (the manifest's argv) every interval."""
+    """One OS scheduler. Backends never touch the run policy: they make the
+    scheduler start `manifest.program` every schedule step, and report what
+    the scheduler itself says about that entry.
+
+    A backend holds all of its own knowledge: the token stores its OS offers,
+    whether a token can be embedded in its entry, whether this machine can
+    use it (`availability`), what install needs beyond that (`requirements`)
+    and what doctor looks at once it is installed (`health`)."""
 
     name: ClassVar[str] = ""
-    description: ClassVar[str] = ""
+    # token stores of this scheduler's OS, the one `--token-source auto` picks first
+    token_stores: ClassVar[tuple[str, ...]] = ("env-file", "keychain", "credential-manager")
+    can_embed: ClassVar[bool] = False
+    # why `--token-source embedded` is refused here (can_embed False)
+    embed_refusal: ClassVar[str] = ""
+    # the hint of a scheduler command that failed during install
+    command_hint: ClassVar[str] = ""
 
     def __init__(self, system: System, paths: Paths) -> None:
         self.system = system
         self.paths = paths
 
+    # -- can this machine use it, and what does it need
     @classmethod
     @abstractmethod
-    def detect(cls, system: System) -> tuple[bool, str]:
-        """Whether this machine can use the backend, and why (for auto and doctor)."""
+    def availability(cls, system: System) -> Check:
+        """ok with what answers, or fail with why and the fix (for auto, install and doctor)."""
 
+    def requirements(self, manifest: Manifest | None) -> list[Check]:
+        """What install needs beyond availability; asked only once available."""
+        return []
+
+    def health(self, manifest: Manifest | None) -> list[Check]:
+        """doctor's look at an installed entry; asked only when no prerequisite fails."""
+        return []
+
+    def prerequisites(self, manifest: Manifest | None) -> list[Check]:
+        """Checks that must not fail before install touches the scheduler."""
+        available = self.availability(self.system)
+        return [available] if available.status == "fail" else [available, *self.requirements(manifest)]
+
+    def diagnose(self, manifest: Manifest | None) -> list[Check]:
+        checks = self.prerequisites(manifest)
+        return checks if any(c.status == "fail" for c in checks) else checks + self.health(manifest)
+
+    # -- the token
+    def allowed_token_stores(self) -> tuple[str, ...]:
+        return self.token_stores
+
+    def default_token_source(self) -> str:
+        """What `--token-source auto` means here."""
+        return self.allowed_token_stores()[0]
+
+    def check_token_source(self, source: str) -> None:
+        """Refuse a store this scheduler's OS does not offer, each with the way out."""
+        store = self.default_token_source()
+        if source == "embedded":
+            if not self.can_embed:
+                hint = f"use --token-source {store} (the default)"
+                raise UsageError(self.embed_refusal, hint, code="bad_token_source")
+        elif source not in self.allowed_token_stores():
+            where = "on Linux only" if source == "env-file" else f"with the {self.name} backend"
+            raise UsageError(
+                f"the {source} token store is offered {where}",
+                f"use --token-source {store} (the default there) so nothing secret sits in a file",
+                code="bad_token_source",
+            )
+
+    # -- the entry
     def schedule_step(self, interval_seconds: int) -> int:
         """How often the scheduler fires for an interval; == interval unless coarse."""
         return interval_seconds
 
     @abstractmethod
-    def plan(self, manifest: Manifest, embedded_token: str | None) -> Plan:
+    def plan(self, manifest: Manifest, cfg: ServiceConfig, embedded_token: str | None) -> Plan:
         """Files to write and commands to run; pure, safe for --dry-run on any OS."""
 
-    def prerequisites(self, manifest: Manifest | None) -> list[Check]:
-        """Checks that must not fail before install touches the scheduler."""
-        return []
-
-    def install(self, manifest: Manifest, embedded_token: str | None) -> Plan:
-        plan = self.plan(manifest, embedded_token)
-        for planned in plan.files:
-            if file_differs(planned.path, planned.content):
-                atomic_write(planned.path, planned.content, planned.mode)
-        for argv in plan.commands:
-            self.run_checked(argv)
+    def install(self, manifest: Manifest, cfg: ServiceConfig, embedded_token: str | None) -> Plan:
+        plan = self.plan(manifest, cfg, embedded_token)
+        with RestoreOnFailure([f.path for f in plan.files]):
+            for planned in plan.files:
+                if file_differs(planned.path, planned.content):
+                    atomic_write(planned.path, planned.content, planned.mode)
+            for argv in plan.commands:
+                self.run_checked(argv, hint=self.command_hint)
         return plan
 
     @abstractmethod
     def uninstall(self, manifest: Manifest) -> None: ...
 
     @abstractmethod
-    def state(self, manifest: Manifest) -> dict[str, Any]:
-        """The scheduler's own view: registered, active, next_run_iso,
-        last_trigger_iso, last_result, drift (list of problems), detail."""
+    def state(self, manifest: Manifest) -> SchedulerState:
+        """The scheduler's own view of the entry, drift included."""
 
     @abstractmethod
     def file_paths(self, manifest: Manifest) -> list[str]: ...
-
-    def next_run(self, manifest: Manifest) -> str | None:
-        return self.state(manifest).get("next_run_iso")
-
-    def diagnose(self, manifest: Manifest | None) -> list[Check]:
-        return self.prerequisites(manifest)
 
     def before_run(self, manifest: Manifest) -> None:
         """Called by `run` before its stages (e.g. to bound scheduler-held output files)."""
@@ -1595,15 +1775,17 @@ class SchedulerBackend(ABC):
         return any(file_differs(f.path, f.content) for f in plan.files)
 
     # -- helpers shared by backends
-    @staticmethod
-    def detect_os_tool(system: System, platform: str, os_name: str, tool: str, what: str) -> tuple[bool, str]:
-        """A scheduler that exists on one OS and is driven by one command."""
-        if system.platform != platform:
-            return False, f"{tool} is {os_name} only"
+    @classmethod
+    def os_tool_availability(cls, system: System, os_key: str, tool: str, folder: str, what: str) -> Check:
+        """A scheduler that exists on one OS and is driven by one command (found in `folder`)."""
+        os_name = {"darwin": "macOS", "win32": "Windows"}.get(os_key, os_key)
+        if system.platform != os_key:
+            hint = f"install on the {os_name} machine itself; `--dry-run` previews the entry anywhere"
+            return Check(cls.name, "fail", f"{tool} is {os_name} only", hint)
         found = system.which(tool)
         if not found:
-            return False, f"{tool} is not on PATH"
-        return True, f"{what} ({found})"
+            return Check(cls.name, "fail", f"{tool} is not on PATH", f"add {folder} to PATH")
+        return Check(cls.name, "ok", f"{what} ({found})")
 
     def run_checked(self, argv: Sequence[str], *, hint: str = "", **kwargs: Any) -> CommandResult:
         result = self.system.run(argv, **kwargs)
@@ -1613,6 +1795,27 @@ class SchedulerBackend(ABC):
                 hint or f"run `{TOOL_NAME} doctor` for the {self.name} prerequisites",
             )
         return result
+
+
+class RestoreOnFailure:
+    """Put scheduler files back as they were (content and mode) when an
+    install fails after writing them: an embedded token's 0600 file stays
+    0600, and a file that did not exist is removed again."""
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        self.saved = [(path, _read_bytes(path), _file_mode(path)) for path in paths]
+
+    def __enter__(self) -> RestoreOnFailure:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        if kind is None:
+            return
+        for path, previous, mode in self.saved:
+            if previous is None:
+                remove_file(path)
+            else:
+                atomic_write(path, previous, mode)
 
 
 BACKENDS: dict[str, type[SchedulerBackend]] = {}
@@ -1635,6 +1838,7 @@ def get_backend(name: str, system: System, paths: Paths) -> SchedulerBackend:
 # auto's preference per OS; a backend that is not registered is passed over
 AUTO_ORDER = {"darwin": ("launchd",), "win32": ("schtasks",), "linux": ("systemd", "cron")}
 
+
 def choose_backend(system: System) -> tuple[str | None, str, list[str]]:
     """(backend or None, reason, what was tried) for --backend auto."""
     tried: list[str] = []
@@ -1644,10 +1848,10 @@ def choose_backend(system: System) -> tuple[str | None, str, list[str]]:
         cls = BACKENDS.get(name)
         if cls is None:
             continue
-        ok, why = cls.detect(system)
-        if ok:
-            return name, f"auto: {why}", tried
-        tried.append(f"{name}: {why}")
+        available = cls.availability(system)
+        if available.status == "ok":
+            return name, f"auto: {available.message}", tried
+        tried.append(f"{name}: {available.message}")
     reason = "no OS scheduler is usable here" + (f" ({'; '.join(tried)})" if tried else "")
     return None, reason, tried
 
@@ -1658,28 +1862,33 @@ class NoneBackend(SchedulerBackend):
     cron, CI job or Kubernetes CronJob."""
 
     name = "none"
-    description = "no OS scheduler; call `lore-service run` yourself"
+    embed_refusal = "--token-source embedded needs a scheduler entry to embed into, and backend none has none"
 
     @classmethod
-    def detect(cls, system: System) -> tuple[bool, str]:
-        return True, "nothing to detect: runs only when you call it"
+    def availability(cls, system: System) -> Check:
+        return Check("backend", "ok", "nothing to detect: runs only when you call it")
 
-    def plan(self, manifest: Manifest, embedded_token: str | None) -> Plan:
+    def allowed_token_stores(self) -> tuple[str, ...]:
+        # whoever calls `run` gets the OS's own store (an env-file only on Linux)
+        return OS_TOKEN_STORES.get(self.system.platform, self.token_stores)
+
+    def check_token_source(self, source: str) -> None:
+        if source == "embedded":  # not the base's hint: here the variable can come from the caller
+            raise UsageError(
+                self.embed_refusal,
+                f"use --token-source {self.default_token_source()}, or set the token variable where `run` is called",
+                code="bad_token_source",
+            )
+        super().check_token_source(source)
+
+    def plan(self, manifest: Manifest, cfg: ServiceConfig, embedded_token: str | None) -> Plan:
         return Plan(warnings=[f"nothing is scheduled: call `{' '.join(manifest.program)}` every interval yourself"])
 
     def uninstall(self, manifest: Manifest) -> None:
         return None
 
-    def state(self, manifest: Manifest) -> dict[str, Any]:
-        return {
-            "registered": False,
-            "active": None,
-            "next_run_iso": None,
-            "last_trigger_iso": None,
-            "last_result": None,
-            "drift": [],
-            "detail": "no OS scheduler: `run` is called by you",
-        }
+    def state(self, manifest: Manifest) -> SchedulerState:
+        return SchedulerState(registered=False, active=None, detail="no OS scheduler: `run` is called by you")
 
     def file_paths(self, manifest: Manifest) -> list[str]:
         return []
@@ -1762,15 +1971,6 @@ def _file_mode(path: str) -> int:
         return 0o600
 
 
-def _restore_file(path: str, previous: bytes | None, mode: int) -> None:
-    """Undo a scheduler file written by a failed install, with the mode it had
-    (an embedded token's plist stays 0600 even when the new one would not be)."""
-    if previous is None:
-        remove_file(path)
-    else:
-        atomic_write(path, previous, mode)
-
-
 # ----------------------------------------------------------------------------
 # 6a. systemd user timers (Linux)
 # ----------------------------------------------------------------------------
@@ -1836,7 +2036,8 @@ class SystemdBackend(SchedulerBackend):
     """A user timer + a hardened oneshot service in the user's own manager."""
 
     name = "systemd"
-    description = "systemd user timer (Linux)"
+    can_embed = True
+    command_hint = "`lore-service doctor` checks the user manager; or use --backend cron"
     # PrivateTmp=true gives the service an empty /tmp: nothing it needs may live there
     hidden_roots: tuple[str, ...] = ("/tmp", "/var/tmp")
 
@@ -1866,34 +2067,28 @@ class SystemdBackend(SchedulerBackend):
     def _systemctl(self, *args: str, timeout: float = 30) -> CommandResult:
         return self.system.run(["systemctl", "--user", "--no-pager", *args], timeout=timeout)
 
-    # -- detection and prerequisites
+    # -- availability and requirements
     @classmethod
-    def detect(cls, system: System) -> tuple[bool, str]:
+    def availability(cls, system: System) -> Check:
+        def missing(why: str) -> Check:
+            hint = (
+                "log in as this user directly (not sudo/su), or export XDG_RUNTIME_DIR=/run/user/$(id -u); "
+                "on machines without a user manager use --backend cron"
+            )
+            return Check("user manager", "fail", why, hint)
+
         if not system.platform.startswith("linux"):
-            return False, "systemd user timers exist on Linux only"
+            return missing("systemd user timers exist on Linux only")
         if system.which("systemctl") is None:
-            return False, "systemctl is not installed"
+            return missing("systemctl is not installed")
         answer = system.run(["systemctl", "--user", "is-system-running"], timeout=15)
         state = answer.stdout.strip()
         if state in SYSTEMD_UP_STATES:
-            return True, f"the systemd user manager answers ({state})"
-        return False, _user_manager_problem(system, answer)
+            return Check("user manager", "ok", f"the systemd user manager answers ({state})")
+        return missing(_user_manager_problem(system, answer))
 
-    def prerequisites(self, manifest: Manifest | None) -> list[Check]:
-        ok, why = self.detect(self.system)
-        if not ok:
-            return [
-                Check(
-                    "user manager",
-                    "fail",
-                    why,
-                    "log in as this user directly (not sudo/su), or export XDG_RUNTIME_DIR=/run/user/$(id -u); "
-                    "on machines without a user manager use --backend cron",
-                )
-            ]
-        checks = [Check("user manager", "ok", why)]
-        checks.append(self._version_check())
-        checks.append(self._linger_check())
+    def requirements(self, manifest: Manifest | None) -> list[Check]:
+        checks = [self._version_check(), self._linger_check()]
         if manifest is not None:
             checks.extend(self._sandbox_check(manifest))
         return checks
@@ -2045,14 +2240,13 @@ class SystemdBackend(SchedulerBackend):
         ]
         return "\n".join(service), "\n".join(timer)
 
-    def plan(self, manifest: Manifest, embedded_token: str | None) -> Plan:
+    def plan(self, manifest: Manifest, cfg: ServiceConfig, embedded_token: str | None) -> Plan:
         service_path, timer_path = self.file_paths(manifest)
         shown_token = None
         token_line = None
         if manifest.token_source == "embedded":
             token_line = _environment_line(manifest.token_env, embedded_token or "")
             shown_token = _environment_line(manifest.token_env, SECRET_PLACEHOLDER)
-        cfg = config_or_defaults(self.paths, manifest.service_id)  # read once per plan
         service, timer = self.render(manifest, cfg, token_line)
         shown = self.render(manifest, cfg, shown_token)[0] if token_line else None
         timer_unit = self.unit_base(manifest.service_id) + ".timer"
@@ -2060,15 +2254,6 @@ class SystemdBackend(SchedulerBackend):
             files=[PlannedFile(service_path, service, 0o600, redacted=shown), PlannedFile(timer_path, timer, 0o644)],
             commands=[["systemctl", "--user", "daemon-reload"], ["systemctl", "--user", "enable", "--now", timer_unit]],
         )
-
-    def install(self, manifest: Manifest, embedded_token: str | None) -> Plan:
-        plan = self.plan(manifest, embedded_token)
-        for planned in plan.files:
-            if file_differs(planned.path, planned.content):
-                atomic_write(planned.path, planned.content, planned.mode)
-        for argv in plan.commands:
-            self.run_checked(argv, hint="`lore-service doctor` checks the user manager; or use --backend cron")
-        return plan
 
     def uninstall(self, manifest: Manifest) -> None:
         timer_unit = self.unit_base(manifest.service_id) + ".timer"
@@ -2108,7 +2293,8 @@ class SystemdBackend(SchedulerBackend):
         return tick_ms + -(-(due - tick_ms) // step) * step
 
     def _drift(self, manifest: Manifest) -> list[str]:
-        expected = self.plan(manifest, SECRET_PLACEHOLDER if manifest.token_source == "embedded" else None)
+        cfg = config_or_defaults(self.paths, manifest.service_id)  # the units are rendered from it
+        expected = self.plan(manifest, cfg, SECRET_PLACEHOLDER if manifest.token_source == "embedded" else None)
         token_prefix = 'Environment="' + manifest.token_env + "="
         problems = []
         for planned in expected.files:
@@ -2125,63 +2311,57 @@ class SystemdBackend(SchedulerBackend):
                 problems.append(f"{planned.path} differs from what install wrote (edited by hand?)")
         return problems
 
-    def state(self, manifest: Manifest) -> dict[str, Any]:
+    def state(self, manifest: Manifest) -> SchedulerState:
         base = self.unit_base(manifest.service_id)
-        drift = self._drift(manifest)
-        result: dict[str, Any] = {
-            "registered": False,
-            "active": False,
-            "next_run_iso": None,
-            "last_trigger_iso": None,
-            "last_result": None,
-            "drift": drift,
-            "detail": "",
-            "units": [base + ".timer", base + ".service"],
-        }
+        units = [base + ".timer", base + ".service"]
+        view = SchedulerState(False, False, "", drift=self._drift(manifest), extra={"units": units})
         # asked directly (no is-system-running first): `status` pays for each call
         answer = self._systemctl("show", base + ".timer", "-p", "LoadState,ActiveState,SubState,UnitFileState")
         if not answer.ok:
-            result["detail"] = f"cannot read the timer: {_user_manager_problem(self.system, answer)}"
-            return result
+            view.detail = f"cannot read the timer: {_user_manager_problem(self.system, answer)}"
+            return view
         timer = _show_properties(answer.stdout)
-        result["registered"] = timer.get("LoadState") == "loaded" and timer.get("UnitFileState") == "enabled"
-        result["active"] = timer.get("ActiveState") == "active"
-        listing = self._systemctl("list-timers", "--all", "--output=json", base + ".timer")
+        loaded, enabled = timer.get("LoadState") == "loaded", timer.get("UnitFileState") == "enabled"
+        view.registered, view.active = loaded and enabled, timer.get("ActiveState") == "active"
+        self._read_elapses(manifest, view)
+        self._read_last_result(base, view)
+        active_sub = f"{timer.get('ActiveState', '?')}/{timer.get('SubState', '?')}"
+        if not view.active and not view.drift:
+            view.drift.append(f"{base}.timer is not active ({active_sub})")
+        elif loaded and not enabled and not view.drift:
+            # running now, but gone after the next log-in or reboot
+            view.drift.append(f"{base}.timer is not enabled ({timer.get('UnitFileState') or 'unknown'})")
+        view.detail = f"timer {active_sub}, {timer.get('UnitFileState') or 'not installed'}"
+        return view
+
+    def _read_elapses(self, manifest: Manifest, view: SchedulerState) -> None:
+        """The timer's next and last elapse, from `list-timers` (JSON, microseconds)."""
+        unit = self.unit_base(manifest.service_id) + ".timer"
+        listing = self._systemctl("list-timers", "--all", "--output=json", unit)
         try:
             rows = json.loads(listing.stdout) if listing.ok and listing.stdout.strip() else []
         except ValueError:
             rows = []
         for row in rows if isinstance(rows, list) else []:
-            if isinstance(row, dict) and row.get("unit") == base + ".timer":
+            if isinstance(row, dict) and row.get("unit") == unit:
                 if isinstance(row.get("next"), int) and row["next"] > 0:
-                    result["next_run_iso"] = iso_from_ms(self._next_due_tick(manifest, row["next"] // 1000))
+                    view.next_run_iso = iso_from_ms(self._next_due_tick(manifest, row["next"] // 1000))
                 if isinstance(row.get("last"), int) and row["last"] > 0:
-                    result["last_trigger_iso"] = iso_from_ms(row["last"] // 1000)
+                    view.last_trigger_iso = iso_from_ms(row["last"] // 1000)
+
+    def _read_last_result(self, base: str, view: SchedulerState) -> None:
+        """How the service's last run ended, as systemd saw it (Result, exit status)."""
         service = self._show(base + ".service", "Result,ExecMainStatus,ExecMainExitTimestamp,ActiveState")
         finished = _systemd_timestamp(service.get("ExecMainExitTimestamp", ""))
-        if finished:  # the state dict's common keys, plus systemd's details
-            result["last_result"] = service.get("Result") or None
+        if finished:
+            view.last_result = service.get("Result") or None
             status_text = service.get("ExecMainStatus", "")
-            result["last_exit_status"] = int(status_text) if status_text.isdigit() else None
-            result["last_finished_iso"] = finished
-        if not result["active"] and not drift:
-            drift.append(f"{base}.timer is not active ({timer.get('ActiveState', '?')}/{timer.get('SubState', '?')})")
-        elif timer.get("LoadState") == "loaded" and timer.get("UnitFileState") != "enabled" and not drift:
-            # running now, but gone after the next log-in or reboot
-            drift.append(f"{base}.timer is not enabled ({timer.get('UnitFileState') or 'unknown'})")
-        result["detail"] = (
-            f"timer {timer.get('ActiveState', '?')}/{timer.get('SubState', '?')}, "
-            f"{timer.get('UnitFileState') or 'not installed'}"
-        )
-        return result
+            view.extra["last_exit_status"] = int(status_text) if status_text.isdigit() else None
+            view.extra["last_finished_iso"] = finished
 
-    def diagnose(self, manifest: Manifest | None) -> list[Check]:
-        checks = self.prerequisites(manifest)
-        if manifest is not None:
-            for path in self.file_paths(manifest):
-                if os.path.exists(path):
-                    checks.append(Check("unit file", "ok", path))
-        return checks
+    def health(self, manifest: Manifest | None) -> list[Check]:
+        paths = self.file_paths(manifest) if manifest is not None else []
+        return [Check("unit file", "ok", path) for path in paths if os.path.exists(path)]
 
 
 # ----------------------------------------------------------------------------
@@ -2392,20 +2572,29 @@ class CronBackend(SchedulerBackend):
     """One marked block in the user's crontab, fired every schedule step."""
 
     name = "cron"
-    description = "the user's crontab (cron daemon)"
+    # cron hands its line to `sh -c`: an embedded token would sit in an argv every process can read
+    embed_refusal = (
+        "--token-source embedded is not offered with cron: the token would be visible in the process list "
+        "while a run lasts"
+    )
 
     @classmethod
-    def detect(cls, system: System) -> tuple[bool, str]:
-        if system.platform == "darwin":
-            return False, "cron is not used on macOS (crontab raises a permission dialog; launchd is the scheduler)"
-        if system.platform == "win32":
-            return False, "there is no cron on Windows"
+    def availability(cls, system: System) -> Check:
+        if system.platform in ("darwin", "win32"):
+            why = (
+                "cron is not used on macOS (crontab raises a permission dialog; launchd is the scheduler)"
+                if system.platform == "darwin"
+                else "there is no cron on Windows"
+            )
+            hint = "use the default backend there (`--backend auto`); `--dry-run` previews the cron line anywhere"
+            return Check("crontab", "fail", why, hint)
         result = system.run(["crontab", "-l"], timeout=30)
         if result.returncode == 127:
-            return False, "crontab is not installed"
+            return Check("crontab", "fail", "crontab is not installed", CRON_INSTALL_HINT)
         if result.ok or cls._no_crontab(result):
-            return True, "the user's crontab can be read (`crontab -l`)"
-        return False, f"`crontab -l` failed ({result.returncode}): {result.summary()}"
+            return Check("crontab", "ok", "the user's crontab can be read (`crontab -l`)")
+        why = f"`crontab -l` failed ({result.returncode}): {result.summary()}"
+        return Check("crontab", "fail", why, cls._crontab_hint(result))
 
     @staticmethod
     def _no_crontab(result: CommandResult) -> bool:
@@ -2482,7 +2671,7 @@ class CronBackend(SchedulerBackend):
             )
         return f"{CRON_BEGIN}{sid}\n{line}\n{CRON_END}{sid}\n"
 
-    def plan(self, manifest: Manifest, embedded_token: str | None) -> Plan:
+    def plan(self, manifest: Manifest, cfg: ServiceConfig, embedded_token: str | None) -> Plan:
         planned = PlannedFile(self.entry_path(), self.block(manifest), 0o600)
         warnings: list[str] = []
         step = self.schedule_step(manifest.interval_seconds)
@@ -2520,7 +2709,8 @@ class CronBackend(SchedulerBackend):
 
     @staticmethod
     def _crontab_hint(result: CommandResult) -> str:
-        if "not allowed" in result.stderr or "cron.allow" in result.stderr or "cron.deny" in result.stderr:
+        text = result.stderr + result.stdout
+        if "not allowed" in text or "cron.allow" in text or "cron.deny" in text:
             return "ask an administrator to allow you in /etc/cron.allow (or remove you from /etc/cron.deny)"
         return f"run `crontab -l` yourself to see the problem; `{TOOL_NAME} doctor` checks cron"
 
@@ -2570,8 +2760,8 @@ class CronBackend(SchedulerBackend):
         elif second > 60 - room:  # would end in the next minute's window: start after it instead
             self.system.sleep(60 - second + CRON_RELOAD_GUARD_SECONDS)
 
-    def install(self, manifest: Manifest, embedded_token: str | None) -> Plan:
-        plan = self.plan(manifest, embedded_token)  # refuses an unsafe or too long line first
+    def install(self, manifest: Manifest, cfg: ServiceConfig, embedded_token: str | None) -> Plan:
+        plan = self.plan(manifest, cfg, embedded_token)  # refuses an unsafe or too long line first
         block = plan.files[0].content
         ran = [["crontab", "-l"]]
         with self._crontab_lock():
@@ -2642,11 +2832,35 @@ class CronBackend(SchedulerBackend):
         return Check("cron daemon", "warn", f"{why}: the crontab entry will never fire", CRON_DAEMON_HINT)
 
     # -- state
-    def state(self, manifest: Manifest) -> dict[str, Any]:
+    def state(self, manifest: Manifest) -> SchedulerState:
+        step = self.schedule_step(manifest.interval_seconds)
+        blocks, drift = self._block_drift(manifest, self.read_crontab())
+        running, why = self.daemon()
+        registered = bool(blocks)
+        lines = [line.rstrip("\r\n") for line in blocks[0]] if blocks else []
+        job = next((line for line in lines if line.strip() and not line.lstrip().startswith("#")), "")
+        expression = " ".join(job.split()[:5])
+        next_ms = self._next_firing(manifest, expression) if registered and running is not False else None
+        parts = [f"crontab of {self.user()}: `{expression}` ({cron_describe(expression)})"]
+        if not registered:
+            parts = ["not in the crontab"]
+        if step < manifest.interval_seconds:
+            parts.append(f"fires every {format_interval(step)}; `run` skips until the interval has passed")
+        parts.append(why)
+        return SchedulerState(
+            registered=registered,
+            active=registered and bool(running),
+            detail="; ".join(parts),
+            drift=drift,
+            next_run_iso=iso_from_ms(next_ms) if next_ms is not None else None,
+            # (no last trigger: cron keeps no record of its own; status has the runs)
+            extra={"schedule": expression or None, "step_seconds": step, "daemon_running": running},
+        )
+
+    def _block_drift(self, manifest: Manifest, text: str) -> tuple[list[list[str]], list[str]]:
+        """This service's blocks in the crontab, and how they differ from what install writes."""
         sid = manifest.service_id
         step = self.schedule_step(manifest.interval_seconds)
-        expected = self.line(manifest)
-        text = self.read_crontab()
         drift: list[str] = []
         try:
             blocks = cron_blocks(text, sid)
@@ -2657,84 +2871,45 @@ class CronBackend(SchedulerBackend):
             drift.append(f"the crontab of {self.user()} has no `{CRON_BEGIN}{sid}` block")
         elif len(blocks) > 1:
             drift.append(f"the crontab has {len(blocks)} blocks for {sid}")
-        if blocks and lines != [expected]:
+        if blocks and lines != [self.line(manifest)]:
             drift.append(f"the crontab block for {sid} was edited (it differs from what install writes)")
         if manifest.schedule_step_seconds != step:
             drift.append(
                 f"the manifest records a {format_interval(manifest.schedule_step_seconds)} step; cron needs "
                 f"{format_interval(step)} for a {format_interval(manifest.interval_seconds)} interval"
             )
-        running, why = self.daemon()
-        registered = bool(blocks)
-        job = next((line for line in lines if line.strip() and not line.lstrip().startswith("#")), "")
-        expression = " ".join(job.split()[:5])
-        next_ms: int | None = None
-        if registered and running is not False:
-            now = self.system.now_ms()
-            after = now
-            if step < manifest.interval_seconds:  # the first tick that will not be skipped as not due
-                try:
-                    due = load_status(self.paths, sid).next_due_at_ms
-                except LoreServiceError:
-                    due = None
-                if due is not None and due > now:
-                    after = due - 1
-            next_ms = cron_next_ms(expression, after)
-        parts = [f"crontab of {self.user()}: `{expression}` ({cron_describe(expression)})"]
-        if not registered:
-            parts = ["not in the crontab"]
-        if step < manifest.interval_seconds:
-            parts.append(f"fires every {format_interval(step)}; `run` skips until the interval has passed")
-        parts.append(why)
-        return {
-            "registered": registered,
-            "active": registered and bool(running),
-            "next_run_iso": iso_from_ms(next_ms) if next_ms is not None else None,
-            "last_trigger_iso": None,  # cron keeps no record of its own (status has the runs)
-            "last_result": None,
-            "drift": drift,
-            "detail": "; ".join(parts),
-            "schedule": expression or None,
-            "step_seconds": step,
-            "daemon_running": running,
-        }
+        return blocks, drift
+
+    def _next_firing(self, manifest: Manifest, expression: str) -> int | None:
+        """The next tick of the expression at which `run` will not skip as not due."""
+        now = after = self.system.now_ms()
+        if self.schedule_step(manifest.interval_seconds) < manifest.interval_seconds:
+            try:
+                due = load_status(self.paths, manifest.service_id).next_due_at_ms
+            except LoreServiceError:
+                due = None
+            if due is not None and due > now:
+                after = due - 1
+        return cron_next_ms(expression, after)
 
     # -- checks
-    def prerequisites(self, manifest: Manifest | None) -> list[Check]:
-        ok, why = self.detect(self.system)
-        if not ok:
-            if "not installed" in why:
-                return [Check("crontab", "fail", "the `crontab` program is not installed", CRON_INSTALL_HINT)]
-            if "macOS" in why or "Windows" in why:
-                hint = "use the default backend there (`--backend auto`); `--dry-run` previews the cron line anywhere"
-                return [Check("crontab", "fail", why, hint)]
-            hint = (
-                "ask an administrator to allow you in /etc/cron.allow (or remove you from /etc/cron.deny)"
-                if "allowed" in why
-                else "run `crontab -l` yourself to see the problem"
-            )
-            return [Check("crontab", "fail", why, hint)]
-        found = self.system.which("crontab") or "crontab"
-        return [Check("crontab", "ok", f"{found} reads your crontab"), self._daemon_check()]
+    def requirements(self, manifest: Manifest | None) -> list[Check]:
+        return [self._daemon_check()]
 
-    def diagnose(self, manifest: Manifest | None) -> list[Check]:
-        checks = self.prerequisites(manifest)
-        if manifest is None or any(c.status == "fail" for c in checks):
-            return checks
+    def health(self, manifest: Manifest | None) -> list[Check]:
+        if manifest is None:
+            return []
         log_dir = self.paths.log_dir(manifest.service_id)
-        crash_log = self.paths.crash_log(manifest.service_id)
         if not os.path.isdir(log_dir):
-            checks.append(
+            return [
                 Check(
                     "crash log",
                     "fail",
                     f"{log_dir} is missing: /bin/sh cannot open the cron line's `>>` target, so nothing runs",
                     f"re-run `{TOOL_NAME} install` (it recreates the folder)",
                 )
-            )
-            return checks
-        checks.append(crash_log_check(crash_log, "cron output lands here"))
-        return checks
+            ]
+        return [crash_log_check(self.paths.crash_log(manifest.service_id), "cron output lands here")]
 
 
 # ----------------------------------------------------------------------------
@@ -2785,6 +2960,12 @@ def launchd_exit_code(value: str | None) -> int | None:
         return None
 
 
+def launchd_count(value: str | None) -> int | None:
+    """A plain number of `launchctl print` (pid, runs); None when absent or not a number."""
+    text = (value or "").strip()
+    return int(text) if text.isdigit() else None
+
+
 def launchd_context_problem(system: System) -> str | None:
     """Why this process cannot reach the user's GUI session (and keychain), or None."""
     env = system.environ
@@ -2808,11 +2989,12 @@ class LaunchdBackend(SchedulerBackend):
     """A LaunchAgent in the user's GUI domain, fired every StartInterval seconds."""
 
     name = "launchd"
-    description = "macOS LaunchAgent in your login session (launchctl)"
+    token_stores = OS_TOKEN_STORES["darwin"]
+    can_embed = True
 
     @classmethod
-    def detect(cls, system: System) -> tuple[bool, str]:
-        return cls.detect_os_tool(system, "darwin", "macOS", "launchctl", "macOS LaunchAgents")
+    def availability(cls, system: System) -> Check:
+        return cls.os_tool_availability(system, "darwin", "launchctl", "/bin", "macOS LaunchAgents")
 
     # -- names
     def label(self, manifest: Manifest) -> str:
@@ -2857,7 +3039,7 @@ class LaunchdBackend(SchedulerBackend):
 
         return plistlib.dumps(job, fmt=plistlib.FMT_XML, sort_keys=True).decode("utf-8")
 
-    def plan(self, manifest: Manifest, embedded_token: str | None) -> Plan:
+    def plan(self, manifest: Manifest, cfg: ServiceConfig, embedded_token: str | None) -> Plan:
         path, target = self.plist_path(manifest), self.target(manifest)
         embedded = manifest.token_source == "embedded"
         planned = PlannedFile(
@@ -2947,16 +3129,15 @@ class LaunchdBackend(SchedulerBackend):
                 return
             self.system.sleep(0.5)
 
-    def install(self, manifest: Manifest, embedded_token: str | None) -> Plan:
+    def install(self, manifest: Manifest, cfg: ServiceConfig, embedded_token: str | None) -> Plan:
         self._require_gui()  # before launchctl or the keychain is touched
-        plan = self.plan(manifest, embedded_token)
+        plan = self.plan(manifest, cfg, embedded_token)
         planned, target = plan.files[0], self.target(manifest)
-        previous, previous_mode = _read_bytes(planned.path), _file_mode(planned.path)
         loaded = self._print(manifest) is not None
-        unchanged = previous == planned.content.encode("utf-8")
+        unchanged = _read_bytes(planned.path) == planned.content.encode("utf-8")
         ran: list[list[str]] = []
-        atomic_write(planned.path, planned.content, planned.mode)
-        try:
+        with RestoreOnFailure([planned.path]):
+            atomic_write(planned.path, planned.content, planned.mode)
             if loaded and unchanged:
                 self._launchctl(manifest, ran, "enable", target)  # already running this exact plist: no reload
             else:
@@ -2965,9 +3146,6 @@ class LaunchdBackend(SchedulerBackend):
                 # enable first: bootstrap of a label left disabled fails
                 self._launchctl(manifest, ran, "enable", target)
                 self._bootstrap(manifest, ran, planned.path)
-        except BaseException:
-            _restore_file(planned.path, previous, previous_mode)
-            raise
         return Plan(files=plan.files, commands=ran, warnings=plan.warnings)
 
     def uninstall(self, manifest: Manifest) -> None:
@@ -2998,32 +3176,20 @@ class LaunchdBackend(SchedulerBackend):
             return [f"{path} was edited (it differs from what install writes)"]
         return []
 
-    def state(self, manifest: Manifest) -> dict[str, Any]:
+    def state(self, manifest: Manifest) -> SchedulerState:
         self._require_gui()
         drift = self._file_drift(manifest)
         printed = self._print(manifest)
         if printed is None:
             drift.append(f"{self.label(manifest)} is not loaded in {self.domain()}")
-            return {
-                "registered": False,
-                "active": False,
-                "next_run_iso": None,
-                "last_trigger_iso": None,
-                "last_result": None,
-                "drift": drift,
-                "detail": f"not loaded in {self.domain()}",
-                "running": False,
-                "pid": None,
-                "runs": None,
-            }
+            extra = {"running": False, "pid": None, "runs": None}
+            return SchedulerState(False, False, f"not loaded in {self.domain()}", drift=drift, extra=extra)
         info = parse_launchctl_print(printed.stdout)
         loaded_from = info.get("path")
         if loaded_from and os.path.realpath(loaded_from) != os.path.realpath(self.plist_path(manifest)):
             drift.append(f"launchd loaded {self.label(manifest)} from {loaded_from}, not {self.plist_path(manifest)}")
         job_state = info.get("state", "unknown")
-        pid = launchd_exit_code(info.get("pid"))
-        runs = launchd_exit_code(info.get("runs"))
-        last = launchd_exit_code(info.get("last exit code"))
+        pid, runs = launchd_count(info.get("pid")), launchd_count(info.get("runs"))
         parts = [f"loaded in {self.domain()}", job_state + (f" (pid {pid})" if pid else "")]
         if runs is not None:
             parts.append(f"{runs} runs")
@@ -3031,50 +3197,26 @@ class LaunchdBackend(SchedulerBackend):
             parts.append(f"last exit code {info['last exit code']}")
         elif "last terminating signal" in info:
             parts.append(f"last ended by signal: {info['last terminating signal']}")
-        return {
-            "registered": True,
-            "active": True,
-            "next_run_iso": None,  # launchd does not expose the next StartInterval tick
-            "last_trigger_iso": None,
-            "last_result": last,
-            "drift": drift,
-            "detail": ", ".join(parts),
-            "running": job_state == "running",
-            "pid": pid,
-            "runs": runs,
-        }
+        return SchedulerState(
+            registered=True,
+            active=True,
+            detail=", ".join(parts),
+            drift=drift,
+            # (no next run: launchd does not expose the next StartInterval tick)
+            last_result=launchd_exit_code(info.get("last exit code")),
+            extra={"running": job_state == "running", "pid": pid, "runs": runs},
+        )
 
     # -- checks
-    def prerequisites(self, manifest: Manifest | None) -> list[Check]:
-        if self.system.platform != "darwin":
-            return [
-                Check(
-                    "launchd",
-                    "fail",
-                    f"launchctl is macOS only (this is {self.system.platform})",
-                    "install on the Mac itself; `--dry-run` previews the LaunchAgent anywhere",
-                )
-            ]
-        found = self.system.which("launchctl")
-        if not found:
-            return [Check("launchd", "fail", "launchctl is not on PATH", "add /bin to PATH")]
+    def requirements(self, manifest: Manifest | None) -> list[Check]:
         problem = launchd_context_problem(self.system)
         if problem:  # stop before launchctl is touched
             return [Check("gui session", "fail", f"cannot reach your macOS login session: {problem}", LAUNCHD_GUI_HINT)]
         result = self.system.run(["launchctl", "print", self.domain()], timeout=30)
         if not result.ok:
-            return [
-                Check(
-                    "gui session",
-                    "fail",
-                    f"the GUI domain {self.domain()} is not available ({result.summary()})",
-                    LAUNCHD_GUI_HINT,
-                )
-            ]
-        return [
-            Check("launchd", "ok", f"launchctl at {found}"),
-            Check("gui session", "ok", f"GUI domain {self.domain()} is reachable"),
-        ]
+            why = f"the GUI domain {self.domain()} is not available ({result.summary()})"
+            return [Check("gui session", "fail", why, LAUNCHD_GUI_HINT)]
+        return [Check("gui session", "ok", f"GUI domain {self.domain()} is reachable")]
 
     def _keychain_check(self) -> Check:
         try:
@@ -3095,10 +3237,8 @@ class LaunchdBackend(SchedulerBackend):
             "unset PYTHON_KEYRING_BACKEND / remove keyringrc.cfg so the login keychain is used",
         )
 
-    def diagnose(self, manifest: Manifest | None) -> list[Check]:
-        checks = self.prerequisites(manifest)
-        if any(c.status == "fail" for c in checks):
-            return checks
+    def health(self, manifest: Manifest | None) -> list[Check]:
+        checks = []
         if manifest is None or manifest.token_source == "keychain":
             checks.append(self._keychain_check())
         if manifest is not None:
@@ -3250,11 +3390,16 @@ class SchtasksBackend(SchedulerBackend):
     password, runs while the user is logged on, catches up after sleep."""
 
     name = "schtasks"
-    description = "Windows Task Scheduler task (schtasks /XML)"
+    token_stores = OS_TOKEN_STORES["win32"]
+    # a task has no environment block: an embedded token would sit in an argv every process can read
+    embed_refusal = (
+        "--token-source embedded is not offered with schtasks: the token would be visible in the process list "
+        "while a run lasts"
+    )
 
     @classmethod
-    def detect(cls, system: System) -> tuple[bool, str]:
-        return cls.detect_os_tool(system, "win32", "Windows", "schtasks", "Windows Task Scheduler")
+    def availability(cls, system: System) -> Check:
+        return cls.os_tool_availability(system, "win32", "schtasks", "%SystemRoot%\\System32", "Windows Task Scheduler")
 
     # -- names
     def task_name(self, manifest: Manifest) -> str:
@@ -3272,7 +3417,7 @@ class SchtasksBackend(SchedulerBackend):
         return windowed_program(manifest.program[0]), windows_join_args(manifest.program[1:])
 
     # -- the task XML
-    def task_xml(self, manifest: Manifest) -> str:
+    def task_xml(self, manifest: Manifest, cfg: ServiceConfig) -> str:
         import xml.etree.ElementTree as ET
 
         def sub(parent: ET.Element, tag: str, text: str | None = None, **attrib: str) -> ET.Element:
@@ -3280,7 +3425,6 @@ class SchtasksBackend(SchedulerBackend):
             el.text = text
             return el
 
-        cfg = config_or_defaults(self.paths, manifest.service_id)
         created = manifest.created_at_iso
         start = created[:19] + "Z" if len(created) >= 19 and created[10:11] == "T" else "2024-01-01T00:00:00Z"
         command, arguments = self.exec_parts(manifest)
@@ -3338,7 +3482,7 @@ class SchtasksBackend(SchedulerBackend):
             "install lore-service (its Python) in a shorter folder, e.g. C:\\lore-service, and install again",
         )
 
-    def plan(self, manifest: Manifest, embedded_token: str | None) -> Plan:
+    def plan(self, manifest: Manifest, cfg: ServiceConfig, embedded_token: str | None) -> Plan:
         command, arguments = self.exec_parts(manifest)
         warnings: list[str] = []
         if command == manifest.program[0]:
@@ -3347,7 +3491,7 @@ class SchtasksBackend(SchedulerBackend):
             warnings.append("a path contains '%': Task Scheduler expands %NAME% in the task's command line")
         path = self.xml_path(manifest)
         return Plan(
-            files=[PlannedFile(path, self.task_xml(manifest), 0o600)],
+            files=[PlannedFile(path, self.task_xml(manifest, cfg), 0o600)],
             commands=[["schtasks", "/Create", "/TN", self.task_name(manifest), "/XML", path, "/F"]],
             warnings=warnings,
         )
@@ -3374,25 +3518,21 @@ class SchtasksBackend(SchedulerBackend):
         registered = self._registered_xml(manifest)
         return registered is None or bool(self._registered_drift(manifest, registered))
 
-    def install(self, manifest: Manifest, embedded_token: str | None) -> Plan:
-        plan = self.plan(manifest, embedded_token)
+    def install(self, manifest: Manifest, cfg: ServiceConfig, embedded_token: str | None) -> Plan:
+        plan = self.plan(manifest, cfg, embedded_token)
         too_long = self._too_long(manifest)
         if too_long:
             raise SchedulerError(too_long.message, too_long.hint, code="command_too_long")
-        planned = plan.files[0]
-        previous, previous_mode = _read_bytes(planned.path), _file_mode(planned.path)
         # unchanged: register again only a task that went missing or was changed in the app
         if not self.entry_changed(manifest, plan):
             return Plan(files=plan.files, commands=[], warnings=plan.warnings)
-        atomic_write(planned.path, task_xml_bytes(planned.content), planned.mode)
-        try:
+        planned = plan.files[0]
+        with RestoreOnFailure([planned.path]):
+            atomic_write(planned.path, task_xml_bytes(planned.content), planned.mode)
             for argv in plan.commands:
                 result = self.system.run(argv, timeout=60)
                 if not result.ok:
                     raise self._schtasks_error(result)
-        except BaseException:
-            _restore_file(planned.path, previous, previous_mode)
-            raise
         return plan
 
     def uninstall(self, manifest: Manifest) -> None:
@@ -3446,11 +3586,12 @@ class SchtasksBackend(SchedulerBackend):
         raw = _read_bytes(path)
         if raw is None:
             return [f"{path} is missing"]
-        if decode_task_xml(raw) != decode_task_xml(self.task_xml(manifest)):
+        cfg = config_or_defaults(self.paths, manifest.service_id)  # the XML is rendered from it
+        if decode_task_xml(raw) != decode_task_xml(self.task_xml(manifest, cfg)):
             return [f"{path} was edited (it differs from what install writes)"]
         return []
 
-    def state(self, manifest: Manifest) -> dict[str, Any]:
+    def state(self, manifest: Manifest) -> SchedulerState:
         name = self.task_name(manifest)
         drift = self._file_drift(manifest)
         result = self.system.run(["schtasks", "/Query", "/TN", name, "/V", "/FO", "CSV"], timeout=60)
@@ -3458,25 +3599,14 @@ class SchtasksBackend(SchedulerBackend):
             if "access is denied" in result.stderr.lower():
                 raise self._schtasks_error(result)
             drift.append(f"task {name} is not registered")
-            return {
-                "registered": False,
-                "active": False,
-                "next_run_iso": None,
-                "last_trigger_iso": None,
-                "last_result": None,
-                "drift": drift,
-                "detail": f"task {name} is not registered ({result.summary()})",
-                "running": False,
-            }
+            detail = f"task {name} is not registered ({result.summary()})"
+            return SchedulerState(False, False, detail, drift=drift, extra={"running": False})
         rows = parse_schtasks_csv(result.stdout)
         row = next((r for r in rows if r.get("TaskName", "").rsplit("\\", 1)[-1] == name), rows[0] if rows else {})
         code = _int_or_none(row.get("Last Result"))
-        running = code == SCHED_S_TASK_RUNNING
-        never = code == SCHED_S_TASK_HAS_NOT_RUN
+        running, never = code == SCHED_S_TASK_RUNNING, code == SCHED_S_TASK_HAS_NOT_RUN
         registered = self._registered_xml(manifest)
-        enabled = True
         if registered is not None:
-            enabled = self._enabled(registered)
             drift += self._registered_drift(manifest, registered)
         status_text = row.get("Status", "")
         if running:
@@ -3488,75 +3618,50 @@ class SchtasksBackend(SchedulerBackend):
         next_text = row.get("Next Run Time", "")
         if next_text and next_text != "N/A" and not parse_schtasks_time(next_text):
             detail += f", next run {next_text}"
-        return {
-            "registered": True,
-            "active": enabled,
-            "next_run_iso": parse_schtasks_time(next_text),
-            "last_trigger_iso": parse_schtasks_time(row.get("Last Run Time")),
-            "last_result": None if never or running else code,
-            "drift": drift,
-            "detail": detail,
-            "running": running,
-        }
+        return SchedulerState(
+            registered=True,
+            active=registered is None or self._enabled(registered),
+            detail=detail,
+            drift=drift,
+            next_run_iso=parse_schtasks_time(next_text),
+            last_trigger_iso=parse_schtasks_time(row.get("Last Run Time")),
+            last_result=None if never or running else code,
+            extra={"running": running},
+        )
 
     # -- checks
-    def prerequisites(self, manifest: Manifest | None) -> list[Check]:
-        checks: list[Check] = []
-        too_long = self._too_long(manifest) if manifest is not None else None
-        if too_long:
-            checks.append(too_long)
-        if self.system.platform != "win32":
-            checks.append(
-                Check(
-                    "schtasks",
-                    "fail",
-                    f"schtasks is Windows only (this is {self.system.platform})",
-                    "install on the Windows machine itself; `--dry-run` previews the task XML anywhere",
-                )
+    def requirements(self, manifest: Manifest | None) -> list[Check]:
+        if manifest is None:
+            return []
+        too_long = self._too_long(manifest)
+        command = self.exec_parts(manifest)[0]
+        if command == manifest.program[0]:
+            windowed = Check(
+                "windowed program",
+                "warn",
+                f"{command} opens a console window on each run",
+                "use a Python that has pythonw.exe, or the lore-service-w.exe build",
             )
-            return checks
-        found = self.system.which("schtasks")
-        checks.append(
-            Check("schtasks", "ok", f"schtasks at {found}")
-            if found
-            else Check("schtasks", "fail", "schtasks is not on PATH", "add %SystemRoot%\\System32 to PATH")
-        )
-        if manifest is not None:
-            command = self.exec_parts(manifest)[0]
-            if command == manifest.program[0]:
-                checks.append(
-                    Check(
-                        "windowed program",
-                        "warn",
-                        f"{command} opens a console window on each run",
-                        "use a Python that has pythonw.exe, or the lore-service-w.exe build",
-                    )
-                )
-            elif not os.path.exists(command):
-                checks.append(
-                    Check(
-                        "windowed program",
-                        "fail",
-                        f"{command} (the no-console twin of {manifest.program[0]}) does not exist",
-                        "reinstall Python / lore-service so that it is present",
-                    )
-                )
-            else:
-                checks.append(Check("windowed program", "ok", f"the task runs {command} (no console window)"))
-        return checks
+        elif not os.path.exists(command):
+            windowed = Check(
+                "windowed program",
+                "fail",
+                f"{command} (the no-console twin of {manifest.program[0]}) does not exist",
+                "reinstall Python / lore-service so that it is present",
+            )
+        else:
+            windowed = Check("windowed program", "ok", f"the task runs {command} (no console window)")
+        return [too_long, windowed] if too_long else [windowed]
 
-    def diagnose(self, manifest: Manifest | None) -> list[Check]:
-        checks = self.prerequisites(manifest)
-        if manifest is None or any(c.status == "fail" for c in checks):
-            return checks
+    def health(self, manifest: Manifest | None) -> list[Check]:
+        if manifest is None:
+            return []
         registered = self._registered_xml(manifest)
         if registered is None:
-            checks.append(
-                Check("task", "fail", f"task {self.task_name(manifest)} is not registered", f"`{TOOL_NAME} install`")
-            )
-            return checks
+            why = f"task {self.task_name(manifest)} is not registered"
+            return [Check("task", "fail", why, f"`{TOOL_NAME} install`")]
         logon = self._xml_text(registered, "Principals/Principal/LogonType") or "InteractiveToken"
-        checks.append(
+        task = (
             Check("task", "ok", f"task {self.task_name(manifest)} is registered ({logon})")
             if logon == "InteractiveToken"
             else Check(
@@ -3571,7 +3676,7 @@ class SchtasksBackend(SchedulerBackend):
             for tag in ("DisallowStartIfOnBatteries", "StopIfGoingOnBatteries")
             if (self._xml_text(registered, f"Settings/{tag}") or "").strip() == "true"
         ]
-        checks.append(
+        power = (
             Check(
                 "battery",
                 "warn",
@@ -3581,7 +3686,7 @@ class SchtasksBackend(SchedulerBackend):
             if battery
             else Check("battery", "ok", "the task runs on battery power too")
         )
-        return checks
+        return [task, power]
 
 
 # ============================================================================
@@ -3619,7 +3724,7 @@ def _mode_check(name: str, path: str, want: int, uid: int | None) -> Check:
         st = os.stat(path)
     except FileNotFoundError:
         return Check(name, "fail", f"{path} is missing", f"re-run `{TOOL_NAME} install`")
-    if os.name != "nt" and st.st_mode & 0o077:
+    if uid is not None and st.st_mode & 0o077:  # (no uid: Windows, where modes mean nothing)
         return Check(
             name, "warn", f"{path} is readable by others (mode {st.st_mode & 0o777:o})", f"chmod {want:o} '{path}'"
         )
@@ -3713,7 +3818,7 @@ def program_checks(program: Sequence[str]) -> list[Check]:
 
 def core_checks(paths: Paths, system: System, manifest: Manifest) -> list[Check]:
     sid = manifest.service_id
-    uid = system.uid() if os.name != "nt" else None
+    uid = system.uid() if system.platform != "win32" else None
     checks = [Check("manifest", "ok", f"{paths.manifest(sid)} is valid (schema {manifest.schema_version})")]
     for label, folder in (("config dir", paths.config_dir(sid)), ("state dir", paths.state_dir(sid))):
         checks.append(
@@ -4021,6 +4126,24 @@ def find_service(ctx: Context, args: argparse.Namespace) -> Manifest:
     )
 
 
+def cmd_install(ctx: Context, args: argparse.Namespace) -> Outcome:
+    request = resolve_install(ctx.system, ctx.paths, args)
+    interactive = not (ctx.robot or request.dry_run)  # a hidden prompt only for a person installing for real
+    token = obtain_token(ctx.system, args, request.config.token_env, interactive)
+    plan = plan_install(ctx.system, ctx.paths, request, token)
+    data: dict[str, Any] = {**plan.summary(), "dry_run": request.dry_run}
+    if request.dry_run:
+        shown = plan.core_files + plan.scheduler.files
+        data["files"] = [{"path": f.path, "mode": f"{f.mode:04o}", "content": f.shown()} for f in shown]
+        data["commands"], data["changed"] = plan.scheduler.commands, False
+    else:
+        changed, applied = apply_install(ctx.system, ctx.paths, plan)
+        data["files"] = [f.path for f in plan.core_files + applied.files]
+        data["commands"], data["changed"] = applied.commands, changed
+    data["warnings"], data["missing"] = plan.warnings, plan.missing
+    return Outcome(data, _render_install(data))
+
+
 def _render_install(d: dict[str, Any]) -> str:
     head = "would install" if d["dry_run"] else ("installed" if d["changed"] else "already installed (no change)")
     lines = [
@@ -4054,42 +4177,11 @@ def _shell_quote(arg: str) -> str:
 
 def cmd_uninstall(ctx: Context, args: argparse.Namespace) -> Outcome:
     manifest = find_service(ctx, args)
-    sid, paths = manifest.service_id, ctx.paths
-    if manifest.backend in BACKENDS:
-        backend = get_backend(manifest.backend, ctx.system, paths)
-        removed = backend.file_paths(manifest)
-        backend.uninstall(manifest)
-    else:
-        raise SchedulerError(
-            f"this lore-service cannot remove a {manifest.backend} entry",
-            f"uninstall with the lore-service build that installed it ({manifest.tool_version})",
-        )
-    warnings: list[str] = []
-    try:
-        delete_secret(paths, manifest)
-    except LoreServiceError as exc:  # the entry is gone already: finish, and say what is left
-        warnings.append(f"the token may still be in {manifest.token_source}: {exc.message}")
-    for path in (paths.config(sid), paths.manifest(sid)):
-        remove_file(path)
-    removed += [paths.config(sid), paths.manifest(sid)]
-    kept: list[str] = []
-    if args.purge:
-        import shutil
-
-        for folder in (paths.state_dir(sid), paths.log_dir(sid)):
-            shutil.rmtree(folder, ignore_errors=True)
-        removed += [paths.state_dir(sid), paths.log_dir(sid)]
-    else:
-        kept = [p for p in (paths.status(sid), paths.log(sid), paths.crash_log(sid)) if os.path.exists(p)]
-    try:
-        os.rmdir(paths.config_dir(sid))
-    except OSError:
-        pass
-    # pinned copies of older versions that no service runs any more
-    removed += prune_pinned(paths, ctx.system, pinned_folder(paths.data_root))
-    data = {"service_id": sid, "removed": removed, "kept": kept, "purged": bool(args.purge), "warnings": warnings}
-    text = f"uninstalled {sid}" + (f"; kept {', '.join(kept)} (use --purge to delete)" if kept else "")
-    text += "".join(f"\nwarning: {w}" for w in warnings)
+    sid, purge = manifest.service_id, bool(args.purge)
+    done = uninstall_service(ctx.system, ctx.paths, manifest, purge)
+    data = {"service_id": sid, "removed": done.removed, "kept": done.kept, "purged": purge, "warnings": done.warnings}
+    text = f"uninstalled {sid}" + (f"; kept {', '.join(done.kept)} (use --purge to delete)" if done.kept else "")
+    text += "".join(f"\nwarning: {w}" for w in done.warnings)
     return Outcome(data, text)
 
 
@@ -4175,44 +4267,64 @@ def _run_command(ctx: Context, args: argparse.Namespace, trigger: str) -> Outcom
 # -- status, list ------------------------------------------------------------------
 
 
-def service_status(ctx: Context, manifest: Manifest) -> dict[str, Any]:
-    sid, paths, now = manifest.service_id, ctx.paths, ctx.system.now_ms()
+@record
+class ServiceReport:
+    """One service as `status` shows it: status.json, the state derived from
+    it, and the scheduler's own view (or why that could not be had)."""
+
+    manifest: Manifest
+    status: Status
+    state: str
+    log_path: str
+    status_path: str
+    scheduler: SchedulerState | None = None
+    scheduler_error: LoreServiceError | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        m, st = self.manifest, self.status
+        return {
+            "service_id": m.service_id,
+            "project_root": m.project_root,
+            "state": self.state,
+            "backend": m.backend,
+            "backend_reason": m.backend_reason,
+            "interval_seconds": m.interval_seconds,
+            "profile": m.profile,
+            "token_source": m.token_source,
+            "last_run": st.last_run.to_dict() if st.last_run else None,
+            "consecutive_failures": st.consecutive_failures,
+            "next_retry_at_ms": st.next_retry_at_ms,
+            "next_retry_at_iso": iso_from_ms(st.next_retry_at_ms) if st.next_retry_at_ms else None,
+            "next_due_at_ms": st.next_due_at_ms,
+            "paused": st.paused.to_dict() if st.paused else None,
+            "history": [r.to_dict() for r in st.history],
+            "updated_at_iso": st.updated_at_iso or None,
+            "log_path": self.log_path,
+            "status_path": self.status_path,
+            "scheduler": (
+                self.scheduler.to_dict()
+                if self.scheduler is not None
+                else {"error": (self.scheduler_error or SchedulerError("no scheduler view")).payload()}
+            ),
+        }
+
+
+def service_report(ctx: Context, manifest: Manifest) -> ServiceReport:
+    sid, paths = manifest.service_id, ctx.paths
     status = load_status(paths, sid)
     running = lock_is_held(paths.run_lock(sid), ctx.system)
-    data: dict[str, Any] = {
-        "service_id": sid,
-        "project_root": manifest.project_root,
-        "state": derive_state(status, now, running),
-        "backend": manifest.backend,
-        "backend_reason": manifest.backend_reason,
-        "interval_seconds": manifest.interval_seconds,
-        "profile": manifest.profile,
-        "token_source": manifest.token_source,
-        "last_run": status.last_run.to_dict() if status.last_run else None,
-        "consecutive_failures": status.consecutive_failures,
-        "next_retry_at_ms": status.next_retry_at_ms,
-        "next_retry_at_iso": iso_from_ms(status.next_retry_at_ms) if status.next_retry_at_ms else None,
-        "next_due_at_ms": status.next_due_at_ms,
-        "paused": status.paused.to_dict() if status.paused else None,
-        "history": [r.to_dict() for r in status.history],
-        "updated_at_iso": status.updated_at_iso or None,
-        "log_path": paths.log(sid),
-        "status_path": paths.status(sid),
-    }
-    if manifest.backend in BACKENDS:
-        try:
-            data["scheduler"] = get_backend(manifest.backend, ctx.system, paths).state(manifest)
-        except LoreServiceError as exc:
-            data["scheduler"] = {"error": exc.payload()}
-    else:
-        data["scheduler"] = {
-            "error": {
-                "code": "unknown_backend",
-                "message": f"unknown backend {manifest.backend}",
-                "hint": "upgrade lore-service",
-            }
-        }
-    return data
+    state = derive_state(status, ctx.system.now_ms(), running)
+    report = ServiceReport(manifest, status, state, paths.log(sid), paths.status(sid))
+    if manifest.backend not in BACKENDS:
+        report.scheduler_error = SchedulerError(
+            f"unknown backend {manifest.backend}", "upgrade lore-service", code="unknown_backend"
+        )
+        return report
+    try:
+        report.scheduler = get_backend(manifest.backend, ctx.system, paths).state(manifest)
+    except LoreServiceError as exc:
+        report.scheduler_error = exc
+    return report
 
 
 def _when(iso: str | None, now_ms: int) -> str:
@@ -4225,101 +4337,99 @@ def _when(iso: str | None, now_ms: int) -> str:
     return f"{local_time(ms)} ({relative})"
 
 
-def _render_status(d: dict[str, Any], now_ms: int) -> str:
-    lines = [f"{d['service_id']}: {d['state'].upper()}", f"  project     {d['project_root']}"]
-    sched = d.get("scheduler") or {}
+def _render_status(report: ServiceReport, now_ms: int) -> str:
+    m, st, sched = report.manifest, report.status, report.scheduler
+    lines = [f"{m.service_id}: {report.state.upper()}", f"  project     {m.project_root}"]
     lines.append(
-        f"  schedule    every {format_interval(d['interval_seconds'])} via {d['backend']}"
-        f" ({d['backend_reason']}), profile {d['profile']}"
+        f"  schedule    every {format_interval(m.interval_seconds)} via {m.backend}"
+        f" ({m.backend_reason}), profile {m.profile}"
     )
-    if sched.get("error"):
-        lines.append(f"  scheduler   error: {sched['error']['message']}\n              fix: {sched['error']['hint']}")
-    else:
-        if sched.get("next_run_iso"):
-            lines.append(f"  next run    {_when(sched['next_run_iso'], now_ms)}")
-        if sched.get("detail"):
-            lines.append(f"  scheduler   {sched['detail']}")
-        for problem in sched.get("drift") or []:
+    if report.scheduler_error is not None:
+        error = report.scheduler_error
+        lines.append(f"  scheduler   error: {error.message}\n              fix: {error.hint}")
+    elif sched is not None:
+        if sched.next_run_iso:
+            lines.append(f"  next run    {_when(sched.next_run_iso, now_ms)}")
+        if sched.detail:
+            lines.append(f"  scheduler   {sched.detail}")
+        for problem in sched.drift:
             lines.append(f"  DRIFT       {problem}\n              fix: `{TOOL_NAME} install` rewrites the entry")
-    run = d.get("last_run")
-    if run:
-        stages = ", ".join(f"{s['stage']} {s['outcome']}" for s in run["stage_results"])
-        lines.append(
-            f"  last run    {_when(run['started_at_iso'], now_ms)}, {run['trigger']}: {run['outcome']} in "
-            f"{human_duration(run['duration_ms'] / 1000)}"
-        )
-        lines.append(f"              {stages}")
-    else:
-        lines.append("  last run    none yet")
-    if d["consecutive_failures"]:
-        lines.append(f"  failures    {d['consecutive_failures']} in a row")
-    if d.get("next_retry_at_ms") and d["next_retry_at_ms"] > now_ms:
-        lines.append(
-            f"  next retry  {local_time(d['next_retry_at_ms'])} "
-            f"(in {human_duration((d['next_retry_at_ms'] - now_ms) / 1000)})"
-        )
-    elif d["consecutive_failures"] and not d.get("paused"):
-        lines.append("  next retry  at the next scheduled run (the backoff wait is over)")
-    pause = d.get("paused")
+    lines += _render_last_run(st, now_ms)
+    pause = st.paused
     if pause:
-        lines.append(f"  PAUSED      {pause['kind']} since {_when(pause['since_iso'], now_ms)}: {pause['reason']}")
-        lines.append(f"              fix: {pause['hint']}")
-    lines.append(f"  log         {d['log_path']}")
+        lines.append(f"  PAUSED      {pause.kind} since {_when(pause.since_iso, now_ms)}: {pause.reason}")
+        lines.append(f"              fix: {pause.hint}")
+    lines.append(f"  log         {report.log_path}")
     return "\n".join(lines)
 
 
+def _render_last_run(st: Status, now_ms: int) -> list[str]:
+    run = st.last_run
+    if run is None:
+        lines = ["  last run    none yet"]
+    else:
+        stages = ", ".join(f"{s.stage} {s.outcome}" for s in run.stage_results)
+        lines = [
+            f"  last run    {_when(run.started_at_iso, now_ms)}, {run.trigger}: {run.outcome} in "
+            f"{human_duration(run.duration_ms / 1000)}",
+            f"              {stages}",
+        ]
+    if st.consecutive_failures:
+        lines.append(f"  failures    {st.consecutive_failures} in a row")
+    retry = st.next_retry_at_ms
+    if retry and retry > now_ms:
+        lines.append(f"  next retry  {local_time(retry)} (in {human_duration((retry - now_ms) / 1000)})")
+    elif st.consecutive_failures and not st.paused:
+        lines.append("  next retry  at the next scheduled run (the backoff wait is over)")
+    return lines
+
+
 def cmd_status(ctx: Context, args: argparse.Namespace) -> Outcome:
+    now = ctx.system.now_ms()
     if args.all:
-        services: list[dict[str, Any]] = []
-        worst = EXIT_OK
+        rows: list[dict[str, Any]] = []
+        texts: list[str] = []
+        errors: list[LoreServiceError] = []
         for sid in ctx.paths.installed_ids():
             try:
                 manifest = load_manifest(ctx.paths, sid)
                 if manifest is not None:
-                    services.append(service_status(ctx, manifest))
+                    report = service_report(ctx, manifest)
+                    rows.append(report.to_dict())
+                    texts.append(_render_status(report, now))
             except LoreServiceError as exc:
-                worst = max(worst, exc.exit_code)
-                services.append(
-                    {"service_id": sid, "error": exc.payload()}
-                )
-        text = (
-            "\n\n".join(
-                _render_status(s, ctx.system.now_ms())
-                if "error" not in s
-                else f"{s['service_id']}: ERROR {s['error']['message']}\n  fix: {s['error']['hint']}"
-                for s in services
-            )
-            or "no services installed"
-        )
-        return _every_service(services, worst, text)
+                errors.append(exc)
+                rows.append({"service_id": sid, "error": exc.payload()})
+                texts.append(f"{sid}: ERROR {exc.message}\n  fix: {exc.hint}")
+        return _every_service(rows, errors, "\n\n".join(texts) or "no services installed")
     try:
         manifest = find_service(ctx, args)
     except NotInstalledError as exc:
         exc.data = {"state": "not_installed"}
         raise
-    data = service_status(ctx, manifest)
-    return Outcome(data, _render_status(data, ctx.system.now_ms()))
+    report = service_report(ctx, manifest)
+    return Outcome(report.to_dict(), _render_status(report, now))
 
 
-def _every_service(services: list[dict[str, Any]], worst: int, text: str) -> Outcome:
+def _every_service(rows: list[dict[str, Any]], errors: list[LoreServiceError], text: str) -> Outcome:
     """`status --all` and `list`: every readable service is shown, and one
     that cannot be read still makes the command fail with its exit code."""
-    if worst == EXIT_OK:
-        return Outcome({"services": services}, text)
-    bad = [x for x in services if "error" in x]
-    first = bad[0]["error"]
+    if not errors:
+        return Outcome({"services": rows}, text)
+    first = errors[0]
     error = LoreServiceError(
-        f"{len(bad)} of {len(services)} services cannot be read: {first['message']}",
-        first["hint"],
-        code=first["code"],
-        exit_code=worst,
+        f"{len(errors)} of {len(rows)} services cannot be read: {first.message}",
+        first.hint,
+        code=first.code,
+        exit_code=max(e.exit_code for e in errors),
     )
-    raise error.with_result({"services": services}, text)
+    raise error.with_result({"services": rows}, text)
 
 
 def cmd_list(ctx: Context, args: argparse.Namespace) -> Outcome:
     rows: list[dict[str, Any]] = []
-    worst = EXIT_OK
+    lines: list[str] = []
+    errors: list[LoreServiceError] = []
     for sid in ctx.paths.installed_ids():
         try:
             manifest = load_manifest(ctx.paths, sid)
@@ -4327,41 +4437,25 @@ def cmd_list(ctx: Context, args: argparse.Namespace) -> Outcome:
                 continue
             status = load_status(ctx.paths, sid)
             state = derive_state(status, ctx.system.now_ms(), lock_is_held(ctx.paths.run_lock(sid), ctx.system))
-            rows.append(
-                {
-                    "service_id": sid,
-                    "project_root": manifest.project_root,
-                    "backend": manifest.backend,
-                    "interval_seconds": manifest.interval_seconds,
-                    "profile": manifest.profile,
-                    "state": state,
-                }
-            )
         except LoreServiceError as exc:
-            worst = max(worst, exc.exit_code)
-            rows.append(
-                {
-                    "service_id": sid,
-                    "state": "error",
-                    "error": exc.payload(),
-                }
-            )
-    text = (
-        "\n".join(
-            f"{r['service_id']:<{SERVICE_ID_MAX}}  {r['state']:<9} "
-            + (
-                f"{r['backend']:<8} {format_interval(r['interval_seconds']):>4}  {r['project_root']}"
-                if "error" not in r
-                else r["error"]["message"]
-            )
-            for r in rows
+            errors.append(exc)
+            rows.append({"service_id": sid, "state": "error", "error": exc.payload()})
+            lines.append(f"{sid:<{SERVICE_ID_MAX}}  {'error':<9} {exc.message}")
+            continue
+        m = manifest
+        rows.append(
+            {
+                "service_id": sid,
+                "project_root": m.project_root,
+                "backend": m.backend,
+                "interval_seconds": m.interval_seconds,
+                "profile": m.profile,
+                "state": state,
+            }
         )
-        or "no services installed"
-    )
-    return _every_service(rows, worst, text)
-
-
-# -- logs, doctor ------------------------------------------------------------------
+        every = format_interval(m.interval_seconds)
+        lines.append(f"{sid:<{SERVICE_ID_MAX}}  {state:<9} {m.backend:<8} {every:>4}  {m.project_root}")
+    return _every_service(rows, errors, "\n".join(lines) or "no services installed")
 
 
 def cmd_logs(ctx: Context, args: argparse.Namespace) -> Outcome:
@@ -4415,7 +4509,7 @@ def cmd_doctor(ctx: Context, args: argparse.Namespace) -> Outcome:
             backend = get_backend(manifest.backend, ctx.system, ctx.paths)
             checks.extend(backend.diagnose(manifest))
             try:
-                for problem in backend.state(manifest).get("drift") or []:
+                for problem in backend.state(manifest).drift:
                     checks.append(Check("scheduler entry", "fail", problem, f"`{TOOL_NAME} install` rewrites it"))
             except LoreServiceError as exc:
                 checks.append(Check("scheduler entry", "fail", exc.message, exc.hint))
@@ -4616,6 +4710,12 @@ class System:
     directly.
     """
 
+    # Facts of the OS this process really runs on, for mechanics a test cannot
+    # fake (file locks, fsync of folders, executable names). What lore-service
+    # renders and says follows `platform` instead, which tests do fake.
+    windows: ClassVar[bool] = sys.platform == "win32"
+    exe_suffix: ClassVar[str] = ".exe" if sys.platform == "win32" else ""
+
     def __init__(self, environ: dict[str, str] | None = None) -> None:
         # a frozen build must not hand its bundle's library path to lore or systemctl
         self.environ: dict[str, str] = frozen_child_environ(dict(os.environ)) if environ is None else environ
@@ -4734,7 +4834,7 @@ class System:
         self.kill_group_id(proc.pid, hard=hard)
 
     def kill_group_id(self, pgid: int, *, hard: bool) -> None:
-        if os.name == "nt":
+        if self.windows:
             self.run(["taskkill", "/T", "/F", "/PID", str(pgid)], timeout=30)
             return
         import signal
@@ -4743,6 +4843,26 @@ class System:
             os.killpg(pgid, signal.SIGKILL if hard else signal.SIGTERM)
         except (ProcessLookupError, PermissionError):
             pass
+
+    @staticmethod
+    def lock_fd(fd: int, blocking: bool) -> bool:
+        """An exclusive lock on an open file that dies with the process (flock; msvcrt on Windows)."""
+        if sys.platform == "win32":  # (not `windows`: type checkers narrow on sys.platform only)
+            import msvcrt
+
+            mode = msvcrt.LK_LOCK if blocking else msvcrt.LK_NBLCK
+            try:
+                msvcrt.locking(fd, mode, 1)
+                return True
+            except OSError:
+                return False
+        import fcntl
+
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            return True
+        except BlockingIOError:
+            return False
 
     def pid_alive(self, pid: int) -> bool:
         try:
@@ -4811,7 +4931,7 @@ def ensure_dir(path: str) -> None:
 
 
 def _fsync_dir(path: str) -> None:
-    if os.name == "nt":  # folders cannot be opened for fsync on Windows
+    if System.windows:  # folders cannot be opened for fsync on Windows
         return
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -5145,28 +5265,10 @@ class FileLock:
         self.path = path
         self._fd: int | None = None
 
-    def _lock(self, fd: int, blocking: bool) -> bool:
-        if sys.platform == "win32":
-            import msvcrt
-
-            mode = msvcrt.LK_LOCK if blocking else msvcrt.LK_NBLCK
-            try:
-                msvcrt.locking(fd, mode, 1)
-                return True
-            except OSError:
-                return False
-        import fcntl
-
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-            return True
-        except BlockingIOError:
-            return False
-
     def try_acquire(self, blocking: bool = False) -> bool:
         ensure_dir(os.path.dirname(self.path))
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        if self._lock(fd, blocking):
+        if System.lock_fd(fd, blocking):
             self._fd = fd
             return True
         os.close(fd)
@@ -5175,13 +5277,13 @@ class FileLock:
     def record_owner(self, note: str = "") -> None:
         """Write our pid (and a note: the running stage) into the held lock
         file, for lock_is_held() and for the next run after a crash."""
-        if self._fd is not None and os.name != "nt":  # msvcrt locks the byte we would write
+        if self._fd is not None and not System.windows:  # msvcrt locks the byte we would write
             os.ftruncate(self._fd, 0)
             os.pwrite(self._fd, f"{os.getpid()}\n{note}".encode(), 0)
 
     def previous_note(self) -> str:
         """What the last holder recorded (read before record_owner overwrites it)."""
-        if self._fd is None or os.name == "nt":
+        if self._fd is None or System.windows:
             return ""
         return os.pread(self._fd, 512, 0).decode("utf-8", "replace")
 
@@ -5207,7 +5309,7 @@ def lock_is_held(path: str, system: System) -> bool:
             head = fh.read(64).split(b"\n", 1)[0].strip()
     except OSError:
         return False
-    if os.name != "nt" and not (head.isdigit() and system.pid_alive(int(head))):
+    if not System.windows and not (head.isdigit() and system.pid_alive(int(head))):
         return False
     probe = FileLock(path)
     try:
@@ -5348,49 +5450,6 @@ KEYRING_SERVICE = "lore-service"
 SECRET_PLACEHOLDER = "<redacted>"
 
 
-def _os_store(backend: str, platform: str) -> str | None:
-    """The OS secret store that must hold the token, if any: macOS and Windows
-    have one (a launchd or schtasks entry is a preview of those OSes)."""
-    if backend == "launchd" or (platform == "darwin" and backend == "none"):
-        return "keychain"
-    if backend == "schtasks" or (platform == "win32" and backend == "none"):
-        return "credential-manager"
-    return None
-
-
-def default_token_source(backend: str, platform: str) -> str:
-    """auto: keychain on macOS, Credential Manager on Windows, env-file elsewhere."""
-    return _os_store(backend, platform) or "env-file"
-
-
-def check_token_source(source: str, backend: str, platform: str) -> None:
-    """The combinations the design review rules out, each with the way out."""
-    store = _os_store(backend, platform)
-    if source == "env-file" and store:
-        raise UsageError(
-            "the env-file token store is offered on Linux only",
-            f"use --token-source {store} (the default there) so nothing secret sits in a file",
-            code="bad_token_source",
-        )
-    if source != "embedded":
-        return
-    if backend == "none":
-        raise UsageError(
-            "--token-source embedded needs a scheduler entry to embed into, and backend none has none",
-            f"use --token-source {store or 'env-file'}, or set the token variable where `run` is called",
-            code="bad_token_source",
-        )
-    if backend in ("schtasks", "cron"):
-        # a task has no environment block, and cron hands its line to `sh -c`:
-        # either way the token would sit in an argv every process can read
-        raise UsageError(
-            f"--token-source embedded is not offered with {backend}: the token would be visible in the "
-            "process list while a run lasts",
-            f"use --token-source {store or 'env-file'} (the default)",
-            code="bad_token_source",
-        )
-
-
 def validate_token(token: str) -> str:
     token = token.strip()
     if not token:
@@ -5508,9 +5567,8 @@ def delete_secret(paths: Paths, manifest: Manifest) -> None:
 # whether they look disposable, section 12).
 
 PINNED_DIR = "bin"
-PINNED_EXE = TOOL_NAME + (".exe" if os.name == "nt" else "")
+PINNED_EXE = TOOL_NAME + System.exe_suffix
 PINNED_PYZ = TOOL_NAME + ".pyz"
-_PINNED: list[str] | None = None  # set by pin_running_program(); read by self_command()
 
 
 @record
@@ -5578,7 +5636,7 @@ def _bundle_parts(bundle: Bundle) -> list[tuple[str, str]]:
         )
     parts = [(bundle.executable, PINNED_EXE)]
     twin = os.path.join(os.path.dirname(bundle.executable), TOOL_NAME + "-w.exe")
-    if os.name == "nt" and os.path.isfile(twin):  # the no-console twin the scheduled task runs
+    if System.windows and os.path.isfile(twin):  # the no-console twin the scheduled task runs
         parts.append((twin, TOOL_NAME + "-w.exe"))
     home = os.path.dirname(bundle.executable)
     if bundle.kind == "onedir" and bundle.extraction:
@@ -5765,24 +5823,16 @@ def prune_pinned(paths: Paths, system: System, keep: str) -> list[str]:
     return removed
 
 
-def pin_running_program(paths: Paths, system: System, *, dry_run: bool) -> list[str]:
-    """install's one call into this section: for a frozen build or a .pyz, copy it
-    to bin/<version>/ (not on --dry-run) and make self_command() name that copy,
-    so the manifest and every scheduler entry run it. From source: no-op."""
-    global _PINNED
+def pin_running_program(paths: Paths, system: System) -> list[str]:
+    """install's one call into this section: a frozen build or a .pyz copies
+    itself to bin/<version>/ (what planned_program() named), older copies no
+    service runs are pruned. Returns the argv prefix; from source: no-op."""
     bundle = running_bundle()
     if bundle.kind == "source":
-        _PINNED = None
         return bundle_command(bundle)
-    if dry_run:
-        _PINNED = pinned_command(paths.data_root, bundle)
-        _bundle_parts(bundle)  # still refuse an extraction folder
-    else:
-        _PINNED = pin_bundle(
-            paths.data_root, bundle, system.run, runs_in_progress=lambda: runs_in_progress(paths, system)
-        )
-        prune_pinned(paths, system, pinned_folder(paths.data_root))
-    return _PINNED
+    command = pin_bundle(paths.data_root, bundle, system.run, runs_in_progress=lambda: runs_in_progress(paths, system))
+    prune_pinned(paths, system, pinned_folder(paths.data_root))
+    return command
 
 
 if __name__ == "__main__":

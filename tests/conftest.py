@@ -375,6 +375,17 @@ def backend_and_manifest(system: FakeSystem, kind: type[B], sid: str | None = No
     return backend, manifest
 
 
+def detect(kind: type[ls.SchedulerBackend], system: FakeSystem) -> tuple[bool, str]:
+    """A backend's availability as (usable, why), the pair auto and doctor act on."""
+    check = kind.availability(system)
+    return check.status == "ok", check.message
+
+
+def scheduler_state(backend: ls.SchedulerBackend, manifest: ls.Manifest) -> dict[str, Any]:
+    """The scheduler's view as `status --json` shows it (its `scheduler` object)."""
+    return backend.state(manifest).to_dict()
+
+
 def shared_schema(name: str) -> Path:
     """A file of ../shared/schemas (next to the clone in CI, /work/shared here);
     a skip when it is absent, and a failure under LORE_E2E_REQUIRED=1."""

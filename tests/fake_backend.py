@@ -17,18 +17,20 @@ import lore_service as ls
 @ls.register_backend
 class FakeBackend(ls.SchedulerBackend):
     name = "fake"
-    description = "test double: entries are files in a folder"
+    can_embed = True
     available = True
 
     @classmethod
-    def detect(cls, system: ls.System) -> tuple[bool, str]:
-        return cls.available, "fake scheduler answers" if cls.available else "fake scheduler is switched off"
+    def availability(cls, system: ls.System) -> ls.Check:
+        if cls.available:
+            return ls.Check("fake scheduler", "ok", "fake scheduler answers")
+        return ls.Check("fake scheduler", "fail", "fake scheduler is switched off", "switch it on")
 
     def _entry(self, manifest: ls.Manifest) -> str:
         root = self.paths.home or self.paths.data_root
         return os.path.join(root, "fake-scheduler", f"{manifest.service_id}.json")
 
-    def plan(self, manifest: ls.Manifest, embedded_token: str | None) -> ls.Plan:
+    def plan(self, manifest: ls.Manifest, cfg: ls.ServiceConfig, embedded_token: str | None) -> ls.Plan:
         entry: dict[str, Any] = {"program": manifest.program, "every": manifest.schedule_step_seconds}
         shown = dict(entry)
         if embedded_token:
@@ -43,7 +45,7 @@ class FakeBackend(ls.SchedulerBackend):
         self.run_checked(["fake-scheduler", "unregister", manifest.service_id])
         ls.remove_file(self._entry(manifest))
 
-    def state(self, manifest: ls.Manifest) -> dict[str, Any]:
+    def state(self, manifest: ls.Manifest) -> ls.SchedulerState:
         path = self._entry(manifest)
         drift: list[str] = []
         if not os.path.exists(path):
@@ -52,15 +54,7 @@ class FakeBackend(ls.SchedulerBackend):
             with open(path, encoding="utf-8") as fh:
                 if json.load(fh).get("program") != manifest.program:
                     drift.append(f"{path} was edited")
-        return {
-            "registered": not drift,
-            "active": not drift,
-            "next_run_iso": None,
-            "last_trigger_iso": None,
-            "last_result": None,
-            "drift": drift,
-            "detail": "fake scheduler",
-        }
+        return ls.SchedulerState(registered=not drift, active=not drift, detail="fake scheduler", drift=drift)
 
     def file_paths(self, manifest: ls.Manifest) -> list[str]:
         return [self._entry(manifest)]

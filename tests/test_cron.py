@@ -17,7 +17,17 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TOKEN, FakeSystem, MacSystem, WinSystem, backend_and_manifest, install, res
+from conftest import (
+    TOKEN,
+    FakeSystem,
+    MacSystem,
+    WinSystem,
+    backend_and_manifest,
+    detect,
+    install,
+    res,
+    scheduler_state,
+)
 from harness.cron_daemon import cron_command_as_executed, split_crontab_line
 
 import lore_service as ls
@@ -481,7 +491,7 @@ def test_state_reads_the_block_back(cli, csys: FakeSystem, crontab: MemoryCronta
     sid = install(cli, "cron", "--interval", "30m").data["service_id"]
     backend, manifest = backend_and_manifest(csys, ls.CronBackend, sid)
     csys.clock_ms = 1_800_000_000_000
-    st = backend.state(manifest)
+    st = scheduler_state(backend, manifest)
     expr = ls.cron_expression(sid, 1800)
     assert st["registered"] is True and st["active"] is True and st["drift"] == []
     assert st["schedule"] == expr and st["step_seconds"] == 1800
@@ -496,7 +506,7 @@ def test_next_run_skips_ticks_that_are_not_due(cli, csys: FakeSystem, crontab: M
     csys.clock_ms = now
     due = now + 40 * 60_000
     ls.update_status(ls.Paths(csys), sid, csys, lambda s: setattr(s, "next_due_at_ms", due))
-    st = backend.state(manifest)
+    st = scheduler_state(backend, manifest)
     expected = ls.cron_next_ms(ls.cron_expression(sid, 900), due - 1)
     assert st["next_run_iso"] == ls.iso_from_ms(expected)
     assert "skips" in st["detail"]
@@ -516,7 +526,7 @@ def test_drift_detected_and_repaired(cli, csys: FakeSystem, crontab: MemoryCront
     else:
         crontab.text = crontab.text.replace("LANG=C.UTF-8", f"LANG=C.UTF-8 GITLAB_TOKEN={TOKEN}")
     backend, manifest = backend_and_manifest(csys, ls.CronBackend, sid)
-    st = backend.state(manifest)
+    st = scheduler_state(backend, manifest)
     assert st["drift"], st
     assert st["registered"] is (edit != "removed")
     r = cli("--json", "doctor")
@@ -525,7 +535,7 @@ def test_drift_detected_and_repaired(cli, csys: FakeSystem, crontab: MemoryCront
     status = cli("--json", "status").data
     assert status["scheduler"]["drift"]
     assert install(cli, "cron").code == 0
-    assert backend.state(manifest)["drift"] == []
+    assert scheduler_state(backend, manifest)["drift"] == []
     assert crontab.text.count(f"# BEGIN lore-service {sid}\n") == 1
 
 
@@ -621,26 +631,25 @@ def test_doctor_flags_missing_log_folder(cli, csys: FakeSystem) -> None:
 
 def test_detect(environ: dict[str, str]) -> None:
     mac = MacSystem(environ)
-    assert ls.CronBackend.detect(mac)[0] is False and "macOS" in ls.CronBackend.detect(mac)[1]
-    assert ls.CronBackend.detect(WinSystem(environ))[0] is False
+    assert detect(ls.CronBackend, mac)[0] is False and "macOS" in detect(ls.CronBackend, mac)[1]
+    assert detect(ls.CronBackend, WinSystem(environ))[0] is False
     linux = FakeSystem(environ)
     linux.respond(["crontab", "-l"], res(1, "", "no crontab for alice\n"))
-    assert ls.CronBackend.detect(linux) == (True, "the user's crontab can be read (`crontab -l`)")
+    assert detect(ls.CronBackend, linux) == (True, "the user's crontab can be read (`crontab -l`)")
     linux.respond(["crontab", "-l"], res(0, "# x\n"))
-    assert ls.CronBackend.detect(linux)[0] is True
+    assert detect(ls.CronBackend, linux)[0] is True
     linux.respond(["crontab", "-l"], res(127, "", "crontab: command not found"))
-    assert ls.CronBackend.detect(linux) == (False, "crontab is not installed")
+    assert detect(ls.CronBackend, linux) == (False, "crontab is not installed")
     linux.respond(["crontab", "-l"], res(1, "", "You (alice) are not allowed to use this program (crontab)\n"))
-    ok, why = ls.CronBackend.detect(linux)
+    ok, why = detect(ls.CronBackend, linux)
     assert not ok and "not allowed" in why
 
 
 @pytest.fixture
 def no_user_manager(monkeypatch: pytest.MonkeyPatch) -> None:
     if "systemd" in ls.BACKENDS:
-        monkeypatch.setattr(
-            ls.BACKENDS["systemd"], "detect", classmethod(lambda cls, system: (False, "no systemd user manager"))
-        )
+        unavailable = ls.Check("user manager", "fail", "no systemd user manager")
+        monkeypatch.setattr(ls.BACKENDS["systemd"], "availability", classmethod(lambda cls, system: unavailable))
 
 
 def test_auto_picks_cron_without_user_manager(cli, csys: FakeSystem, crontab: MemoryCrontab, no_user_manager) -> None:

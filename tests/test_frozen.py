@@ -250,7 +250,6 @@ def as_frozen(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, system):
     probe of the copy is answered like the real binary would."""
     exe = fake_build(tmp_path / "Downloads" / "lore-service-0.1.0")
     bundle = onedir(exe)
-    monkeypatch.setattr(ls, "_PINNED", None)  # restored after the test
     monkeypatch.setattr(ls, "running_bundle", lambda **_: bundle)
 
     def answer(argv, _input):
@@ -279,7 +278,6 @@ def test_install_from_a_frozen_build_points_the_entry_at_the_pinned_copy(cli, as
 def test_install_fails_cleanly_when_the_copy_does_not_run(cli, monkeypatch, tmp_path: Path, home: Path) -> None:
     exe = fake_build(tmp_path / "Downloads" / "broken", exit_code=1)
     bundle = onedir(exe)
-    monkeypatch.setattr(ls, "_PINNED", None)
     monkeypatch.setattr(ls, "running_bundle", lambda **_: bundle)
     r = cli("--json", "install", "--backend", "fake")  # FakeSystem answers the probe with empty output
     assert r.code == 6 and r.doc["error"]["code"] == "pin_failed"

@@ -21,9 +21,11 @@ from conftest import (
     MacSystem,
     MemoryKeyring,
     backend_and_manifest,
+    detect,
     fixture_text,
     install,
     res,
+    scheduler_state,
     shared_schema,
 )
 
@@ -135,12 +137,12 @@ def test_real_install_refused_on_linux(tool) -> None:
 
 
 def test_detect(environ: dict[str, str]) -> None:
-    assert ls.LaunchdBackend.detect(FakeSystem(environ)) == (False, "launchctl is macOS only")
+    assert detect(ls.LaunchdBackend, FakeSystem(environ)) == (False, "launchctl is macOS only")
     mac = MacSystem(environ)
-    ok, why = ls.LaunchdBackend.detect(mac)
+    ok, why = detect(ls.LaunchdBackend, mac)
     assert ok and "/bin/launchctl" in why
     mac.which_map["launchctl"] = None
-    assert ls.LaunchdBackend.detect(mac) == (False, "launchctl is not on PATH")
+    assert detect(ls.LaunchdBackend, mac) == (False, "launchctl is not on PATH")
     assert ls.choose_backend(MacSystem(environ))[0] == "launchd"
 
 
@@ -362,7 +364,7 @@ def test_state_from_captured_print(
 ) -> None:
     backend, manifest = installed_mac
     mac.respond(["launchctl", "print", backend.target(manifest)], res(0, fixture_text("launchd", fixture)))
-    st = backend.state(manifest)
+    st = scheduler_state(backend, manifest)
     assert st["registered"] is True and st["active"] is True
     assert st["running"] is running
     assert st["last_result"] == last_result
@@ -377,7 +379,7 @@ def test_state_from_captured_print(
 def test_state_not_loaded(installed_mac, mac: MacSystem) -> None:
     backend, manifest = installed_mac
     mac.loaded.clear()  # e.g. `launchctl bootout` by hand
-    st = backend.state(manifest)
+    st = scheduler_state(backend, manifest)
     assert st["registered"] is False and st["active"] is False
     assert st["drift"] == [f"{backend.label(manifest)} is not loaded in gui/{UID}"]
 
@@ -394,7 +396,7 @@ def test_state_clean_and_exit_code_forms(installed_mac, mac: MacSystem) -> None:
         ("", None),
     ):
         mac.respond(["launchctl", "print", target], res(0, own_print(job, plist, tail=line)))
-        st = backend.state(manifest)
+        st = scheduler_state(backend, manifest)
         assert st["drift"] == [], st
         assert st["last_result"] == expected
         assert st["running"] is False  # nested `state = active` is ignored
@@ -407,11 +409,11 @@ def test_state_drift_for_edited_and_missing_plist(installed_mac, mac: MacSystem,
     mac.respond(["launchctl", "print", backend.target(manifest)], res(0, own_print(job, plist)))
     job["StartInterval"] = 60
     plist.write_bytes(plistlib.dumps(job))
-    assert backend.state(manifest)["drift"] == [f"{plist} was edited (it differs from what install writes)"]
+    assert scheduler_state(backend, manifest)["drift"] == [f"{plist} was edited (it differs from what install writes)"]
     plist.write_text("not a plist")
-    assert backend.state(manifest)["drift"] == [f"{plist} is not a valid plist"]
+    assert scheduler_state(backend, manifest)["drift"] == [f"{plist} is not a valid plist"]
     plist.unlink()
-    assert backend.state(manifest)["drift"] == [f"{plist} is missing"]
+    assert scheduler_state(backend, manifest)["drift"] == [f"{plist} is missing"]
     s = cli("status", sys_=mac)
     assert "DRIFT" in s.out and "is missing" in s.out
 

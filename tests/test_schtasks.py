@@ -23,10 +23,12 @@ from conftest import (
     MemoryKeyring,
     WinSystem,
     backend_and_manifest,
+    detect,
     fixture_bytes,
     fixture_text,
     install,
     res,
+    scheduler_state,
     shared_schema,
 )
 
@@ -114,6 +116,11 @@ def task_file(data: dict[str, Any]) -> dict[str, Any]:
     return next(f for f in data["files"] if f["path"].endswith("task.xml"))
 
 
+def task_xml(backend: ls.SchtasksBackend, manifest: ls.Manifest) -> str:
+    """The task XML install renders, from the service's own service.toml."""
+    return backend.task_xml(manifest, ls.load_config(backend.paths, manifest.service_id))
+
+
 def children(el: Any) -> list[str]:
     return [c.tag.split("}")[1] for c in el]
 
@@ -177,13 +184,13 @@ def test_embedded_token_is_refused(tool, cli, win: WinSystem, memory_keyring: Me
 
 
 def test_detect(environ: dict[str, str]) -> None:
-    assert ls.SchtasksBackend.detect(FakeSystem(environ)) == (False, "schtasks is Windows only")
+    assert detect(ls.SchtasksBackend, FakeSystem(environ)) == (False, "schtasks is Windows only")
     win = WinSystem(environ)
-    ok, why = ls.SchtasksBackend.detect(win)
+    ok, why = detect(ls.SchtasksBackend, win)
     assert ok and "schtasks.exe" in why
     assert ls.choose_backend(win)[0] == "schtasks"
     win.which_map["schtasks"] = None
-    assert ls.SchtasksBackend.detect(win) == (False, "schtasks is not on PATH")
+    assert detect(ls.SchtasksBackend, win) == (False, "schtasks is not on PATH")
 
 
 # -- quoting and the windowed executable ---------------------------------------------------
@@ -349,7 +356,7 @@ def answer(win: WinSystem, backend: ls.SchtasksBackend, manifest: ls.Manifest, c
     name = backend.task_name(manifest)
     win.respond(["schtasks", "/Query", "/TN", name, "/V"], res(0, csv))
     if xml is None:
-        xml = backend.task_xml(manifest)
+        xml = task_xml(backend, manifest)
     win.respond(["schtasks", "/Query", "/TN", name, "/XML"], res(0, xml))
 
 
@@ -360,7 +367,7 @@ def local_iso(text: str, fmt: str) -> str:
 def test_state_never_run(installed_win, win: WinSystem) -> None:
     backend, manifest = installed_win
     answer(win, backend, manifest, fixture_text("schtasks", "csv_verbose_never_run.csv"), None)
-    st = backend.state(manifest)
+    st = scheduler_state(backend, manifest)
     assert st["registered"] is True and st["active"] is True
     assert st["last_result"] is None and st["running"] is False
     assert st["next_run_iso"] is None and st["last_trigger_iso"] is None  # N/A and the 1999 sentinel
@@ -376,7 +383,7 @@ def test_state_never_run(installed_win, win: WinSystem) -> None:
 def test_state_ok_with_times(installed_win, win: WinSystem) -> None:
     backend, manifest = installed_win
     answer(win, backend, manifest, fixture_text("schtasks", "csv_verbose_ok_first9cols.csv"), None)
-    st = backend.state(manifest)
+    st = scheduler_state(backend, manifest)
     assert st["last_result"] == 0
     assert st["next_run_iso"] == local_iso("8/2/2026 1:00:00 PM", "%m/%d/%Y %I:%M:%S %p")
     assert st["last_trigger_iso"] == local_iso("8/1/2026 1:00:01 PM", "%m/%d/%Y %I:%M:%S %p")
@@ -390,7 +397,7 @@ def test_state_result_codes(installed_win, win: WinSystem, code: str, running: b
     backend, manifest = installed_win
     csv = fixture_text("schtasks", "csv_verbose_ok_first9cols.csv").replace('"0"', f'"{code}"', 1)
     answer(win, backend, manifest, csv, None)
-    st = backend.state(manifest)
+    st = scheduler_state(backend, manifest)
     assert st["running"] is running and st["last_result"] == last
 
 
@@ -406,13 +413,13 @@ def test_state_localised_header_maps_by_position(installed_win, win: WinSystem) 
     assert len(rows) == 1 and rows[0]["Last Result"] == "0" and rows[0]["Status"] == "Ready"
     assert len(rows[0]) == 28 and rows[0]["Repeat: Stop If Still Running"] == "Disabled"
     answer(win, backend, manifest, csv, None)
-    assert backend.state(manifest)["last_result"] == 0
+    assert scheduler_state(backend, manifest)["last_result"] == 0
 
 
 def test_state_not_registered(installed_win, win: WinSystem, cli) -> None:
     backend, manifest = installed_win
     win.respond(["schtasks", "/Query"], res(1, "", fixture_text("schtasks", "query_missing.stderr.txt")))
-    st = backend.state(manifest)
+    st = scheduler_state(backend, manifest)
     assert st["registered"] is False
     assert st["drift"] == [f"task {backend.task_name(manifest)} is not registered"]
     s = cli("status", sys_=win)
@@ -423,7 +430,7 @@ def test_state_access_denied_is_an_error(installed_win, win: WinSystem) -> None:
     backend, manifest = installed_win
     win.respond(["schtasks", "/Query"], res(1, "", fixture_text("schtasks", "create_access_denied.stderr.txt")))
     with pytest.raises(ls.SchedulerError) as exc:
-        backend.state(manifest)
+        scheduler_state(backend, manifest)
     assert exc.value.code == "schtasks_access_denied"
 
 
@@ -432,18 +439,19 @@ def test_state_drift_from_registered_xml_and_local_file(installed_win, win: WinS
     # a task that Windows stores for someone else's command (the real /Query /XML capture)
     foreign = fixture_bytes("schtasks", "query_xml_schtasks_created.utf16le.xml").decode("utf-16")
     answer(win, backend, manifest, fixture_text("schtasks", "csv_verbose_never_run.csv"), foreign)
-    drift = backend.state(manifest)["drift"]
+    drift = scheduler_state(backend, manifest)["drift"]
     assert any("runs cmd.exe /c echo hello" in d for d in drift)
     assert any("repeats every None" in d for d in drift)
     # our own XML as it arrives through a code-page pipe (UTF-16 bytes read as single bytes)
-    piped = ls.task_xml_bytes(backend.task_xml(manifest)).decode("latin-1")
+    piped = ls.task_xml_bytes(task_xml(backend, manifest)).decode("latin-1")
     answer(win, backend, manifest, fixture_text("schtasks", "csv_verbose_never_run.csv"), piped)
-    assert backend.state(manifest)["drift"] == []
+    assert scheduler_state(backend, manifest)["drift"] == []
     xml_path = Path(backend.xml_path(manifest))
-    xml_path.write_bytes(ls.task_xml_bytes(backend.task_xml(manifest).replace("PT30M", "PT1M")))
-    assert backend.state(manifest)["drift"] == [f"{xml_path} was edited (it differs from what install writes)"]
+    xml_path.write_bytes(ls.task_xml_bytes(task_xml(backend, manifest).replace("PT30M", "PT1M")))
+    edited = f"{xml_path} was edited (it differs from what install writes)"
+    assert scheduler_state(backend, manifest)["drift"] == [edited]
     xml_path.unlink()
-    assert backend.state(manifest)["drift"] == [f"{xml_path} is missing"]
+    assert scheduler_state(backend, manifest)["drift"] == [f"{xml_path} is missing"]
 
 
 def test_decode_task_xml_variants() -> None:
