@@ -237,8 +237,9 @@ DEFAULT_PROFILE = "balanced"
 DEFAULT_INTERVAL = 30 * 60
 DEFAULT_TOKEN_ENV = "GITLAB_TOKEN"
 DEFAULT_PERMANENT_CODES = (2, 64, 65, 66, 67, 77, 78, 126, 127)
-# systemd's TimeoutStartSec is 900 (the review's figure): our own budget ends
-# a minute earlier so the run records its own timeout before systemd kills it.
+# A scheduler ends a run after SCHEDULER_TIMEOUT seconds at the least (systemd's
+# TimeoutStartSec, a task's ExecutionTimeLimit): our own budget ends a minute
+# earlier, so the run records its own timeout before the scheduler kills it.
 DEFAULT_RUN_BUDGET = 840
 SCHEDULER_TIMEOUT = 900
 DEFAULT_STAGE_TIMEOUT = 600
@@ -1905,7 +1906,7 @@ def config_or_defaults(paths: Paths, sid: str) -> ServiceConfig:
 
 def scheduler_timeout(cfg: ServiceConfig) -> int:
     """Seconds a scheduler lets a run take: a minute beyond the run's own
-    budget, never below the review's 900, so the run records its own timeout."""
+    budget, never below SCHEDULER_TIMEOUT, so the run records its own timeout."""
     return max(SCHEDULER_TIMEOUT, cfg.run_budget_seconds + 60)
 
 
@@ -2159,9 +2160,8 @@ class SystemdBackend(SchedulerBackend):
         return paths + [p for p in cfg.extra_write_paths if p not in paths]
 
     def render(self, manifest: Manifest, cfg: ServiceConfig, token_line: str | None) -> tuple[str, str]:
+        """The .service and .timer units."""
         sid = manifest.service_id
-        interval = manifest.schedule_step_seconds
-        splay = max(30, min(300, interval // 10))
         what = f"lore sync for {manifest.project_root.replace('%', '%%')}"
         exec_start = " ".join(systemd_quote(a) for a in manifest.program)
         # extra paths may not exist yet: "-" keeps a missing one from failing the unit
@@ -2219,6 +2219,11 @@ class SystemdBackend(SchedulerBackend):
             "UMask=0077",
             "",
         ]
+        return "\n".join(service), self._timer_unit(manifest, what)
+
+    def _timer_unit(self, manifest: Manifest, what: str) -> str:
+        sid, interval = manifest.service_id, manifest.schedule_step_seconds
+        splay = max(30, min(300, interval // 10))
         timer = [
             "# Written by lore-service; `lore-service install` rewrites it, edits are reported as drift.",
             "[Unit]",
@@ -2238,7 +2243,7 @@ class SystemdBackend(SchedulerBackend):
             "WantedBy=timers.target",
             "",
         ]
-        return "\n".join(service), "\n".join(timer)
+        return "\n".join(timer)
 
     def plan(self, manifest: Manifest, cfg: ServiceConfig, embedded_token: str | None) -> Plan:
         service_path, timer_path = self.file_paths(manifest)
@@ -3787,7 +3792,7 @@ def program_checks(program: Sequence[str]) -> list[Check]:
     """Is the argv the scheduler runs still there, and not in a folder that vanishes?
 
     program is [frozen-exe, ...], [python, script.py | app.pyz, ...]. Frozen
-    builds and .pyz files are pinned by install (section 4a); from source the
+    builds and .pyz files are pinned by install (section 9f); from source the
     interpreter's virtualenv is judged as well (_venv_problem)."""
     bundle = running_bundle()
     if bundle.kind != "source" and list(program) == bundle_command(bundle):  # readiness: this very build
@@ -3817,6 +3822,8 @@ def program_checks(program: Sequence[str]) -> list[Check]:
 
 
 def core_checks(paths: Paths, system: System, manifest: Manifest) -> list[Check]:
+    """What every service needs whatever its backend: files, config, status,
+    project, token, stage programs and the scheduled program."""
     sid = manifest.service_id
     uid = system.uid() if system.platform != "win32" else None
     checks = [Check("manifest", "ok", f"{paths.manifest(sid)} is valid (schema {manifest.schema_version})")]
@@ -3833,15 +3840,7 @@ def core_checks(paths: Paths, system: System, manifest: Manifest) -> list[Check]
         checks.append(Check("config", "ok", f"{paths.config(sid)} is valid (profile {cfg.profile})"))
     except LoreServiceError as exc:
         checks.append(Check("config", "fail", exc.message, exc.hint))
-    try:
-        status = load_status(paths, sid)
-        checks.append(Check("status", "ok", "status.json is readable" if status.updated_at_iso else "no runs yet"))
-        if status.paused:
-            checks.append(
-                Check("paused", "warn", f"paused ({status.paused.kind}): {status.paused.reason}", status.paused.hint)
-            )
-    except LoreServiceError as exc:
-        checks.append(Check("status", "fail", exc.message, exc.hint))
+    checks += _status_checks(paths, sid)
     if not os.path.isdir(manifest.project_root):
         checks.append(
             Check(
@@ -3855,49 +3854,62 @@ def core_checks(paths: Paths, system: System, manifest: Manifest) -> list[Check]
         checks.append(Check("project", "ok", f"project {manifest.project_root}"))
     if manifest.token_source == "env-file":
         checks.append(_mode_check("token file", paths.env_file(sid), 0o600, uid))
+    checks.append(_token_check(paths, system, manifest))
+    if cfg is not None:
+        checks += _stage_checks(system, cfg, paths.config(sid))
+    return checks + program_checks(manifest.program)
+
+
+def _status_checks(paths: Paths, sid: str) -> list[Check]:
+    try:
+        status = load_status(paths, sid)
+    except LoreServiceError as exc:
+        return [Check("status", "fail", exc.message, exc.hint)]
+    checks = [Check("status", "ok", "status.json is readable" if status.updated_at_iso else "no runs yet")]
+    if status.paused:
+        why = f"paused ({status.paused.kind}): {status.paused.reason}"
+        checks.append(Check("paused", "warn", why, status.paused.hint))
+    return checks
+
+
+def _token_check(paths: Paths, system: System, manifest: Manifest) -> Check:
     try:
         found = read_secret(paths, manifest, {} if manifest.token_source != "embedded" else system.environ)
-        if found:
-            checks.append(Check("token", "ok", f"token found in {manifest.token_source} (not shown)"))
-        elif manifest.token_source == "embedded":
-            checks.append(Check("token", "ok", "token is embedded in the scheduler entry (not shown)"))
-        else:
+    except LoreServiceError as exc:
+        return Check("token", "fail", exc.message, exc.hint)
+    if found:
+        return Check("token", "ok", f"token found in {manifest.token_source} (not shown)")
+    if manifest.token_source == "embedded":
+        return Check("token", "ok", "token is embedded in the scheduler entry (not shown)")
+    hint = f"set {manifest.token_env} and re-run `{TOOL_NAME} install`"
+    return Check("token", "fail", f"no token in {manifest.token_source}", hint)
+
+
+def _stage_checks(system: System, cfg: ServiceConfig, config_path: str) -> list[Check]:
+    """Each active stage's program is an executable file, named by an absolute path."""
+    checks = []
+    for stage in cfg.active_stages():
+        exe = stage.command[0]
+        resolved = exe if os.path.isabs(exe) else system.which(exe)
+        if not resolved or not (os.path.isfile(resolved) and os.access(resolved, os.X_OK)):
             checks.append(
                 Check(
-                    "token",
+                    f"stage {stage.name}",
                     "fail",
-                    f"no token in {manifest.token_source}",
-                    f"set {manifest.token_env} and re-run `{TOOL_NAME} install`",
+                    f"{exe} is not an executable file",
+                    f"`{TOOL_NAME} install --lore /path/to/lore`, or edit {config_path}",
                 )
             )
-    except LoreServiceError as exc:
-        checks.append(Check("token", "fail", exc.message, exc.hint))
-    if cfg is not None:
-        for stage in cfg.active_stages():
-            exe = stage.command[0]
-            resolved = exe if os.path.isabs(exe) else system.which(exe)
-            if not resolved or not (os.path.isfile(resolved) and os.access(resolved, os.X_OK)):
-                checks.append(
-                    Check(
-                        f"stage {stage.name}",
-                        "fail",
-                        f"{exe} is not an executable file",
-                        f"`{TOOL_NAME} install --lore /path/to/lore`, or edit {paths.config(sid)}",
-                    )
+        elif resolved != exe:  # found on doctor's PATH, which need not be the scheduler's (cron: /usr/bin:/bin)
+            checks.append(
+                Check(
+                    f"stage {stage.name}",
+                    "warn",
+                    f"{exe} is a bare name: found here as {resolved}, but scheduled runs search their own PATH",
+                    f"write the absolute path {resolved} in {config_path}",
                 )
-            elif resolved != exe:  # found on doctor's PATH, which need not be the scheduler's (cron: /usr/bin:/bin)
-                checks.append(
-                    Check(
-                        f"stage {stage.name}",
-                        "warn",
-                        f"{exe} is a bare name: found here as {resolved}, but scheduled runs search their own PATH",
-                        f"write the absolute path {resolved} in {paths.config(sid)}",
-                    )
-                )
-        if not any(c.name.startswith("stage ") for c in checks):
-            checks.append(Check("lore", "ok", f"stage commands resolve ({cfg.active_stages()[0].command[0]})"))
-    checks.extend(program_checks(manifest.program))
-    return checks
+            )
+    return checks or [Check("lore", "ok", f"stage commands resolve ({cfg.active_stages()[0].command[0]})")]
 
 
 def readiness_checks(system: System, paths: Paths) -> list[Check]:
@@ -4594,6 +4606,20 @@ def _emit(robot: bool, command: str, outcome: Outcome | None, error: LoreService
             sys.stderr.write(f"hint: {error.hint}\n")
 
 
+def _help_text(argv: list[str]) -> str:
+    """What --help prints, captured (robot mode answers it in the envelope)."""
+    import contextlib
+    import io
+
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured):
+        try:
+            build_parser().parse_args(argv)
+        except _ParserExit:
+            pass
+    return captured.getvalue()
+
+
 def main(argv: Sequence[str] | None = None, system: System | None = None) -> int:
     """Entry point: parse, dispatch, print; the only place errors become exit codes."""
     # pythonw.exe / lore-service-w.exe (what Task Scheduler starts) have no
@@ -4610,21 +4636,13 @@ def main(argv: Sequence[str] | None = None, system: System | None = None) -> int
     args_in = [a for i, a in enumerate(args_in) if i >= cut or a not in ("--json", "--robot")]
     # best guess until argparse has spoken (a usage error still names its command)
     command = next((a for a in args_in[:cut] if a in COMMANDS), "")
-    help_text: Any = None
     try:
         try:
             if robot and any(a in ("-h", "--help") for a in args_in[:cut]):
-                import contextlib
-                import io
-
-                help_text = io.StringIO()
-                with contextlib.redirect_stdout(help_text):
-                    build_parser().parse_args(args_in)
-                raise _ParserExit(0)
+                _emit(robot, command or "help", Outcome({"help": _help_text(args_in)}), None)
+                return EXIT_OK
             args = parse_arguments(args_in, command)
         except _ParserExit as exc:  # --help
-            if robot:
-                _emit(robot, command or "help", Outcome({"help": help_text.getvalue()}), None)
             return exc.status
         command = args.command or command
         if args.version:
@@ -5564,7 +5582,7 @@ def delete_secret(paths: Paths, manifest: Manifest) -> None:
 # only then renamed into place; a newer version lands in its own folder, so
 # entries switch to it only when `install` rewrites them. From source nothing is
 # copied: the entry is the absolute interpreter and script (doctor judges
-# whether they look disposable, section 12).
+# whether they look disposable, section 7).
 
 PINNED_DIR = "bin"
 PINNED_EXE = TOOL_NAME + System.exe_suffix
