@@ -963,10 +963,10 @@ def _run_stages_and_record(
     if secret is None:
         log.write_line("run", f"warning: no token found in {manifest.token_source}; stages run without {cfg.token_env}")
     # until restored, SIGTERM ends the waited-on stage and the run is still recorded
-    _STOP.reset()
-    restore_sigterm = system.on_sigterm(_STOP)
+    stop = StopSignal()
+    restore_sigterm = system.on_sigterm(stop)
     try:
-        record = run_stages(system, manifest, cfg, trigger, log, secret, lock)
+        record = run_stages(system, manifest, cfg, trigger, log, secret, lock, stop)
 
         def change(s: Status) -> None:
             apply_outcome(s, record, cfg, system, system.now_ms())
@@ -1013,8 +1013,10 @@ def run_stages(
     log: ServiceLog,
     secret: str | None,
     lock: FileLock | None = None,
+    stop: StopSignal | None = None,
 ) -> RunRecord:
     """Critical stages always run; optional ones only after a critical success."""
+    stop = stop or StopSignal()
     started_ms = system.now_ms()
     start = system.monotonic()
     deadline = start + cfg.run_budget_seconds
@@ -1035,8 +1037,8 @@ def run_stages(
     ordered = [s for s in stages if s.critical] + [s for s in stages if not s.critical]
     stopped: RunStopped | None = None
     for stage in ordered:
-        if stopped is None and _STOP.signum is not None:  # stopped between two stages
-            stopped = RunStopped(_STOP.signum)
+        if stopped is None and stop.signum is not None:  # stopped between two stages
+            stopped = RunStopped(stop.signum)
             message = f"stopped by signal {stopped.signum} before it started (the scheduler or system ended the run)"
             log.write_line(stage.name, message)
             results.append(StageResult(stage.name, stage.critical, "failed", None, 0, "transient", message))
@@ -1052,7 +1054,8 @@ def run_stages(
             continue
         begun = system.monotonic()
         try:
-            results.append(run_stage(system, stage, manifest.project_root, env, deadline, log, cfg, secret, on_spawn))
+            where = (manifest.project_root, env, deadline)
+            results.append(run_stage(system, stage, where, log, cfg, secret, on_spawn, stop))
         except RunStopped as exc:
             stopped = exc
             message = f"stopped by signal {exc.signum} (the scheduler or the system ended the run); group killed"
@@ -1098,10 +1101,10 @@ class RunStopped(BaseException):
         self.signum = signum
 
 
-class _StopSignal:
-    """SIGTERM during a run is noted at once but raised only while the run
-    waits on a stage, so the bookkeeping between stages (and the write of
-    the run record) is never cut in half. One per process: signals are."""
+class StopSignal:
+    """The SIGTERM handler of one run: a signal is noted at once but raised
+    only while the run waits on a stage, so the bookkeeping between stages
+    (and the write of the run record) is never cut in half."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -1113,16 +1116,11 @@ class _StopSignal:
             self.waiting = False  # a second signal during the clean-up must not cut it short
             raise RunStopped(signum)
 
-    def reset(self) -> None:
-        self.signum, self.waiting = None, False
-
     def raise_if_stopped(self) -> None:
         if self.signum is not None:
             self.waiting = False
             raise RunStopped(self.signum)
 
-
-_STOP = _StopSignal()
 
 
 def classify_exit(exit_code: int | None, permanent_codes: Sequence[int]) -> tuple[str, str | None]:
@@ -1137,15 +1135,19 @@ def classify_exit(exit_code: int | None, permanent_codes: Sequence[int]) -> tupl
 def run_stage(
     system: System,
     stage: StageConfig,
-    cwd: str,
-    env: dict[str, str],
-    deadline: float,
+    where: tuple[str, dict[str, str], float],
     log: ServiceLog,
     cfg: ServiceConfig,
     secret: str | None,
     on_spawn: Callable[[int], None] | None = None,
+    stop: StopSignal | None = None,
 ) -> StageResult:
+    """One stage in its own process group, in `where` = (cwd, environment,
+    monotonic deadline of the run), its output redacted into the log."""
     import threading
+
+    cwd, env, deadline = where
+    stop = stop or StopSignal()
 
     start = system.monotonic()
     budget = deadline - start
@@ -1167,9 +1169,9 @@ def run_stage(
     pump = threading.Thread(target=_pump, args=(proc.stdout, stage.name, log, secret), daemon=True)
     pump.start()
     timed_out = False
-    _STOP.waiting = True  # from here a SIGTERM interrupts the wait (_StopSignal)
+    stop.waiting = True  # from here a SIGTERM interrupts the wait
     try:
-        _STOP.raise_if_stopped()  # one that came while the stage was being started
+        stop.raise_if_stopped()  # one that came while the stage was being started
         code: int | None = proc.wait(timeout=limit)
     except RunStopped:  # the scheduler stops us: the stage's group must not outlive the run
         system.kill_group(proc, hard=True)
@@ -1177,7 +1179,7 @@ def run_stage(
         pump.join(timeout=5)
         raise
     except Exception:  # subprocess.TimeoutExpired, kept lazy
-        _STOP.waiting = False
+        stop.waiting = False
         timed_out = True
         system.kill_group(proc, hard=False)
         try:
@@ -1186,7 +1188,7 @@ def run_stage(
             system.kill_group(proc, hard=True)
             code = proc.wait()
     finally:
-        _STOP.waiting = False
+        stop.waiting = False
     # stragglers of a finished stage (or a timed-out one) die with their group
     system.kill_group(proc, hard=True)
     pump.join(timeout=5)

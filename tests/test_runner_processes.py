@@ -6,6 +6,7 @@ import re
 import signal
 import sys
 import time
+from typing import Any
 
 import pytest
 from conftest import FakeSystem, calls, edit_config, pid_alive, wait_for_exit, wait_until, write_plan
@@ -126,6 +127,11 @@ class StoppingSystem(FakeSystem):
         self.when = when
         self.spawned: list[str] = []
         self.pids: list[int] = []
+        self.handler: Any = None
+
+    def on_sigterm(self, handler):  # type: ignore[override]
+        self.handler = handler  # the test delivers the signal itself
+        return lambda: None
 
     def spawn(self, argv, *, cwd, env):  # type: ignore[override]
         stage = _stage_of(argv)
@@ -133,13 +139,13 @@ class StoppingSystem(FakeSystem):
         proc = super().spawn(argv, cwd=cwd, env=env)
         self.pids.append(proc.pid)
         if self.when == f"starting {stage}":
-            ls._STOP(signal.SIGTERM, None)  # as the OS would call the installed handler
+            self.handler(signal.SIGTERM, None)  # as the OS would call the installed handler
         return proc
 
     def kill_group(self, proc, *, hard: bool) -> None:  # type: ignore[override]
         super().kill_group(proc, hard=hard)
-        if self.spawned and self.when == f"after {self.spawned[-1]}" and ls._STOP.signum is None:
-            ls._STOP(signal.SIGTERM, None)
+        if self.spawned and self.when == f"after {self.spawned[-1]}" and self.handler.signum is None:
+            self.handler(signal.SIGTERM, None)
 
 
 def _stage_of(argv: list[str]) -> str:
