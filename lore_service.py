@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
 import time
 
@@ -244,8 +245,12 @@ DEFAULT_RUN_BUDGET = 840
 SCHEDULER_TIMEOUT = 900
 DEFAULT_STAGE_TIMEOUT = 600
 TOKEN_SOURCES = ("env-file", "keychain", "credential-manager", "embedded")
-# macOS and Windows have a secret store of their own: no token sits in a file there
-OS_TOKEN_STORES = {"darwin": ("keychain", "credential-manager"), "win32": ("credential-manager", "keychain")}
+# The stores each OS offers, the default first: the macOS Keychain and Windows
+# Credential Manager, so no token sits in a file there; elsewhere an env-file,
+# or the Secret Service (`keychain`) where one runs.
+OS_TOKEN_STORES = {"darwin": ("keychain",), "win32": ("credential-manager",)}
+UNIX_TOKEN_STORES = ("env-file", "keychain")
+TOKEN_STORE_OS = {"env-file": "Linux", "keychain": "macOS and Linux", "credential-manager": "Windows"}
 TOKEN_SOURCES_CLI = ("auto", *TOKEN_SOURCES)
 MIN_INTERVAL = 5 * 60
 MAX_INTERVAL = 24 * 3600
@@ -439,16 +444,18 @@ class ServiceConfig:
 
 def load_config(paths: Paths, sid: str) -> ServiceConfig:
     path = paths.config(sid)
-    try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-    except FileNotFoundError:
+    raw = read_state_bytes(path, "config")
+    if raw is None:
         raise StateFileError(
             f"config {path} is missing", f"re-run `{TOOL_NAME} install` to recreate it", code="config_missing"
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
+        )
+    try:
+        text = raw.decode("utf-8-sig")  # an editor's BOM is the user's, not an error
+    except UnicodeDecodeError as exc:
         raise StateFileError(
-            f"cannot read config {path}: {exc}", "check its permissions", code="config_invalid"
+            f"config {path} is not UTF-8 ({exc.reason} at byte {exc.start})",
+            "save the file as UTF-8, or delete it and re-run install",
+            code="config_invalid",
         ) from None
     return ServiceConfig.from_toml(text, path)
 
@@ -1682,7 +1689,7 @@ class SchedulerBackend(ABC):
 
     name: ClassVar[str] = ""
     # token stores of this scheduler's OS, the one `--token-source auto` picks first
-    token_stores: ClassVar[tuple[str, ...]] = ("env-file", "keychain", "credential-manager")
+    token_stores: ClassVar[tuple[str, ...]] = UNIX_TOKEN_STORES
     can_embed: ClassVar[bool] = False
     # why `--token-source embedded` is refused here (can_embed False)
     embed_refusal: ClassVar[str] = ""
@@ -1732,10 +1739,10 @@ class SchedulerBackend(ABC):
                 hint = f"use --token-source {store} (the default)"
                 raise UsageError(self.embed_refusal, hint, code="bad_token_source")
         elif source not in self.allowed_token_stores():
-            where = "on Linux only" if source == "env-file" else f"with the {self.name} backend"
             raise UsageError(
-                f"the {source} token store is offered {where}",
-                f"use --token-source {store} (the default there) so nothing secret sits in a file",
+                f"the {source} token store is offered on {TOKEN_STORE_OS.get(source, 'other systems')} only",
+                f"use --token-source {store} (the default there)"
+                + (" so nothing secret sits in a file" if source == "env-file" else ""),
                 code="bad_token_source",
             )
 
@@ -4031,7 +4038,7 @@ def _add_command_options(name: str, p: _Parser) -> None:
     elif name == "pause":
         p.add_argument("--reason", default="paused by user")
     elif name == "logs":
-        p.add_argument("--tail", type=int, default=50, metavar="N", help="last N lines (default 50)")
+        p.add_argument("--tail", type=_count, default=50, metavar="N", help="last N lines (default 50)")
         p.add_argument("--follow", action="store_true", help="keep printing new lines (Ctrl-C stops)")
 
 
@@ -4077,15 +4084,30 @@ def build_parser(only: str | None = None) -> _Parser:
 COMMANDS = tuple(COMMAND_HELP)
 
 
+def _count(text: str) -> int:
+    """A --tail count: ASCII digits only (int() would also take other scripts' digits)."""
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: use 0 or more ASCII digits")
+    return int(text)
+
+
 def parse_arguments(argv: list[str], guess: str) -> argparse.Namespace:
     """Parse with the guessed command's parser alone; if the guess was wrong
     (the word was an option's value), the full parser gives the real answer."""
+    args: argparse.Namespace | None = None
     if guess:
         try:
-            return build_parser(only=guess).parse_args(argv)
+            args = build_parser(only=guess).parse_args(argv)
         except UsageError:
             pass
-    return build_parser().parse_args(argv)
+    args = args or build_parser().parse_args(argv)
+    # an empty value is never "not given": `--name ""` must not mean this folder's
+    # service (--interval and --token-env refuse it with their own codes)
+    empty = sorted(k for k in ("home", "lore", "name", "project", "reason") if getattr(args, k, None) == "")
+    if empty:
+        option = {"name": "name/--service-id"}.get(empty[0], empty[0].replace("_", "-"))
+        raise UsageError(f"--{option} cannot be empty", "give a value, or leave the option out", code="empty_value")
+    return args
 
 
 class Context:
@@ -4474,8 +4496,6 @@ def cmd_list(ctx: Context, args: argparse.Namespace) -> Outcome:
 
 def cmd_logs(ctx: Context, args: argparse.Namespace) -> Outcome:
     manifest = find_service(ctx, args)
-    if args.tail < 0:
-        raise UsageError("--tail must be 0 or more", "e.g. --tail 100", code="bad_tail")
     if args.follow and ctx.robot:
         raise UsageError(
             "--follow streams text and cannot be one JSON document", "drop --json, or use --tail N", code="usage"
@@ -5029,21 +5049,63 @@ def dump_json(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
-def read_json_file(path: str, what: str) -> dict[str, Any] | None:
-    """A dict, None when the file does not exist, StateFileError otherwise."""
+STATE_FILE_MAX_BYTES = 16 * 1024 * 1024  # status.json with 20 runs is a few KiB; larger is not ours
+
+
+def read_state_bytes(path: str, what: str, limit: int = STATE_FILE_MAX_BYTES) -> bytes | None:
+    """A state or config file's bytes; None when it does not exist. Never
+    follows a symlink in its place, never blocks on a FIFO, never reads more
+    than `limit`: anything else is StateFileError (exit 4) naming the path."""
+    import errno
+
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    hint = f"move it aside and re-run `{TOOL_NAME} install` (lore-service did not modify it)"
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read()
+        fd = os.open(path, flags)
     except FileNotFoundError:
         return None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StateFileError(f"{what} {path} is a symbolic link, which lore-service never follows", hint) from None
         raise StateFileError(
             f"cannot read {what} {path}: {exc.strerror}",
             "check the file's owner and permissions (lore-service doctor)",
             code="state_unreadable",
         ) from None
     try:
-        obj = json.loads(raw.decode("utf-8"))
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else "special"
+            raise StateFileError(f"{what} {path} is not a regular file ({kind})", hint)
+        if st.st_size > limit:
+            raise StateFileError(f"{what} {path} is {st.st_size} bytes, more than a state file may be ({limit})", hint)
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise StateFileError(f"cannot read {what} {path}: {exc.strerror}", hint, code="state_unreadable") from None
+    finally:
+        os.close(fd)
+    if size > limit:  # grew while we read
+        raise StateFileError(f"{what} {path} is more than {limit} bytes", hint)
+    return b"".join(chunks)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def read_json_file(path: str, what: str) -> dict[str, Any] | None:
+    """A dict, None when the file does not exist, StateFileError otherwise."""
+    raw = read_state_bytes(path, what)
+    if raw is None:
+        return None
+    try:
+        obj = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)  # NaN, Infinity: corrupt
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise StateFileError(
             f"{what} {path} is corrupt ({exc.__class__.__name__})",
@@ -5052,7 +5114,7 @@ def read_json_file(path: str, what: str) -> dict[str, Any] | None:
     if not isinstance(obj, dict):
         raise StateFileError(f"{what} {path} is corrupt (not an object)", "move it aside and re-run install")
     version = obj.get("schema_version")
-    if not isinstance(version, int) or isinstance(version, bool):
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise StateFileError(f"{what} {path} has no valid schema_version", "move it aside and re-run install")
     if version > SCHEMA_VERSION:
         raise StateFileError(
@@ -5236,11 +5298,31 @@ class Paths:
         return pins
 
     def installed_ids(self) -> list[str]:
+        """Every service with a manifest, readable or not: one that cannot be
+        read is reported as unreadable (exit 4) by whoever loads it, never
+        taken for absent."""
         try:
             names = os.listdir(self.config_root)
         except (FileNotFoundError, NotADirectoryError):
             return []
-        return sorted(n for n in names if is_valid_service_id(n) and os.path.exists(self.manifest(n)))
+        except OSError as exc:
+            raise StateFileError(
+                f"cannot read the services folder {self.config_root}: {exc.strerror}",
+                "check its owner and permissions (lore-service doctor)",
+                code="state_unreadable",
+            ) from None
+        ids = []
+        for name in sorted(names):
+            if not is_valid_service_id(name):
+                continue
+            try:
+                os.lstat(self.manifest(name))  # lstat: a dangling or looping link is still there
+            except FileNotFoundError:
+                continue
+            except OSError:
+                pass  # the folder cannot be searched: unreadable, not absent
+            ids.append(name)
+        return ids
 
 
 def _user_dirs(system: System) -> tuple[str, str, str, str]:

@@ -1,0 +1,140 @@
+"""Hostile environments: odd state files, empty options, odd numbers and
+stores, as an adversary or an accident would leave them. Real files, real
+special files, real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def status_path(home: Path, installed: dict) -> Path:
+    return home / "state" / installed["service_id"] / "status.json"
+
+
+# -- odd state files: exit 4 with the path, never a hang, never read whole ------------------
+
+
+def test_a_fifo_in_place_of_status_json_is_exit_4_not_a_hang(tool, installed, home):
+    path = status_path(home, installed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(path)  # no writer: an open() without O_NONBLOCK would block forever
+    for argv in (["status"], ["list"], ["status", "--all"], ["trigger"]):
+        r = tool("--json", *argv, timeout=20)
+        assert r.code == 4, (argv, r.out, r.err)
+        assert "not a regular file (a FIFO)" in r.out and str(path) in r.out
+
+
+def test_a_folder_in_place_of_status_json_is_exit_4_naming_it(cli, installed, home):
+    path = status_path(home, installed)
+    path.mkdir(parents=True)
+    r = cli("--json", "status")
+    assert r.code == 4 and r.doc["error"]["code"] == "state_corrupt"
+    assert f"{path} is not a regular file (a folder)" in r.doc["error"]["message"]
+
+
+def test_a_symlink_in_place_of_status_json_is_refused_not_followed(cli, installed, home, tmp_path):
+    target = tmp_path / "elsewhere.json"
+    target.write_text(json.dumps({"schema_version": 1, "service_id": installed["service_id"]}))
+    path = status_path(home, installed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.symlink_to(target)
+    r = cli("--json", "trigger")
+    assert r.code == 4 and "symbolic link" in r.doc["error"]["message"]
+    assert json.loads(target.read_text()) == {"schema_version": 1, "service_id": installed["service_id"]}
+
+
+def test_a_symlink_loop_in_place_of_the_manifest_is_exit_4_in_list(cli, installed, home):
+    manifest = home / "config" / installed["service_id"] / "manifest.json"
+    manifest.unlink()
+    manifest.symlink_to(manifest)
+    r = cli("--json", "list")
+    assert r.code == 4
+    assert r.data["services"][0]["state"] == "error"  # shown as unreadable, never as absent
+
+
+def test_a_huge_status_json_is_exit_4_without_being_read_whole(tool, installed, home, environ, project):
+    path = status_path(home, installed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh:  # sparse: 1 GiB on paper, nothing on disk
+        fh.truncate(1 << 30)
+    probe = (
+        "import resource, subprocess, sys; "
+        "subprocess.run(sys.argv[1:]); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe, *tool.program, "--json", "status"],
+        capture_output=True,
+        text=True,
+        env=environ,
+        cwd=project,
+        timeout=60,
+    )
+    doc = json.loads(out.stdout.splitlines()[0])
+    assert doc["ok"] is False and doc["error"]["code"] == "state_corrupt" and "more than" in doc["error"]["message"]
+    assert int(out.stdout.splitlines()[-1]) < 200 * 1024  # KiB: far below the file's size
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (b'{"schema_version": 0, "service_id": "x"}', "schema_version"),
+        (b'{"schema_version": -1, "service_id": "x"}', "schema_version"),
+        (b'{"schema_version": 1, "service_id": "x", "consecutive_failures": NaN}', "ValueError"),
+        (b'{"schema_version": 1, "service_id": "x", "next_retry_at_ms": Infinity}', "ValueError"),
+    ],
+)
+def test_non_positive_schema_versions_and_nan_are_corrupt(cli, installed, home, content, why):
+    path = status_path(home, installed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    r = cli("--json", "status")
+    assert r.code == 4 and why in r.doc["error"]["message"]
+
+
+def test_a_utf8_bom_in_service_toml_is_accepted(cli, installed, home):
+    config = home / "config" / installed["service_id"] / "service.toml"
+    config.write_bytes(b"\xef\xbb\xbf" + config.read_bytes())
+    r = cli("--json", "trigger")
+    assert r.code == 0, r.out
+    assert cli("--json", "doctor").data["checks"][2]["status"] in ("ok", "warn")
+
+
+# -- empty values and odd numbers --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["uninstall", "--purge", "--name", ""],
+        ["uninstall", "--purge", "--service-id", ""],
+        ["uninstall", "--purge", "--project", ""],
+        ["--home", "", "status"],
+        ["status", "--home", ""],
+        ["install", "--backend", "fake", "--lore", ""],
+        ["pause", "--reason", ""],
+    ],
+)
+def test_an_empty_value_is_refused_never_read_as_not_given(cli, installed, home, argv):
+    r = cli("--json", *argv)
+    assert r.code == 2 and r.doc["error"]["code"] == "empty_value", r.out
+    assert (home / "config" / installed["service_id"] / "manifest.json").exists()  # nothing was purged
+    assert cli("--json", "status").data["paused"] is None
+
+
+@pytest.mark.parametrize("count", ["٣", "３", "²", "-1", "1e3", ""])
+def test_tail_takes_ascii_digits_only(cli, installed, count):
+    r = cli("--json", "logs", "--tail", count)
+    assert r.code == 2 and "ASCII digits" in r.doc["error"]["message"], r.out
+
+
+def test_credential_manager_is_refused_on_linux(cli):
+    r = cli("--json", "install", "--backend", "none", "--token-source", "credential-manager", "--dry-run")
+    assert r.code == 2 and r.doc["error"]["code"] == "bad_token_source"
+    assert "Windows only" in r.doc["error"]["message"] and "env-file" in r.doc["error"]["hint"]
