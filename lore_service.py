@@ -273,6 +273,14 @@ def format_interval(seconds: int) -> str:
     return f"{seconds // 3600}h" if seconds % 3600 == 0 else f"{seconds // 60}m"
 
 
+def _control_character(text: str, *, tab_ok: bool) -> str | None:
+    """The first control character in text, named ("a NUL character", "U+000D"), or None."""
+    bad = next((c for c in text if (ord(c) < 32 and not (tab_ok and c == "\t")) or ord(c) == 127), None)
+    if bad is None:
+        return None
+    return "a NUL character" if bad == "\0" else f"the control character U+{ord(bad):04X}"
+
+
 def validate_env_name(name: str) -> str:
     ok = bool(name) and len(name) <= 128 and name.isascii() and not name[0].isdigit()
     if not ok or not all(c.isalnum() or c == "_" for c in name):
@@ -403,6 +411,10 @@ class ServiceConfig:
         paths = doc.get("extra_write_paths", [])
         if not isinstance(paths, list) or not all(isinstance(p, str) and os.path.isabs(p) for p in paths):
             raise ValueError("extra_write_paths must be a list of absolute paths")
+        for path in paths:  # they are written into the systemd unit
+            bad = _control_character(path, tab_ok=False)
+            if bad:
+                raise ValueError(f"extra_write_paths entry {path!r} contains {bad}")
         cfg.extra_write_paths = list(paths)
         backoff = table(doc, "backoff")
         cfg.backoff_base_seconds = integer(backoff.get("base_seconds", 60), "backoff.base_seconds", 1, 86400)
@@ -428,8 +440,9 @@ class ServiceConfig:
             command = spec.get("command")
             if not isinstance(command, list) or not command or not all(isinstance(a, str) for a in command):
                 raise ValueError(f"stages.{name}.command must be a non-empty list of strings")
-            if any("\0" in a for a in command):  # no OS can pass it in an argv
-                raise ValueError(f"stages.{name}.command contains a NUL character")
+            bad = next(filter(None, (_control_character(a, tab_ok=True) for a in command)), None)
+            if bad:  # a NUL cannot be passed in any OS's argv; the rest would reach the terminal and log
+                raise ValueError(f"stages.{name}.command contains {bad}")
             cfg.stages[name] = StageConfig(
                 name,
                 command,
@@ -1755,6 +1768,23 @@ class SchedulerBackend(ABC):
     def plan(self, manifest: Manifest, cfg: ServiceConfig, embedded_token: str | None) -> Plan:
         """Files to write and commands to run; pure, safe for --dry-run on any OS."""
 
+    def refuse_unsafe_values(self, manifest: Manifest, cfg: ServiceConfig) -> None:
+        """Every value an entry is rendered from, checked before it is rendered
+        (in --dry-run too): a line break or other control character would start
+        a new directive or line, and no format may quietly change it."""
+        values = [("program argument", arg) for arg in manifest.program]
+        values += [("project folder", manifest.project_root), ("token variable", manifest.token_env)]
+        sid = manifest.service_id
+        for what, folder in (("config", self.paths.config_dir(sid)), ("state", self.paths.state_dir(sid))):
+            values.append((f"{what} folder", folder))
+        values += [("log folder", self.paths.log_dir(sid)), ("data folder", self.paths.data_root)]
+        values += [("extra_write_paths entry", p) for p in cfg.extra_write_paths]
+        home = self.system.environ.get("HOME") or os.path.expanduser("~")
+        values += [(f"{var} folder", folder) for var, folder in self.paths.xdg_pins(home)]
+        values.append(("home folder", home))
+        for what, value in values:
+            check_path_text(value, what)
+
     def install(self, manifest: Manifest, cfg: ServiceConfig, embedded_token: str | None) -> Plan:
         plan = self.plan(manifest, cfg, embedded_token)
         with RestoreOnFailure([f.path for f in plan.files]):
@@ -2255,6 +2285,7 @@ class SystemdBackend(SchedulerBackend):
         return "\n".join(timer)
 
     def plan(self, manifest: Manifest, cfg: ServiceConfig, embedded_token: str | None) -> Plan:
+        self.refuse_unsafe_values(manifest, cfg)
         service_path, timer_path = self.file_paths(manifest)
         shown_token = None
         token_line = None
@@ -2686,6 +2717,7 @@ class CronBackend(SchedulerBackend):
         return f"{CRON_BEGIN}{sid}\n{line}\n{CRON_END}{sid}\n"
 
     def plan(self, manifest: Manifest, cfg: ServiceConfig, embedded_token: str | None) -> Plan:
+        self.refuse_unsafe_values(manifest, cfg)
         planned = PlannedFile(self.entry_path(), self.block(manifest), 0o600)
         warnings: list[str] = []
         step = self.schedule_step(manifest.interval_seconds)
@@ -3054,6 +3086,7 @@ class LaunchdBackend(SchedulerBackend):
         return plistlib.dumps(job, fmt=plistlib.FMT_XML, sort_keys=True).decode("utf-8")
 
     def plan(self, manifest: Manifest, cfg: ServiceConfig, embedded_token: str | None) -> Plan:
+        self.refuse_unsafe_values(manifest, cfg)
         path, target = self.plist_path(manifest), self.target(manifest)
         embedded = manifest.token_source == "embedded"
         planned = PlannedFile(
@@ -3497,6 +3530,7 @@ class SchtasksBackend(SchedulerBackend):
         )
 
     def plan(self, manifest: Manifest, cfg: ServiceConfig, embedded_token: str | None) -> Plan:
+        self.refuse_unsafe_values(manifest, cfg)
         command, arguments = self.exec_parts(manifest)
         warnings: list[str] = []
         if command == manifest.program[0]:

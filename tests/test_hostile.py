@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import FakeSystem, edit_config, install
+
+import lore_service as ls
 
 
 def status_path(home: Path, installed: dict) -> Path:
@@ -138,3 +142,68 @@ def test_credential_manager_is_refused_on_linux(cli):
     r = cli("--json", "install", "--backend", "none", "--token-source", "credential-manager", "--dry-run")
     assert r.code == 2 and r.doc["error"]["code"] == "bad_token_source"
     assert "Windows only" in r.doc["error"]["message"] and "env-file" in r.doc["error"]["hint"]
+
+
+# -- no control character reaches a scheduler entry ----------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["systemd", "cron", "launchd", "schtasks"])
+def test_a_control_character_in_the_programs_own_path_is_refused_on_every_backend(cli, monkeypatch, backend, tmp_path):
+    # a \r in the program's own path: launchd and Task Scheduler would quietly turn it into \n
+    bad = str(tmp_path / "lore\rservice.py")
+    monkeypatch.setattr(ls, "self_command", lambda: [sys.executable, bad])
+    r = install(cli, backend, "--dry-run")
+    assert r.code == 2 and r.doc["error"]["code"] == "bad_path", r.out
+    assert "program argument" in r.doc["error"]["message"] and repr(bad) in r.doc["error"]["message"]
+
+
+@pytest.mark.parametrize("backend", ["systemd", "cron"])
+def test_an_xdg_folder_with_a_line_break_never_reaches_a_unit_or_a_crontab(cli, environ, tmp_path, backend):
+    env = {k: v for k, v in environ.items() if k != "LORE_SERVICE_HOME"}
+    env["XDG_STATE_HOME"] = str(tmp_path / "state\rExecStartPre=/bin/touch /tmp/pwned")
+    r = install(cli, backend, "--dry-run", system=FakeSystem(env))
+    assert r.code == 2 and r.doc["error"]["code"] == "bad_path", r.out
+    assert "XDG_STATE_HOME folder" in r.doc["error"]["message"] or "state folder" in r.doc["error"]["message"]
+
+
+@pytest.mark.parametrize("bad", ["/srv/lore\rExecStartPre=/bin/touch /tmp/pwned", "/srv/lore\0x", "/srv/\x1b[2Jx"])
+def test_extra_write_paths_with_a_control_character_are_refused_when_read(cli, installed, home, bad):
+    edit_config(home, installed["service_id"], lambda doc: doc.update(extra_write_paths=[bad]))
+    for argv in (["trigger"], ["install", "--backend", "fake"]):
+        r = cli("--json", *argv)
+        assert r.code == 4 and r.doc["error"]["code"] == "config_invalid", r.out
+        assert "extra_write_paths" in r.doc["error"]["message"]
+
+
+def test_systemd_accepts_an_injected_directive_that_lore_service_refuses_to_render(system, tmp_path):
+    """Why the check exists: rendered without it, a CR in a path is a new
+    directive line that `systemd-analyze verify` accepts without a word."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    paths = ls.Paths(system)
+    backend = ls.SystemdBackend(system, paths)
+    project = tmp_path / "project"
+    project.mkdir()
+    manifest = ls.Manifest(
+        service_id="hostile-1", project_root=str(project), backend="systemd", backend_reason="test",
+        interval_seconds=1800, schedule_step_seconds=1800, profile="balanced", token_source="env-file",
+        token_env="GITLAB_TOKEN", program=["/bin/true"], lore_path=None, home=paths.home,
+        created_at_iso="", updated_at_iso="",
+    )  # fmt: skip
+    # the trailing "#" turns the rest of the quoted list into a comment: no unbalanced quote
+    cfg = ls.ServiceConfig(extra_write_paths=["/srv/lore\rExecStartPre=/bin/touch /tmp/pwned\r#"])
+    service, _ = backend.render(manifest, cfg, None)  # what would be written without the check
+    unit = tmp_path / "lore-sync-hostile-1.service"
+    unit.write_text(service)
+    verify = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert verify.returncode == 0  # systemd takes the injected line as a directive
+    assert any(line.startswith("ExecStartPre=/bin/touch") for line in service.replace("\r", "\n").splitlines())
+    with pytest.raises(ls.UsageError, match="extra_write_paths entry"):
+        backend.plan(manifest, cfg, None)
+    # and what lore-service does render for the same service verifies cleanly, with one ExecStart
+    clean = ls.ServiceConfig(extra_write_paths=["/srv/lore $HOME 100% é"])
+    unit.write_text(backend.plan(manifest, clean, None).files[0].content)
+    verify = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert verify.returncode == 0, verify.stderr
+    assert "ExecStartPre" not in unit.read_text() and unit.read_text().count("ExecStart=") == 1
