@@ -262,10 +262,10 @@ def parse_interval(text: str) -> int:
     hint = "use minutes or hours between 5m and 24h, e.g. --interval 30m or --interval 2h"
     # (at most 5 digits: int() refuses a few thousand, and no valid interval needs more)
     if not 2 <= len(raw) <= 6 or raw[-1] not in "mh" or not (raw[:-1].isascii() and raw[:-1].isdigit()):
-        raise UsageError(f"invalid interval {text!r}", hint, code="bad_interval")
+        raise UsageError(f"invalid interval {quoted(text)}", hint, code="bad_interval")
     seconds = int(raw[:-1]) * (60 if raw[-1] == "m" else 3600)
     if not MIN_INTERVAL <= seconds <= MAX_INTERVAL:
-        raise UsageError(f"interval {text!r} is outside 5m..24h", hint, code="bad_interval")
+        raise UsageError(f"interval {quoted(text)} is outside 5m..24h", hint, code="bad_interval")
     return seconds
 
 
@@ -281,11 +281,24 @@ def _control_character(text: str, *, tab_ok: bool) -> str | None:
     return "a NUL character" if bad == "\0" else f"the control character U+{ord(bad):04X}"
 
 
+def looks_like_token(value: str) -> bool:
+    """A GitLab token (glpat-..., gloas-..., ...) or a long run of letters and
+    digits: an error message never repeats such a value."""
+    if value.startswith("gl") and "-" in value[:12] and len(value) >= 20:
+        return True
+    return len(value) >= 24 and value.isascii() and any(c.isdigit() for c in value) and any(c.isalpha() for c in value)
+
+
+def quoted(value: str) -> str:
+    """A user's value for an error message, unless it looks like a token."""
+    return "(a value that looks like a token, not shown)" if looks_like_token(value) else repr(value)
+
+
 def validate_env_name(name: str) -> str:
     ok = bool(name) and len(name) <= 128 and name.isascii() and not name[0].isdigit()
     if not ok or not all(c.isalnum() or c == "_" for c in name):
         raise UsageError(
-            f"invalid environment variable name {name!r}",
+            f"invalid environment variable name {quoted(name)}",
             "use letters, digits and '_', e.g. GITLAB_TOKEN",
             code="bad_env",
         )
@@ -979,12 +992,13 @@ def _run_stages_and_record(
     lock: FileLock,
 ) -> RunResult:
     sid = manifest.service_id
+    system.make_undumpable()  # before the token is in memory: no core dump or ptrace shows it
     secret = read_secret(paths, manifest, system.environ)
     if secret is None:
         log.write_line("run", f"warning: no token found in {manifest.token_source}; stages run without {cfg.token_env}")
     # until restored, SIGTERM ends the waited-on stage and the run is still recorded
     stop = StopSignal()
-    restore_sigterm = system.on_sigterm(stop)
+    restore_sigterm = system.on_stop_signals(stop)
     try:
         record = run_stages(system, manifest, cfg, trigger, log, secret, lock, stop)
 
@@ -1177,7 +1191,8 @@ def run_stage(
             stage.name, stage.critical, "timeout", None, 0, "transient", "run budget exhausted before start"
         )
     limit = min(float(stage.timeout_seconds), budget)
-    log.write_line(stage.name, "start: " + " ".join(stage.command))
+    redact = Redactor(secret)
+    log.write_line(stage.name, redact.scrub_text("start: " + " ".join(stage.command)))
     try:
         proc = system.spawn(stage.command, cwd=cwd, env=env)
         if on_spawn is not None:
@@ -1186,7 +1201,7 @@ def run_stage(
         message = f"cannot start {stage.command[0]}: {getattr(exc, 'strerror', None) or exc}"
         log.write_line(stage.name, message)
         return StageResult(stage.name, stage.critical, "failed", None, 0, "permanent", message)
-    pump = threading.Thread(target=_pump, args=(proc.stdout, stage.name, log, secret), daemon=True)
+    pump = threading.Thread(target=_pump, args=(proc.stdout, stage.name, log, redact), daemon=True)
     pump.start()
     timed_out = False
     stop.waiting = True  # from here a SIGTERM interrupts the wait
@@ -1230,30 +1245,57 @@ def run_stage(
     return StageResult(stage.name, stage.critical, outcome, None if timed_out else code, duration, error_class, message)
 
 
-def _pump(stream: Any, stage: str, log: ServiceLog, secret: str | None) -> None:
+class Redactor:
+    """Replaces the token in stage output and log lines, in the forms a
+    program may print it: as is, base64 (standard and URL-safe, with or
+    without padding), URL-encoded, and UTF-16 (both byte orders)."""
+
+    def __init__(self, secret: str | None) -> None:
+        self.forms: list[bytes] = []
+        if secret:
+            import base64
+            import urllib.parse
+
+            raw = secret.encode()
+            forms = {raw, urllib.parse.quote(secret, safe="").encode()}
+            forms |= {secret.encode("utf-16-le"), secret.encode("utf-16-be")}
+            for encoded in (base64.b64encode(raw), base64.urlsafe_b64encode(raw)):
+                forms |= {encoded, encoded.rstrip(b"=")}
+            self.forms = sorted((f for f in forms if len(f) > 1), key=len, reverse=True)
+        self.longest = max((len(f) for f in self.forms), default=0)
+
+    def scrub(self, data: bytes) -> bytes:
+        for form in self.forms:
+            data = data.replace(form, SECRET_PLACEHOLDER.encode())
+        return data
+
+    def scrub_text(self, text: str) -> str:
+        return self.scrub(text.encode("utf-8", "surrogateescape")).decode("utf-8", "surrogateescape")
+
+
+def _pump(stream: Any, stage: str, log: ServiceLog, redact: Redactor) -> None:
     """Child output -> log, one line at a time. A line longer than
-    MAX_LINE_BYTES is written in pieces; the last len(secret) bytes of each
-    piece are carried into the next so a token on the cut is still redacted."""
-    token = secret.encode() if secret else b""
+    MAX_LINE_BYTES is written in pieces; the last bytes of each piece (as
+    many as the longest form of the token, less one) are carried into the
+    next so a token on the cut is still redacted."""
+    keep = redact.longest - 1
     carry = b""
     try:
         while True:
             chunk = stream.readline(MAX_LINE_BYTES)
             if not chunk:
                 break
-            data = carry + chunk
-            if token:
-                data = data.replace(token, SECRET_PLACEHOLDER.encode())
-            if data.endswith(b"\n") or len(token) <= 1:
+            data = redact.scrub(carry + chunk)
+            if data.endswith(b"\n") or keep <= 0:
                 carry = b""
             else:
-                data, carry = data[: -(len(token) - 1)], data[-(len(token) - 1) :]
+                data, carry = data[:-keep], data[-keep:]
             if data:
                 log.write_line(stage, data.decode("utf-8", "replace").rstrip("\r\n"))
     except (OSError, ValueError):
         pass  # pipe closed under us after a kill
     if carry:
-        log.write_line(stage, carry.replace(token, SECRET_PLACEHOLDER.encode()).decode("utf-8", "replace"))
+        log.write_line(stage, redact.scrub(carry).decode("utf-8", "replace"))
 
 
 # ============================================================================
@@ -1405,7 +1447,9 @@ def _resolve_lore(system: System, args: argparse.Namespace, existing: Manifest |
         path = check_path_text(os.path.abspath(os.path.expanduser(args.lore)), "--lore")
         if not (os.path.isfile(path) and os.access(path, os.X_OK)):
             raise UsageError(
-                f"--lore {args.lore}: not an executable file", "give the full path of the lore program", code="bad_lore"
+                f"--lore {quoted(args.lore)}: not an executable file",
+                "give the full path of the lore program",
+                code="bad_lore",
             )
         return path
     if existing and existing.lore_path and os.path.exists(existing.lore_path):
@@ -1445,7 +1489,18 @@ def obtain_token(system: System, args: argparse.Namespace, token_env: str, inter
                 "pipe only the token, e.g. printenv GITLAB_TOKEN | lore-service install --token-stdin",
                 code="bad_token",
             )
-        return validate_token(lines[0] if lines else "")
+        token = lines[0].strip() if lines else ""
+        name, sep, rest = token.partition("=")
+        # NAME=value (a line of a .env file); a base64 token's "=" padding ends it instead
+        env_like = name.isascii() and name[:1].isalpha() and all(c.isalnum() or c == "_" for c in name)
+        if sep and rest and env_like and name.replace("_", "").isupper():
+            name = "NAME" if looks_like_token(name) else name
+            raise UsageError(
+                f"standard input holds a {name}=... line; --token-stdin takes the token alone",
+                f"pipe only the value, e.g. printenv {name} | lore-service install --token-stdin",
+                code="bad_token",
+            )
+        return validate_token(token)
     value = system.environ.get(token_env)
     if value:
         return validate_token(value)
@@ -1673,6 +1728,7 @@ def uninstall_service(system: System, paths: Paths, manifest: Manifest, purge: b
         removed += [paths.state_dir(sid), paths.log_dir(sid)]
     else:
         kept = [p for p in (paths.status(sid), paths.log(sid), paths.crash_log(sid)) if os.path.exists(p)]
+    _sweep_stale_temps(paths.config_dir(sid))  # every temp file: a killed install's copy of the token among them
     try:
         os.rmdir(paths.config_dir(sid))
     except OSError:
@@ -4031,6 +4087,10 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> Any:
+        import re
+
+        # argparse quotes what it refuses ("invalid choice: '...'"): never a token
+        message = re.sub(r"'([^']*)'", lambda m: quoted(m.group(1)), message)
         raise UsageError(message, f"see `{self.prog} --help`", code="usage")
 
     def exit(self, status: int = 0, message: str | None = None) -> Any:
@@ -4121,7 +4181,7 @@ COMMANDS = tuple(COMMAND_HELP)
 def _count(text: str) -> int:
     """A --tail count: ASCII digits only (int() would also take other scripts' digits)."""
     if not (text.isascii() and text.isdigit()):
-        raise argparse.ArgumentTypeError(f"invalid count {text!r}: use 0 or more ASCII digits")
+        raise argparse.ArgumentTypeError(f"invalid count {quoted(text)}: use 0 or more ASCII digits")
     return int(text)
 
 
@@ -4166,7 +4226,7 @@ def find_service(ctx: Context, args: argparse.Namespace) -> Manifest:
         manifest = load_manifest(ctx.paths, validate_service_id(name))
         if manifest is None:
             raise NotInstalledError(
-                f"no service named {name!r} is installed", f"`{TOOL_NAME} list` shows what is installed"
+                f"no service named {quoted(name)} is installed", f"`{TOOL_NAME} list` shows what is installed"
             )
         return manifest
     project = canonical_project(getattr(args, "project", None) or os.getcwd())
@@ -4539,11 +4599,11 @@ def cmd_logs(ctx: Context, args: argparse.Namespace) -> Outcome:
     if args.follow:
         out = sys.stdout
         for line in lines:
-            out.write(line + "\n")
+            out.write(terminal_safe(line) + "\n")
         out.flush()
         try:
             for line in follow_lines(path, ctx.system):
-                out.write(line + "\n")
+                out.write(terminal_safe(line) + "\n")
                 out.flush()
         except KeyboardInterrupt:
             pass
@@ -4652,14 +4712,25 @@ def _emit(robot: bool, command: str, outcome: Outcome | None, error: LoreService
         # \u escapes: one document that survives any stdout encoding (cp1252 pipes)
         sys.stdout.write(json.dumps(doc) + "\n")
         return
+    # human output may quote stage output, a pause reason or a path: no escape
+    # sequence in them may reach the terminal (JSON escapes them on its own)
     if outcome is not None and outcome.text:
-        sys.stdout.write(outcome.text + "\n")
+        sys.stdout.write(terminal_safe(outcome.text) + "\n")
     if error is not None:
         if error.text:
-            sys.stdout.write(error.text + "\n")
-        sys.stderr.write(f"error: {error.message}\n")
+            sys.stdout.write(terminal_safe(error.text) + "\n")
+        sys.stderr.write(f"error: {terminal_safe(error.message)}\n")
         if error.hint:
-            sys.stderr.write(f"hint: {error.hint}\n")
+            sys.stderr.write(f"hint: {terminal_safe(error.hint)}\n")
+
+
+# C0 controls but tab and newline, DEL and the C1 controls (CSI, OSC, ... as
+# one character) are shown as \xNN escapes, never sent to the terminal
+_TERMINAL_UNSAFE = {c: f"\\x{c:02x}" for c in (*range(9), *range(11, 32), *range(127, 160))}
+
+
+def terminal_safe(text: str) -> str:
+    return text.translate(_TERMINAL_UNSAFE)
 
 
 def _help_text(argv: list[str]) -> str:
@@ -4938,7 +5009,12 @@ class System:
         except BlockingIOError:
             return False
 
-    def pid_alive(self, pid: int) -> bool:
+    @staticmethod
+    def pid_alive(pid: int) -> bool:
+        """Whether a process exists (on Windows always True: os.kill(pid, 0)
+        there would end the process, so callers fall back to other evidence)."""
+        if System.windows:
+            return True
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
@@ -4955,21 +5031,42 @@ class System:
         except OSError:
             return None
 
-    def on_sigterm(self, handler: Callable[[int, Any], None]) -> Callable[[], None]:
-        """Send SIGTERM to `handler` until the returned function is called.
-        Main thread only, as Python's signal handlers; Windows schedulers end
-        a task without a SIGTERM to catch."""
+    def on_stop_signals(self, handler: Callable[[int, Any], None]) -> Callable[[], None]:
+        """Send SIGTERM (a scheduler's stop), SIGINT (Ctrl-C) and SIGHUP (the
+        terminal went away) to `handler` until the returned function is
+        called. Main thread only, as Python's signal handlers; Windows
+        schedulers end a task without a signal to catch."""
         import signal
         import threading
 
         if sys.platform == "win32" or threading.current_thread() is not threading.main_thread():
             return lambda: None
-        previous = signal.signal(signal.SIGTERM, handler)
+        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        previous = [(signum, signal.signal(signum, handler)) for signum in signals]
 
         def restore() -> None:
-            signal.signal(signal.SIGTERM, previous)
+            for signum, old in previous:
+                signal.signal(signum, old)
 
         return restore
+
+    def make_undumpable(self) -> None:
+        """No core dump (and, on Linux, no ptrace or /proc reads by other
+        processes of the user) of a process that holds the token."""
+        try:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        except (ImportError, ValueError, OSError):
+            pass  # Windows has no core dumps to speak of
+        if sys.platform.startswith("linux"):
+            import ctypes
+
+            PR_SET_DUMPABLE = 4
+            try:
+                ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+            except (OSError, AttributeError):
+                pass
 
     # -- terminal
     def stdin_isatty(self) -> bool:
@@ -5021,7 +5118,9 @@ def atomic_write(path: str, data: bytes | str, mode: int = 0o600) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     ensure_dir(folder)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    remove_file(tmp)  # our own pid's: a leftover of an earlier process that had it
+    # O_EXCL and O_NOFOLLOW: a file or link planted under that name is never written through
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -5042,20 +5141,33 @@ def atomic_write(path: str, data: bytes | str, mode: int = 0o600) -> None:
 STALE_TEMP_SECONDS = 3600  # no write takes this long: an older temp file is a killed writer's
 
 
-def _sweep_stale_temps(folder: str, name: str) -> None:
-    """A writer SIGKILLed mid-write leaves its `.<name>.<pid>.tmp` behind;
-    the next write of the same file removes it once it is clearly stale."""
-    prefix, cutoff = f".{name}.", time.time() - STALE_TEMP_SECONDS
+SECRET_FILES = ("token.env",)  # a temp copy of these must not outlive its writer
+
+
+def _sweep_stale_temps(folder: str, name: str | None = None) -> None:
+    """A writer killed mid-write leaves its `.<name>.<pid>.tmp` behind. The
+    next write of the same file removes it once it is clearly stale; a copy
+    of the token goes at any write in the folder as soon as its writer is
+    gone; uninstall (name None) removes them all."""
+    cutoff = time.time() - STALE_TEMP_SECONDS
     try:
-        for entry in os.scandir(folder):
-            if entry.name.startswith(prefix) and entry.name.endswith(".tmp"):
-                try:
-                    if entry.stat(follow_symlinks=False).st_mtime < cutoff:
-                        os.unlink(entry.path)
-                except OSError:
-                    pass  # gone already, or not ours to remove
+        entries = list(os.scandir(folder))
     except OSError:
-        pass
+        return
+    for entry in entries:
+        base, dot, pid = entry.name[1:-4].rpartition(".")
+        if not (entry.name.startswith(".") and entry.name.endswith(".tmp") and dot):
+            continue
+        try:
+            orphaned_secret = base in SECRET_FILES and not (pid.isdigit() and System.pid_alive(int(pid)))
+            if name is None or orphaned_secret:
+                gone = True
+            else:
+                gone = base == name and entry.stat(follow_symlinks=False).st_mtime < cutoff
+            if gone:
+                os.unlink(entry.path)
+        except OSError:
+            pass  # gone already, or not ours to remove
 
 
 def read_text(path: str) -> str | None:
@@ -5213,7 +5325,7 @@ def is_valid_service_id(value: str) -> bool:
 def validate_service_id(value: str) -> str:
     if not is_valid_service_id(value):
         raise UsageError(
-            f"invalid service name {value!r}",
+            f"invalid service name {quoted(value)}",
             "names are 1-48 characters of a-z, 0-9 and '-', starting with a letter or digit "
             "(they become unit, label, task and file names)",
             code="bad_name",

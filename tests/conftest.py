@@ -50,6 +50,7 @@ class FakeSystem(ls.System):
         self.which_map: dict[str, str | None] = {}
         self.stdin_text = ""
         self.tty = False
+        self.undumpable = False
 
     @property
     def platform(self) -> str:
@@ -84,6 +85,9 @@ class FakeSystem(ls.System):
 
     def stdin_isatty(self) -> bool:
         return self.tty
+
+    def make_undumpable(self) -> None:  # the test process itself must stay debuggable
+        self.undumpable = True
 
     def read_stdin(self) -> str:
         return self.stdin_text

@@ -11,7 +11,9 @@ It is called exactly as lore-service calls the real program
 
 Keys: exit (int), sleep (seconds), hang (sleep for a day), grandchild (start
 a process in the same group that sleeps and records its pid), print_token
-(echo the token variable), print_mb (write N MiB of output lines), signal
+(echo the token variable), print_token_forms (the token in base64, URL and
+UTF-16 forms), print_raw (text written as is), record_parent_limits (copy
+the core-size line of the parent's /proc limits to a file), print_mb (write N MiB of output lines), signal
 (kill itself with that signal number), env_var (token variable name,
 default GITLAB_TOKEN). Every call appends one JSON line to
 `.fake-lore-calls.jsonl`: stage, argv, cwd, pid, whether the token was set.
@@ -19,18 +21,31 @@ default GITLAB_TOKEN). Every call appends one JSON line to
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 
 
 def stage_of(argv: list[str]) -> str:
     if argv[:1] == ["ingest"] and "--type" in argv:
         return argv[argv.index("--type") + 1]
     return {"generate-docs": "docs", "embed": "embeddings"}.get(argv[0] if argv else "", "unknown")
+
+
+def print_token_forms(token: str) -> None:
+    """The token as programs print it in other encodings: base64, URL-encoded, UTF-16."""
+    raw = token.encode()
+    out = sys.stdout.buffer
+    out.write(b"b64 " + base64.b64encode(raw) + b"\n")
+    out.write(b"b64url " + base64.urlsafe_b64encode(raw).rstrip(b"=") + b"\n")
+    out.write(b"url " + urllib.parse.quote(token, safe="").encode() + b"\n")
+    out.write(b"utf16 " + token.encode("utf-16-le") + b"\n")
+    out.flush()
 
 
 def main() -> int:
@@ -54,6 +69,16 @@ def main() -> int:
     print(f"fake lore: stage {stage}", flush=True)
     if plan.get("print_token"):
         print(f"token is {os.environ.get(var, '')}", flush=True)
+    if plan.get("print_token_forms"):
+        print_token_forms(os.environ.get(var, ""))
+    if plan.get("print_raw"):
+        sys.stdout.write(plan["print_raw"])
+        sys.stdout.flush()
+    if plan.get("record_parent_limits") and os.path.exists(f"/proc/{os.getppid()}/limits"):
+        with open(f"/proc/{os.getppid()}/limits", encoding="utf-8") as fh:
+            core = next(line for line in fh if line.startswith("Max core file size"))
+        with open(f".fake-lore-parent-limits-{stage}.txt", "w", encoding="utf-8") as fh:
+            fh.write(core)
     if plan.get("grandchild"):
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
         with open(f".fake-lore-grandchild-{stage}.pid", "w", encoding="utf-8") as fh:

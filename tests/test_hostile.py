@@ -4,15 +4,28 @@ special files, real processes."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import FakeSystem, edit_config, install
+from conftest import (
+    SCRIPT,
+    TOKEN,
+    FakeSystem,
+    calls,
+    edit_config,
+    install,
+    pid_alive,
+    wait_for_exit,
+    wait_until,
+    write_plan,
+)
 
 import lore_service as ls
 
@@ -207,3 +220,127 @@ def test_systemd_accepts_an_injected_directive_that_lore_service_refuses_to_rend
     verify = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
     assert verify.returncode == 0, verify.stderr
     assert "ExecStartPre" not in unit.read_text() and unit.read_text().count("ExecStart=") == 1
+
+
+# -- Ctrl-C and SIGHUP do what SIGTERM does ------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP])
+def test_ctrl_c_and_sighup_stop_the_stage_group_and_record_the_run(tool, environ, project, signum):
+    assert tool("--json", "install", "--backend", "none").code == 0
+    write_plan(project, {"issues": {"grandchild": True, "hang": True}})
+    runner = subprocess.Popen(
+        [*tool.program, "--json", "trigger"], cwd=project, env=environ, stdout=subprocess.PIPE, text=True
+    )
+    wait_until((project / ".fake-lore-grandchild-issues.pid").exists, 10)
+    stage_pid = calls(project)[0]["pid"]
+    grandchild = int((project / ".fake-lore-grandchild-issues.pid").read_text())
+    runner.send_signal(signum)
+    out, _ = runner.communicate(timeout=30)
+    assert runner.returncode == 1
+    stages = {s["stage"]: s for s in json.loads(out)["data"]["run"]["stage_results"]}
+    assert f"stopped by signal {int(signum)}" in stages["issues"]["message"]
+    assert stages["mrs"]["outcome"] == "skipped"
+    for pid in (stage_pid, grandchild):  # the token holder's whole group is gone, not left running
+        wait_for_exit(pid)
+        assert not pid_alive(pid)
+    status = json.loads(tool("--json", "status").out)["data"]
+    assert status["last_run"]["outcome"] == "failed" and "stopped by signal" in status["last_run"]["stage_results"][0][
+        "message"
+    ]
+
+
+# -- the token does not linger ---------------------------------------------------------------------
+
+
+def test_a_run_holding_the_token_is_not_dumpable_and_has_no_core_limit(tool, environ, project):
+    assert tool("--json", "install", "--backend", "none").code == 0
+    write_plan(project, {"issues": {"record_parent_limits": True}})
+    assert tool("--json", "trigger").code == 0
+    limits = (project / ".fake-lore-parent-limits-issues.txt").read_text().split()
+    assert limits[4:6] == ["0", "0"]  # "Max core file size 0 0 bytes": soft and hard
+    probe = (
+        "import ctypes, sys; sys.path.insert(0, sys.argv[1]); import lore_service as ls; "
+        "ls.System().make_undumpable(); print(ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))"  # PR_GET_DUMPABLE
+    )
+    out = subprocess.run([sys.executable, "-c", probe, str(Path(SCRIPT).parent)], capture_output=True, text=True)
+    assert out.stdout.strip() == "0", out.stderr
+
+
+@pytest.mark.parametrize("text", [f"GITLAB_TOKEN={TOKEN}\n", f"\n  MY_TOKEN_2={TOKEN}  \n"])
+def test_token_stdin_takes_the_token_alone_not_a_name_value_line(cli, system, text):
+    system.stdin_text = text
+    r = cli("--json", "install", "--backend", "none", "--token-stdin", "--dry-run")
+    assert r.code == 2 and r.doc["error"]["code"] == "bad_token"
+    assert "takes the token alone" in r.doc["error"]["message"] and TOKEN not in r.out + r.err
+
+
+def test_a_base64_token_with_padding_is_still_a_token(cli, system):
+    system.stdin_text = "QUJDREVGR0hJSktMTU5PUA==\n"
+    r = cli("--json", "install", "--backend", "none", "--token-stdin", "--dry-run")
+    assert r.code == 0, r.out
+    assert not any("no token" in m for m in r.data["missing"])
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["install", "--backend", "none", "--dry-run", "--token-env", TOKEN],
+        ["install", "--backend", "none", "--dry-run", "--interval", TOKEN],
+        ["install", "--backend", TOKEN],
+        ["status", "--name", TOKEN],
+        ["logs", "--tail", TOKEN],
+    ],
+)
+def test_no_error_message_repeats_a_value_that_looks_like_a_token(cli, installed, argv):
+    for robot in ([], ["--json"]):
+        r = cli(*robot, *argv)
+        assert r.code in (2, 3), r.out + r.err
+        assert TOKEN not in r.out + r.err and "looks like a token" in r.out + r.err
+
+
+def test_a_temp_file_left_by_a_killed_reinstall_is_removed_by_the_next_write_and_by_uninstall(cli, installed, home):
+    config = home / "config" / installed["service_id"]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = config / f".token.env.{int(dead.stdout)}.tmp"  # its writer is gone
+    orphan.write_text(f"GITLAB_TOKEN={TOKEN}\n")
+    assert cli("--json", "install", "--backend", "fake", "--profile", "fast").code == 0
+    assert not orphan.exists()
+    orphan.write_text(f"GITLAB_TOKEN={TOKEN}\n")
+    assert cli("--json", "uninstall").code == 0
+    assert not orphan.exists() and not config.exists()
+
+
+# -- terminal safety ---------------------------------------------------------------------------------
+
+
+def test_the_token_is_redacted_in_every_form_and_in_the_start_line(cli, installed, home, project):
+    edit_config(
+        home,
+        installed["service_id"],
+        lambda doc: doc["stages"]["issues"]["command"].append(f"--token={TOKEN}"),
+    )
+    write_plan(project, {"issues": {"print_token_forms": True}})
+    assert cli("--json", "trigger").code == 0
+    log = (home / "logs" / installed["service_id"] / "service.log").read_bytes()
+    raw = TOKEN.encode()
+    for form in (raw, base64.b64encode(raw), base64.urlsafe_b64encode(raw).rstrip(b"="), TOKEN.encode("utf-16-le")):
+        assert form not in log
+    assert b"start: " in log and b"--token=<redacted>" in log
+    assert log.count(b"<redacted>") >= 5
+
+
+def test_escape_sequences_from_stages_and_pause_reasons_never_reach_the_terminal(cli, installed, home, project):
+    osc52 = "\x1b]52;c;cHduZWQ=\x07"  # a clipboard write
+    write_plan(project, {"issues": {"print_raw": f"{osc52}clear\x1b[2J\x9b31m\n"}})
+    assert cli("--json", "trigger").code == 0
+    assert cli("pause", "--reason", f"bye\x1b[2J{osc52}").code == 0
+    log = (home / "logs" / installed["service_id"] / "service.log").read_text()
+    assert osc52 in log  # the log file keeps what the stage wrote (redacted, not rewritten)
+    for argv in (["logs"], ["status"], ["logs", "--tail", "30"]):
+        out = cli(*argv)
+        text = out.out + out.err
+        assert "\x1b" not in text and "\x07" not in text and "\x9b" not in text, argv
+        assert "\\x1b" in text, argv
+    robot = cli("--json", "status")
+    assert "\x1b" not in robot.out and json.loads(robot.out)["data"]["paused"]["reason"].startswith("bye\x1b")

@@ -129,7 +129,7 @@ class StoppingSystem(FakeSystem):
         self.pids: list[int] = []
         self.handler: Any = None
 
-    def on_sigterm(self, handler):  # type: ignore[override]
+    def on_stop_signals(self, handler):  # type: ignore[override]
         self.handler = handler  # the test delivers the signal itself
         return lambda: None
 
