@@ -557,6 +557,8 @@ class Manifest:
 
 
 def load_manifest(paths: Paths, sid: str) -> Manifest | None:
+    """The service's manifest, after its folders are found to be the user's own."""
+    paths.verify_service(sid)
     path = paths.manifest(sid)
     obj = read_json_file(path, "manifest")
     return None if obj is None else Manifest.from_dict(obj, path)
@@ -5196,35 +5198,86 @@ def dump_json(obj: Any) -> str:
 
 
 STATE_FILE_MAX_BYTES = 16 * 1024 * 1024  # status.json with 20 runs is a few KiB; larger is not ours
+# open flags of every file lore-service reads or writes in its tree: a symlink
+# in its place is an error, never followed; a FIFO never blocks the open
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+SAFE_OPEN = NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
 
 
-def read_state_bytes(path: str, what: str, limit: int = STATE_FILE_MAX_BYTES) -> bytes | None:
-    """A state or config file's bytes; None when it does not exist. Never
-    follows a symlink in its place, never blocks on a FIFO, never reads more
-    than `limit`: anything else is StateFileError (exit 4) naming the path."""
+def untrusted(st: os.stat_result) -> str | None:
+    """Why a file or folder of lore-service's tree cannot be trusted: someone
+    else owns it, or someone else may write to it. None when it is ours
+    (always on Windows, whose ACLs this does not judge)."""
+    if System.windows:
+        return None
+    euid = os.geteuid()
+    if st.st_uid != euid:
+        return f"belongs to uid {st.st_uid}, not to you (uid {euid})"
+    if st.st_mode & 0o022:
+        who = "group and others" if st.st_mode & 0o002 else "its group"
+        return f"can be written by {who} (mode {st.st_mode & 0o7777:o})"
+    return None
+
+
+def untrusted_error(path: str, why: str, what: str = "") -> StateFileError:
+    return StateFileError(
+        f"{what} {path} {why}" if what else f"{path} {why}",
+        f"lore-service only uses files only you can change: `chmod go-w '{path}'` if it is yours, otherwise "
+        "move the service's folders (or --home) under your own home",
+        code="untrusted_path",
+    )
+
+
+def open_trusted(path: str, flags: int, what: str, mode: int = 0o600) -> int | None:
+    """os.open of a file in lore-service's tree: no symlink followed, no FIFO
+    waited on, and only a regular file that is ours; None when it is absent."""
     import errno
 
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
-    hint = f"move it aside and re-run `{TOOL_NAME} install` (lore-service did not modify it)"
     try:
-        fd = os.open(path, flags)
+        fd = os.open(path, flags | SAFE_OPEN, mode)
     except FileNotFoundError:
         return None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise StateFileError(f"{what} {path} is a symbolic link, which lore-service never follows", hint) from None
+            raise StateFileError(
+                f"{what} {path} is a symbolic link, which lore-service never follows",
+                f"remove the link; `{TOOL_NAME} install` writes the file again",
+            ) from None
         raise StateFileError(
-            f"cannot read {what} {path}: {exc.strerror}",
+            f"cannot open {what} {path}: {exc.strerror}",
             "check the file's owner and permissions (lore-service doctor)",
             code="state_unreadable",
         ) from None
+    st = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else "special"
+        problem = StateFileError(
+            f"{what} {path} is not a regular file ({kind})",
+            f"move it aside and re-run `{TOOL_NAME} install` (lore-service did not modify it)",
+        )
+    elif untrusted(st):
+        problem = untrusted_error(path, untrusted(st) or "", what)
+    if problem is not None:
+        os.close(fd)
+        raise problem
+    if flags & (os.O_WRONLY | os.O_RDWR) and hasattr(os, "O_NONBLOCK"):
+        os.set_blocking(fd, True)  # (only the open had to be non-blocking)
+    return fd
+
+
+def read_state_bytes(path: str, what: str, limit: int = STATE_FILE_MAX_BYTES) -> bytes | None:
+    """A state or config file's bytes; None when it does not exist. Opened
+    with open_trusted(), and never more than `limit` bytes read: anything
+    else is StateFileError (exit 4) naming the path."""
+    hint = f"move it aside and re-run `{TOOL_NAME} install` (lore-service did not modify it)"
+    fd = open_trusted(path, os.O_RDONLY, what)
+    if fd is None:
+        return None
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else "special"
-            raise StateFileError(f"{what} {path} is not a regular file ({kind})", hint)
-        if st.st_size > limit:
-            raise StateFileError(f"{what} {path} is {st.st_size} bytes, more than a state file may be ({limit})", hint)
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise StateFileError(f"{what} {path} is {size} bytes, more than a state file may be ({limit})", hint)
         chunks, size = [], 0
         while size <= limit:
             chunk = os.read(fd, 1 << 20)
@@ -5443,6 +5496,46 @@ class Paths:
                 pins.append((var, root))
         return pins
 
+    def anchors(self) -> list[str]:
+        """The roots of lore-service's own tree: the --home folder, or the
+        `lore` folders it keeps in the per-user config, state, log and data folders."""
+        if self.home:
+            return [self.home]
+        roots = (self.config_root, self.state_root, self.log_root)
+        return sorted({os.path.dirname(r) for r in roots} | {self.data_root})
+
+    def verify_trusted(self, *paths: str) -> None:
+        """Every existing folder from its root down to each path must be ours
+        and writable by nobody else, and none below the root a symlink: then
+        no other user can swap a manifest, a config or a file we write to."""
+        for path in paths:
+            anchor = next((a for a in self.anchors() if path == a or path.startswith(a + os.sep)), None)
+            if anchor is None:
+                continue
+            chain = [anchor]
+            for part in os.path.relpath(path, anchor).split(os.sep):
+                if part != ".":
+                    chain.append(os.path.join(chain[-1], part))
+            for depth, folder in enumerate(chain):
+                try:  # the root may be a link (e.g. macOS /tmp); nothing below it may be
+                    st = os.stat(folder) if depth == 0 else os.lstat(folder)
+                except FileNotFoundError:
+                    break  # created later, private (ensure_dir)
+                except OSError as exc:
+                    raise StateFileError(
+                        f"cannot look into {folder}: {exc.strerror}",
+                        "check the folder's owner and permissions",
+                        code="state_unreadable",
+                    ) from None
+                if stat.S_ISLNK(st.st_mode):
+                    raise untrusted_error(folder, "is a symbolic link, which lore-service never follows")
+                why = untrusted(st)
+                if why:
+                    raise untrusted_error(folder, why)
+
+    def verify_service(self, sid: str) -> None:
+        self.verify_trusted(self.config_dir(sid), self.state_dir(sid), self.log_dir(sid))
+
     def installed_ids(self) -> list[str]:
         """Every service with a manifest, readable or not: one that cannot be
         read is reported as unreadable (exit 4) by whoever loads it, never
@@ -5515,7 +5608,8 @@ class FileLock:
 
     def try_acquire(self, blocking: bool = False) -> bool:
         ensure_dir(os.path.dirname(self.path))
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = open_trusted(self.path, os.O_RDWR | os.O_CREAT, "lock file")
+        assert fd is not None  # (O_CREAT)
         if System.lock_fd(fd, blocking):
             self._fd = fd
             return True
@@ -5548,16 +5642,26 @@ class FileLock:
         self.release()
 
 
+def lock_holder(path: str) -> int | None:
+    """The pid the last holder of a run lock recorded (it may have ended since)."""
+    fd = open_trusted(path, os.O_RDONLY, "lock file")
+    if fd is None:
+        return None
+    try:
+        head = os.read(fd, 64).split(b"\n", 1)[0].strip()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return int(head) if head.isdigit() else None
+
+
 def lock_is_held(path: str, system: System) -> bool:
     """Whether a run holds the lock. Probing takes the lock for an instant,
     which could make a run starting at that instant skip, so it is only done
     when the pid the holder recorded is alive."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(64).split(b"\n", 1)[0].strip()
-    except OSError:
-        return False
-    if not System.windows and not (head.isdigit() and system.pid_alive(int(head))):
+    head = lock_holder(path)
+    if not System.windows and not (head is not None and system.pid_alive(head)):
         return False
     probe = FileLock(path)
     try:
@@ -5583,7 +5687,8 @@ class ServiceLog:
 
     def _open(self) -> None:
         ensure_dir(os.path.dirname(self.path))
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        fd = open_trusted(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "service log")
+        assert fd is not None  # (O_CREAT)
         self._fh = os.fdopen(fd, "ab", buffering=0)
         self._size = os.fstat(fd).st_size
 
@@ -5617,21 +5722,34 @@ class ServiceLog:
 
 
 def _tail_file(path: str, n: int, block: int = 64 * 1024) -> list[bytes]:
-    """Last n lines, reading backwards: the cost depends on n, not file size."""
-    with open(path, "rb") as fh:
-        end = fh.seek(0, os.SEEK_END)
-        pos, data = end, b""
-        while pos > 0 and data.count(b"\n") <= n:
+    """Last n lines, reading backwards block by block: time and memory grow
+    with what is printed, not with the file's size (nor quadratically with n)."""
+    fd = open_trusted(path, os.O_RDONLY, "service log")
+    if fd is None:
+        raise FileNotFoundError(path)
+    blocks: list[bytes] = []
+    newlines = 0
+    try:
+        pos = os.lseek(fd, 0, os.SEEK_END)
+        while pos > 0 and newlines <= n:
             step = min(block, pos)
             pos -= step
-            fh.seek(pos)
-            data = fh.read(step) + data
-    lines = data.split(b"\n")
+            piece = os.pread(fd, step, pos) if hasattr(os, "pread") else _read_at(fd, pos, step)
+            blocks.append(piece)
+            newlines += piece.count(b"\n")
+    finally:
+        os.close(fd)
+    lines = b"".join(reversed(blocks)).split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
     if pos > 0:
         lines = lines[1:]  # the first piece may be half a line
     return lines[-n:] if n else []
+
+
+def _read_at(fd: int, pos: int, size: int) -> bytes:
+    os.lseek(fd, pos, os.SEEK_SET)
+    return os.read(fd, size)
 
 
 def tail_lines(path: str, n: int) -> list[str]:
@@ -5656,12 +5774,12 @@ def follow_lines(path: str, system: System, poll: float = 0.25) -> Iterator[str]
     try:
         while True:
             if fh is None:
-                try:
-                    fh = open(path, "rb")  # noqa: SIM115 (reopened on rotation; closed in finally)
-                except FileNotFoundError:
+                fd = open_trusted(path, os.O_RDONLY, "service log")
+                if fd is None:
                     first = False
                     system.sleep(poll)
                     continue
+                fh = os.fdopen(fd, "rb")  # (reopened on rotation; closed in finally)
                 st = os.fstat(fh.fileno())
                 ident = (st.st_dev, st.st_ino)
                 if first:
@@ -5767,16 +5885,15 @@ def read_secret(paths: Paths, manifest: Manifest, environ: dict[str, str]) -> st
     (embedded entries, or `run` called from the user's own cron) is the fallback."""
     token: str | None = None
     if manifest.token_source == "env-file":
+        raw = read_state_bytes(paths.env_file(manifest.service_id), "token file", limit=64 * 1024)
         try:
-            with open(paths.env_file(manifest.service_id), encoding="utf-8") as fh:
-                for line in fh:
-                    key, sep, value = line.rstrip("\n").partition("=")
-                    if sep and key == manifest.token_env:
-                        token = value
-        except FileNotFoundError:
-            pass
-        except (OSError, UnicodeDecodeError) as exc:
-            raise StateFileError(f"cannot read the token file: {exc}", "check its permissions (0600, yours)") from None
+            for line in (raw or b"").decode("utf-8").split("\n"):
+                key, sep, value = line.partition("=")
+                if sep and key == manifest.token_env:
+                    token = value
+        except UnicodeDecodeError:
+            hint = f"re-run `{TOOL_NAME} install` to write it again"
+            raise StateFileError("the token file is not UTF-8", hint) from None
     elif manifest.token_source in ("keychain", "credential-manager"):
         keyring = _keyring(paths.platform)
         try:
@@ -6078,6 +6195,7 @@ def pin_running_program(paths: Paths, system: System) -> list[str]:
     bundle = running_bundle()
     if bundle.kind == "source":
         return bundle_command(bundle)
+    paths.verify_trusted(os.path.join(paths.data_root, PINNED_DIR))  # what every scheduler entry will run
     command = pin_bundle(paths.data_root, bundle, system.run, runs_in_progress=lambda: runs_in_progress(paths, system))
     prune_pinned(paths, system, pinned_folder(paths.data_root))
     return command
