@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -344,3 +345,138 @@ def test_escape_sequences_from_stages_and_pause_reasons_never_reach_the_terminal
         assert "\\x1b" in text, argv
     robot = cli("--json", "status")
     assert "\x1b" not in robot.out and json.loads(robot.out)["data"]["paused"]["reason"].startswith("bye\x1b")
+
+
+# -- ownership: another local user ----------------------------------------------------------------
+# Real users (created here, removed after), a shared sticky folder as /tmp is,
+# and the tool run as each of them with Debian's own Python.
+
+
+@dataclass
+class LocalUser:
+    name: str
+    uid: int
+    gid: int
+    home: Path
+
+    def run(self, *argv: str, cwd: Path | None = None, env: dict[str, str] | None = None):
+        command = ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups", "--", *argv]
+        base = {"HOME": str(self.home), "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "USER": self.name}
+        return subprocess.run(
+            command, cwd=cwd or self.home, env={**base, **(env or {})}, capture_output=True, text=True, timeout=60
+        )
+
+
+@pytest.fixture(scope="module")
+def two_users():
+    """Two unprivileged users (a victim and an intruder) and a copy of the tool both can run."""
+    if os.geteuid() != 0 or not shutil.which("useradd") or not os.path.exists("/usr/bin/python3"):
+        reason = "needs root, useradd and /usr/bin/python3 to create real users"
+        if os.environ.get("LORE_E2E_REQUIRED") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    import tempfile
+
+    # not under pytest's own temporary folder: that one is private to root
+    base = Path(tempfile.mkdtemp(prefix="lore-hostile-"))
+    base.chmod(0o755)
+    app = base / "app"
+    app.mkdir()
+    shutil.copy(SCRIPT, app / "lore_service.py")
+    import tomli_w
+
+    shutil.copytree(Path(tomli_w.__file__).parent, app / "tomli_w")
+    for path in [app, *app.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    users = []
+    for role in ("v", "i"):
+        name = f"lhs{os.getpid() % 100000}{role}"
+        home = base / name
+        subprocess.run(["userdel", "-r", name], capture_output=True)  # a killed run's leftover
+        subprocess.run(["useradd", "-M", "-d", str(home), "-s", "/bin/sh", name], check=True, capture_output=True)
+        import pwd
+
+        entry = pwd.getpwnam(name)
+        home.mkdir(mode=0o700)
+        os.chown(home, entry.pw_uid, entry.pw_gid)
+        users.append(LocalUser(name, entry.pw_uid, entry.pw_gid, home))
+    shared = base / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # as /tmp is
+    yield users[0], users[1], shared, app
+    for user in users:
+        subprocess.run(["userdel", user.name], capture_output=True)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def tool_as(user: LocalUser, app: Path, *argv: str, cwd: Path | None = None):
+    return user.run("/usr/bin/python3", str(app / "lore_service.py"), *argv, cwd=cwd, env={"PYTHONPATH": str(app)})
+
+
+def test_a_home_another_user_made_first_in_a_shared_folder_is_refused(two_users, tmp_path):
+    victim, intruder, shared, app = two_users
+    home = shared / f"lore-home-{tmp_path.name}"
+    project = victim.home / f"project-{tmp_path.name}"
+    assert victim.run("mkdir", "-p", str(project)).returncode == 0
+    # the intruder gets there first and lays out a service whose stage runs its own command
+    proof = shared / f"pwned-{tmp_path.name}"
+    sid = "acme-1"
+    manifest = {
+        "schema_version": 1, "service_id": sid, "project_root": str(project), "backend": "none",
+        "backend_reason": "x", "interval_seconds": 1800, "profile": "fast", "token_source": "env-file",
+        "token_env": "GITLAB_TOKEN", "program": ["x"], "lore_path": None, "home": str(home),
+        "updated_at_iso": "2026-01-01T00:00:00.000Z",
+    }  # fmt: skip
+    config = f'profile = "fast"\n[stages.issues]\ncommand = ["/bin/touch", "{proof}"]\n'
+    config += '[stages.mrs]\ncommand = ["/bin/true"]\n'
+    script = (
+        f"mkdir -p {home}/config/{sid} && chmod 755 {home} {home}/config {home}/config/{sid} && "
+        f"cat > {home}/config/{sid}/manifest.json && printf '%s' '{config}' > {home}/config/{sid}/service.toml"
+    )
+    made = intruder.run("/bin/sh", "-c", script)
+    assert made.returncode == 0, made.stderr
+    (home / "config" / sid / "manifest.json").write_text(json.dumps(manifest))  # as root: content only
+    os.chown(home / "config" / sid / "manifest.json", intruder.uid, intruder.gid)
+    for argv in (["run", "--service-id", sid], ["trigger", "--name", sid], ["status", "--all"], ["list"]):
+        r = tool_as(victim, app, "--json", "--home", str(home), *argv, cwd=project)
+        assert r.returncode == 4, (argv, r.stdout, r.stderr)
+        error = json.loads(r.stdout)["error"]
+        assert error["code"] == "untrusted_path" and f"{home} belongs to uid {intruder.uid}" in error["message"]
+    assert not proof.exists()  # the intruder's command never ran as the victim
+    doctor = tool_as(victim, app, "--json", "--home", str(home), "doctor", "--name", sid, cwd=project)
+    checks = json.loads(doctor.stdout)["data"]["checks"]  # doctor lists it as a failing check (exit 1)
+    assert doctor.returncode == 1 and any(c["status"] == "fail" and str(home) in c["message"] for c in checks)
+
+
+def test_a_home_open_to_other_users_is_refused_and_a_planted_link_is_never_written_through(two_users, tmp_path):
+    victim, intruder, shared, app = two_users
+    assert victim.run("chmod", "755", str(victim.home)).returncode == 0  # as Debian makes homes: others may look in
+    home = victim.home / f"lore-{tmp_path.name}"
+    project = victim.home / f"p-{tmp_path.name}"
+    assert victim.run("mkdir", "-p", str(project)).returncode == 0
+    install_argv = ["--json", "--home", str(home), "install", "--backend", "none", "--lore", "/bin/true"]
+    r = victim.run(
+        "/usr/bin/python3", str(app / "lore_service.py"), *install_argv,
+        cwd=project, env={"PYTHONPATH": str(app), "GITLAB_TOKEN": TOKEN},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    sid = json.loads(r.stdout)["data"]["service_id"]
+    logs = home / "logs" / sid
+    assert victim.run("chmod", "-R", "777", str(home)).returncode == 0  # a mistake: all open to everyone
+    r = tool_as(victim, app, "--json", "--home", str(home), "status", cwd=project)
+    assert r.returncode == 4 and f"{home} can be written by group and others (mode 777)" in r.stdout
+    doctor = tool_as(victim, app, "--json", "--home", str(home), "doctor", cwd=project)
+    checks = json.loads(doctor.stdout)["data"]["checks"]
+    assert doctor.returncode == 1 and any(c["status"] == "fail" and str(home) in c["message"] for c in checks)
+    # the intruder plants the log as a link to a file of the victim's: the run never writes through it
+    precious = victim.home / f"precious-{tmp_path.name}"
+    assert victim.run("/bin/sh", "-c", f"echo mine > {precious}").returncode == 0
+    assert intruder.run("ln", "-s", str(precious), str(logs / "service.log")).returncode == 0
+    r = tool_as(victim, app, "--json", "--home", str(home), "trigger", cwd=project)
+    assert r.returncode == 4 and "untrusted_path" in r.stdout
+    assert precious.read_text() == "mine\n"
+    assert victim.run("chmod", "-R", "go-rwx", str(home)).returncode == 0  # closed again: the link is still refused
+    r = tool_as(victim, app, "--json", "--home", str(home), "trigger", cwd=project)
+    assert r.returncode == 4 and "symbolic link" in r.stdout and precious.read_text() == "mine\n"
+    assert victim.run("rm", str(logs / "service.log")).returncode == 0
+    assert tool_as(victim, app, "--json", "--home", str(home), "trigger", cwd=project).returncode == 0
