@@ -950,6 +950,8 @@ def run_service(system: System, paths: Paths, manifest: Manifest, trigger: str) 
         if not lock.try_acquire():
             if trigger == "manual":
                 raise BusyError("another run of this service is in progress", "wait for it; `status` shows it running")
+            if not os.path.lexists(paths.manifest(sid)):  # being uninstalled: leave its folders alone
+                return RunResult(sid, "the service is being uninstalled", quiet=True)
             log.may_rotate = False  # only the lock holder rotates
             log.write_line("skip", "another run holds the lock")
             return RunResult(sid, "another run holds the lock")
@@ -1100,15 +1102,7 @@ def run_stages(
             results.append(StageResult(stage.name, stage.critical, "failed", None, took, "transient", message))
     order = {name: i for i, name in enumerate(PROFILES[cfg.profile])}
     results.sort(key=lambda r: order.get(r.stage, 99))
-    critical_bad = [r for r in results if r.critical and r.outcome in ("failed", "timeout")]
-    optional_bad = [r for r in results if not r.critical and r.outcome in ("failed", "timeout")]
-    if critical_bad:
-        outcome = "failed"
-        error_class = "permanent" if any(r.error_class == "permanent" for r in critical_bad) else "transient"
-    elif stopped is not None:  # cut short, even if only an optional stage was: not a finished sync
-        outcome, error_class = "failed", "transient"
-    else:
-        outcome, error_class = ("degraded" if optional_bad else "success"), None
+    outcome, error_class = run_outcome(results, stopped is not None)
     duration = int((system.monotonic() - start) * 1000)
     log.write_line("run", f"run {run_id} {outcome} in {human_duration(duration / 1000)}")
     return RunRecord(
@@ -1126,6 +1120,19 @@ def run_stages(
 
 KILL_GRACE_SECONDS = 3.0
 MAX_LINE_BYTES = 64 * 1024  # longer lines are split: memory stays flat
+
+
+def run_outcome(results: list[StageResult], stopped: bool) -> tuple[str, str | None]:
+    """(outcome, error_class) of a run from its stages: a critical failure
+    fails it, an optional one degrades it, and a run cut short by a signal is
+    failed even if only an optional stage was cut (not a finished sync)."""
+    critical_bad = [r for r in results if r.critical and r.outcome in ("failed", "timeout")]
+    if critical_bad:
+        return "failed", "permanent" if any(r.error_class == "permanent" for r in critical_bad) else "transient"
+    if stopped:
+        return "failed", "transient"
+    optional_bad = [r for r in results if not r.critical and r.outcome in ("failed", "timeout")]
+    return ("degraded" if optional_bad else "success"), None
 
 
 class RunStopped(BaseException):
@@ -1309,6 +1316,54 @@ def _pump(stream: Any, stage: str, log: ServiceLog, redact: Redactor) -> None:
 # its content and mode, every scheduler command, warnings and what is missing;
 # `--dry-run` prints exactly this), and apply it (apply_install: pin the
 # program, write, register, and put everything back if any step fails).
+
+
+ADMIN_WAIT_SECONDS = 60.0  # another install, uninstall, pause or resume of the service
+RUN_END_WAIT_SECONDS = 30.0  # uninstall lets a run in progress finish this long, then stops it
+RUN_STOP_WAIT_SECONDS = 15.0  # ... and waits this long for the stopped run to record itself
+
+
+def wait_for_lock(lock: FileLock, system: System, seconds: float) -> bool:
+    deadline = system.monotonic() + seconds
+    while not lock.try_acquire():
+        if system.monotonic() >= deadline:
+            return False
+        system.sleep(0.2)
+    return True
+
+
+def admin_lock(system: System, paths: Paths, sid: str) -> FileLock:
+    """install, uninstall, pause and resume of one service take turns, so
+    none of them sees (or leaves) the other half done. Returned held."""
+    lock = FileLock(os.path.join(paths.state_root, ".admin", f"{sid}.lock"))
+    if not wait_for_lock(lock, system, ADMIN_WAIT_SECONDS):
+        raise BusyError(
+            f"another install, uninstall, pause or resume of {sid} has not finished in {ADMIN_WAIT_SECONDS:.0f} s",
+            "run the command again when it has finished",
+        )
+    return lock
+
+
+def end_runs(system: System, paths: Paths, sid: str) -> FileLock | None:
+    """Hold the service's run lock, so no run is in progress or starts while
+    it is removed: a run in progress gets RUN_END_WAIT_SECONDS to finish, then
+    is stopped as the scheduler would (SIGTERM: it ends its stage and records
+    itself). None when the service never ran (no lock file to hold)."""
+    path = paths.run_lock(sid)
+    if not os.path.lexists(path):
+        return None
+    lock = FileLock(path)
+    if wait_for_lock(lock, system, RUN_END_WAIT_SECONDS):
+        return lock
+    holder = lock_holder(path)
+    if holder is not None:
+        system.terminate(holder)
+    if wait_for_lock(lock, system, RUN_STOP_WAIT_SECONDS):
+        return lock
+    raise BusyError(
+        f"a run of {sid} (pid {holder}) is still in progress after it was asked to stop",
+        f"wait for it (`{TOOL_NAME} status`), then run the command again; nothing was removed",
+    )
 
 
 # the manifest's fields that `install --json` reports
@@ -1598,6 +1653,23 @@ def _core_files(paths: Paths, manifest: Manifest, cfg: ServiceConfig, token: str
 
 
 def apply_install(system: System, paths: Paths, plan: InstallPlan) -> tuple[bool, Plan]:
+    """With the service's admin turn (section 5's admin_lock), and only if
+    nobody changed the service since it was planned: pin, write, register."""
+    sid, existing = plan.manifest.service_id, plan.request.existing
+    lock = admin_lock(system, paths, sid)
+    try:
+        now = load_manifest(paths, sid)
+        if (now.to_dict() if now else None) != (existing.to_dict() if existing else None):
+            raise BusyError(
+                f"{sid} was installed, changed or uninstalled by another command meanwhile; nothing was written",
+                "run install again",
+            )
+        return _apply_install(system, paths, plan)
+    finally:
+        lock.release()
+
+
+def _apply_install(system: System, paths: Paths, plan: InstallPlan) -> tuple[bool, Plan]:
     """Pin the program, then write secret, config, scheduler entry and
     manifest; on failure put back what was there before. Returns whether
     anything changed, and what the backend did."""
@@ -1703,15 +1775,46 @@ class Removal:
 
 def uninstall_service(system: System, paths: Paths, manifest: Manifest, purge: bool) -> Removal:
     """Scheduler entry first (nothing may fire into a half-removed service), then
-    token, config and manifest; with purge also status and logs."""
-    import shutil
-
+    token, config and manifest; with purge also status and logs. A run in
+    progress ends first, so nothing writes state after it is gone."""
     sid = manifest.service_id
     if manifest.backend not in BACKENDS:
         raise SchedulerError(
             f"this lore-service cannot remove a {manifest.backend} entry",
             f"uninstall with the lore-service build that installed it ({manifest.tool_version})",
         )
+    _check_removable(paths, sid, purge)  # all of it can go, or nothing is touched
+    run_lock = end_runs(system, paths, sid)
+    try:
+        return _remove_service(system, paths, manifest, purge)
+    finally:
+        if run_lock is not None:
+            run_lock.release()
+
+
+def _check_removable(paths: Paths, sid: str, purge: bool) -> None:
+    files = [paths.config(sid), paths.manifest(sid), paths.env_file(sid)]
+    folders = [paths.state_dir(sid), paths.log_dir(sid)] if purge else []
+    for path, want_dir in [(f, False) for f in files] + [(d, True) for d in folders]:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise StateFileError(f"cannot look at {path}: {exc.strerror}", "check its permissions") from None
+        if stat.S_ISDIR(st.st_mode) != want_dir or stat.S_ISLNK(st.st_mode):
+            kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a file"
+            kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else kind
+            raise StateFileError(
+                f"{path} is {kind}, not what lore-service made there; uninstall changed nothing",
+                "move it aside yourself, then run uninstall again",
+            )
+
+
+def _remove_service(system: System, paths: Paths, manifest: Manifest, purge: bool) -> Removal:
+    import shutil
+
+    sid = manifest.service_id
     backend = get_backend(manifest.backend, system, paths)
     removed = backend.file_paths(manifest)
     backend.uninstall(manifest)
@@ -4307,10 +4410,29 @@ def _shell_quote(arg: str) -> str:
 # -- uninstall, pause, resume ---------------------------------------------------------
 
 
+def locked_service(ctx: Context, args: argparse.Namespace) -> tuple[Manifest, FileLock]:
+    """The service, read again once this command has its admin turn (another
+    command may have changed or removed it meanwhile), and the held turn."""
+    sid = find_service(ctx, args).service_id
+    lock = admin_lock(ctx.system, ctx.paths, sid)
+    try:
+        manifest = load_manifest(ctx.paths, sid)
+    except BaseException:
+        lock.release()
+        raise
+    if manifest is None:
+        lock.release()
+        raise NotInstalledError(f"{sid} was uninstalled while this command waited", f"`{TOOL_NAME} list`")
+    return manifest, lock
+
+
 def cmd_uninstall(ctx: Context, args: argparse.Namespace) -> Outcome:
-    manifest = find_service(ctx, args)
+    manifest, lock = locked_service(ctx, args)
     sid, purge = manifest.service_id, bool(args.purge)
-    done = uninstall_service(ctx.system, ctx.paths, manifest, purge)
+    try:
+        done = uninstall_service(ctx.system, ctx.paths, manifest, purge)
+    finally:
+        lock.release()
     data = {"service_id": sid, "removed": done.removed, "kept": done.kept, "purged": purge, "warnings": done.warnings}
     text = f"uninstalled {sid}" + (f"; kept {', '.join(done.kept)} (use --purge to delete)" if done.kept else "")
     text += "".join(f"\nwarning: {w}" for w in done.warnings)
@@ -4318,14 +4440,17 @@ def cmd_uninstall(ctx: Context, args: argparse.Namespace) -> Outcome:
 
 
 def cmd_pause(ctx: Context, args: argparse.Namespace) -> Outcome:
-    manifest = find_service(ctx, args)
+    manifest, lock = locked_service(ctx, args)
     now = ctx.system.now_ms()
     reason = args.reason.strip() or "paused by user"
 
     def change(s: Status) -> None:
         s.paused = Pause("manual", reason, iso_from_ms(now), f"`{TOOL_NAME} resume` to start again")
 
-    status = update_status(ctx.paths, manifest.service_id, ctx.system, change)
+    try:
+        status = update_status(ctx.paths, manifest.service_id, ctx.system, change)
+    finally:
+        lock.release()
     return Outcome(
         {"service_id": manifest.service_id, "paused": status.paused.to_dict() if status.paused else None},
         f"paused {manifest.service_id}: {reason}",
@@ -4333,14 +4458,17 @@ def cmd_pause(ctx: Context, args: argparse.Namespace) -> Outcome:
 
 
 def cmd_resume(ctx: Context, args: argparse.Namespace) -> Outcome:
-    manifest = find_service(ctx, args)
+    manifest, lock = locked_service(ctx, args)
     before: list[Pause | None] = []
 
     def change(s: Status) -> None:
         before.append(s.paused)
         s.paused, s.consecutive_failures, s.next_retry_at_ms = None, 0, None
 
-    update_status(ctx.paths, manifest.service_id, ctx.system, change)
+    try:
+        update_status(ctx.paths, manifest.service_id, ctx.system, change)
+    finally:
+        lock.release()
     was = before[0]
     text = f"resumed {manifest.service_id}" + (f" (was paused: {was.kind})" if was else " (it was not paused)")
     return Outcome({"service_id": manifest.service_id, "was_paused": was.to_dict() if was else None}, text)
@@ -4633,16 +4761,18 @@ def cmd_doctor(ctx: Context, args: argparse.Namespace) -> Outcome:
         checks = readiness_checks(ctx.system, ctx.paths)
         subject = "this machine (no service installed here)"
     else:
-        checks = core_checks(ctx.paths, ctx.system, manifest)
-        checks.insert(0, Check("backend", "ok", f"{manifest.backend}: {manifest.backend_reason}"))
+        service = manifest
+        checks = [Check("backend", "ok", f"{manifest.backend}: {manifest.backend_reason}")]
+        checks += _guarded("files", lambda: core_checks(ctx.paths, ctx.system, service))
         if manifest.backend in BACKENDS:
             backend = get_backend(manifest.backend, ctx.system, ctx.paths)
-            checks.extend(backend.diagnose(manifest))
-            try:
-                for problem in backend.state(manifest).drift:
-                    checks.append(Check("scheduler entry", "fail", problem, f"`{TOOL_NAME} install` rewrites it"))
-            except LoreServiceError as exc:
-                checks.append(Check("scheduler entry", "fail", exc.message, exc.hint))
+            checks += _guarded(backend.name, lambda: backend.diagnose(service))
+            fix = f"`{TOOL_NAME} install` rewrites it"
+
+            def drift() -> list[Check]:
+                return [Check("scheduler entry", "fail", problem, fix) for problem in backend.state(service).drift]
+
+            checks += _guarded("scheduler entry", drift)
         else:
             checks.append(Check("backend", "fail", f"unknown backend {manifest.backend}", "upgrade lore-service"))
         subject = manifest.service_id
@@ -4666,6 +4796,18 @@ def cmd_doctor(ctx: Context, args: argparse.Namespace) -> Outcome:
         message = f"{failed} check(s) failing, first: {first.name}: {first.message}"
         raise LoreServiceError(message, first.hint, code="checks_failed").with_result(data, "\n".join(lines))
     return Outcome(data, "\n".join(lines))
+
+
+def _guarded(name: str, checks: Callable[[], list[Check]]) -> list[Check]:
+    """A group of doctor's checks; one that cannot even be made is a failing
+    check, so doctor lists everything instead of stopping at the first error."""
+    try:
+        return checks()
+    except LoreServiceError as exc:
+        return [Check(name, "fail", exc.message, exc.hint)]
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return [Check(name, "fail", f"{exc.strerror or exc}{where}", "check the owner and permissions of that path")]
 
 
 HANDLERS: dict[str, Callable[[Context, argparse.Namespace], Outcome]] = {
@@ -5010,6 +5152,18 @@ class System:
             return True
         except BlockingIOError:
             return False
+
+    def terminate(self, pid: int) -> None:
+        """Ask a process to stop as a scheduler would (SIGTERM; taskkill on Windows)."""
+        if self.windows:
+            self.run(["taskkill", "/PID", str(pid)], timeout=30)
+            return
+        import signal
+
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     @staticmethod
     def pid_alive(pid: int) -> bool:
@@ -6148,7 +6302,7 @@ def runs_in_progress(paths: Paths, system: System) -> bool:
         with_state = os.listdir(paths.state_root)
     except OSError:
         return False
-    return any(lock_is_held(paths.run_lock(sid), system) for sid in with_state)
+    return any(lock_is_held(paths.run_lock(sid), system) for sid in with_state if is_valid_service_id(sid))
 
 
 def prune_pinned(paths: Paths, system: System, keep: str) -> list[str]:
