@@ -480,3 +480,65 @@ def test_a_home_open_to_other_users_is_refused_and_a_planted_link_is_never_writt
     assert r.returncode == 4 and "symbolic link" in r.stdout and precious.read_text() == "mine\n"
     assert victim.run("rm", str(logs / "service.log")).returncode == 0
     assert tool_as(victim, app, "--json", "--home", str(home), "trigger", cwd=project).returncode == 0
+
+
+# -- uninstall completes or changes nothing; admin commands take turns ------------------------------
+
+
+def test_uninstall_of_a_half_odd_service_changes_nothing(cli, installed, home):
+    sid = installed["service_id"]
+    config = home / "config" / sid / "service.toml"
+    config.unlink()
+    config.mkdir()  # not what install made there
+    r = cli("--json", "uninstall", "--purge")
+    assert r.code == 4 and f"{config} is a folder" in r.doc["error"]["message"]
+    assert (home / "config" / sid / "manifest.json").exists()
+    assert (home / "fake-scheduler" / f"{sid}.json").exists()  # the scheduler entry is still there too
+
+
+def test_uninstall_purge_waits_for_a_run_then_stops_it_and_nothing_comes_back(
+    cli, tool, environ, project, home, monkeypatch
+):
+    if tool.program[0] != sys.executable:
+        pytest.skip("the run in progress is started from source once")
+    assert cli("--json", "install", "--backend", "fake").code == 0
+    sid = cli("--json", "status").data["service_id"]
+    write_plan(project, {"issues": {"hang": True}})
+    runner = subprocess.Popen(
+        [*tool.program, "--json", "trigger"], cwd=project, env=environ, stdout=subprocess.PIPE, text=True
+    )
+    wait_until(lambda: bool(calls(project)), 10)
+    monkeypatch.setattr(ls, "RUN_END_WAIT_SECONDS", 0.5)
+    r = cli("--json", "uninstall", "--purge")
+    assert r.code == 0, r.out
+    out, _ = runner.communicate(timeout=30)
+    assert runner.returncode == 1 and "stopped by signal 15" in out  # the run ended as a scheduler's stop ends it
+    wait_for_exit(calls(project)[0]["pid"])
+    assert not (home / "state" / sid).exists() and not (home / "logs" / sid).exists()
+    assert not (home / "config" / sid).exists()
+
+
+def test_installs_and_uninstalls_racing_never_leave_half_a_service(tool, environ, project, home):
+    procs = []
+    for i in range(8):
+        argv = ["--json", "install", "--backend", "none"] if i % 2 == 0 else ["--json", "uninstall", "--purge"]
+        procs.append(subprocess.Popen([*tool.program, *argv], cwd=project, env=environ, stdout=subprocess.PIPE))
+    codes = [p.wait(timeout=120) for p in procs]
+    for p in procs:
+        p.stdout.close()
+    assert set(codes) <= {0, 3, 5}, codes  # done, nothing left to uninstall, or the other one's turn ran long
+    for folder in (home / "config").iterdir() if (home / "config").exists() else []:
+        have = {p.name for p in folder.iterdir()}
+        assert ("manifest.json" in have) == ("service.toml" in have), have
+
+
+def test_doctor_lists_every_check_even_with_odd_state(cli, installed, home):
+    sid = installed["service_id"]
+    status = home / "state" / sid / "status.json"
+    status.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(status)
+    r = cli("--json", "doctor")
+    assert r.code == 1  # a failing check, not a crash or a hang
+    checks = {c["name"]: c for c in r.data["checks"]}
+    assert checks["status"]["status"] == "fail" and "FIFO" in checks["status"]["message"]
+    assert checks["config"]["status"] == "ok" and checks["project"]["status"] == "ok"
