@@ -2925,7 +2925,7 @@ class CronBackend(SchedulerBackend):
         tmp = self.tmp_path(manifest)
         ensure_dir(os.path.dirname(tmp))
         remove_file(tmp)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o600)
         argv = ["crontab", tmp]
         try:
             with os.fdopen(fd, "wb") as fh:
