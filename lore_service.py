@@ -45,12 +45,12 @@ or a decorator needs at import time comes earlier, hence section 1.)
    9f.   The pinned executable    frozen builds copy themselves to a stable path
 
 Start-up cost matters: `status` must start in a few multiples of a bare
-interpreter, so only json and argparse are imported at the top (records are
-built by section 1 rather than by dataclasses, for the same reason);
-everything else (subprocess, threading, tomllib, keyring, ...) is imported in
-the function that needs it.
+interpreter, so the only modules imported at the top are ones every command
+needs (json and argparse, and os, stat, sys, time and abc, which the
+interpreter has loaded already); records are built by section 1 rather than
+by dataclasses for the same reason, and everything else (subprocess,
+threading, tomllib, keyring, ...) is imported in the function that needs it.
 """
-
 
 from __future__ import annotations
 
@@ -486,6 +486,15 @@ def load_config(paths: Paths, sid: str) -> ServiceConfig:
     return ServiceConfig.from_toml(text, path)
 
 
+def config_or_defaults(paths: Paths, sid: str) -> ServiceConfig:
+    """What a backend renders from: the service's config, or the defaults
+    before the first install has written one (run reports a broken one)."""
+    try:
+        return load_config(paths, sid)
+    except LoreServiceError:
+        return ServiceConfig()
+
+
 @record
 class Manifest:
     """manifest.json: what `install` registered, read by every command."""
@@ -735,7 +744,18 @@ def save_status(paths: Paths, status: Status, now_ms: int) -> None:
     atomic_write(paths.status(status.service_id), dump_json(status.to_dict()))
 
 
+def update_status(paths: Paths, sid: str, system: System, change: Callable[[Status], None]) -> Status:
+    """Read-modify-write of status.json under its own short lock, so `pause`
+    during a run and the run's own update never lose each other's change."""
+    with FileLock(paths.status_lock(sid)):
+        status = load_status(paths, sid)
+        change(status)
+        save_status(paths, status, system.now_ms())
+    return status
+
+
 MAX_STATE_INT = 2**53  # JSON-safe; far beyond any real timestamp in ms
+
 
 class _Fields:
     """Typed reads from a decoded JSON object; any mismatch is exit 4."""
@@ -803,6 +823,9 @@ class PlannedFile:
     def shown(self) -> str:
         return self.content if self.redacted is None else self.redacted
 
+    def __repr__(self) -> str:  # the content may be a token file or an entry with one embedded
+        return f"PlannedFile({self.path!r}, mode {self.mode:04o}, {len(self.content)} characters)"
+
 
 @record
 class SchedulerState:
@@ -833,7 +856,7 @@ class SchedulerState:
 
 @record
 class Plan:
-    """What an install would write and run: --dry-run prints it, install applies it."""
+    """A backend's part of an install: its files and commands (InstallPlan holds the rest)."""
 
     files: list[PlannedFile] = field(default_factory=list)
     commands: list[list[str]] = field(default_factory=list)
@@ -880,6 +903,28 @@ def next_due_ms(manifest: Manifest, started_ms: int) -> int:
     # boundaries, a little after the run before it started)
     slack = min(60, manifest.schedule_step_seconds // 2) * 1000
     return started_ms + manifest.interval_seconds * 1000 - slack
+
+
+def classify_exit(exit_code: int | None, permanent_codes: Sequence[int]) -> tuple[str, str | None]:
+    """(outcome, error_class) of a stage that ran to its end."""
+    if exit_code == 0:
+        return "success", None
+    if exit_code is not None and exit_code > 0 and exit_code in permanent_codes:
+        return "failed", "permanent"
+    return "failed", "transient"  # other codes and signals (negative)
+
+
+def run_outcome(results: list[StageResult], stopped: bool) -> tuple[str, str | None]:
+    """(outcome, error_class) of a run from its stages: a critical failure
+    fails it, an optional one degrades it, and a run cut short by a signal is
+    failed even if only an optional stage was cut (not a finished sync)."""
+    critical_bad = [r for r in results if r.critical and r.outcome in ("failed", "timeout")]
+    if critical_bad:
+        return "failed", "permanent" if any(r.error_class == "permanent" for r in critical_bad) else "transient"
+    if stopped:
+        return "failed", "transient"
+    optional_bad = [r for r in results if not r.critical and r.outcome in ("failed", "timeout")]
+    return ("degraded" if optional_bad else "success"), None
 
 
 def backoff_delay_ms(failures: int, cfg: ServiceConfig, system: System) -> int:
@@ -1002,7 +1047,7 @@ def _run_stages_and_record(
         log.write_line("run", f"warning: no token found in {manifest.token_source}; stages run without {cfg.token_env}")
     # until restored, SIGTERM ends the waited-on stage and the run is still recorded
     stop = StopSignal()
-    restore_sigterm = system.on_stop_signals(stop)
+    restore_signals = system.on_stop_signals(stop)
     try:
         record = run_stages(system, manifest, cfg, trigger, log, secret, lock, stop)
 
@@ -1012,18 +1057,8 @@ def _run_stages_and_record(
 
         status = update_status(paths, sid, system, change)
     finally:
-        restore_sigterm()
+        restore_signals()
     return RunResult(sid, record=record, status=status)
-
-
-def update_status(paths: Paths, sid: str, system: System, change: Callable[[Status], None]) -> Status:
-    """Read-modify-write of status.json under its own short lock, so `pause`
-    during a run and the run's own update never lose each other's change."""
-    with FileLock(paths.status_lock(sid)):
-        status = load_status(paths, sid)
-        change(status)
-        save_status(paths, status, system.now_ms())
-    return status
 
 
 def reap_orphaned_stage(note: str, system: System, log: ServiceLog) -> None:
@@ -1122,19 +1157,6 @@ KILL_GRACE_SECONDS = 3.0
 MAX_LINE_BYTES = 64 * 1024  # longer lines are split: memory stays flat
 
 
-def run_outcome(results: list[StageResult], stopped: bool) -> tuple[str, str | None]:
-    """(outcome, error_class) of a run from its stages: a critical failure
-    fails it, an optional one degrades it, and a run cut short by a signal is
-    failed even if only an optional stage was cut (not a finished sync)."""
-    critical_bad = [r for r in results if r.critical and r.outcome in ("failed", "timeout")]
-    if critical_bad:
-        return "failed", "permanent" if any(r.error_class == "permanent" for r in critical_bad) else "transient"
-    if stopped:
-        return "failed", "transient"
-    optional_bad = [r for r in results if not r.critical and r.outcome in ("failed", "timeout")]
-    return ("degraded" if optional_bad else "success"), None
-
-
 class RunStopped(BaseException):
     """SIGTERM during a run (systemctl stop, shutdown, a scheduler's time
     limit): the running stage is killed and the run still recorded."""
@@ -1145,7 +1167,7 @@ class RunStopped(BaseException):
 
 
 class StopSignal:
-    """The SIGTERM handler of one run: a signal is noted at once but raised
+    """The stop-signal handler of one run (SIGTERM, SIGINT, SIGHUP): a signal is noted at once but raised
     only while the run waits on a stage, so the bookkeeping between stages
     (and the write of the run record) is never cut in half."""
 
@@ -1165,16 +1187,6 @@ class StopSignal:
             raise RunStopped(self.signum)
 
 
-
-def classify_exit(exit_code: int | None, permanent_codes: Sequence[int]) -> tuple[str, str | None]:
-    """(outcome, error_class) of a stage that ran to its end."""
-    if exit_code == 0:
-        return "success", None
-    if exit_code is not None and exit_code > 0 and exit_code in permanent_codes:
-        return "failed", "permanent"
-    return "failed", "transient"  # other codes and signals (negative)
-
-
 def run_stage(
     system: System,
     stage: StageConfig,
@@ -1187,6 +1199,7 @@ def run_stage(
 ) -> StageResult:
     """One stage in its own process group, in `where` = (cwd, environment,
     monotonic deadline of the run), its output redacted into the log."""
+    import subprocess  # (loaded already: spawn started the stage with it)
     import threading
 
     cwd, env, deadline = where
@@ -1222,13 +1235,13 @@ def run_stage(
         proc.wait()
         pump.join(timeout=5)
         raise
-    except Exception:  # subprocess.TimeoutExpired, kept lazy
+    except subprocess.TimeoutExpired:
         stop.waiting = False
         timed_out = True
         system.kill_group(proc, hard=False)
         try:
             code = proc.wait(timeout=KILL_GRACE_SECONDS)
-        except Exception:
+        except subprocess.TimeoutExpired:
             system.kill_group(proc, hard=True)
             code = proc.wait()
     finally:
@@ -1310,6 +1323,8 @@ def _pump(stream: Any, stage: str, log: ServiceLog, redact: Redactor) -> None:
 # ============================================================================
 # 5. Install and uninstall
 # ============================================================================
+
+
 # `install` runs in three steps, each with a typed result: resolve the request
 # (InstallRequest: every option and default decided, bad input refused before
 # the machine is probed), plan it (InstallPlan: the manifest, every file with
@@ -1397,6 +1412,7 @@ class InstallPlan:
     manifest: Manifest
     core_files: list[PlannedFile]  # token.env (env-file store), service.toml, manifest.json
     scheduler: Plan  # the backend's files and commands
+    bundle: Bundle  # the running program: apply pins this very build where the manifest says
     token: str | None  # to store (or embed); a re-install carries the stored one over
     warnings: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
@@ -1418,12 +1434,11 @@ def self_command() -> list[str]:
     return bundle_command(running_bundle())
 
 
-def planned_program(paths: Paths) -> list[str]:
+def planned_program(paths: Paths, bundle: Bundle) -> list[str]:
     """The argv prefix a scheduler entry names: from source the running
     program, for a frozen build or a .pyz its pinned copy under
     <data_root>/bin/<version>/ (section 9f; apply_install makes the copy), so
     no entry names the download or a PyInstaller extraction folder."""
-    bundle = running_bundle()
     if bundle.kind == "source":
         return self_command()
     _bundle_parts(bundle)  # refuses a one-file build's extraction folder
@@ -1440,7 +1455,8 @@ def scheduled_program(prefix: Sequence[str], paths: Paths, sid: str) -> list[str
 
 def resolve_install(system: System, paths: Paths, args: argparse.Namespace) -> InstallRequest:
     """Every option decided: flags, else what is installed now, else defaults.
-    Bad input is refused here, before anything on the machine is probed."""
+    Bad input is refused here, before install writes or registers anything
+    (auto does ask each scheduler whether it answers)."""
     project = check_path_text(canonical_project(args.project or os.getcwd()), "project folder")
     if paths.home:
         check_path_text(paths.home, "--home")
@@ -1574,12 +1590,13 @@ def plan_install(system: System, paths: Paths, request: InstallRequest, token: s
     prerequisites (a failing one stops a real install, and is listed as
     missing by --dry-run). Reads the stored token only to carry it over."""
     backend = get_backend(request.backend, system, paths)
-    manifest = _planned_manifest(system, paths, request, backend)
+    bundle = running_bundle()
+    manifest = _planned_manifest(system, paths, request, backend, planned_program(paths, bundle))
     warnings: list[str] = []
     missing = list(request.missing)
     # prerequisites before the stored token is read: on macOS the GUI-session
     # check must come before any keychain access, in --dry-run too
-    prereq = backend.prerequisites(manifest)
+    prereq = backend.prerequisites(manifest, request.config)
     failing = [c for c in prereq if c.status == "fail"]
     warnings.extend(f"{c.message} (fix: {c.hint})" for c in prereq if c.status == "warn")
     if failing and not request.dry_run:
@@ -1608,10 +1625,12 @@ def plan_install(system: System, paths: Paths, request: InstallRequest, token: s
     scheduler = backend.plan(manifest, request.config, token if source == "embedded" else None)
     warnings.extend(scheduler.warnings)
     core = _core_files(paths, manifest, request.config, token)
-    return InstallPlan(request, manifest, core, scheduler, token, warnings, missing)
+    return InstallPlan(request, manifest, core, scheduler, bundle, token, warnings, missing)
 
 
-def _planned_manifest(system: System, paths: Paths, request: InstallRequest, backend: SchedulerBackend) -> Manifest:
+def _planned_manifest(
+    system: System, paths: Paths, request: InstallRequest, backend: SchedulerBackend, program: list[str]
+) -> Manifest:
     cfg, existing, sid = request.config, request.existing, request.service_id
     now_iso = iso_from_ms(system.now_ms())
     manifest = Manifest(
@@ -1624,7 +1643,7 @@ def _planned_manifest(system: System, paths: Paths, request: InstallRequest, bac
         profile=cfg.profile,
         token_source=request.token_source,
         token_env=cfg.token_env,
-        program=scheduled_program(planned_program(paths), paths, sid),
+        program=scheduled_program(program, paths, sid),
         lore_path=request.lore_path,
         home=paths.home,
         created_at_iso=existing.created_at_iso if existing else now_iso,
@@ -1653,7 +1672,7 @@ def _core_files(paths: Paths, manifest: Manifest, cfg: ServiceConfig, token: str
 
 
 def apply_install(system: System, paths: Paths, plan: InstallPlan) -> tuple[bool, Plan]:
-    """With the service's admin turn (section 5's admin_lock), and only if
+    """With the service's admin turn (admin_lock), and only if
     nobody changed the service since it was planned: pin, write, register."""
     sid, existing = plan.manifest.service_id, plan.request.existing
     lock = admin_lock(system, paths, sid)
@@ -1675,7 +1694,7 @@ def _apply_install(system: System, paths: Paths, plan: InstallPlan) -> tuple[boo
     anything changed, and what the backend did."""
     manifest, existing, cfg = plan.manifest, plan.request.existing, plan.request.config
     sid, source, token = manifest.service_id, manifest.token_source, plan.token
-    pin_running_program(paths, system)  # before any entry can name the copy
+    pin_running_program(paths, system, plan.bundle)  # before any entry can name the copy
     backend = get_backend(manifest.backend, system, paths)
     old_secret = _stored_secret(paths, existing)
     same_store = (
@@ -1743,6 +1762,8 @@ def _roll_back_install(
         if stored_token:
             steps.append(lambda: delete_secret(paths, manifest))
     else:
+        if existing.backend != manifest.backend:  # a service must never run from two schedulers
+            steps.append(lambda: backend.uninstall(manifest))
         if old_config is not None:
             steps.append(lambda: atomic_write(paths.config(sid), old_config, 0o600))
         if stored_token:
@@ -1880,7 +1901,7 @@ class SchedulerBackend(ABC):
     def availability(cls, system: System) -> Check:
         """ok with what answers, or fail with why and the fix (for auto, install and doctor)."""
 
-    def requirements(self, manifest: Manifest | None) -> list[Check]:
+    def requirements(self, manifest: Manifest | None, cfg: ServiceConfig | None = None) -> list[Check]:
         """What install needs beyond availability; asked only once available."""
         return []
 
@@ -1888,10 +1909,11 @@ class SchedulerBackend(ABC):
         """doctor's look at an installed entry; asked only when no prerequisite fails."""
         return []
 
-    def prerequisites(self, manifest: Manifest | None) -> list[Check]:
-        """Checks that must not fail before install touches the scheduler."""
+    def prerequisites(self, manifest: Manifest | None, cfg: ServiceConfig | None = None) -> list[Check]:
+        """Checks that must not fail before install touches the scheduler
+        (cfg: the service.toml being installed; else the one on disk)."""
         available = self.availability(self.system)
-        return [available] if available.status == "fail" else [available, *self.requirements(manifest)]
+        return [available] if available.status == "fail" else [available, *self.requirements(manifest, cfg)]
 
     def diagnose(self, manifest: Manifest | None) -> list[Check]:
         checks = self.prerequisites(manifest)
@@ -2095,15 +2117,6 @@ class NoneBackend(SchedulerBackend):
         return []
 
 
-def config_or_defaults(paths: Paths, sid: str) -> ServiceConfig:
-    """What a backend renders from: the service's config, or the defaults
-    before the first install has written one (run reports a broken one)."""
-    try:
-        return load_config(paths, sid)
-    except LoreServiceError:
-        return ServiceConfig()
-
-
 def scheduler_timeout(cfg: ServiceConfig) -> int:
     """Seconds a scheduler lets a run take: a minute beyond the run's own
     budget, never below SCHEDULER_TIMEOUT, so the run records its own timeout."""
@@ -2154,22 +2167,6 @@ def crash_log_check(path: str, what: str) -> Check:
     if size <= CRASH_LOG_MAX_BYTES:
         return Check("crash log", "ok", f"{path} ({size} bytes; {what}, trimmed by each run)")
     return Check("crash log", "warn", f"{path} is {size} bytes", f"`{TOOL_NAME} run` trims it")
-
-
-def _read_bytes(path: str) -> bytes | None:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read()
-    except OSError:
-        return None
-
-
-def _file_mode(path: str) -> int:
-    """Permission bits of an existing file (0600 if there is none: the safe default)."""
-    try:
-        return os.stat(path).st_mode & 0o777
-    except OSError:
-        return 0o600
 
 
 # ----------------------------------------------------------------------------
@@ -2288,14 +2285,13 @@ class SystemdBackend(SchedulerBackend):
             return Check("user manager", "ok", f"the systemd user manager answers ({state})")
         return missing(_user_manager_problem(system, answer))
 
-    def requirements(self, manifest: Manifest | None) -> list[Check]:
+    def requirements(self, manifest: Manifest | None, cfg: ServiceConfig | None = None) -> list[Check]:
         checks = [self._version_check(), self._linger_check()]
         if manifest is not None:
-            checks.extend(self._sandbox_check(manifest))
+            checks.extend(self._sandbox_check(manifest, cfg or config_or_defaults(self.paths, manifest.service_id)))
         return checks
 
-    def _sandbox_check(self, manifest: Manifest) -> list[Check]:
-        cfg = config_or_defaults(self.paths, manifest.service_id)
+    def _sandbox_check(self, manifest: Manifest, cfg: ServiceConfig) -> list[Check]:
         # what the run reads (program, config and token) and starts (stages), and where it writes
         needed = [*manifest.program[:2], self.paths.config_dir(manifest.service_id)]
         stages = [s.command[0] for s in cfg.active_stages()] if cfg.stages else [manifest.lore_path or ""]
@@ -3100,7 +3096,7 @@ class CronBackend(SchedulerBackend):
         return cron_next_ms(expression, after)
 
     # -- checks
-    def requirements(self, manifest: Manifest | None) -> list[Check]:
+    def requirements(self, manifest: Manifest | None, cfg: ServiceConfig | None = None) -> list[Check]:
         return [self._daemon_check()]
 
     def health(self, manifest: Manifest | None) -> list[Check]:
@@ -3416,7 +3412,7 @@ class LaunchdBackend(SchedulerBackend):
         )
 
     # -- checks
-    def requirements(self, manifest: Manifest | None) -> list[Check]:
+    def requirements(self, manifest: Manifest | None, cfg: ServiceConfig | None = None) -> list[Check]:
         problem = launchd_context_problem(self.system)
         if problem:  # stop before launchctl is touched
             return [Check("gui session", "fail", f"cannot reach your macOS login session: {problem}", LAUNCHD_GUI_HINT)]
@@ -3839,7 +3835,7 @@ class SchtasksBackend(SchedulerBackend):
         )
 
     # -- checks
-    def requirements(self, manifest: Manifest | None) -> list[Check]:
+    def requirements(self, manifest: Manifest | None, cfg: ServiceConfig | None = None) -> list[Check]:
         if manifest is None:
             return []
         too_long = self._too_long(manifest)
@@ -4363,7 +4359,9 @@ def find_service(ctx: Context, args: argparse.Namespace) -> Manifest:
 
 def cmd_install(ctx: Context, args: argparse.Namespace) -> Outcome:
     request = resolve_install(ctx.system, ctx.paths, args)
-    interactive = not (ctx.robot or request.dry_run)  # a hidden prompt only for a person installing for real
+    # a hidden prompt only for a person installing for real, with no stored token to carry over
+    carried = request.existing is not None and request.existing.token_source != "embedded"
+    interactive = not (ctx.robot or request.dry_run or carried)
     token = obtain_token(ctx.system, args, request.config.token_env, interactive)
     plan = plan_install(ctx.system, ctx.paths, request, token)
     data: dict[str, Any] = {**plan.summary(), "dry_run": request.dry_run}
@@ -4827,7 +4825,7 @@ HANDLERS: dict[str, Callable[[Context, argparse.Namespace], Outcome]] = {
 # -- output and main ---------------------------------------------------------------
 
 
-def version_info() -> dict[str, Any]:
+def version_info(system: System) -> dict[str, Any]:
     import platform
 
     bundle = running_bundle()
@@ -4836,7 +4834,7 @@ def version_info() -> dict[str, Any]:
         "frozen": bundle.kind in ("onedir", "onefile"),
         "layout": bundle.kind,  # onedir | onefile (PyInstaller), zipapp, source
         "python": platform.python_version(),
-        "platform": f"{sys.platform}-{platform.machine()}",
+        "platform": f"{system.platform}-{platform.machine()}",
         "executable": bundle_command(bundle)[0],
     }
 
@@ -4917,7 +4915,7 @@ def main(argv: Sequence[str] | None = None, system: System | None = None) -> int
             return exc.status
         command = args.command or command
         if args.version:
-            info = version_info()
+            info = version_info(system or System())
             text = (
                 f"{TOOL_NAME} {info['version']} ({'frozen' if info['frozen'] else 'source'}, "
                 f"Python {info['python']}, {info['platform']})"
@@ -4937,7 +4935,7 @@ def main(argv: Sequence[str] | None = None, system: System | None = None) -> int
     except KeyboardInterrupt:
         _emit(robot, command, None, LoreServiceError("interrupted", "run the command again", code="interrupted"))
         return EXIT_FAILED
-    except RunStopped as exc:  # SIGTERM outside the stages (they record it themselves)
+    except RunStopped as exc:  # defensive: the stages catch and record every stop themselves
         _emit(robot, command, None, LoreServiceError(f"stopped by signal {exc.signum}", "", code="stopped"))
         return EXIT_FAILED
     except BrokenPipeError:  # the reader went away (`logs --follow | head`): nothing left to say
@@ -5334,6 +5332,22 @@ def read_text(path: str) -> str | None:
         return None
 
 
+def _read_bytes(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError:
+        return None
+
+
+def _file_mode(path: str) -> int:
+    """Permission bits of an existing file (0600 if there is none: the safe default)."""
+    try:
+        return os.stat(path).st_mode & 0o777
+    except OSError:
+        return 0o600
+
+
 def file_differs(path: str, content: str) -> bool:
     """Whether writing content would change the file (re-install changes nothing)."""
     return read_text(path) != content
@@ -5352,6 +5366,8 @@ def dump_json(obj: Any) -> str:
 
 
 STATE_FILE_MAX_BYTES = 16 * 1024 * 1024  # status.json with 20 runs is a few KiB; larger is not ours
+
+
 # open flags of every file lore-service reads or writes in its tree: a symlink
 # in its place is an error, never followed; a FIFO never blocks the open
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -5789,7 +5805,8 @@ class FileLock:
             self._fd = None
 
     def __enter__(self) -> FileLock:
-        self.try_acquire(blocking=True)
+        if not self.try_acquire(blocking=True):  # (msvcrt gives up after about 10 s)
+            raise BusyError(f"could not lock {self.path}", "run the command again")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -6342,11 +6359,10 @@ def prune_pinned(paths: Paths, system: System, keep: str) -> list[str]:
     return removed
 
 
-def pin_running_program(paths: Paths, system: System) -> list[str]:
-    """install's one call into this section: a frozen build or a .pyz copies
+def pin_running_program(paths: Paths, system: System, bundle: Bundle) -> list[str]:
+    """What install's apply step does here: a frozen build or a .pyz copies
     itself to bin/<version>/ (what planned_program() named), older copies no
     service runs are pruned. Returns the argv prefix; from source: no-op."""
-    bundle = running_bundle()
     if bundle.kind == "source":
         return bundle_command(bundle)
     paths.verify_trusted(os.path.join(paths.data_root, PINNED_DIR))  # what every scheduler entry will run
