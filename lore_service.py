@@ -244,7 +244,10 @@ DEFAULT_PERMANENT_CODES = (2, 64, 65, 66, 67, 77, 78, 126, 127)
 DEFAULT_RUN_BUDGET = 840
 SCHEDULER_TIMEOUT = 900
 DEFAULT_STAGE_TIMEOUT = 600
-TOKEN_SOURCES = ("env-file", "keychain", "credential-manager", "embedded")
+# environment: stored nowhere; `run` reads the variable from its own environment
+# (a Kubernetes Secret, CI, your own scheduler): backend none only
+TOKEN_SOURCES = ("env-file", "keychain", "credential-manager", "embedded", "environment")
+UNSTORED_TOKEN_SOURCES = ("embedded", "environment")
 # The stores each OS offers, the default first: the macOS Keychain and Windows
 # Credential Manager, so no token sits in a file there; elsewhere an env-file,
 # or the Secret Service (`keychain`) where one runs.
@@ -1603,13 +1606,15 @@ def plan_install(system: System, paths: Paths, request: InstallRequest, token: s
         raise SchedulerError(failing[0].message, failing[0].hint, code="prerequisite")
     missing.extend(f"{c.message} (fix: {c.hint})" for c in failing)
     existing, source = request.existing, request.token_source
-    if token is None and existing is not None and existing.token_source != "embedded" and not failing:
+    if source == "environment":
+        token = None  # never stored: each run reads it from its own environment
+    elif token is None and existing is not None and not failing and existing.token_source not in UNSTORED_TOKEN_SOURCES:
         try:  # re-install without a new token: carry the stored one over (new variable name or store)
             token = read_secret(paths, existing, {})
         except LoreServiceError:
             token = None
     token_env = request.config.token_env
-    if token is None:
+    if token is None and source != "environment":
         if not request.dry_run:
             raise UsageError(
                 f"no token: {token_env} is not set",
@@ -1697,13 +1702,9 @@ def _apply_install(system: System, paths: Paths, plan: InstallPlan) -> tuple[boo
     pin_running_program(paths, system, plan.bundle)  # before any entry can name the copy
     backend = get_backend(manifest.backend, system, paths)
     old_secret = _stored_secret(paths, existing)
-    same_store = (
-        existing is not None
-        and existing.token_source == source
-        and existing.token_env == manifest.token_env
-        and source != "embedded"
-    )
-    store_token = token is not None and source != "embedded" and not (same_store and old_secret == token)
+    same_store = existing is not None and existing.token_source == source and existing.token_env == manifest.token_env
+    unchanged = same_store and old_secret == token
+    store_token = token is not None and source not in UNSTORED_TOKEN_SOURCES and not unchanged
     old_config, config_text = read_text(paths.config(sid)), cfg.to_toml(sid)
     switched = existing is not None and existing.backend != manifest.backend and existing.backend in BACKENDS
     entry_changed = existing is None or switched or backend.entry_changed(manifest, plan.scheduler)
@@ -1771,7 +1772,7 @@ def _roll_back_install(
                 steps.append(lambda: store_secret(paths, existing, old_secret))
             elif existing.token_source != manifest.token_source:
                 steps.append(lambda: delete_secret(paths, manifest))
-        if existing.token_source != "embedded":  # the entry as it was (a launchd job is unloaded by now)
+        if existing.token_source not in UNSTORED_TOKEN_SOURCES:  # the entry as it was (launchd's is unloaded by now)
             old_backend = get_backend(existing.backend, system, paths)
             # rendered from the config just put back
             steps.append(lambda: old_backend.install(existing, config_or_defaults(paths, sid), None))
@@ -1934,6 +1935,12 @@ class SchedulerBackend(ABC):
             if not self.can_embed:
                 hint = f"use --token-source {store} (the default)"
                 raise UsageError(self.embed_refusal, hint, code="bad_token_source")
+        elif source == "environment" and source not in self.allowed_token_stores():
+            raise UsageError(
+                f"--token-source environment is offered with --backend none only: {self.name} runs would have no token",
+                f"use --token-source {store} (the default)",
+                code="bad_token_source",
+            )
         elif source not in self.allowed_token_stores():
             raise UsageError(
                 f"the {source} token store is offered on {TOKEN_STORE_OS.get(source, 'other systems')} only",
@@ -2092,8 +2099,9 @@ class NoneBackend(SchedulerBackend):
         return Check("backend", "ok", "nothing to detect: runs only when you call it")
 
     def allowed_token_stores(self) -> tuple[str, ...]:
-        # whoever calls `run` gets the OS's own store (an env-file only on Linux)
-        return OS_TOKEN_STORES.get(self.system.platform, self.token_stores)
+        # whoever calls `run` gets the OS's own store (an env-file only on Linux),
+        # or gives `run` the variable itself (environment)
+        return (*OS_TOKEN_STORES.get(self.system.platform, self.token_stores), "environment")
 
     def check_token_source(self, source: str) -> None:
         if source == "embedded":  # not the base's hint: here the variable can come from the caller
@@ -3894,6 +3902,294 @@ class SchtasksBackend(SchedulerBackend):
         return [task, power]
 
 
+# ----------------------------------------------------------------------------
+# 6e. Kubernetes: a CronJob instead of a scheduler entry (`export`)
+# ----------------------------------------------------------------------------
+# Past one machine, the scheduler is a cluster's: `export --format kubernetes`
+# prints a CronJob that runs `lore-service run` (backend none semantics) with
+# its home on a PersistentVolumeClaim, so lock, backoff, breaker and history
+# persist between jobs, and the token comes from a Secret. An init container
+# runs `install --backend none --token-source environment` each time: it
+# creates the service on an empty volume and changes nothing afterwards.
+# Retries stay lore-service's (backoffLimit 0, concurrencyPolicy Forbid).
+
+K8S_RUN_AS = 65532  # a non-root uid and gid, as distroless images use
+K8S_NAME_MAX = 52  # a CronJob's name leaves room for the Job and Pod suffixes
+K8S_RESOURCES = {"cpu-request": "100m", "cpu-limit": "1", "memory-request": "256Mi", "memory-limit": "1Gi"}
+K8S_QUANTITY_SUFFIXES = ("Ki", "Mi", "Gi", "Ti", "Pi", "Ei", "m", "k", "M", "G", "T", "P", "E")
+
+
+@record
+class KubernetesExport:
+    """What `export --format kubernetes` was asked for, every default resolved."""
+
+    service_id: str
+    project_root: str  # on this machine (an annotation only: the pod's project is the volume)
+    interval_seconds: int
+    profile: str
+    token_env: str
+    image: str
+    namespace: str | None = None
+    storage_class: str | None = None
+    storage_size: str = "5Gi"
+    secret_name: str | None = None
+    mount_path: str = "/data"
+    program: str = TOOL_NAME
+    lore: str = "/usr/local/bin/lore"
+    resources: dict[str, str] = field(default_factory=lambda: dict(K8S_RESOURCES))
+    status_job: bool = False
+
+    def home(self) -> str:
+        return posix_join(self.mount_path, ".lore-service")
+
+    def secret(self) -> str:
+        return self.secret_name or k8s_name(self.service_id, "-token", 253)
+
+
+def posix_join(folder: str, name: str) -> str:
+    return folder.rstrip("/") + "/" + name  # a pod's paths, whatever OS exports them
+
+
+def k8s_name(sid: str, suffix: str = "", limit: int = K8S_NAME_MAX) -> str:
+    """`lore-<sid><suffix>` as a DNS label, shortened with a hash of the id when too long."""
+    import hashlib
+
+    name = f"lore-{sid}".rstrip("-") + suffix
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256(sid.encode()).hexdigest()[:8]
+    keep = limit - len(suffix) - len(digest) - 6
+    return f"lore-{sid[:keep].rstrip('-')}-{digest}{suffix}"
+
+
+def check_quantity(text: str, what: str, suffixes: Sequence[str] = K8S_QUANTITY_SUFFIXES) -> str:
+    """A Kubernetes quantity (100m, 1, 256Mi, 5Gi): refused here rather than by the cluster."""
+    number = next((text[: -len(s)] for s in suffixes if text.endswith(s) and len(text) > len(s)), text)
+    whole, _, frac = number.partition(".")
+    if not (whole.isascii() and whole.isdigit() and (not frac or (frac.isascii() and frac.isdigit()))):
+        raise UsageError(
+            f"{what} {quoted(text)} is not a Kubernetes quantity",
+            "e.g. 100m or 1 for CPU, 256Mi or 1Gi for memory and storage",
+            code="bad_quantity",
+        )
+    return text
+
+
+def check_dns_label(text: str, what: str) -> str:
+    ok = 0 < len(text) <= 63 and text.isascii() and text[0].isalnum() and text[-1].isalnum()
+    if not ok or not all(c.islower() or c.isdigit() or c == "-" for c in text):
+        raise UsageError(
+            f"{what} {quoted(text)} is not a valid Kubernetes name",
+            "use 1-63 characters of a-z, 0-9 and '-', starting and ending with a letter or digit",
+            code="bad_name",
+        )
+    return text
+
+
+def kubernetes_objects(spec: KubernetesExport) -> list[dict[str, Any]]:
+    """The PersistentVolumeClaim and CronJob (and the one-off status Job when asked for)."""
+    sid = spec.service_id
+    labels = {
+        "app.kubernetes.io/name": TOOL_NAME,
+        "app.kubernetes.io/instance": sid,
+        "app.kubernetes.io/component": "sync",
+        "app.kubernetes.io/managed-by": TOOL_NAME,
+    }
+    meta: dict[str, Any] = {"labels": labels, "annotations": {"lore-service/project": spec.project_root}}
+    if spec.namespace:
+        meta["namespace"] = spec.namespace
+    claim: dict[str, Any] = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": spec.storage_size}},
+    }
+    if spec.storage_class:
+        claim["storageClassName"] = spec.storage_class
+    volume = {"name": k8s_name(sid, "-data", 253), **meta}
+    objects: list[dict[str, Any]] = [
+        {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": volume, "spec": claim},
+        _cron_job(spec, meta),
+    ]
+    if spec.status_job:  # `status` of the service, as a Job: a CronJob's pods are gone between runs
+        pod = _pod(spec, [("status", [spec.program, "status", "--service-id", sid])], init=[])
+        template = {"metadata": {"labels": labels}, "spec": pod}
+        job_spec = {"backoffLimit": 0, "ttlSecondsAfterFinished": 3600, "template": template}
+        status = {"name": k8s_name(sid, "-status"), **meta}
+        objects.append({"apiVersion": "batch/v1", "kind": "Job", "metadata": status, "spec": job_spec})
+    return objects
+
+
+def _cron_job(spec: KubernetesExport, meta: dict[str, Any]) -> dict[str, Any]:
+    step = cron_step(spec.interval_seconds)
+    install = [
+        spec.program, "install", "--backend", "none", "--name", spec.service_id, "--project", spec.mount_path,
+        "--interval", format_interval(spec.interval_seconds), "--profile", spec.profile,
+        "--token-source", "environment", "--token-env", spec.token_env, "--lore", spec.lore,
+    ]  # fmt: skip
+    run = [spec.program, "run", "--service-id", spec.service_id]
+    pod = _pod(spec, [("sync", run)], init=[("install", install)])
+    job = {
+        "backoffLimit": 0,  # lore-service's own backoff and breaker decide about retries
+        # the run's own budget ends first, so it records its own timeout
+        "activeDeadlineSeconds": DEFAULT_RUN_BUDGET + 60,
+        "template": {"metadata": {"labels": meta["labels"]}, "spec": pod},
+    }
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "CronJob",
+        "metadata": {"name": k8s_name(spec.service_id), **meta},
+        "spec": {
+            "schedule": cron_expression(spec.service_id, step),  # as the cron backend would fire it
+            "timeZone": "Etc/UTC",
+            "concurrencyPolicy": "Forbid",
+            "startingDeadlineSeconds": max(60, min(600, step // 2)),
+            "successfulJobsHistoryLimit": 3,
+            "failedJobsHistoryLimit": 3,
+            "jobTemplate": {"metadata": {"labels": meta["labels"]}, "spec": job},
+        },
+    }
+
+
+def _pod(
+    spec: KubernetesExport, main: list[tuple[str, list[str]]], init: list[tuple[str, list[str]]]
+) -> dict[str, Any]:
+    """A pod that passes the Pod Security "restricted" profile: non-root, no
+    privilege escalation, no capabilities, the runtime's seccomp profile, and a
+    read-only root with only the data volume and /tmp writable."""
+    env = [
+        {"name": "LORE_SERVICE_HOME", "value": spec.home()},
+        {"name": "HOME", "value": posix_join(spec.mount_path, ".home")},  # lore's own files, on the volume
+        {"name": "LORE_SERVICE_LOG_STDOUT", "value": "1"},  # `kubectl logs` shows the run
+        {"name": spec.token_env, "valueFrom": {"secretKeyRef": {"name": spec.secret(), "key": spec.token_env}}},
+    ]
+    r = spec.resources
+    resources = {
+        "requests": {"cpu": r["cpu-request"], "memory": r["memory-request"]},
+        "limits": {"cpu": r["cpu-limit"], "memory": r["memory-limit"]},
+    }
+    security = {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+    def container(name: str, argv: list[str]) -> dict[str, Any]:
+        return {
+            "name": name,
+            "image": spec.image,
+            "command": argv,
+            "workingDir": spec.mount_path,
+            "env": env,
+            "resources": resources,
+            "securityContext": security,
+            "volumeMounts": [{"name": "data", "mountPath": spec.mount_path}, {"name": "tmp", "mountPath": "/tmp"}],
+        }
+
+    pod: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": K8S_RUN_AS,
+            "runAsGroup": K8S_RUN_AS,
+            "fsGroup": K8S_RUN_AS,
+            # only an empty volume is chowned: lore-service's own folders stay 0700 (section 3.2 of the spec)
+            "fsGroupChangePolicy": "OnRootMismatch",
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container(name, argv) for name, argv in main],
+        "volumes": [
+            {"name": "data", "persistentVolumeClaim": {"claimName": k8s_name(spec.service_id, "-data", 253)}},
+            {"name": "tmp", "emptyDir": {}},
+        ],
+    }
+    if init:
+        pod["initContainers"] = [container(name, argv) for name, argv in init]
+    return pod
+
+
+def kubernetes_document(spec: KubernetesExport, objects: list[dict[str, Any]]) -> str:
+    """What `kubectl apply -f -` takes: comment lines, then one List as JSON
+    (valid YAML too, so no YAML library is needed on either side)."""
+    ns = f" -n {spec.namespace}" if spec.namespace else ""
+    lines = [
+        f"# lore-service {__version__}: sync of {spec.project_root} ({spec.service_id}) as a Kubernetes CronJob,",
+        f"# every {format_interval(spec.interval_seconds)}, image {spec.image}. First the token's Secret, then apply:",
+        f"#   {kubernetes_secret_command(spec)}",
+        f"#   kubectl apply{ns} -f <this file>",
+        f"# watch: kubectl get cronjob{ns} {k8s_name(spec.service_id)}; kubectl logs{ns} job/<job name>",
+    ]
+    document = {"apiVersion": "v1", "kind": "List", "items": objects}
+    return "\n".join(lines) + "\n" + json.dumps(document, indent=2) + "\n"
+
+
+def kubernetes_secret_command(spec: KubernetesExport) -> str:
+    ns = f" -n {spec.namespace}" if spec.namespace else ""
+    return f'kubectl create secret generic {spec.secret()}{ns} --from-literal={spec.token_env}="${spec.token_env}"'
+
+
+def kubernetes_checks(text: str, source: str) -> list[Check]:
+    """doctor --kubernetes FILE: an exported manifest checked without a cluster."""
+    body = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    try:
+        document = json.loads(body)
+        jobs = [o for o in document.get("items", [document]) if o.get("kind") == "CronJob"]
+        pod = jobs[0]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+        run = next(c for c in pod["containers"] if "run" in c.get("command", []))
+    except (ValueError, KeyError, IndexError, StopIteration, AttributeError, TypeError):
+        why = f"{source} is not a CronJob exported by `{TOOL_NAME} export --format kubernetes` (JSON or its List)"
+        return [Check("manifest", "fail", why, f"`{TOOL_NAME} export --format kubernetes --image IMAGE > FILE`")]
+    checks = [Check("manifest", "ok", f"{source}: CronJob {jobs[0].get('metadata', {}).get('name')}")]
+    image = str(run.get("image") or "")
+    checks.append(
+        Check("image", "ok", f"image {image}")
+        if image and image.upper() != "IMAGE"
+        else Check("image", "fail", "no container image is named", "export again with --image REGISTRY/IMAGE:TAG")
+    )
+    checks.append(_token_reference_check(pod))
+    checks.append(_schedule_check(jobs[0], pod))
+    checks.append(_home_mount_check(run))
+    return checks
+
+
+def _token_reference_check(pod: dict[str, Any]) -> Check:
+    env = [e for c in pod.get("initContainers", []) + pod["containers"] for e in c.get("env", [])]
+    inline = [e["name"] for e in env if "TOKEN" in str(e.get("name", "")).upper() and "value" in e]
+    secret = [e for e in env if (e.get("valueFrom") or {}).get("secretKeyRef")]
+    if inline:
+        why = f"{inline[0]} is written into the manifest"
+        return Check("token", "fail", why, "take it from a Secret (secretKeyRef)")
+    if not secret:
+        return Check("token", "fail", "no Secret is referenced for the token", "export again: it adds a secretKeyRef")
+    ref = secret[0]["valueFrom"]["secretKeyRef"]
+    return Check("token", "ok", f"{secret[0]['name']} comes from Secret {ref.get('name')} (key {ref.get('key')})")
+
+
+def _schedule_check(job: dict[str, Any], pod: dict[str, Any]) -> Check:
+    commands: list[list[str]] = [c.get("command", []) for c in pod.get("initContainers", [])]
+    install = next((argv for argv in commands if "install" in argv), [])
+    try:
+        sid = install[install.index("--name") + 1]
+        interval = parse_interval(install[install.index("--interval") + 1])
+    except (ValueError, IndexError, UsageError):
+        return Check("schedule", "fail", "the install step names no service or interval", "export again")
+    want, got = cron_expression(sid, cron_step(interval)), job["spec"].get("schedule")
+    if got != want:
+        why = f"schedule {got!r} does not fire every {format_interval(interval)} as {want!r} does"
+        return Check("schedule", "fail", why, "export again after changing --interval")
+    return Check("schedule", "ok", f"`{got}` ({cron_describe(got)}, UTC) for every {format_interval(interval)}")
+
+
+def _home_mount_check(run: dict[str, Any]) -> Check:
+    home = next((e.get("value") for e in run.get("env", []) if e.get("name") == "LORE_SERVICE_HOME"), None)
+    mounts = [m.get("mountPath", "") for m in run.get("volumeMounts", [])]
+    inside = [m for m in mounts if home and (home == m or home.startswith(m.rstrip("/") + "/")) and m != "/tmp"]
+    if not inside:
+        why = f"LORE_SERVICE_HOME ({home}) is on no mounted volume: status and the breaker would be lost after each job"
+        return Check("home volume", "fail", why, "export again: the home goes on the data volume")
+    return Check("home volume", "ok", f"LORE_SERVICE_HOME {home} is on the volume mounted at {inside[0]}")
+
+
 # ============================================================================
 # 7. Doctor: checks with ok / warn / fail and the step that fixes each
 # ============================================================================
@@ -4077,6 +4373,11 @@ def _token_check(paths: Paths, system: System, manifest: Manifest) -> Check:
         found = read_secret(paths, manifest, {} if manifest.token_source != "embedded" else system.environ)
     except LoreServiceError as exc:
         return Check("token", "fail", exc.message, exc.hint)
+    if manifest.token_source == "environment":
+        where = f"{manifest.token_env} in the run's own environment"
+        if system.environ.get(manifest.token_env):
+            return Check("token", "ok", f"token read from {where}; set here too (not shown)")
+        return Check("token", "warn", f"token read from {where}; not set here", f"give `run` {manifest.token_env}")
     if found:
         return Check("token", "ok", f"token found in {manifest.token_source} (not shown)")
     if manifest.token_source == "embedded":
@@ -4211,6 +4512,7 @@ COMMAND_HELP = {
     "resume": "clear a pause, the failure count and the retry time",
     "logs": "print the service log",
     "doctor": "check everything the service needs, with the fix for each problem",
+    "export": "print the service as a Kubernetes CronJob (for `kubectl apply -f -`)",
 }
 
 
@@ -4235,6 +4537,30 @@ def _add_command_options(name: str, p: _Parser) -> None:
     elif name == "logs":
         p.add_argument("--tail", type=_count, default=50, metavar="N", help="last N lines (default 50)")
         p.add_argument("--follow", action="store_true", help="keep printing new lines (Ctrl-C stops)")
+    elif name == "doctor":
+        p.add_argument("--kubernetes", metavar="FILE", help="check a manifest `export` printed (- for stdin)")
+    elif name == "export":
+        _add_export_options(p)
+
+
+def _add_export_options(p: _Parser) -> None:
+    p.add_argument("--format", choices=("kubernetes",), default="kubernetes", help="kubernetes (the default)")
+    p.add_argument("--image", metavar="IMAGE", required=True, help="a container image holding lore and lore-service")
+    p.add_argument("--project", metavar="DIR", help="an installed service's project (default: the current folder)")
+    p.add_argument("--name", "--service-id", dest="name", metavar="NAME", help="the service id")
+    p.add_argument("--interval", metavar="30m", help="5m..24h (default: the installed service's, else 30m)")
+    p.add_argument("--profile", choices=tuple(PROFILES), help="fast|balanced|full")
+    p.add_argument("--token-env", metavar="VAR", help=f"the token's variable and Secret key ({DEFAULT_TOKEN_ENV})")
+    p.add_argument("--namespace", metavar="NS", help="the namespace of every object (default: kubectl's)")
+    p.add_argument("--storage-class", metavar="CLASS", help="of the volume claim (default: the cluster's)")
+    p.add_argument("--storage-size", metavar="SIZE", default="5Gi", help="of the volume claim (default 5Gi)")
+    p.add_argument("--secret-name", metavar="NAME", help="the Secret holding the token (default lore-<id>-token)")
+    p.add_argument("--mount-path", metavar="PATH", default="/data", help="where the volume is mounted (default /data)")
+    p.add_argument("--program", metavar="PATH", default=TOOL_NAME, help="lore-service in the image (default: on PATH)")
+    p.add_argument("--lore", metavar="PATH", default="/usr/local/bin/lore", help="lore in the image")
+    for key, default in K8S_RESOURCES.items():
+        p.add_argument(f"--{key}", metavar="Q", default=default, help=f"(default {default})")
+    p.add_argument("--status-job", action="store_true", help="also print a one-off Job that runs `status`")
 
 
 def build_parser(only: str | None = None) -> _Parser:
@@ -4271,7 +4597,7 @@ def build_parser(only: str | None = None) -> _Parser:
     for name, help_text in COMMAND_HELP.items():
         if only is not None and name != only:
             continue
-        parents = [common] if name in ("install", "list") else [common, target]
+        parents = [common] if name in ("install", "list", "export") else [common, target]
         _add_command_options(name, sub.add_parser(name, help=help_text, description=help_text, parents=parents))
     return parser
 
@@ -4298,7 +4624,9 @@ def parse_arguments(argv: list[str], guess: str) -> argparse.Namespace:
     args = args or build_parser().parse_args(argv)
     # an empty value is never "not given": `--name ""` must not mean this folder's
     # service (--interval and --token-env refuse it with their own codes)
-    empty = sorted(k for k in ("home", "lore", "name", "project", "reason") if getattr(args, k, None) == "")
+    given = ["home", "lore", "name", "project", "reason", "image", "namespace", "storage_class", "secret_name"]
+    given += ["program", "kubernetes"]
+    empty = sorted(k for k in given if getattr(args, k, None) == "")
     if empty:
         option = {"name": "name/--service-id"}.get(empty[0], empty[0].replace("_", "-"))
         raise UsageError(f"--{option} cannot be empty", "give a value, or leave the option out", code="empty_value")
@@ -4360,7 +4688,7 @@ def find_service(ctx: Context, args: argparse.Namespace) -> Manifest:
 def cmd_install(ctx: Context, args: argparse.Namespace) -> Outcome:
     request = resolve_install(ctx.system, ctx.paths, args)
     # a hidden prompt only for a person installing for real, with no stored token to carry over
-    carried = request.existing is not None and request.existing.token_source != "embedded"
+    carried = request.existing is not None and request.existing.token_source not in UNSTORED_TOKEN_SOURCES
     interactive = not (ctx.robot or request.dry_run or carried)
     token = obtain_token(ctx.system, args, request.config.token_env, interactive)
     plan = plan_install(ctx.system, ctx.paths, request, token)
@@ -4743,6 +5071,12 @@ def cmd_logs(ctx: Context, args: argparse.Namespace) -> Outcome:
 
 
 def cmd_doctor(ctx: Context, args: argparse.Namespace) -> Outcome:
+    if getattr(args, "kubernetes", None):
+        source = args.kubernetes
+        text = ctx.system.read_stdin() if source == "-" else read_text(source)
+        if text is None:
+            raise UsageError(f"cannot read {source}", "give the file `export --format kubernetes` wrote", code="usage")
+        return _doctor_report(kubernetes_checks(text, source), f"the Kubernetes manifest {source}", None)
     manifest: Manifest | None = None
     broken: StateFileError | None = None
     try:
@@ -4774,6 +5108,10 @@ def cmd_doctor(ctx: Context, args: argparse.Namespace) -> Outcome:
         else:
             checks.append(Check("backend", "fail", f"unknown backend {manifest.backend}", "upgrade lore-service"))
         subject = manifest.service_id
+    return _doctor_report(checks, subject, manifest)
+
+
+def _doctor_report(checks: list[Check], subject: str, manifest: Manifest | None) -> Outcome:
     failed = sum(c.status == "fail" for c in checks)
     warned = sum(c.status == "warn" for c in checks)
     lines = [f"doctor: {subject}"]
@@ -4794,6 +5132,61 @@ def cmd_doctor(ctx: Context, args: argparse.Namespace) -> Outcome:
         message = f"{failed} check(s) failing, first: {first.name}: {first.message}"
         raise LoreServiceError(message, first.hint, code="checks_failed").with_result(data, "\n".join(lines))
     return Outcome(data, "\n".join(lines))
+
+
+def cmd_export(ctx: Context, args: argparse.Namespace) -> Outcome:
+    spec = resolve_export(ctx, args)
+    objects = kubernetes_objects(spec)
+    data = {
+        "format": "kubernetes",
+        "service_id": spec.service_id,
+        "secret_command": kubernetes_secret_command(spec),
+        "manifest": {"apiVersion": "v1", "kind": "List", "items": objects},
+    }
+    return Outcome(data, kubernetes_document(spec, objects).rstrip("\n"))
+
+
+def resolve_export(ctx: Context, args: argparse.Namespace) -> KubernetesExport:
+    """An installed service's options (found by --name or --project), each
+    overridable by the flags install takes; or a service not installed here."""
+    manifest: Manifest | None = None
+    try:
+        manifest = find_service(ctx, args)
+    except NotInstalledError:
+        pass
+    if manifest is not None:
+        sid, project = manifest.service_id, manifest.project_root
+    else:
+        project = check_path_text(canonical_project(args.project or os.getcwd()), "project folder")
+        sid = validate_service_id(args.name) if args.name else derive_service_id(project)
+    interval = parse_interval(args.interval) if args.interval else (manifest.interval_seconds if manifest else None)
+    for value, what in ((args.image, "--image"), (args.program, "--program"), (args.lore, "--lore")):
+        check_path_text(value, what)
+    mount = check_path_text(args.mount_path, "--mount-path")
+    if not mount.startswith("/") or mount.rstrip("/") in ("", "/tmp"):
+        raise UsageError(f"--mount-path {mount!r} must be an absolute folder other than / and /tmp", "", code="usage")
+    if args.namespace:
+        check_dns_label(args.namespace, "--namespace")
+    if args.secret_name:
+        check_dns_label(args.secret_name, "--secret-name")
+    resources = {key: check_quantity(getattr(args, key.replace("-", "_")), f"--{key}") for key in K8S_RESOURCES}
+    return KubernetesExport(
+        service_id=sid,
+        project_root=project,
+        interval_seconds=interval or DEFAULT_INTERVAL,
+        profile=args.profile or (manifest.profile if manifest else DEFAULT_PROFILE),
+        token_env=validate_env_name(args.token_env or (manifest.token_env if manifest else DEFAULT_TOKEN_ENV)),
+        image=args.image,
+        namespace=args.namespace,
+        storage_class=args.storage_class,
+        storage_size=check_quantity(args.storage_size, "--storage-size"),
+        secret_name=args.secret_name,
+        mount_path=mount.rstrip("/"),
+        program=args.program,
+        lore=args.lore,
+        resources=resources,
+        status_job=bool(args.status_job),
+    )
 
 
 def _guarded(name: str, checks: Callable[[], list[Check]]) -> list[Check]:
@@ -4819,6 +5212,7 @@ HANDLERS: dict[str, Callable[[Context, argparse.Namespace], Outcome]] = {
     "resume": cmd_resume,
     "logs": cmd_logs,
     "doctor": cmd_doctor,
+    "export": cmd_export,
 }
 
 
@@ -5850,6 +6244,9 @@ class ServiceLog:
     def __init__(self, path: str, system: System, max_bytes: int = 5 * 1024 * 1024, backups: int = 3) -> None:
         self.path = path
         self.system = system
+        # in a container (LORE_SERVICE_LOG_STDOUT=1, set by `export`) every line also goes
+        # to stdout, so `kubectl logs` shows the run; the lines are redacted already
+        self.echo = system.environ.get("LORE_SERVICE_LOG_STDOUT") == "1"
         self.max_bytes = max_bytes
         self.backups = backups
         self.may_rotate = True  # only the run-lock holder rotates
@@ -5885,6 +6282,9 @@ class ServiceLog:
             self._rotate()
         self._fh.write(data)
         self._size += len(data)
+        if self.echo:
+            sys.stdout.write(terminal_safe(data.decode("utf-8", "replace")))
+            sys.stdout.flush()
 
     def close(self) -> None:
         if self._fh is not None:
