@@ -1999,6 +1999,10 @@ class SchedulerBackend(ABC):
         """Called by `run` before its stages (e.g. to bound scheduler-held output files)."""
         return None
 
+    def scheduled_path(self, manifest: Manifest) -> str | None:
+        """The PATH a scheduled run gets (None: whatever its caller's is); doctor shows it."""
+        return None
+
     def entry_changed(self, manifest: Manifest, plan: Plan) -> bool:
         """Whether installing `plan` would change the scheduler's entry, so a
         re-install with the same options can say (and do) nothing."""
@@ -2356,6 +2360,12 @@ class SystemdBackend(SchedulerBackend):
             f"lingering is off for {user}: the timer only fires while {user} is logged in",
             hint,
         )
+
+    def scheduled_path(self, manifest: Manifest) -> str | None:
+        """The user manager's own PATH, which its services inherit."""
+        answer = self._systemctl("show-environment")
+        found = [line[5:] for line in answer.stdout.splitlines() if line.startswith("PATH=")] if answer.ok else []
+        return found[0] if found else None
 
     # -- units
     def _write_paths(self, manifest: Manifest, cfg: ServiceConfig) -> list[str]:
@@ -2828,6 +2838,9 @@ class CronBackend(SchedulerBackend):
         return os.path.join(self.paths.state_dir(manifest.service_id), "crontab.new")
 
     # -- the line
+    def scheduled_path(self, manifest: Manifest) -> str | None:
+        return CRON_PATH  # written into the crontab line
+
     def environment(self) -> list[tuple[str, str]]:
         """What the run needs beyond cron's HOME, LOGNAME, SHELL and PATH=/usr/bin:/bin.
         Never the token: `--token-source embedded` is refused for cron, since
@@ -3129,6 +3142,7 @@ class CronBackend(SchedulerBackend):
 
 
 LAUNCHD_LABEL_PREFIX = "com.gitlore.sync."
+LAUNCHD_PATH = ("/opt/homebrew/bin", "/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin")
 LAUNCHD_NICE = 10
 LAUNCHCTL_NO_SUCH_SERVICE = (113, 3)  # "Could not find service" (113); older macOS: "No such process" (3)
 LAUNCHCTL_IN_PROGRESS = 36  # bootout of a running job: "Operation now in progress", it is being removed
@@ -3233,16 +3247,26 @@ class LaunchdBackend(SchedulerBackend):
             "ProgramArguments": list(manifest.program),  # argv array: no shell, no quoting
             "StartInterval": manifest.schedule_step_seconds,
             "RunAtLoad": False,
-            "ProcessType": "Background",
+            # no ProcessType Background: launchd throttles such jobs hard (runs several times
+            # slower, stages past their budget); Nice and LowPriorityIO keep it polite instead
             "LowPriorityIO": True,
             "Nice": LAUNCHD_NICE,
             "WorkingDirectory": manifest.project_root,
             "StandardOutPath": crash_log,
             "StandardErrorPath": crash_log,
         }
+        # launchd gives jobs PATH=/usr/bin:/bin:/usr/sbin:/sbin: a `#!/usr/bin/env` lore, or
+        # one that calls git by name, would exit 127 (permanent) from every scheduled run
+        env = {"PATH": self.scheduled_path(manifest)}
         if manifest.token_source == "embedded":
-            job["EnvironmentVariables"] = {manifest.token_env: token or SECRET_PLACEHOLDER}
+            env[manifest.token_env] = token or SECRET_PLACEHOLDER
+        job["EnvironmentVariables"] = env
         return job
+
+    def scheduled_path(self, manifest: Manifest) -> str:
+        """lore's own folder, Homebrew's (Apple silicon, then Intel), then the system's."""
+        lore = [os.path.dirname(manifest.lore_path)] if manifest.lore_path else []
+        return ":".join(dict.fromkeys([*lore, *LAUNCHD_PATH]))
 
     @staticmethod
     def render(job: dict[str, Any]) -> str:
@@ -4413,6 +4437,24 @@ def _stage_checks(system: System, cfg: ServiceConfig, config_path: str) -> list[
     return checks or [Check("lore", "ok", f"stage commands resolve ({cfg.active_stages()[0].command[0]})")]
 
 
+def scheduled_path_check(backend: SchedulerBackend, manifest: Manifest) -> Check:
+    """The PATH a scheduled run gets, which need not be the shell's: a lore
+    that is a `#!/usr/bin/env` script, or runs git by name, needs its folders."""
+    path = backend.scheduled_path(manifest)
+    if path is None:
+        return Check("scheduled PATH", "ok", f"scheduled runs get their caller's PATH ({backend.name})")
+    lore = os.path.dirname(manifest.lore_path) if manifest.lore_path else None
+    if lore and lore not in path.split(os.pathsep):
+        return Check(
+            "scheduled PATH",
+            "warn",
+            f"scheduled runs get PATH={path}, without lore's folder {lore}",
+            f"if lore runs programs from {lore} by name, give it their absolute paths or install them in a folder "
+            "on that PATH",
+        )
+    return Check("scheduled PATH", "ok", f"scheduled runs get PATH={path}")
+
+
 def readiness_checks(system: System, paths: Paths) -> list[Check]:
     """doctor with no service installed: can this machine take an install?"""
     checks: list[Check] = []
@@ -5099,6 +5141,7 @@ def cmd_doctor(ctx: Context, args: argparse.Namespace) -> Outcome:
         if manifest.backend in BACKENDS:
             backend = get_backend(manifest.backend, ctx.system, ctx.paths)
             checks += _guarded(backend.name, lambda: backend.diagnose(service))
+            checks += _guarded("scheduled PATH", lambda: [scheduled_path_check(backend, service)])
             fix = f"`{TOOL_NAME} install` rewrites it"
 
             def drift() -> list[Check]:

@@ -61,7 +61,9 @@ def plist_file(data: dict[str, Any]) -> dict[str, Any]:
 # -- dry-run on Linux, real subprocess ------------------------------------------------
 
 
-def test_dry_run_on_linux_previews_a_valid_plist(tool, environ: dict[str, str], project: Path, home: Path) -> None:
+def test_dry_run_on_linux_previews_a_valid_plist(
+    tool, environ: dict[str, str], project: Path, home: Path, lore_bin: Path
+) -> None:
     r = tool("--json", "install", "--backend", "launchd", "--dry-run")
     assert r.code == 0, r.err + r.out
     data = r.data
@@ -77,12 +79,13 @@ def test_dry_run_on_linux_previews_a_valid_plist(tool, environ: dict[str, str], 
         "ProgramArguments": data["program"],
         "StartInterval": 1800,
         "RunAtLoad": False,
-        "ProcessType": "Background",
         "LowPriorityIO": True,
         "Nice": 10,
         "WorkingDirectory": str(project),
         "StandardOutPath": crash_log,
         "StandardErrorPath": crash_log,
+        # lore's own folder first, then Homebrew's and the system's: never launchd's bare PATH
+        "EnvironmentVariables": {"PATH": f"{lore_bin.parent}:" + ":".join(ls.LAUNCHD_PATH)},
     }
     assert data["token_source"] == "keychain"
     uid = os.getuid()
@@ -109,7 +112,8 @@ def test_dry_run_embedded_is_redacted(tool) -> None:
     f = plist_file(r.data)
     assert f["mode"] == "0600"
     job = validate_plist(f["content"])
-    assert job["EnvironmentVariables"] == {"GITLAB_TOKEN": ls.SECRET_PLACEHOLDER}
+    assert job["EnvironmentVariables"]["GITLAB_TOKEN"] == ls.SECRET_PLACEHOLDER
+    assert set(job["EnvironmentVariables"]) == {"GITLAB_TOKEN", "PATH"}
     assert TOKEN not in r.out + r.err
     assert any("embedded" in w for w in r.data["warnings"])
 
@@ -164,7 +168,7 @@ def test_fresh_install_sequence(cli, mac: MacSystem, memory_keyring: MemoryKeyri
     assert r.data["commands"] == mac.commands[2:]
     assert plist in r.data["files"]
     job = validate_plist(Path(plist).read_text(encoding="utf-8"))
-    assert "EnvironmentVariables" not in job
+    assert set(job["EnvironmentVariables"]) == {"PATH"}  # the token is in the keychain, not the plist
     assert job["StandardOutPath"] == str(home / "logs" / sid / "scheduler-output.log")
     assert memory_keyring.store[(ls.KEYRING_SERVICE, sid)] == TOKEN
     for root in (home, Path(mac.environ["HOME"])):
@@ -291,7 +295,7 @@ def test_embedded_install_puts_token_only_in_the_plist(cli, mac: MacSystem, memo
     plist = next(Path(mac.environ["HOME"]).rglob("*.plist"))
     assert plist.stat().st_mode & 0o777 == 0o600
     job = validate_plist(plist.read_text(encoding="utf-8"))
-    assert job["EnvironmentVariables"] == {"GITLAB_TOKEN": TOKEN}
+    assert job["EnvironmentVariables"]["GITLAB_TOKEN"] == TOKEN and "PATH" in job["EnvironmentVariables"]
     assert memory_keyring.store == {}
     # status compares without the secret, so the embedded plist is not drift
     mac.respond(["launchctl", "print", f"gui/{UID}/{job['Label']}"], res(0, own_print(job, plist)))
