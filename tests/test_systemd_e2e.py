@@ -174,6 +174,24 @@ def test_a_pinned_state_folder_with_dollar_and_percent_reaches_the_sandboxed_run
         as_user("uninstall", "--purge", "--name", sid)
 
 
+def show_monotonic(um: UserManager, unit: str | None, *props: str) -> dict[str, float]:
+    """`systemctl --user show` µs properties as seconds of CLOCK_MONOTONIC
+    (time.monotonic()'s clock); no unit: the manager's own properties."""
+    res = um.systemctl("show", *([unit] if unit else []), "-p", ",".join(props), timeout=30)
+    assert res.returncode == 0, res.stderr
+    values = dict(line.partition("=")[::2] for line in res.stdout.splitlines())
+    assert all(values.get(p, "").isdigit() for p in props), res.stdout
+    return {p: int(values[p]) / 1e6 for p in props}
+
+
+# the timer lore-service writes for `--interval 5m` (section 11a of lore_service.py)
+STARTUP_DELAY = 5 * 60  # OnStartupSec=5min
+INTERVAL = 5 * 60  # OnUnitActiveSec=5min
+SPLAY = 30  # RandomizedDelaySec=30s, FixedRandomDelay=true: one offset in [0, 30 s) per unit
+# next_run_iso has millisecond resolution; the two clocks are read a few ms apart
+CLOCK_SLACK = 1.0
+
+
 def test_timer_is_active_with_next_elapse_about_one_interval_away(um, app, installed):
     sid = installed["service_id"]
     # when the manager has run for more than 5 minutes, OnStartupSec is past and
@@ -186,9 +204,28 @@ def test_timer_is_active_with_next_elapse_about_one_interval_away(um, app, insta
             break
         time.sleep(1)
     assert next_iso, status["scheduler"]
-    ahead = ls.ms_from_iso(next_iso) / 1000 - time.time()
-    # 5 minutes plus at most the 30 s splay, give or take the test's own time
-    assert 240 <= ahead <= 5 * 60 + 30 + 30, ahead
+    # Both clocks systemd counts from are its own numbers, not guesses about how long
+    # the manager has run: OnStartupSec= from the manager's start (userspace timestamp),
+    # OnUnitActiveSec= from the service's last start or the timer's last trigger,
+    # whichever is later. The next elapse is the earlier of the two, plus the unit's
+    # fixed random delay; an OnStartupSec= that had passed when the timer last
+    # triggered is spent.
+    next_at = ls.ms_from_iso(next_iso) / 1000 - time.time() + time.monotonic()
+    manager = show_monotonic(um, None, "UserspaceTimestampMonotonic")
+    timer = show_monotonic(um, f"lore-sync-{sid}.timer", "LastTriggerUSecMonotonic", "NextElapseUSecMonotonic")
+    service = show_monotonic(um, f"lore-sync-{sid}.service", "InactiveExitTimestampMonotonic")
+    last_trigger = timer["LastTriggerUSecMonotonic"]
+    last_start = max(service["InactiveExitTimestampMonotonic"], last_trigger)
+    startup_at = manager["UserspaceTimestampMonotonic"] + STARTUP_DELAY
+    bases = {}
+    if not last_trigger or startup_at > last_trigger:
+        bases["OnStartupSec"] = startup_at
+    if last_start:
+        bases["OnUnitActiveSec"] = last_start + INTERVAL
+    seen = {"next_at": next_at, "now": time.monotonic(), **manager, **timer, **service, "bases": bases}
+    assert bases, seen
+    which, base = min(bases.items(), key=lambda item: item[1])
+    assert base - CLOCK_SLACK <= next_at <= base + SPLAY + CLOCK_SLACK, (which, next_at - base, seen)
     listed = um.systemctl("list-timers", "--all")
     assert f"lore-sync-{sid}.timer" in listed.stdout
 
