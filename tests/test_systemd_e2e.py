@@ -174,14 +174,37 @@ def test_a_pinned_state_folder_with_dollar_and_percent_reaches_the_sandboxed_run
         as_user("uninstall", "--purge", "--name", sid)
 
 
+# how `systemctl show` spells a time span (NextElapseUSecMonotonic=14min 45.141568s)
+SPAN_UNITS = {
+    "y": 31557600,
+    "month": 2629800,
+    "w": 604800,
+    "d": 86400,
+    "h": 3600,
+    "min": 60,
+    "s": 1,
+    "ms": 1e-3,
+    "us": 1e-6,
+}
+
+
 def show_monotonic(um: UserManager, unit: str | None, *props: str) -> dict[str, float]:
-    """`systemctl --user show` µs properties as seconds of CLOCK_MONOTONIC
-    (time.monotonic()'s clock); no unit: the manager's own properties."""
+    """`systemctl --user show` properties on CLOCK_MONOTONIC (time.monotonic()'s
+    clock), in seconds; no unit: the manager's own properties. systemctl prints
+    *TimestampMonotonic as plain µs but *USecMonotonic as a time span."""
     res = um.systemctl("show", *([unit] if unit else []), "-p", ",".join(props), timeout=30)
     assert res.returncode == 0, res.stderr
     values = dict(line.partition("=")[::2] for line in res.stdout.splitlines())
-    assert all(values.get(p, "").isdigit() for p in props), res.stdout
-    return {p: int(values[p]) / 1e6 for p in props}
+    seconds = {}
+    for prop in props:
+        text = values.get(prop, "").strip()
+        if text.isdigit():
+            seconds[prop] = int(text) / 1e6
+            continue
+        parts = re.findall(r"(\d+(?:\.\d+)?)(month|min|ms|us|y|w|d|h|s)\b", text)
+        assert parts and "".join(n + u for n, u in parts) == text.replace(" ", ""), res.stdout
+        seconds[prop] = sum(float(n) * SPAN_UNITS[u] for n, u in parts)
+    return seconds
 
 
 # the timer lore-service writes for `--interval 5m` (section 11a of lore_service.py)
@@ -226,6 +249,7 @@ def test_timer_is_active_with_next_elapse_about_one_interval_away(um, app, insta
     assert bases, seen
     which, base = min(bases.items(), key=lambda item: item[1])
     assert base - CLOCK_SLACK <= next_at <= base + SPLAY + CLOCK_SLACK, (which, next_at - base, seen)
+    print(f"next elapse: {which} + {next_at - base:.3f}s, {next_at - seen['now']:.0f}s ahead; {seen}")
     listed = um.systemctl("list-timers", "--all")
     assert f"lore-sync-{sid}.timer" in listed.stdout
 
