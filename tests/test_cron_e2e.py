@@ -141,8 +141,10 @@ def cron_user() -> Iterator[CronUser]:
         _chown_tree(bindir, uid, gid)
         yield CronUser(user, home, python, app / "lore_service.py", lore)
     finally:
-        cd.remove_crontab(run.user)
-        cd.end_run(run)
+        try:
+            cd.remove_crontab(run.user)
+        finally:
+            cd.end_run(run)
 
 
 def pick_name(prefix: str, step: int, ok) -> tuple[str, int]:

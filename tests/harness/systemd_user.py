@@ -339,9 +339,11 @@ class UserManager:
         run created and give up the shared host dirs; no-op in current mode."""
         if self.mode == "current":
             return
-        self._stop_manager()
-        self._release()
-        self.state = None
+        try:
+            self._stop_manager()
+        finally:
+            self._release()
+            self.state = None
 
     def _stop_manager(self) -> None:
         try:
