@@ -215,18 +215,32 @@ SPLAY = 30  # RandomizedDelaySec=30s, FixedRandomDelay=true: one offset in [0, 3
 CLOCK_SLACK = 1.0
 
 
+def timer_clocks(um: UserManager, sid: str) -> dict[str, float]:
+    """The numbers systemd computes a monotonic timer's next elapse from."""
+    return {
+        **show_monotonic(um, None, "UserspaceTimestampMonotonic"),
+        **show_monotonic(um, f"lore-sync-{sid}.timer", "LastTriggerUSecMonotonic", "NextElapseUSecMonotonic"),
+        **show_monotonic(um, f"lore-sync-{sid}.service", "InactiveExitTimestampMonotonic"),
+    }
+
+
 def test_timer_is_active_with_next_elapse_about_one_interval_away(um, app, installed):
     sid = installed["service_id"]
     # when the manager has run for more than 5 minutes, OnStartupSec is past and
-    # the timer fires at install: while that run lasts there is no next elapse
+    # the timer fires at install: while that run lasts there is no next elapse.
+    # systemd's numbers are read before and after status: if the timer fired in
+    # between, status and those numbers describe different elapses; read again.
     deadline = time.monotonic() + 60
     while True:
+        before = timer_clocks(um, sid)
         status = json.loads(tool(um, app, "--json", "status", "--name", sid).stdout)["data"]
         next_iso = status["scheduler"]["next_run_iso"]
-        if next_iso or time.monotonic() > deadline:
+        clocks = timer_clocks(um, sid)
+        if (next_iso and clocks == before) or time.monotonic() > deadline:
             break
         time.sleep(1)
     assert next_iso, status["scheduler"]
+    assert clocks == before, (before, clocks)
     # Both clocks systemd counts from are its own numbers, not guesses about how long
     # the manager has run: OnStartupSec= from the manager's start (userspace timestamp),
     # OnUnitActiveSec= from the service's last start or the timer's last trigger,
@@ -234,18 +248,15 @@ def test_timer_is_active_with_next_elapse_about_one_interval_away(um, app, insta
     # fixed random delay; an OnStartupSec= that had passed when the timer last
     # triggered is spent.
     next_at = ls.ms_from_iso(next_iso) / 1000 - time.time() + time.monotonic()
-    manager = show_monotonic(um, None, "UserspaceTimestampMonotonic")
-    timer = show_monotonic(um, f"lore-sync-{sid}.timer", "LastTriggerUSecMonotonic", "NextElapseUSecMonotonic")
-    service = show_monotonic(um, f"lore-sync-{sid}.service", "InactiveExitTimestampMonotonic")
-    last_trigger = timer["LastTriggerUSecMonotonic"]
-    last_start = max(service["InactiveExitTimestampMonotonic"], last_trigger)
-    startup_at = manager["UserspaceTimestampMonotonic"] + STARTUP_DELAY
+    last_trigger = clocks["LastTriggerUSecMonotonic"]
+    last_start = max(clocks["InactiveExitTimestampMonotonic"], last_trigger)
+    startup_at = clocks["UserspaceTimestampMonotonic"] + STARTUP_DELAY
     bases = {}
     if not last_trigger or startup_at > last_trigger:
         bases["OnStartupSec"] = startup_at
     if last_start:
         bases["OnUnitActiveSec"] = last_start + INTERVAL
-    seen = {"next_at": next_at, "now": time.monotonic(), **manager, **timer, **service, "bases": bases}
+    seen = {"next_at": next_at, "now": time.monotonic(), **clocks, "bases": bases}
     assert bases, seen
     which, base = min(bases.items(), key=lambda item: item[1])
     assert base - CLOCK_SLACK <= next_at <= base + SPLAY + CLOCK_SLACK, (which, next_at - base, seen)
