@@ -10,6 +10,7 @@ where a skip is a failure.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -191,7 +192,8 @@ SPAN_UNITS = {
 def show_monotonic(um: UserManager, unit: str | None, *props: str) -> dict[str, float]:
     """`systemctl --user show` properties on CLOCK_MONOTONIC (time.monotonic()'s
     clock), in seconds; no unit: the manager's own properties. systemctl prints
-    *TimestampMonotonic as plain µs but *USecMonotonic as a time span."""
+    *TimestampMonotonic as plain µs but *USecMonotonic as a time span, and a
+    timer with no next elapse (its service is running) as "infinity"."""
     res = um.systemctl("show", *([unit] if unit else []), "-p", ",".join(props), timeout=30)
     assert res.returncode == 0, res.stderr
     values = dict(line.partition("=")[::2] for line in res.stdout.splitlines())
@@ -200,6 +202,9 @@ def show_monotonic(um: UserManager, unit: str | None, *props: str) -> dict[str, 
         text = values.get(prop, "").strip()
         if text.isdigit():
             seconds[prop] = int(text) / 1e6
+            continue
+        if text == "infinity":
+            seconds[prop] = math.inf
             continue
         parts = re.findall(r"(\d+(?:\.\d+)?)(month|min|ms|us|y|w|d|h|s)\b", text)
         assert parts and "".join(n + u for n, u in parts) == text.replace(" ", ""), res.stdout
