@@ -1,9 +1,11 @@
 """cron backend against the real Debian cron daemon (tests/harness/cron_daemon.py).
 
-As root: install cron if needed, start the daemon, create the unprivileged user
-`lore-cron`, give it its own copy of lore_service.py and fake_lore.py and a venv
-built from Debian's /usr/bin/python3 (the test interpreter lives under /root,
-which that user cannot read). Then:
+As root: install cron if needed, start the daemon (unless one runs), create an
+unprivileged user of this run's own (`lore-cron-<random hex>`, so two runs of
+the suite share the daemon but never a crontab), give it its own copy of
+lore_service.py and fake_lore.py and a venv built from Debian's
+/usr/bin/python3 (the test interpreter lives under /root, which that user
+cannot read). Then:
 
 1. the daemon itself fires an installed 5m entry and `status` records the run;
 2. the installed line, run exactly as cron runs it (cron's `%` processing,
@@ -18,7 +20,6 @@ Skips when cron cannot be run here, except under LORE_E2E_REQUIRED=1 (CI).
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -40,12 +41,10 @@ import lore_service as ls
 
 pytestmark = pytest.mark.e2e
 
-USER = "lore-cron"
 TOKEN = "glpat-cron-e2e-token"
 SYSTEM_PYTHON = "/usr/bin/python3"
 PACKAGES = ("platformdirs", "keyring", "tomli-w")
 PIP_PASSTHROUGH = ("PIP_", "SSL_CERT_", "REQUESTS_CA_BUNDLE", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
-LOCK = "/run/lore-cron-e2e.lock"  # two test runs on one machine would share the user's crontab
 OTHERS = (
     "# my own jobs: lore-service must not touch these\n"
     'MAILTO=""\n'
@@ -116,28 +115,22 @@ def cron_user() -> Iterator[CronUser]:
         unavailable(reason)
     if not os.access(SYSTEM_PYTHON, os.X_OK):
         unavailable(f"{SYSTEM_PYTHON} is missing (the test user needs an interpreter it can read)")
-    lock = open(LOCK, "w")  # noqa: SIM115  (held for the module)
-    fcntl.flock(lock, fcntl.LOCK_EX)
     try:
-        try:
-            cd.start_daemon()
-        except RuntimeError as exc:
-            unavailable(str(exc))
+        run = cd.begin_run()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        unavailable(str(exc))
+    try:
         # a daemon that just started loaded the spool this very second: a crontab written
         # in the same second (mtime resolution) would go unseen until the next change
         time.sleep(1.1)
-        uid, home = cd.ensure_user(USER)
-        gid = home.stat().st_gid
-        cd.remove_crontab(USER)
-        for leftover in (".config/lore", ".local/state/lore", ".local/share/lore", "projects", "projets"):
-            shutil.rmtree(home / leftover, ignore_errors=True)  # earlier runs' services and fake-lore calls
+        user, uid, gid, home = run.user, run.uid, run.gid, run.home
         app = home / "app"
         app.mkdir(exist_ok=True)
         shutil.copy(SCRIPT, app / "lore_service.py")
         shutil.copy(FAKE_LORE, app / "fake_lore.py")
         _chown_tree(app, uid, gid)
         try:
-            python = _ensure_venv(USER, home / "venv")
+            python = _ensure_venv(user, home / "venv")
         except (RuntimeError, subprocess.TimeoutExpired) as exc:
             unavailable(str(exc))
         bindir = home / "bin"
@@ -146,11 +139,12 @@ def cron_user() -> Iterator[CronUser]:
         lore.write_text(f"#!/bin/sh\nexec '{python}' '{app / 'fake_lore.py'}' \"$@\"\n")
         lore.chmod(0o755)
         _chown_tree(bindir, uid, gid)
-        yield CronUser(USER, home, python, app / "lore_service.py", lore)
+        yield CronUser(user, home, python, app / "lore_service.py", lore)
     finally:
-        cd.remove_crontab(USER)
-        cd.stop_daemon_if_we_started()
-        lock.close()
+        try:
+            cd.remove_crontab(run.user)
+        finally:
+            cd.end_run(run)
 
 
 def pick_name(prefix: str, step: int, ok) -> tuple[str, int]:
@@ -190,7 +184,7 @@ def diagnostics(cu: CronUser, sid: str, extra: str = "") -> str:
         [
             extra,
             "crontab:\n" + cd.crontab_list(cu.name).stdout,
-            "cron log:\n" + "\n".join([x for x in cd.cron_log() if "LIST" not in x][-30:]),
+            "cron log:\n" + "\n".join([x for x in cd.cron_log(cu.name) if "LIST" not in x][-30:]),
             "crash log:\n" + (crash.read_text(errors="replace")[-2000:] if crash.exists() else "(none)"),
         ]
     )

@@ -10,6 +10,7 @@ where a skip is a failure.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -174,21 +175,97 @@ def test_a_pinned_state_folder_with_dollar_and_percent_reaches_the_sandboxed_run
         as_user("uninstall", "--purge", "--name", sid)
 
 
+# how `systemctl show` spells a time span (NextElapseUSecMonotonic=14min 45.141568s)
+SPAN_UNITS = {
+    "y": 31557600,
+    "month": 2629800,
+    "w": 604800,
+    "d": 86400,
+    "h": 3600,
+    "min": 60,
+    "s": 1,
+    "ms": 1e-3,
+    "us": 1e-6,
+}
+
+
+def show_monotonic(um: UserManager, unit: str | None, *props: str) -> dict[str, float]:
+    """`systemctl --user show` properties on CLOCK_MONOTONIC (time.monotonic()'s
+    clock), in seconds; no unit: the manager's own properties. systemctl prints
+    *TimestampMonotonic as plain µs but *USecMonotonic as a time span, and a
+    timer with no next elapse (its service is running) as "infinity"."""
+    res = um.systemctl("show", *([unit] if unit else []), "-p", ",".join(props), timeout=30)
+    assert res.returncode == 0, res.stderr
+    values = dict(line.partition("=")[::2] for line in res.stdout.splitlines())
+    seconds = {}
+    for prop in props:
+        text = values.get(prop, "").strip()
+        if text.isdigit():
+            seconds[prop] = int(text) / 1e6
+            continue
+        if text == "infinity":
+            seconds[prop] = math.inf
+            continue
+        parts = re.findall(r"(\d+(?:\.\d+)?)(month|min|ms|us|y|w|d|h|s)\b", text)
+        assert parts and "".join(n + u for n, u in parts) == text.replace(" ", ""), res.stdout
+        seconds[prop] = sum(float(n) * SPAN_UNITS[u] for n, u in parts)
+    return seconds
+
+
+# the timer lore-service writes for `--interval 5m` (section 11a of lore_service.py)
+STARTUP_DELAY = 5 * 60  # OnStartupSec=5min
+INTERVAL = 5 * 60  # OnUnitActiveSec=5min
+SPLAY = 30  # RandomizedDelaySec=30s, FixedRandomDelay=true: one offset in [0, 30 s) per unit
+# next_run_iso has millisecond resolution; the two clocks are read a few ms apart
+CLOCK_SLACK = 1.0
+
+
+def timer_clocks(um: UserManager, sid: str) -> dict[str, float]:
+    """The numbers systemd computes a monotonic timer's next elapse from."""
+    return {
+        **show_monotonic(um, None, "UserspaceTimestampMonotonic"),
+        **show_monotonic(um, f"lore-sync-{sid}.timer", "LastTriggerUSecMonotonic", "NextElapseUSecMonotonic"),
+        **show_monotonic(um, f"lore-sync-{sid}.service", "InactiveExitTimestampMonotonic"),
+    }
+
+
 def test_timer_is_active_with_next_elapse_about_one_interval_away(um, app, installed):
     sid = installed["service_id"]
     # when the manager has run for more than 5 minutes, OnStartupSec is past and
-    # the timer fires at install: while that run lasts there is no next elapse
+    # the timer fires at install: while that run lasts there is no next elapse.
+    # systemd's numbers are read before and after status: if the timer fired in
+    # between, status and those numbers describe different elapses; read again.
     deadline = time.monotonic() + 60
     while True:
+        before = timer_clocks(um, sid)
         status = json.loads(tool(um, app, "--json", "status", "--name", sid).stdout)["data"]
         next_iso = status["scheduler"]["next_run_iso"]
-        if next_iso or time.monotonic() > deadline:
+        clocks = timer_clocks(um, sid)
+        if (next_iso and clocks == before) or time.monotonic() > deadline:
             break
         time.sleep(1)
     assert next_iso, status["scheduler"]
-    ahead = ls.ms_from_iso(next_iso) / 1000 - time.time()
-    # 5 minutes plus at most the 30 s splay, give or take the test's own time
-    assert 240 <= ahead <= 5 * 60 + 30 + 30, ahead
+    assert clocks == before, (before, clocks)
+    # Both clocks systemd counts from are its own numbers, not guesses about how long
+    # the manager has run: OnStartupSec= from the manager's start (userspace timestamp),
+    # OnUnitActiveSec= from the service's last start or the timer's last trigger,
+    # whichever is later. The next elapse is the earlier of the two, plus the unit's
+    # fixed random delay; an OnStartupSec= that had passed when the timer last
+    # triggered is spent.
+    next_at = ls.ms_from_iso(next_iso) / 1000 - time.time() + time.monotonic()
+    last_trigger = clocks["LastTriggerUSecMonotonic"]
+    last_start = max(clocks["InactiveExitTimestampMonotonic"], last_trigger)
+    startup_at = clocks["UserspaceTimestampMonotonic"] + STARTUP_DELAY
+    bases = {}
+    if not last_trigger or startup_at > last_trigger:
+        bases["OnStartupSec"] = startup_at
+    if last_start:
+        bases["OnUnitActiveSec"] = last_start + INTERVAL
+    seen = {"next_at": next_at, "now": time.monotonic(), **clocks, "bases": bases}
+    assert bases, seen
+    which, base = min(bases.items(), key=lambda item: item[1])
+    assert base - CLOCK_SLACK <= next_at <= base + SPLAY + CLOCK_SLACK, (which, next_at - base, seen)
+    print(f"next elapse: {which} + {next_at - base:.3f}s, {next_at - seen['now']:.0f}s ahead; {seen}")
     listed = um.systemctl("list-timers", "--all")
     assert f"lore-sync-{sid}.timer" in listed.stdout
 

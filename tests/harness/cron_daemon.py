@@ -3,6 +3,11 @@
 Everything here is stdlib only and assumes Linux + root (the e2e fixture runs as
 root and creates an unprivileged user whose crontab is the system under test).
 
+Runs of the suite share the machine's one cron daemon, each with a user of its
+own: ``begin_run`` makes the user and starts the daemon if none runs,
+``end_run`` deletes the user and stops the daemon once no other live run
+needs it, and only if a harness run started it (``shared.py`` keeps count).
+
 Functions that can fail for environmental reasons return a human readable
 reason string (``None`` meaning "ok"), so a fixture can either ``pytest.skip``
 or, with ``LORE_E2E_REQUIRED=1``, ``pytest.fail`` with that reason.
@@ -21,6 +26,7 @@ Facts below were verified against cron 3.0pl1-162 (Debian 12):
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pwd
 import re
@@ -29,11 +35,14 @@ import signal
 import socket
 import stat
 import subprocess
-import tempfile
-import threading
+import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from . import shared
 
 CRON_BIN = "/usr/sbin/cron"
 CRONTAB_BIN = "/usr/bin/crontab"
@@ -50,10 +59,14 @@ AUDIT_UID_UNSET = "4294967295"
 
 _PAM_LOGINUID_REQUIRED = re.compile(r"^(\s*session\s+)required(\s+pam_loginuid\.so\b)", re.MULTILINE)
 
-# State of the daemon *we* started; never touch a daemon someone else runs.
-_proc: subprocess.Popen[bytes] | None = None
-_stderr_file: tempfile._TemporaryFileWrapper[bytes] | None = None
-_syslog: _SyslogCapture | None = None
+LEASE_KIND = "cron"
+USER_PREFIX = "lore-cron"  # a run's user: lore-cron-<random hex>
+# The daemon (and /dev/log capture) a harness run started, for whichever run
+# leaves last to stop; a daemon somebody else runs has no record and is never
+# touched.
+DAEMON_RECORD = shared.STATE_ROOT / "cron-daemon.json"
+DAEMON_OUTPUT = shared.STATE_ROOT / "cron-daemon.log"  # cron -f's own stdout/stderr
+SYSLOG_FILE = shared.STATE_ROOT / "cron-syslog.log"  # what cron sent to /dev/log
 
 
 # --------------------------------------------------------------------------- install
@@ -181,134 +194,191 @@ def _pid_alive(pid: int) -> bool:
 
 
 def daemon_running() -> bool:
-    """A cron daemon is alive (ours or anybody's), judged by its pid file.
+    """A cron daemon is alive (a harness run's or anybody's), judged by its pid file.
 
     cron holds an flock on /run/crond.pid; a stale file is possible, hence the
     /proc check. (``pgrep -x cron`` is equivalent.)
     """
-    if _proc is not None and _proc.poll() is None:
-        return True
     pid = _pidfile_pid()
     return pid is not None and _pid_alive(pid)
 
 
-def start_daemon(loglevel: int = 15, capture_syslog: bool = True, timeout: float = 10.0) -> None:
-    """Start ``cron -f -L loglevel`` as our child unless a daemon already runs.
+@dataclass
+class CronRun:
+    """One run's user, and its hold (lease) on the shared daemon."""
 
-    systemd is not PID 1 here, so no ``systemctl``; ``service cron start``
-    also works but daemonizes (we prefer a child we can reliably stop).
-    With ``capture_syslog`` and no syslogd, /dev/log is served by us so
-    ``cron_log()`` shows what cron says (job start/end, PAM errors, "No MTA").
-    Raises RuntimeError with the reason on failure.
+    user: str
+    uid: int
+    gid: int
+    home: Path
+    lease: shared.Lease
+
+
+def begin_run(user: str | None = None, loglevel: int = 15, timeout: float = 10.0) -> CronRun:
+    """Create a user of this run's own and make sure a cron daemon runs.
+
+    The daemon is started only if none runs (``cron -f -L loglevel``, detached:
+    it may outlive this run while another one still needs it). systemd is not
+    PID 1 here, so no ``systemctl``. With no syslogd, a small detached server
+    on /dev/log writes what cron says (job start/end, PAM errors, "No MTA") to
+    a file ``cron_log()`` reads. Raises RuntimeError with the reason on failure.
     """
-    global _proc, _stderr_file, _syslog
+    name = user or shared.unique_user(USER_PREFIX)
+    with shared.machine_lock():
+        lease = shared.open_lease(LEASE_KIND, name)
+        try:
+            _ensure_daemon(loglevel, timeout)
+            shared.create_user(name)
+        except BaseException:
+            lease.close()
+            _stop_daemon_if_unused()
+            raise
+    pw = pwd.getpwnam(name)
+    return CronRun(name, pw.pw_uid, pw.pw_gid, Path(pw.pw_dir), lease)
+
+
+def end_run(run: CronRun) -> None:
+    """Delete the run's user (and crontab); stop the daemon if this was the
+    last run using it and a harness run started it."""
+    with shared.machine_lock():
+        shared.remove_user(run.user)
+        run.lease.close()
+        _stop_daemon_if_unused()
+
+
+def _ensure_daemon(loglevel: int, timeout: float) -> None:
     if daemon_running():
-        return
+        return  # a harness run's (the last lease stops it) or somebody else's (never stopped)
+    DAEMON_RECORD.unlink(missing_ok=True)  # a recorded daemon that died
     reason = ensure_pam_ok()
     if reason:
         raise RuntimeError(reason)
-    if capture_syslog and _syslog is None:
-        _syslog = _SyslogCapture.start()
-    _stderr_file = tempfile.NamedTemporaryFile(prefix="cron-stderr-", delete=True)  # noqa: SIM115
-    # New session: cron must not get the test's terminal signals; umask 022
-    # is what jobs inherit (Debian cron does not set one itself).
-    _proc = subprocess.Popen(
-        [CRON_BIN, "-f", "-L", str(loglevel)],
-        stdin=subprocess.DEVNULL,
-        stdout=_stderr_file,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        umask=0o022,
-        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C"},
-    )
+    record: dict[str, Any] = {}
+    if not _dev_log_alive():
+        SYSLOG_FILE.write_bytes(b"")
+        pid = _detach([sys.executable, "-c", _SYSLOG_SERVER, DEV_LOG, str(SYSLOG_FILE)], "syslog")
+        record.update(syslog_pid=pid, syslog_start=shared.process_start(pid))
+        _save_record(record)
+        deadline = time.monotonic() + timeout
+        while not _dev_log_alive():
+            if time.monotonic() > deadline or shared.process_start(pid) is None:
+                raise RuntimeError(f"the /dev/log capture did not start: {_read(_output('syslog'))!r}")
+            time.sleep(0.05)
+    pid = _detach([CRON_BIN, "-f", "-L", str(loglevel)], "daemon")
+    record.update(pid=pid, start=shared.process_start(pid))
+    _save_record(record)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if _proc.poll() is not None:
-            break
-        if _pidfile_pid() == _proc.pid:
+    while time.monotonic() < deadline and shared.process_start(pid) is not None:
+        if _pidfile_pid() == pid:
             return
         time.sleep(0.05)
-    _stderr_file.seek(0)
-    err = _stderr_file.read().decode(errors="replace").strip()
-    stop_daemon_if_we_started()
-    raise RuntimeError(f"cron did not start (pid file {PIDFILE} never named it): {err!r}")
+    raise RuntimeError(f"cron did not start (pid file {PIDFILE} never named it): {_read(_output('daemon'))!r}")
 
 
-def stop_daemon_if_we_started(timeout: float = 10.0) -> None:
-    """Stop the daemon started by ``start_daemon`` (and its running jobs)."""
-    global _proc, _stderr_file, _syslog
-    if _proc is not None:
-        if _proc.poll() is None:
+def _detach(argv: Sequence[str], name: str) -> int:
+    """Start argv in a session of its own, not as our child (``setsid -f``):
+    it may outlive this run. Returns its pid (the session and group leader)."""
+    pidfile = shared.STATE_ROOT / f"cron-{name}.pid"
+    pidfile.unlink(missing_ok=True)
+    script = 'echo $$ >"$1" && shift && exec "$@"'
+    with _output(name).open("wb") as out:
+        # umask 022 is what jobs inherit (Debian cron does not set one itself)
+        subprocess.run(
+            ["setsid", "-f", "sh", "-c", script, "sh", str(pidfile), *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd="/",
+            umask=0o022,
+            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C"},
+            check=True,
+        )
+    deadline = time.monotonic() + 5
+    while not _read(pidfile).strip():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"setsid did not start {argv[0]}: {_read(_output(name))!r}")
+        time.sleep(0.02)
+    return int(_read(pidfile))
+
+
+def _output(name: str) -> Path:
+    return DAEMON_OUTPUT if name == "daemon" else shared.STATE_ROOT / f"cron-{name}.log"
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def _save_record(record: dict[str, Any]) -> None:
+    DAEMON_RECORD.write_text(json.dumps(record))
+
+
+def _stop_daemon_if_unused(timeout: float = 10.0) -> None:
+    """Call under the machine lock."""
+    if shared.live_leases(LEASE_KIND):
+        return
+    try:
+        record = json.loads(DAEMON_RECORD.read_text())
+    except (OSError, ValueError):
+        return  # no daemon a harness run started
+    if record.get("pid"):
+        # its running jobs share its process group (cron does not setsid them)
+        _terminate_group(record["pid"], record.get("start"), timeout)
+        if _pidfile_pid() == record["pid"]:
+            PIDFILE.unlink(missing_ok=True)  # cron leaves it behind on SIGTERM
+    if record.get("syslog_pid"):
+        _terminate_group(record["syslog_pid"], record.get("syslog_start"), timeout)
+        if not _dev_log_alive():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(DEV_LOG)
+    DAEMON_RECORD.unlink(missing_ok=True)
+
+
+def _terminate_group(pid: int, start: str | None, timeout: float) -> None:
+    # The start time guards against a pid reused since the record was written.
+    if start is None or shared.process_start(pid) != start:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while shared.process_start(pid) == start:
+        if time.monotonic() > deadline:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(_proc.pid, signal.SIGTERM)
-            try:
-                _proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(_proc.pid, signal.SIGKILL)
-                _proc.wait()
-        # cron leaves its pid file behind on SIGTERM.
-        if _pidfile_pid() == _proc.pid:
-            PIDFILE.unlink(missing_ok=True)
-        _proc = None
-    if _stderr_file is not None:
-        _stderr_file.close()
-        _stderr_file = None
-    if _syslog is not None:
-        _syslog.stop()
-        _syslog = None
+                os.killpg(pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
 
 
-def cron_log() -> list[str]:
-    """Syslog lines captured so far (empty if a real syslogd owns /dev/log)."""
-    return list(_syslog.lines) if _syslog is not None else []
+def cron_log(user: str | None = None) -> list[str]:
+    """Syslog lines cron sent while a harness capture served /dev/log (empty if
+    a real syslogd owns it); with ``user``, only the daemon's own lines and
+    that user's (other runs' jobs write here too)."""
+    lines = _read(SYSLOG_FILE).splitlines()
+    if user is None:
+        return lines
+    return [line for line in lines if f"({user})" in line or "(CRON)" in line]
 
 
-class _SyslogCapture:
-    """Minimal /dev/log receiver; exists only while our daemon runs.
-
-    Debian cron logs only via syslog(3) (facility cron), even with -f; with no
-    rsyslog in the container every message would be dropped.
-    """
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.lines: list[str] = []
-        self._thread = threading.Thread(target=self._run, name="cron-syslog", daemon=True)
-        self._thread.start()
-
-    @classmethod
-    def start(cls) -> _SyslogCapture | None:
-        if _dev_log_alive():
-            return None  # a real syslogd: see /var/log/syslog or journalctl
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(DEV_LOG)  # stale socket of a crashed capture
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        try:
-            sock.bind(DEV_LOG)
-            os.chmod(DEV_LOG, 0o666)
-        except OSError:
-            sock.close()
-            return None
-        return cls(sock)
-
-    def _run(self) -> None:
-        while True:
-            try:
-                data = self.sock.recv(65536)
-            except OSError:
-                return
-            if not data:
-                return
-            self.lines.append(data.decode(errors="replace").rstrip("\n\0"))
-
-    def stop(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(DEV_LOG)
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        self._thread.join(2)
+# Debian cron logs only via syslog(3) (facility cron), even with -f; with no
+# rsyslog in the container every message would be dropped. Run detached by
+# whichever run starts the daemon, stopped with it.
+_SYSLOG_SERVER = """
+import os, socket, sys
+path, out = sys.argv[1], sys.argv[2]
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+try:
+    os.unlink(path)  # the stale socket of a capture that was killed
+except FileNotFoundError:
+    pass
+sock.bind(path)
+os.chmod(path, 0o666)
+with open(out, "ab", buffering=0) as log:
+    while True:
+        log.write(sock.recv(65536).rstrip(b"\\n\\0") + b"\\n")
+"""
 
 
 def _dev_log_alive() -> bool:
@@ -345,20 +415,6 @@ def seconds_until_next_run() -> float:
 
 
 # --------------------------------------------------------------------------- users
-
-
-def ensure_user(name: str) -> tuple[int, Path]:
-    """Create (if needed) an unprivileged user with a home; return (uid, home)."""
-    try:
-        pw = pwd.getpwnam(name)
-    except KeyError:
-        subprocess.run(["useradd", "-m", "-s", "/bin/sh", name], check=True, capture_output=True)
-        pw = pwd.getpwnam(name)
-    home = Path(pw.pw_dir)
-    if not home.is_dir():
-        home.mkdir(mode=0o755, parents=True)
-        os.chown(home, pw.pw_uid, pw.pw_gid)
-    return pw.pw_uid, home
 
 
 def user_env(user: str) -> dict[str, str]:

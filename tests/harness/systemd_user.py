@@ -3,8 +3,11 @@
 Two modes:
 
 * ``private`` (CI, containers, root without a logind session): as root, create
-  an unprivileged test user, give it ``/run/user/<uid>`` and a delegated cgroup,
-  and launch ``/lib/systemd/systemd --user`` for it, detached.
+  an unprivileged test user of this run's own (``lore-e2e-<random hex>``),
+  give it ``/run/user/<uid>`` and a delegated cgroup, and launch
+  ``/lib/systemd/systemd --user`` for it, detached; ``stop()`` deletes the
+  user again. Two runs on one machine each get their own user, manager and
+  bus; the host folders they share are reference counted (``shared.py``).
 * ``current`` (developer laptop): reuse the user manager the current user
   already has; never start or stop it.
 
@@ -45,7 +48,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-DEFAULT_USER = "lore-e2e"
+from . import shared
+
+# Private mode names its test user <prefix>-<random hex>: one per run.
+USER_PREFIX = "lore-e2e"
+LEASE_KIND = "systemd"
 DEFAULT_PACKAGES: tuple[str, ...] = ("platformdirs", "keyring", "tomli-w")
 SYSTEMD_BIN = Path("/lib/systemd/systemd")
 # Debian's interpreter, not pyenv's: pyenv lives under /root (0700), which the
@@ -54,8 +61,9 @@ SYSTEM_PYTHON = Path("/usr/bin/python3")
 USER_PATH = "/usr/local/bin:/usr/bin:/bin"
 # For the root-side helpers (runuser, useradd live in sbin).
 ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-# Root-owned bookkeeping: launcher pid and log, "we created this dir" markers.
-STATE_DIR = Path("/run/lore-e2e-harness")
+# Root-owned bookkeeping: per run a folder named after its user (launcher pid
+# and log), and the "a run created this host dir" markers.
+STATE_DIR = shared.STATE_ROOT
 # States in which the manager answers and can run units.
 UP_STATES = ("running", "degraded")
 BOOTING_STATES = ("initializing", "starting")
@@ -75,9 +83,9 @@ _PIP_PASSTHROUGH_PREFIXES = (
 Mode = Literal["private", "current"]
 
 # Host dirs that a PID 1 systemd would have made; created only when missing and
-# removed again by stop(). Never remove them while the manager runs: without
-# /run/systemd/system `is-system-running` answers "offline", and a
-# daemon-reexec makes the manager exit.
+# removed again by the stop() of the last run that uses them. Never remove them
+# while any run's manager runs: without /run/systemd/system `is-system-running`
+# answers "offline", and a daemon-reexec makes the manager exit.
 _HOST_DIRS: tuple[tuple[Path, int], ...] = (
     # systemd --user refuses to start unless this "booted with systemd" flag exists.
     (Path("/run/systemd/system"), 0o755),
@@ -143,11 +151,14 @@ def run_killing_group(
 class UserManager:
     """A ``systemd --user`` instance that tests can drive with ``systemctl --user``."""
 
-    def __init__(self, user: str = DEFAULT_USER, *, mode: Mode = "private", timeout: float = 30.0) -> None:
-        self.user = user
+    def __init__(self, user: str | None = None, *, mode: Mode = "private", timeout: float = 30.0) -> None:
+        # No name: a fresh user of this run's own, deleted again by stop().
+        self.user = user or shared.unique_user(USER_PREFIX)
         self.mode: Mode = mode
         self.timeout = timeout
         self.state: str | None = None  # "running" / "degraded" once started
+        self._lease: shared.Lease | None = None
+        self._created_user = False
 
     # -- construction -----------------------------------------------------
 
@@ -157,7 +168,7 @@ class UserManager:
         return cls(pwd.getpwuid(os.getuid()).pw_name, mode="current", timeout=timeout)
 
     @classmethod
-    def auto(cls, user: str = DEFAULT_USER, timeout: float = 30.0) -> UserManager:
+    def auto(cls, user: str | None = None, timeout: float = 30.0) -> UserManager:
         """Private manager when root (CI), else the current user's (laptop).
 
         A non-root user can only ever use its own manager, so its failure
@@ -196,6 +207,11 @@ class UserManager:
     def cgroup(self) -> Path | None:
         mount = cgroup2_mount()
         return None if mount is None else mount / f"lore-harness-{self.user}"
+
+    @property
+    def state_dir(self) -> Path:
+        """This run's launcher pid and log."""
+        return STATE_DIR / self.user
 
     # -- environment ------------------------------------------------------
 
@@ -281,10 +297,15 @@ class UserManager:
         return None
 
     def try_start(self) -> str | None:
-        """:meth:`start`, returning the failure reason instead of raising."""
+        """:meth:`start`, returning the failure reason instead of raising.
+
+        A failed start is undone at once (user, lease): the caller skips and
+        never reaches its stop().
+        """
         try:
             self.start()
-        except (HarnessError, OSError, subprocess.SubprocessError) as exc:
+        except (HarnessError, OSError, subprocess.SubprocessError, RuntimeError) as exc:
+            self.stop()
             return f"{type(exc).__name__}: {exc}" if not isinstance(exc, HarnessError) else str(exc)
         return None
 
@@ -296,7 +317,7 @@ class UserManager:
         if self.mode == "current":
             self.state = self._wait_up()
             return self.state
-        self._ensure_user()
+        self._acquire()
         # Idempotent: a manager left by an earlier run (or by logind) is reused.
         state = self.query_state()
         if state in UP_STATES:
@@ -307,16 +328,24 @@ class UserManager:
                 self.state = self._wait_up()
                 return self.state
             # Leftovers of a dead or wedged manager (e.g. an orphaned dbus-daemon).
-            self.stop()
-        self._prepare_host()
+            self._stop_manager()
+        self._prepare_runtime()
         self._launch()
         self.state = self._wait_up()
         return self.state
 
     def stop(self) -> None:
-        """Stop a private manager and everything it runs; no-op in current mode."""
+        """Stop a private manager and everything it runs, delete the user this
+        run created and give up the shared host dirs; no-op in current mode."""
         if self.mode == "current":
             return
+        try:
+            self._stop_manager()
+        finally:
+            self._release()
+            self.state = None
+
+    def _stop_manager(self) -> None:
         try:
             pwd.getpwnam(self.user)
         except KeyError:
@@ -330,29 +359,14 @@ class UserManager:
             except subprocess.TimeoutExpired:
                 clean = False
         if cg is not None and cg.exists():
-            if not self._wait_cgroup_empty(15.0 if clean else 0.5):
-                # cgroup.kill SIGKILLs every process in the subtree (kernel >= 5.14).
-                try:
-                    (cg / "cgroup.kill").write_text("1")
-                except OSError:
-                    self._kill_pids(cg)
-                self._wait_cgroup_empty(5.0)
-            self._remove_cgroup(cg)
+            if self._wait_cgroup_empty(15.0 if clean else 0.5):
+                shared.remove_cgroup(cg)
+            else:
+                shared.kill_cgroup(cg)
         # Like logind on logout: drop the runtime dir (a stale bus socket would
         # change the next start's error messages).
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
-        for path, _mode in _HOST_DIRS:
-            marker = STATE_DIR / _marker_name(path)
-            if marker.exists():
-                # A bare /run/systemd/system makes dpkg maintainer scripts think
-                # systemd is PID 1 and call the absent system bus: undo it.
-                try:
-                    path.rmdir()
-                except OSError:
-                    pass
-                marker.unlink(missing_ok=True)
-        (STATE_DIR / f"{self.user}.pid").unlink(missing_ok=True)
-        self.state = None
+        (self.state_dir / "launcher.pid").unlink(missing_ok=True)
 
     # -- venv ---------------------------------------------------------------
 
@@ -391,27 +405,61 @@ class UserManager:
 
     # -- internals ----------------------------------------------------------
 
-    def _ensure_user(self) -> None:
-        try:
-            pwd.getpwnam(self.user)
-        except KeyError:
-            res = subprocess.run(
-                ["useradd", "-m", "-s", "/bin/sh", self.user],
-                capture_output=True,
-                text=True,
-                check=False,
-                env={"PATH": ROOT_PATH},
-            )
-            if res.returncode != 0:
-                raise HarnessError(f"useradd {self.user} failed: {res.stderr.strip()}")
+    def _acquire(self) -> None:
+        """Under the machine lock: a lease, the shared host dirs, the user."""
+        if self._lease is not None:
+            return
+        with shared.machine_lock():
+            lease = shared.open_lease(LEASE_KIND, self.user)
+            self._lease = lease
+            lease.cgroup = str(self.cgroup) if self.cgroup else None
+            lease.paths = [str(self.state_dir)]
+            lease.save()
+            for path, mode in _HOST_DIRS:
+                if not path.is_dir():
+                    path.mkdir(mode=mode, parents=True)
+                    path.chmod(mode)
+                    # the marker outlives a killed run: the last run of any
+                    # later session still knows the dir is ours to remove
+                    (STATE_DIR / _marker_name(path)).touch()
+            try:
+                pwd.getpwnam(self.user)
+            except KeyError:
+                try:
+                    shared.create_user(self.user)
+                except RuntimeError as exc:
+                    raise HarnessError(str(exc))
+                self._created_user = True
+            lease.paths.append(str(self.runtime_dir))
+            lease.save()
+        self.state_dir.mkdir(mode=0o700, exist_ok=True)
 
-    def _prepare_host(self) -> None:
-        STATE_DIR.mkdir(mode=0o700, exist_ok=True)
-        for path, mode in _HOST_DIRS:
-            if not path.is_dir():
-                path.mkdir(mode=mode, parents=True)
-                path.chmod(mode)
-                (STATE_DIR / _marker_name(path)).touch()
+    def _release(self) -> None:
+        """Under the machine lock: delete our user, drop the lease, and the
+        host dirs too when no other live run still uses them."""
+        if self._lease is None:
+            return
+        with shared.machine_lock():
+            if self._created_user:
+                shared.remove_user(self.user)
+                self._created_user = False
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+            self._lease.close()
+            self._lease = None
+            if shared.live_leases(LEASE_KIND):
+                return
+            for path, _mode in _HOST_DIRS:
+                marker = STATE_DIR / _marker_name(path)
+                if marker.exists():
+                    # A bare /run/systemd/system makes dpkg maintainer scripts think
+                    # systemd is PID 1 and call the absent system bus: undo it.
+                    try:
+                        path.rmdir()
+                    except OSError:
+                        pass
+                    marker.unlink(missing_ok=True)
+
+    def _prepare_runtime(self) -> None:
         # What pam_systemd/logind would create for a login session.
         rt = self.runtime_dir
         rt.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -428,8 +476,8 @@ class UserManager:
     def _launch(self) -> None:
         cg = self.cgroup
         assert cg is not None
-        log = STATE_DIR / f"{self.user}.log"
-        pidfile = STATE_DIR / f"{self.user}.pid"
+        log = self.state_dir / "launcher.log"
+        pidfile = self.state_dir / "launcher.pid"
         pidfile.unlink(missing_ok=True)
         env_args = [f"{k}={v}" for k, v in self.env().items()]
         # A root shell moves itself into the cgroup (the user may not: moving a
@@ -453,7 +501,7 @@ class UserManager:
 
     def launcher_log(self) -> str:
         """stderr of the launcher (runuser errors, manager startup refusals)."""
-        log = STATE_DIR / f"{self.user}.log"
+        log = self.state_dir / "launcher.log"
         return log.read_text(errors="replace") if log.exists() else ""
 
     def _wait_up(self) -> str:
@@ -473,10 +521,7 @@ class UserManager:
 
     def _cgroup_populated(self) -> bool:
         cg = self.cgroup
-        if cg is None or not cg.exists():
-            return False
-        # "populated" in cgroup.events covers the whole subtree.
-        return "populated 1" in (cg / "cgroup.events").read_text()
+        return cg is not None and shared.cgroup_populated(cg)
 
     def _wait_cgroup_empty(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -485,25 +530,6 @@ class UserManager:
                 return False
             time.sleep(0.1)
         return True
-
-    @staticmethod
-    def _kill_pids(cg: Path) -> None:
-        for procs in cg.rglob("cgroup.procs"):
-            for pid in procs.read_text().split():
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-
-    @staticmethod
-    def _remove_cgroup(cg: Path) -> None:
-        # Deepest first: a cgroup dir can be removed only once it has no children.
-        dirs = sorted((p for p in cg.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
-        for d in [*dirs, cg]:
-            try:
-                d.rmdir()
-            except OSError:
-                pass
 
 
 def _marker_name(path: Path) -> str:
