@@ -132,6 +132,8 @@ def pyinstaller(python: str, layout: str) -> str:
     distpath = DIST if layout == "onedir" else os.path.join(DIST, "onefile")
     workpath = os.path.join(BUILD, f"pyinstaller-{layout}")
     env = {**os.environ, "LORE_BUILD_LAYOUT": layout, "PYTHONHASHSEED": "0", "SOURCE_DATE_EPOCH": str(EPOCH)}
+    # PyInstaller's cache is per user by default: two checkouts building at once corrupt it
+    env["PYINSTALLER_CONFIG_DIR"] = os.path.join(BUILD, "pyinstaller-cache")
     out = os.path.join(distpath, NAME)
     if os.path.isdir(out):
         shutil.rmtree(out)
