@@ -1224,6 +1224,10 @@ def run_stage(
             on_spawn(proc.pid)
     except (OSError, ValueError) as exc:  # ValueError: an argv the OS cannot take
         message = f"cannot start {stage.command[0]}: {getattr(exc, 'strerror', None) or exc}"
+        if isinstance(exc, PermissionError) and not system.can_list(cwd):  # the project, not lore, is the cause
+            message = f"cannot enter the project folder {cwd}: {exc.strerror}"
+            if system.platform == "darwin":
+                message += f"; macOS keeps it from scheduled jobs: {PRIVACY_FIX}"
         log.write_line(stage.name, message)
         return StageResult(stage.name, stage.critical, "failed", None, 0, "permanent", message)
     pump = threading.Thread(target=_pump, args=(proc.stdout, stage.name, log, redact), daemon=True)
@@ -1405,6 +1409,7 @@ class InstallRequest:
     existing: Manifest | None  # the service as installed now (a re-install)
     dry_run: bool = False
     missing: list[str] = field(default_factory=list)  # what a --dry-run found absent
+    force: bool = False  # may undo the user's choice in the OS's settings (macOS Login Items)
 
 
 @record
@@ -1490,7 +1495,9 @@ def resolve_install(system: System, paths: Paths, args: argparse.Namespace) -> I
                 "`lore` was not found on PATH", "install gitlore, or pass --lore /path/to/lore", code="lore_missing"
             )
         missing.append("`lore` is not on PATH (pass --lore PATH)")
-    return InstallRequest(sid, project, backend.name, reason, source, cfg, lore, existing, bool(args.dry_run), missing)
+    return InstallRequest(
+        sid, project, backend.name, reason, source, cfg, lore, existing, bool(args.dry_run), missing, bool(args.force)
+    )
 
 
 def _resolve_config(
@@ -1701,6 +1708,7 @@ def _apply_install(system: System, paths: Paths, plan: InstallPlan) -> tuple[boo
     sid, source, token = manifest.service_id, manifest.token_source, plan.token
     pin_running_program(paths, system, plan.bundle)  # before any entry can name the copy
     backend = get_backend(manifest.backend, system, paths)
+    backend.force = plan.request.force
     old_secret = _stored_secret(paths, existing)
     same_store = existing is not None and existing.token_source == source and existing.token_env == manifest.token_env
     unchanged = same_store and old_secret == token
@@ -1895,6 +1903,8 @@ class SchedulerBackend(ABC):
     def __init__(self, system: System, paths: Paths) -> None:
         self.system = system
         self.paths = paths
+        # install may undo what the user chose in the OS's own settings (install --force)
+        self.force = False
 
     # -- can this machine use it, and what does it need
     @classmethod
@@ -3151,6 +3161,13 @@ LAUNCHCTL_IN_PROGRESS = 36  # bootout of a running job: "Operation now in progre
 # few seconds, so install waits for the label to go and retries bootstrap
 LAUNCHCTL_BUSY = (5, 37)
 LAUNCHCTL_SETTLE_SECONDS = 10.0
+LOGIN_ITEMS = "System Settings › General › Login Items (Allow in the Background)"
+# folders macOS's privacy protection (TCC) keeps from agents, relative to the home, and absolute
+PRIVACY_FOLDERS = ("Documents", "Desktop", "Downloads", "Library/Mobile Documents")
+PRIVACY_FIX = (
+    "give the scheduled program Full Disk Access (System Settings › Privacy & Security › Full Disk Access), "
+    "or move the project (and lore-service) out of Documents, Desktop, Downloads, iCloud Drive and /Volumes"
+)
 LAUNCHD_GUI_HINT = (
     "launchd agents live in your GUI login session (domain gui/<uid>) and the token lives in your login "
     "keychain; SSH, sudo and su sessions reach neither. Log in at the Mac, open Terminal there and run the "
@@ -3183,6 +3200,30 @@ def launchd_exit_code(value: str | None) -> int | None:
         return int(head)
     except ValueError:
         return None
+
+
+def parse_print_disabled(text: str) -> dict[str, bool]:
+    """`launchctl print-disabled gui/<uid>`: label -> disabled. macOS 14 and
+    later print `"label" => disabled|enabled`, earlier ones `=> true|false`."""
+    states: dict[str, bool] = {}
+    inside = False
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.endswith("= {"):
+            inside = stripped.startswith("disabled services")
+        elif stripped == "}":
+            inside = False
+        elif inside and stripped.startswith('"') and '" => ' in stripped:
+            label, _, value = stripped[1:].partition('" => ')
+            if value in ("disabled", "true", "enabled", "false"):
+                states[label] = value in ("disabled", "true")
+    return states
+
+
+def privacy_protected(path: str, home: str) -> str | None:
+    """The privacy-protected folder (macOS) that holds `path`, if any."""
+    folders = [os.path.join(home, name) for name in PRIVACY_FOLDERS] + ["/Volumes"]
+    return next((f for f in folders if path == f or path.startswith(f.rstrip("/") + "/")), None)
 
 
 def launchd_count(value: str | None) -> int | None:
@@ -3287,6 +3328,7 @@ class LaunchdBackend(SchedulerBackend):
         warnings: list[str] = []
         if embedded:
             warnings.append(f"the embedded token is also shown by `launchctl print {target}` (its environment block)")
+        warnings += [f"{why} (fix: {PRIVACY_FIX})" for why in self.privacy_problems(manifest, cfg)]
         return Plan(
             files=[planned],
             # install runs bootout only when the label is loaded, and skips the
@@ -3319,12 +3361,19 @@ class LaunchdBackend(SchedulerBackend):
         if result.returncode == 5:
             return SchedulerError(
                 message,
-                f"launchd refused the job (already loaded, disabled, or an invalid plist): run "
+                f"launchd refused the job (already loaded, switched off in {LOGIN_ITEMS}, or an invalid plist): "
+                "turn it on there, or run "
                 f"`launchctl bootout {self.target(manifest)}` and `plutil -lint '{self.plist_path(manifest)}'`, "
                 f"then `{TOOL_NAME} install` again",
                 code="launchctl_bootstrap",
             )
         return SchedulerError(message, f"run `{TOOL_NAME} doctor` for the launchd checks", code="launchctl")
+
+    def switched_off(self, manifest: Manifest) -> bool:
+        """Whether the job is disabled for the user's GUI domain: on macOS 13 and
+        later, what switching it off under Login Items does."""
+        result = self.system.run(["launchctl", "print-disabled", self.domain()], timeout=30)
+        return result.ok and parse_print_disabled(result.stdout).get(self.label(manifest), False)
 
     def _print(self, manifest: Manifest) -> CommandResult | None:
         """`launchctl print` of the job; None when it is not loaded (exit 113)."""
@@ -3369,6 +3418,12 @@ class LaunchdBackend(SchedulerBackend):
         self._require_gui()  # before launchctl or the keychain is touched
         plan = self.plan(manifest, cfg, embedded_token)
         planned, target = plan.files[0], self.target(manifest)
+        if self.switched_off(manifest) and not self.force:  # the user's own choice: not ours to undo
+            raise SchedulerError(
+                f"{self.label(manifest)} is switched off in {LOGIN_ITEMS}",
+                f"turn it on there, or run `{TOOL_NAME} install --force` to enable it again",
+                code="login_item_disabled",
+            )
         loaded = self._print(manifest) is not None
         unchanged = _read_bytes(planned.path) == planned.content.encode("utf-8")
         ran: list[list[str]] = []
@@ -3415,6 +3470,10 @@ class LaunchdBackend(SchedulerBackend):
     def state(self, manifest: Manifest) -> SchedulerState:
         self._require_gui()
         drift = self._file_drift(manifest)
+        if self.switched_off(manifest):
+            drift.append(f"{self.label(manifest)} is disabled in {LOGIN_ITEMS}")
+            extra = {"running": False, "pid": None, "runs": None, "login_item_disabled": True}
+            return SchedulerState(True, False, f"disabled in {LOGIN_ITEMS}", drift=drift, extra=extra)
         printed = self._print(manifest)
         if printed is None:
             drift.append(f"{self.label(manifest)} is not loaded in {self.domain()}")
@@ -3478,8 +3537,27 @@ class LaunchdBackend(SchedulerBackend):
         if manifest is None or manifest.token_source == "keychain":
             checks.append(self._keychain_check())
         if manifest is not None:
+            cfg = config_or_defaults(self.paths, manifest.service_id)
+            problems = self.privacy_problems(manifest, cfg)
+            checks += [Check("privacy", "fail", why, PRIVACY_FIX) for why in problems]
+            if not problems:
+                checks.append(Check("privacy", "ok", "nothing it uses is in a folder macOS keeps from agents"))
             checks.append(crash_log_check(self.paths.crash_log(manifest.service_id), "launchd's stdout/stderr"))
         return checks
+
+    def privacy_problems(self, manifest: Manifest, cfg: ServiceConfig) -> list[str]:
+        """Folders macOS protects (TCC): Terminal may read them, an agent gets
+        EPERM with no dialog, so every scheduled run would fail."""
+        home = self.system.environ.get("HOME") or os.path.expanduser("~")
+        program = [arg for arg in manifest.program[:2] if arg.startswith("/")]  # interpreter and script
+        used = [("the project", manifest.project_root)] + [("the program", arg) for arg in program]
+        used += [("extra_write_paths", p) for p in cfg.extra_write_paths]
+        problems = []
+        for what, path in used:
+            folder = privacy_protected(path, home)
+            if folder:
+                problems.append(f"{what} {path} is under {folder}, which macOS keeps from launchd agents")
+        return problems
 
 
 # ----------------------------------------------------------------------------
@@ -4570,6 +4648,7 @@ def _add_command_options(name: str, p: _Parser) -> None:
         p.add_argument("--token-stdin", action="store_true", help="read the token from standard input")
         p.add_argument("--lore", metavar="PATH", help="the lore program (default: found on PATH)")
         p.add_argument("--dry-run", action="store_true", help="print what would be written and run; change nothing")
+        p.add_argument("--force", action="store_true", help="also re-enable an entry switched off in the OS settings")
     elif name == "uninstall":
         p.add_argument("--purge", action="store_true", help="also delete status and logs")
     elif name == "status":
@@ -5567,6 +5646,14 @@ class System:
             os.killpg(pgid, signal.SIGKILL if hard else signal.SIGTERM)
         except (ProcessLookupError, PermissionError):
             pass
+
+    def can_list(self, folder: str) -> bool:
+        """Whether this process may read a folder (macOS privacy protection answers EPERM)."""
+        try:
+            os.listdir(folder)
+        except OSError:
+            return False
+        return True
 
     @staticmethod
     def lock_fd(fd: int, blocking: bool) -> bool:

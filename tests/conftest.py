@@ -117,6 +117,8 @@ class MacSystem(FakeSystem):
     launchctl is modelled as launchd behaves: `bootstrap` loads the job,
     `bootout` unloads it, but asynchronously: `print` still shows it loaded
     for `bootout_lag` more calls (launchd has not let go of the label yet).
+    `print-disabled` lists the labels in `switched_off` (what turning an item
+    off under Login Items does) in the macOS 14 format; `enable` clears one.
     The clock is fake, so waiting costs the tests nothing."""
 
     def __init__(self, environ: dict[str, str]) -> None:
@@ -127,8 +129,11 @@ class MacSystem(FakeSystem):
         self.which_map["launchctl"] = "/bin/launchctl"
         self.loaded: dict[str, int] = {}  # target -> print calls left before an unload shows (-1: loaded)
         self.bootout_lag = 0
+        self.switched_off: set[str] = set()
         self.mono = 1000.0
         self.respond(["launchctl", "print"], self._print)
+        self.respond(["launchctl", "print-disabled"], self._print_disabled)
+        self.respond(["launchctl", "enable"], self._enable)
         self.respond(["launchctl", "bootstrap"], self._bootstrap)
         self.respond(["launchctl", "bootout"], self._bootout)
 
@@ -144,6 +149,14 @@ class MacSystem(FakeSystem):
         if left > 0:
             self.loaded[argv[2]] = left - 1
         return res(0, fixture_text("launchd", "print_idle_ran.txt"))
+
+    def _print_disabled(self, argv: list[str], _input: Any) -> ls.CommandResult:
+        lines = "".join(f'\t"{label}" => disabled\n' for label in sorted(self.switched_off))
+        return res(0, "disabled services = {\n" + lines + "}\n")
+
+    def _enable(self, argv: list[str], _input: Any) -> ls.CommandResult:
+        self.switched_off.discard(argv[2].rsplit("/", 1)[-1])
+        return res(0)
 
     def _bootstrap(self, argv: list[str], _input: Any) -> ls.CommandResult:
         target = f"{argv[2]}/{Path(argv[3]).stem}"

@@ -161,11 +161,12 @@ def test_fresh_install_sequence(cli, mac: MacSystem, memory_keyring: MemoryKeyri
     plist = os.path.join(mac.environ["HOME"], "Library", "LaunchAgents", f"{label}.plist")
     assert mac.commands == [
         ["launchctl", "print", f"gui/{UID}"],
+        ["launchctl", "print-disabled", f"gui/{UID}"],  # not switched off under Login Items
         ["launchctl", "print", f"gui/{UID}/{label}"],
         ["launchctl", "enable", f"gui/{UID}/{label}"],
         ["launchctl", "bootstrap", f"gui/{UID}", plist],
     ]
-    assert r.data["commands"] == mac.commands[2:]
+    assert r.data["commands"] == mac.commands[3:]
     assert plist in r.data["files"]
     job = validate_plist(Path(plist).read_text(encoding="utf-8"))
     assert set(job["EnvironmentVariables"]) == {"PATH"}  # the token is in the keychain, not the plist
@@ -188,15 +189,16 @@ def test_reinstall_unchanged_only_enables_and_changed_reloads(cli, mac: MacSyste
     mac.commands.clear()
     r = install(cli, "launchd", system=mac)
     assert r.code == 0, r.err
-    assert mac.commands == [["launchctl", "print", f"gui/{UID}"], ["launchctl", "print", target]] + [
-        ["launchctl", "enable", target]
+    assert mac.commands == [["launchctl", "print", f"gui/{UID}"], ["launchctl", "print-disabled", f"gui/{UID}"]] + [
+        ["launchctl", "print", target],
+        ["launchctl", "enable", target],
     ]
 
     mac.commands.clear()
     r = install(cli, "launchd", "--interval", "1h", system=mac)
     assert r.code == 0, r.err
     plist = os.path.join(mac.environ["HOME"], "Library", "LaunchAgents", f"{label}.plist")
-    assert mac.commands[2:] == [
+    assert mac.commands[3:] == [
         ["launchctl", "bootout", target],
         ["launchctl", "print", target],  # gone: launchd let go of the label at once this time
         ["launchctl", "enable", target],
@@ -528,7 +530,7 @@ def test_reinstall_waits_for_launchd_to_let_go_of_the_label(cli, mac: MacSystem)
     r = install(cli, "launchd", "--interval", "2h", system=mac)
     assert r.code == 0, r.out
     sequence = [c[1] for c in mac.commands if c[1] != "print" or c[2] == target]
-    assert sequence == ["print", "bootout", "print", "print", "print", "print", "enable", "bootstrap"]
+    assert sequence == ["print-disabled", "print", "bootout", "print", "print", "print", "print", "enable", "bootstrap"]
     assert mac.loaded == {target: -1}
 
 
@@ -586,3 +588,79 @@ def test_a_locked_keychain_is_exit_6_with_the_macos_fix(
     r = install(cli, "launchd", "--token-source", "keychain", system=mac)
     assert r.code == 6 and r.doc["error"]["code"] == "secret_store"
     assert "security unlock-keychain" in r.doc["error"]["hint"] and "env-file" not in r.doc["error"]["hint"]
+
+
+# -- macOS as its users meet it: Login Items, privacy folders, PATH --------------------------------
+
+
+@pytest.mark.parametrize("name", ["print_disabled_macos14.txt", "print_disabled_macos13.txt"])
+def test_print_disabled_is_read_in_both_formats(name: str) -> None:
+    states = ls.parse_print_disabled(fixture_text("launchd", name))
+    assert states["com.gitlore.sync.my-project-1234abcd"] is True
+    assert states["com.gitlore.sync.other-0000aaaa"] is False
+    assert "lore-service" not in states  # the login item associations block is not the disabled list
+
+
+def test_an_item_switched_off_in_login_items_is_reported_and_not_re_enabled_without_force(cli, mac: MacSystem) -> None:
+    assert install(cli, "launchd", system=mac).code == 0
+    sid = ls.Paths(mac).installed_ids()[0]
+    label = f"com.gitlore.sync.{sid}"
+    mac.switched_off.add(label)  # the user turned it off under System Settings › General › Login Items
+    status = cli("--json", "status", sys_=mac).data["scheduler"]
+    assert status["active"] is False and status["login_item_disabled"] is True
+    assert any("Login Items" in d for d in status["drift"])
+    mac.commands.clear()
+    r = install(cli, "launchd", "--interval", "2h", system=mac)
+    assert r.code == ls.EXIT_SCHEDULER and r.doc["error"]["code"] == "login_item_disabled"
+    assert "Login Items" in r.doc["error"]["message"] and "--force" in r.doc["error"]["hint"]
+    assert ["launchctl", "enable", f"gui/{UID}/{label}"] not in mac.commands  # the user's choice stands
+    assert label in mac.switched_off
+    r = install(cli, "launchd", "--interval", "2h", "--force", system=mac)
+    assert r.code == 0, r.out
+    assert label not in mac.switched_off and f"gui/{UID}/{label}" in mac.loaded
+
+
+def test_the_bootstrap_error_5_hint_names_login_items(cli, mac: MacSystem) -> None:
+    mac.respond(["launchctl", "bootstrap"], res(5, "", fixture_text("launchd", "bootstrap_failed_5.stderr.txt")))
+    r = install(cli, "launchd", system=mac)
+    assert r.code == ls.EXIT_SCHEDULER and "Login Items" in r.doc["error"]["hint"]
+
+
+def test_a_project_in_a_privacy_protected_folder_warns_at_install_and_fails_doctor(
+    cli, mac: MacSystem, monkeypatch
+) -> None:
+    documents = Path(mac.environ["HOME"]) / "Documents" / "acme"
+    documents.mkdir(parents=True)
+    monkeypatch.chdir(documents)
+    r = install(cli, "launchd", system=mac)
+    assert r.code == 0, r.out
+    warning = next(w for w in r.data["warnings"] if "Documents" in w)
+    assert "Full Disk Access" in warning and str(documents) in warning
+    doctor = cli("--json", "doctor", sys_=mac)
+    privacy = [c for c in doctor.data["checks"] if c["name"] == "privacy"]
+    assert privacy and privacy[0]["status"] == "fail" and "Full Disk Access" in privacy[0]["hint"]
+
+
+def test_a_project_the_run_may_not_enter_is_recorded_with_the_privacy_fix(cli, mac: MacSystem, project: Path) -> None:
+    import errno
+
+    class Protected(MacSystem):
+        def spawn(self, argv, *, cwd, env):  # type: ignore[override]
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+
+        def can_list(self, folder: str) -> bool:
+            return folder != str(project)  # as TCC answers a launchd agent
+
+    protected = Protected(mac.environ)
+    assert install(cli, "launchd", system=protected).code == 0
+    r = cli("--json", "trigger", sys_=protected)
+    assert r.code == ls.EXIT_FAILED
+    message = r.data["run"]["stage_results"][0]["message"]
+    assert f"cannot enter the project folder {project}" in message and "Full Disk Access" in message
+
+
+def test_doctor_shows_the_path_a_scheduled_run_gets(cli, mac: MacSystem, lore_bin: Path) -> None:
+    assert install(cli, "launchd", system=mac).code == 0
+    checks = {c["name"]: c for c in cli("--json", "doctor", sys_=mac).data["checks"]}
+    assert checks["scheduled PATH"]["status"] == "ok"
+    assert f"PATH={lore_bin.parent}:/opt/homebrew/bin:" in checks["scheduled PATH"]["message"]
