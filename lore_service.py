@@ -5172,14 +5172,20 @@ def cmd_logs(ctx: Context, args: argparse.Namespace) -> Outcome:
             "--follow streams text and cannot be one JSON document", "drop --json, or use --tail N", code="usage"
         )
     path = ctx.paths.log(manifest.service_id)
-    lines = tail_lines(path, args.tail)
+    # where the tail ends is where --follow begins: a line written in between is printed once
+    try:
+        st = os.stat(path)
+        start: tuple[int, int, int] | None = (st.st_dev, st.st_ino, st.st_size)
+    except OSError:
+        start = None
+    lines = tail_lines(path, args.tail, end=start[2] if start else None)
     if args.follow:
         out = sys.stdout
         for line in lines:
             out.write(terminal_safe(line) + "\n")
         out.flush()
         try:
-            for line in follow_lines(path, ctx.system):
+            for line in follow_lines(path, ctx.system, start=start):
                 out.write(terminal_safe(line) + "\n")
                 out.flush()
         except KeyboardInterrupt:
@@ -6422,16 +6428,18 @@ class ServiceLog:
             self._fh = None
 
 
-def _tail_file(path: str, n: int, block: int = 64 * 1024) -> list[bytes]:
-    """Last n lines, reading backwards block by block: time and memory grow
-    with what is printed, not with the file's size (nor quadratically with n)."""
+def _tail_file(path: str, n: int, block: int = 64 * 1024, end: int | None = None) -> list[bytes]:
+    """Last n lines (before byte `end`, default the end), reading backwards
+    block by block: time and memory grow with what is printed, not with the
+    file's size (nor quadratically with n)."""
     fd = open_trusted(path, os.O_RDONLY, "service log")
     if fd is None:
         raise FileNotFoundError(path)
     blocks: list[bytes] = []
     newlines = 0
     try:
-        pos = os.lseek(fd, 0, os.SEEK_END)
+        size = os.lseek(fd, 0, os.SEEK_END)
+        pos = size if end is None else min(end, size)
         while pos > 0 and newlines <= n:
             step = min(block, pos)
             pos -= step
@@ -6453,21 +6461,26 @@ def _read_at(fd: int, pos: int, size: int) -> bytes:
     return os.read(fd, size)
 
 
-def tail_lines(path: str, n: int) -> list[str]:
-    """Last n lines of the log, reaching into service.log.1 if rotation just happened."""
+def tail_lines(path: str, n: int, end: int | None = None) -> list[str]:
+    """Last n lines of the log (before byte `end` of the current file),
+    reaching into service.log.1 if rotation just happened."""
     lines: list[bytes] = []
     for candidate in (path, path + ".1"):
         if len(lines) >= n:
             break
         try:
-            lines = _tail_file(candidate, n - len(lines)) + lines
+            lines = _tail_file(candidate, n - len(lines), end=end if candidate == path else None) + lines
         except FileNotFoundError:
             continue
     return [line.decode("utf-8", "replace") for line in lines]
 
 
-def follow_lines(path: str, system: System, poll: float = 0.25) -> Iterator[str]:
-    """New lines as they are written; reopens the file when it is rotated."""
+def follow_lines(
+    path: str, system: System, poll: float = 0.25, start: tuple[int, int, int] | None = None
+) -> Iterator[str]:
+    """New lines as they are written; reopens the file when it is rotated.
+    start (device, inode, offset): begin there in that file (where a tail
+    ended) rather than at its end; a file rotated meanwhile is read whole."""
     fh: Any = None
     ident: tuple[int, int] | None = None
     partial = b""
@@ -6483,7 +6496,9 @@ def follow_lines(path: str, system: System, poll: float = 0.25) -> Iterator[str]
                 fh = os.fdopen(fd, "rb")  # (reopened on rotation; closed in finally)
                 st = os.fstat(fh.fileno())
                 ident = (st.st_dev, st.st_ino)
-                if first:
+                if first and start is not None:
+                    fh.seek(start[2] if ident == start[:2] else 0)
+                elif first:
                     fh.seek(0, os.SEEK_END)
                 first = False
             chunk = fh.read(64 * 1024)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import queue
 import signal
 import subprocess
 import sys
-import time
+import threading
 
 from conftest import SCRIPT, write_plan
 
@@ -61,16 +62,31 @@ def test_follow_prints_new_lines_across_rotation_and_stops_cleanly_on_sigint(too
         stdout=subprocess.PIPE,
         text=True,
     )
+    # each step waits for the follower to have printed the line before it, never
+    # for a fixed time: a loaded machine only makes it slower, not wrong
+    printed: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=lambda: [printed.put(line) for line in follower.stdout], daemon=True)
+    reader.start()
+    out: list[str] = []
     try:
-        time.sleep(1.0)
+        out.append(printed.get(timeout=30).rstrip("\n"))
         with open(log, "a") as fh:
             fh.write("appended-1\n")
-        time.sleep(0.6)
+        out.append(printed.get(timeout=30).rstrip("\n"))
         log.rename(log.with_name("service.log.1"))
         log.write_text("after-rotation\n")
-        time.sleep(1.0)
+        out.append(printed.get(timeout=30).rstrip("\n"))
     finally:
         follower.send_signal(signal.SIGINT)
-        out, _ = follower.communicate(timeout=10)
+        follower.wait(timeout=30)
+        reader.join(timeout=10)
+    out += [line.rstrip("\n") for line in iter_queue(printed)]
     assert follower.returncode == 0
-    assert out.splitlines() == ["before-follow", "appended-1", "after-rotation"]
+    assert out == ["before-follow", "appended-1", "after-rotation"]
+
+
+def iter_queue(items: queue.Queue[str]) -> list[str]:
+    rest = []
+    while not items.empty():
+        rest.append(items.get_nowait())
+    return rest
