@@ -3680,7 +3680,10 @@ def parse_schtasks_time(text: str | None) -> str | None:
     are read, anything else is None. 1999-11-30 is the never-run sentinel.
     """
     raw = (text or "").strip()
-    for fmt in ("%m/%d/%Y %I:%M:%S %p", "%Y-%m-%d %H:%M:%S", "%d.%m.%Y %H:%M:%S"):
+    slash = _slash_date_order(raw)
+    if slash is None:
+        return None  # ambiguous: refused rather than guessed
+    for fmt in (slash, "%Y-%m-%d %H:%M:%S", "%d.%m.%Y %H:%M:%S"):
         try:
             parsed = time.strptime(raw, fmt)
         except ValueError:
@@ -3689,6 +3692,44 @@ def parse_schtasks_time(text: str | None) -> str | None:
             return None
         return iso_from_ms(int(time.mktime(parsed)) * 1000)
     return None
+
+
+def _slash_date_order(raw: str) -> str | None:
+    """The strptime format of an `a/b/yyyy h:mm:ss AM` date: month first as
+    en-US writes it (never zero-padded), day first when the day shows (over
+    12) or the month is zero-padded after an unpadded day (en-AU's 3/04/2026);
+    None when nothing tells (both padded and at most 12)."""
+    first, _, rest = raw.partition("/")
+    second = rest.partition("/")[0]
+    if not (first.isdigit() and second.isdigit()):
+        return "%m/%d/%Y %I:%M:%S %p"  # not a slash date: the format simply will not match
+    a, b = int(first), int(second)
+    day_first = "%d/%m/%Y %I:%M:%S %p"
+    if a > 12 or (len(first) == 1 and len(second) == 2 and second.startswith("0")):
+        return day_first
+    if b > 12 or a == b or (len(first) == 1 and len(second) == 1):
+        return "%m/%d/%Y %I:%M:%S %p"
+    return None
+
+
+def iso_duration_seconds(text: str | None) -> int | None:
+    """An xs:duration as Task Scheduler stores it (PT30M, PT24H, P1D, P1DT2H) in seconds; None if not one."""
+    raw = (text or "").strip().upper()
+    if not raw.startswith("P"):
+        return None
+    total, number, parts = 0, "", 0
+    units = {"D": 86400, "H": 3600, "M": 60, "S": 1}
+    in_time = False
+    for ch in raw[1:]:
+        if ch == "T":
+            in_time = True
+        elif ch.isdigit():
+            number += ch
+        elif ch in units and number and (in_time or ch == "D"):
+            total, number, parts = total + int(number) * units[ch], "", parts + 1
+        else:
+            return None
+    return None if number or not parts else total
 
 
 def _int_or_none(text: str | None) -> int | None:
@@ -3776,7 +3817,7 @@ class SchtasksBackend(SchedulerBackend):
         ):
             sub(settings, tag, value)
         action = sub(sub(root, "Actions", Context=TASK_PRINCIPAL_ID), "Exec")
-        sub(action, "Command", command)
+        sub(action, "Command", f'"{command}"')  # quoted, as git's task is: a path may hold spaces
         if arguments:
             sub(action, "Arguments", arguments)
         if len(manifest.project_root) <= TASK_PATH_MAX:  # the run sets the stages' cwd itself anyway
@@ -3884,13 +3925,13 @@ class SchtasksBackend(SchedulerBackend):
         disabled in the Task Scheduler app): `install` registers it again."""
         drift = []
         command, arguments = self.exec_parts(manifest)
-        got_command = self._xml_text(registered, "Actions/Exec/Command")
+        got_command = (self._xml_text(registered, "Actions/Exec/Command") or "").strip('"')  # quoted or not
         got_arguments = self._xml_text(registered, "Actions/Exec/Arguments") or ""
         if (got_command, got_arguments) != (command, arguments):
             drift.append(f"the registered task runs {got_command} {got_arguments}, not {command} {arguments}")
         interval = self._xml_text(registered, "Triggers/TimeTrigger/Repetition/Interval")
         want = iso_duration(manifest.schedule_step_seconds)
-        if interval != want:
+        if iso_duration_seconds(interval) != manifest.schedule_step_seconds:  # PT24H may come back as P1D
             drift.append(f"the registered task repeats every {interval}, not every {want}")
         if not self._enabled(registered):
             drift.append(f"task {self.task_name(manifest)} is disabled")
@@ -5598,6 +5639,9 @@ class System:
         import subprocess
 
         argv = list(argv)
+        kwargs: dict[str, Any] = {}
+        if sys.platform == "win32":  # the no-console build's children must not flash a console either
+            kwargs["creationflags"] = subprocess.CREATE_NO_WINDOW
         try:
             proc = subprocess.run(
                 argv,
@@ -5606,6 +5650,7 @@ class System:
                 env=self.environ if env is None else env,
                 timeout=timeout,
                 stdin=None if input is not None else subprocess.DEVNULL,
+                **kwargs,
             )
         except FileNotFoundError:
             return CommandResult(argv, 127, "", f"{argv[0]}: command not found")

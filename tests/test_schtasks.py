@@ -153,7 +153,7 @@ def test_dry_run_on_linux_previews_a_valid_task(tool, home: Path, project: Path)
     assert settings["Hidden"] == "true" and settings["Priority"] == "7"
     assert settings["ExecutionTimeLimit"] == "PT15M"  # run budget 840 s, scheduler limit 900 s
     exec_ = doc.find("t:Actions/t:Exec", NS)
-    assert exec_.findtext("t:Command", namespaces=NS) == data["program"][0]  # no windowed twin on Linux
+    assert exec_.findtext("t:Command", namespaces=NS) == f'"{data["program"][0]}"'  # quoted; no windowed twin on Linux
     assert parse_windows_args(exec_.findtext("t:Arguments", namespaces=NS)) == data["program"][1:]
     assert exec_.findtext("t:WorkingDirectory", namespaces=NS) == str(project)
     assert data["commands"] == [["schtasks", "/Create", "/TN", f"LoreSync-{sid}", "/XML", f["path"], "/F"]]
@@ -266,7 +266,7 @@ def test_install_sequence_file_and_exec(
     assert xml_path.stat().st_mode & 0o777 == 0o600
     doc = validate_task(raw)
     exec_ = doc.find("t:Actions/t:Exec", NS)
-    assert exec_.findtext("t:Command", namespaces=NS) == str(python_dir / "pythonw.exe")
+    assert exec_.findtext("t:Command", namespaces=NS) == f'"{python_dir / "pythonw.exe"}"'
     assert parse_windows_args(exec_.findtext("t:Arguments", namespaces=NS)) == r.data["program"][1:]
     assert exec_.findtext("t:WorkingDirectory", namespaces=NS) == str(project)
     assert str(project) in doc.findtext("t:RegistrationInfo/t:Description", namespaces=NS)
@@ -580,3 +580,49 @@ def test_reinstall_with_the_same_options_changes_nothing(cli, win: WinSystem) ->
     win.commands.clear()
     assert install(cli, "schtasks", system=win).data["changed"] is True
     assert any(c[:2] == ["schtasks", "/Create"] for c in win.commands)
+
+
+# -- Windows as its users meet it: locales, durations, quoting -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "fmt"),
+    [
+        ("3/04/2026 2:00:00 PM", "%d/%m/%Y %I:%M:%S %p"),  # en-AU: day first, month zero-padded
+        ("23/4/2026 9:15:00 AM", "%d/%m/%Y %I:%M:%S %p"),  # the day shows
+        ("4/23/2026 9:15:00 AM", "%m/%d/%Y %I:%M:%S %p"),  # en-US, the day shows
+        ("4/4/2026 9:15:00 AM", "%m/%d/%Y %I:%M:%S %p"),  # the same either way
+    ],
+)
+def test_slash_dates_are_read_day_or_month_first_by_what_the_text_shows(text: str, fmt: str) -> None:
+    assert ls.parse_schtasks_time(text) == local_iso(text, fmt)
+
+
+def test_a_slash_date_nothing_disambiguates_is_refused_not_guessed() -> None:
+    assert ls.parse_schtasks_time("03/04/2026 2:00:00 PM") is None
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("PT30M", 1800), ("PT24H", 86400), ("P1D", 86400), ("P1DT2H", 93600), ("PT90S", 90)]
+)
+def test_task_intervals_compare_as_durations(text: str, seconds: int) -> None:
+    assert ls.iso_duration_seconds(text) == seconds
+
+
+@pytest.mark.parametrize("text", [None, "", "30M", "PT", "PTXM", "P1H"])
+def test_what_is_not_a_duration_is_none(text: str | None) -> None:
+    assert ls.iso_duration_seconds(text) is None
+
+
+def test_a_daily_task_windows_stored_as_p1d_with_an_unquoted_command_is_not_drift(
+    installed_win: tuple[ls.SchtasksBackend, ls.Manifest],
+) -> None:
+    from xml.etree import ElementTree as ET
+
+    backend, manifest = installed_win
+    manifest.interval_seconds = manifest.schedule_step_seconds = 86400
+    registered = ET.fromstring(ls.decode_task_xml(task_xml(backend, manifest)))
+    registered.find("t:Triggers/t:TimeTrigger/t:Repetition/t:Interval", NS).text = "P1D"  # as Windows may keep PT24H
+    command = registered.find("t:Actions/t:Exec/t:Command", NS)
+    command.text = command.text.strip('"')  # as an older install (or the app) wrote it
+    assert backend._registered_drift(manifest, registered) == []
