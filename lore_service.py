@@ -5221,6 +5221,7 @@ def cmd_logs(ctx: Context, args: argparse.Namespace) -> Outcome:
         start = None
     lines = tail_lines(path, args.tail, end=start[2] if start else None)
     if args.follow:
+        ctx.system.stop_on_ctrl_c()
         out = sys.stdout
         for line in lines:
             out.write(terminal_safe(line) + "\n")
@@ -5778,6 +5779,15 @@ class System:
                 signal.signal(signum, old)
 
         return restore
+
+    def stop_on_ctrl_c(self) -> None:
+        """SIGINT raises KeyboardInterrupt even when this process inherited it
+        ignored (as a background job of a script does): `logs --follow` ends on it."""
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def make_undumpable(self) -> None:
         """No core dump (and, on Linux, no ptrace or /proc reads by other

@@ -90,3 +90,22 @@ def iter_queue(items: queue.Queue[str]) -> list[str]:
     while not items.empty():
         rest.append(items.get_nowait())
     return rest
+
+
+def test_follow_stops_on_ctrl_c_even_when_started_with_it_ignored(tool, environ, project, home):
+    """A script's background job inherits SIGINT ignored; --follow still ends on it."""
+    assert tool("--json", "install", "--backend", "none").code == 0
+    sid = json.loads(tool("--json", "list").out)["data"]["services"][0]["service_id"]
+    (home / "logs" / sid / "service.log").write_text("a line\n")
+    follower = subprocess.Popen(
+        [*tool.program, "logs", "--follow", "--tail", "1"],
+        cwd=project,
+        env=environ,
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    assert follower.stdout is not None and follower.stdout.readline() == "a line\n"  # following now
+    follower.send_signal(signal.SIGINT)
+    assert follower.wait(timeout=30) == 0
+    follower.stdout.close()
