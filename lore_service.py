@@ -1223,11 +1223,7 @@ def run_stage(
         if on_spawn is not None:
             on_spawn(proc.pid)
     except (OSError, ValueError) as exc:  # ValueError: an argv the OS cannot take
-        message = f"cannot start {stage.command[0]}: {getattr(exc, 'strerror', None) or exc}"
-        if isinstance(exc, PermissionError) and not system.can_list(cwd):  # the project, not lore, is the cause
-            message = f"cannot enter the project folder {cwd}: {exc.strerror}"
-            if system.platform == "darwin":
-                message += f"; macOS keeps it from scheduled jobs: {PRIVACY_FIX}"
+        message = _start_failure(system, stage, cwd, exc)
         log.write_line(stage.name, message)
         return StageResult(stage.name, stage.critical, "failed", None, 0, "permanent", message)
     pump = threading.Thread(target=_pump, args=(proc.stdout, stage.name, log, redact), daemon=True)
@@ -1272,6 +1268,16 @@ def run_stage(
             message = "ok" if outcome == "success" else f"exit status {code}"
     log.write_line(stage.name, f"end: {outcome} ({message}) in {human_duration(duration / 1000)}")
     return StageResult(stage.name, stage.critical, outcome, None if timed_out else code, duration, error_class, message)
+
+
+def _start_failure(system: System, stage: StageConfig, cwd: str, exc: Exception) -> str:
+    """Why a stage could not start; when the project folder, not lore, is the cause, it says so."""
+    if isinstance(exc, PermissionError) and not system.can_list(cwd):
+        message = f"cannot enter the project folder {cwd}: {exc.strerror}"
+        if system.platform == "darwin":
+            message += f"; macOS keeps it from scheduled jobs: {PRIVACY_FIX}"
+        return message
+    return f"cannot start {stage.command[0]}: {getattr(exc, 'strerror', None) or exc}"
 
 
 class Redactor:
