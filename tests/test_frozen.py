@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TOKEN, Result, calls, write_plan
+from conftest import ROOT, TOKEN, FakeSystem, MacSystem, Result, calls, res, write_plan
 
 import lore_service as ls
 
@@ -514,3 +514,84 @@ def test_frozen_install_pins_itself_and_runs_after_the_download_is_deleted(
     checks = {c["name"]: c for c in doctor.data["checks"]}
     assert checks["program"]["status"] in ("ok", "warn")  # warn only because the test home is under /tmp
     assert "no longer exists" not in checks["program"]["message"]
+
+
+# ---------------------------------------------------------------------------
+# macOS: the pinned copy launchd runs carries no quarantine (through System)
+
+QUARANTINE = "com.apple.quarantine"
+NO_XATTR = res(1, "", f"xattr: No such xattr: {QUARANTINE}")
+
+
+@pytest.fixture
+def mac_frozen(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, environ: dict[str, str]) -> tuple[MacSystem, Path]:
+    """A Mac running a downloaded one-folder build; `xattr -p` finds no quarantine
+    and the copy's --version probe is answered by the stand-in build itself."""
+    exe = fake_build(tmp_path / "Downloads" / "lore-service-0.1.0")
+    bundle = onedir(exe)
+    monkeypatch.setattr(ls, "running_bundle", lambda **_: bundle)
+    mac = MacSystem(dict(environ))
+    mac.which_map["codesign"] = "/usr/bin/codesign"
+    mac.respond([], lambda argv, _inp: real_run(argv) if argv[1:] == ["--version", "--json"] else 0)
+    mac.respond(["xattr", "-p"], NO_XATTR)
+    return mac, exe
+
+
+def pin_commands(system: FakeSystem) -> list[list[str]]:
+    tools = ("xattr", "codesign")
+    return [c for c in system.commands if os.path.basename(c[0]) in tools or c[1:] == ["--version", "--json"]]
+
+
+def test_on_macos_install_clears_quarantine_and_signs_only_the_pinned_copy(cli, mac_frozen, home: Path) -> None:
+    mac, exe = mac_frozen
+    r = cli("--json", "install", "--backend", "fake", sys_=mac)
+    assert r.code == 0, r.out + r.err
+    staging = str(home / "data" / "bin" / f".{VERSION}.{os.getpid()}.tmp")
+    copy = os.path.join(staging, "lore-service")
+    # cleared and signed before the copy is first run, and the probe runs the copy
+    assert pin_commands(mac) == [
+        ["xattr", "-d", "-r", QUARANTINE, staging],
+        ["xattr", "-p", QUARANTINE, copy],
+        ["/usr/bin/codesign", "--force", "--sign", "-", copy],
+        [copy, "--version", "--json"],
+    ]
+    assert not any(str(exe.parent) in arg for c in mac.commands for arg in c)  # the download is left alone
+    assert r.data["program"][0] == str(home / "data" / "bin" / VERSION / "lore-service")
+
+
+def test_on_macos_without_codesign_the_copy_is_only_cleared(cli, mac_frozen, home: Path) -> None:
+    mac, _ = mac_frozen
+    mac.which_map["codesign"] = None
+    assert cli("--json", "install", "--backend", "fake", sys_=mac).code == 0
+    assert [c[:2] for c in pin_commands(mac)][:2] == [["xattr", "-d"], ["xattr", "-p"]]
+    assert not any(os.path.basename(c[0]) == "codesign" for c in mac.commands)
+
+
+def test_on_macos_a_quarantine_that_stays_stops_the_install_before_any_entry(cli, mac_frozen, home: Path) -> None:
+    mac, _ = mac_frozen
+    mac.respond(["xattr", "-p"], res(0, "0081;5f000000;Safari;\n"))  # still there after the delete
+    r = cli("--json", "install", "--backend", "fake", sys_=mac)
+    assert r.code != 0 and r.doc["error"]["code"] == "pin_failed", r.out
+    assert QUARANTINE in r.doc["error"]["message"]
+    assert list((home / "data" / "bin").iterdir()) == []  # no copy, no staging left
+    assert not any(c[1:] == ["--version", "--json"] for c in mac.commands)  # never ran
+
+
+def test_off_macos_pinning_runs_no_xattr_or_codesign(cli, as_frozen, system) -> None:
+    assert cli("--json", "install", "--backend", "fake").code == 0
+    assert [c for c in pin_commands(system) if c[1:] != ["--version", "--json"]] == []
+
+
+def test_doctor_on_macos_warns_when_the_scheduled_program_is_quarantined_or_unsigned(cli, mac_frozen) -> None:
+    mac, _ = mac_frozen
+    assert cli("--json", "install", "--backend", "fake", sys_=mac).code == 0
+    clean = cli("--json", "doctor", sys_=mac)
+    names = {c["name"] for c in clean.data["checks"]}
+    assert "program quarantine" not in names and "program signature" not in names
+    mac.respond(["xattr", "-p"], res(0, "0081;5f000000;Safari;\n"))
+    mac.respond(["/usr/bin/codesign", "--verify"], res(1, "", "code object is not signed at all"))
+    r = cli("--json", "doctor", sys_=mac)
+    checks = {c["name"]: c for c in r.data["checks"]}
+    assert checks["program quarantine"]["status"] == "warn"
+    assert checks["program quarantine"]["hint"].startswith(f"xattr -d -r {QUARANTINE} ")
+    assert checks["program signature"]["status"] == "warn" and "not signed" in checks["program signature"]["message"]
