@@ -595,3 +595,41 @@ def test_doctor_on_macos_warns_when_the_scheduled_program_is_quarantined_or_unsi
     assert checks["program quarantine"]["status"] == "warn"
     assert checks["program quarantine"]["hint"].startswith(f"xattr -d -r {QUARANTINE} ")
     assert checks["program signature"]["status"] == "warn" and "not signed" in checks["program signature"]["message"]
+
+
+# ---------------------------------------------------------------------------
+# the release archive (what the release workflow smoke-tests on each OS)
+
+
+def test_frozen_version_reports_the_commit_and_build_date_build_py_baked_in(frozen, frozen_exe: Path) -> None:
+    import jsonschema
+
+    r = frozen(frozen_exe, "--json", "--version")
+    schema = json.loads((ROOT / "specs" / "schemas" / "version-output.schema.json").read_text())
+    jsonschema.Draft202012Validator(schema).validate(r.data)
+    assert r.data["commit"] and r.data["build_date"], r.data
+    assert frozen(frozen_exe, "--version").out.rstrip().endswith(
+        f"; commit {r.data['commit']}, built {r.data['build_date']})"
+    )
+
+
+def test_the_release_smoke_test_passes_on_the_extracted_archive(frozen_exe: Path) -> None:
+    """scripts/smoke-release.py, as the release workflow runs it, on this build's
+    archive (beside dist/lore-service/); `--native none` exercises its install,
+    trigger, status and uninstall steps without touching a real scheduler."""
+    archives = sorted(frozen_exe.parent.parent.glob(f"lore-service-{VERSION}-*.tar.gz"))
+    if not archives:
+        pytest.skip(f"no lore-service-{VERSION}-*.tar.gz beside {frozen_exe.parent} (build with build.py)")
+    script = str(ROOT / "scripts" / "smoke-release.py")
+    proc = subprocess.run(
+        [sys.executable, script, str(archives[-1]), "--expect-version", f"v{VERSION}", "--native", "none"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "smoke test passed" in proc.stdout
+    wrong = subprocess.run(
+        [sys.executable, script, str(archives[-1]), "--expect-version", "v9.9.9"], capture_output=True, text=True
+    )
+    assert wrong.returncode != 0 and "expected version 9.9.9" in wrong.stderr
