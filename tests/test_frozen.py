@@ -17,6 +17,7 @@ Two halves:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -608,9 +609,8 @@ def test_frozen_version_reports_the_commit_and_build_date_build_py_baked_in(froz
     schema = json.loads((ROOT / "specs" / "schemas" / "version-output.schema.json").read_text())
     jsonschema.Draft202012Validator(schema).validate(r.data)
     assert r.data["commit"] and r.data["build_date"], r.data
-    assert frozen(frozen_exe, "--version").out.rstrip().endswith(
-        f"; commit {r.data['commit']}, built {r.data['build_date']})"
-    )
+    text = frozen(frozen_exe, "--version").out.rstrip()
+    assert text.endswith(f"; commit {r.data['commit']}, built {r.data['build_date']})")
 
 
 def test_the_release_smoke_test_passes_on_the_extracted_archive(frozen_exe: Path) -> None:
@@ -633,3 +633,19 @@ def test_the_release_smoke_test_passes_on_the_extracted_archive(frozen_exe: Path
         [sys.executable, script, str(archives[-1]), "--expect-version", "v9.9.9"], capture_output=True, text=True
     )
     assert wrong.returncode != 0 and "expected version 9.9.9" in wrong.stderr
+
+
+def test_the_homebrew_formula_carries_the_real_archives_sha256(frozen_exe: Path, tmp_path: Path) -> None:
+    archives = sorted(frozen_exe.parent.parent.glob(f"lore-service-{VERSION}-*.tar.gz"))
+    if not archives:
+        pytest.skip(f"no lore-service-{VERSION}-*.tar.gz beside {frozen_exe.parent} (build with build.py)")
+    real = Path(shutil.copy2(archives[-1], tmp_path))
+    url_base = f"https://github.com/example/lore-service/releases/download/v{VERSION}"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "build.py"), "--manifests", url_base, str(real)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    formula = (tmp_path / "lore-service.rb").read_text()
+    digest = hashlib.sha256(real.read_bytes()).hexdigest()
+    assert f'url "{url_base}/{real.name}"\n      sha256 "{digest}"' in formula
+    assert (tmp_path / "SHA256SUMS").read_text() == f"{digest}  {real.name}\n"
