@@ -4057,7 +4057,7 @@ def core_checks(paths: Paths, system: System, manifest: Manifest) -> list[Check]
     checks.append(_token_check(paths, system, manifest))
     if cfg is not None:
         checks += _stage_checks(system, cfg, paths.config(sid))
-    return checks + program_checks(manifest.program) + launchd_program_checks(system, manifest.program)
+    return checks + program_checks(manifest.program) + macos_program_checks(system, manifest.program)
 
 
 def _status_checks(paths: Paths, sid: str) -> list[Check]:
@@ -6263,8 +6263,8 @@ QUARANTINE = "com.apple.quarantine"
 def _prepare_for_launchd(staging: str, exe: str, run: Callable[..., CommandResult], codesign: str | None) -> None:
     """macOS: a downloaded build carries com.apple.quarantine, and launchd would
     start the copy into a Gatekeeper prompt nobody sees. The attribute is removed
-    from the copy only (the download keeps it: the user chose to trust this copy),
-    and a frozen copy is ad-hoc signed where codesign exists."""
+    from the copy only (the download is the user's, left as their browser marked
+    it), and a frozen copy is ad-hoc signed where codesign exists."""
     # exits 1 when some file never had the attribute, so the result is checked below
     run(["xattr", "-d", "-r", QUARANTINE, staging])
     left = run(["xattr", "-p", QUARANTINE, exe])
@@ -6279,7 +6279,7 @@ def _prepare_for_launchd(staging: str, exe: str, run: Callable[..., CommandResul
         if not signed.ok:
             raise SchedulerError(
                 f"cannot sign the copy {exe}: {signed.summary()}",
-                "run `codesign --force --sign - " + exe + "` by hand to see why, then re-run install",
+                f"run `codesign --force --sign - {_shell_quote(exe)}` by hand to see why, then re-run install",
                 code="pin_failed",
             )
 
@@ -6426,9 +6426,9 @@ def pin_running_program(paths: Paths, system: System, bundle: Bundle) -> list[st
     return command
 
 
-def launchd_program_checks(system: System, program: Sequence[str]) -> list[Check]:
+def macos_program_checks(system: System, program: Sequence[str]) -> list[Check]:
     """doctor on macOS: a scheduled frozen program that still carries quarantine,
-    or whose signature does not verify, may never start under launchd."""
+    or whose signature does not verify, may never start when launchd (or cron) runs it."""
     exe = program[0] if program else ""
     interpreted = len(program) > 1 and program[1].endswith((".py", ".pyz"))
     if system.platform != "darwin" or interpreted or not os.path.isabs(exe) or not os.path.isfile(exe):
@@ -6453,7 +6453,7 @@ def launchd_program_checks(system: System, program: Sequence[str]) -> list[Check
                     "program signature",
                     "warn",
                     f"`codesign --verify {exe}` fails: {verify.summary()}",
-                    f"codesign --force --sign - {_shell_quote(exe)}, or re-run `{TOOL_NAME} install`",
+                    f"codesign --force --sign - {_shell_quote(exe)}",
                 )
             )
     return checks
