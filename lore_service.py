@@ -4502,7 +4502,7 @@ def core_checks(paths: Paths, system: System, manifest: Manifest) -> list[Check]
     checks.append(_token_check(paths, system, manifest))
     if cfg is not None:
         checks += _stage_checks(system, cfg, paths.config(sid))
-    return checks + program_checks(manifest.program)
+    return checks + program_checks(manifest.program) + macos_program_checks(system, manifest.program)
 
 
 def _status_checks(paths: Paths, sid: str) -> list[Check]:
@@ -5395,12 +5395,24 @@ HANDLERS: dict[str, Callable[[Context, argparse.Namespace], Outcome]] = {
 # -- output and main ---------------------------------------------------------------
 
 
+def build_stamp() -> dict[str, str | None]:
+    """The git commit and build date build.py baked into a release (its generated
+    lore_service_build module, bundled next to this one); from source both are
+    None: a checkout's commit is not what is running once files are edited."""
+    try:
+        import lore_service_build as stamp
+    except ImportError:
+        return {"commit": None, "build_date": None}
+    return {"commit": getattr(stamp, "COMMIT", None), "build_date": getattr(stamp, "BUILD_DATE", None)}
+
+
 def version_info(system: System) -> dict[str, Any]:
     import platform
 
     bundle = running_bundle()
     return {
         "version": __version__,
+        **build_stamp(),
         "frozen": bundle.kind in ("onedir", "onefile"),
         "layout": bundle.kind,  # onedir | onefile (PyInstaller), zipapp, source
         "python": platform.python_version(),
@@ -5486,9 +5498,10 @@ def main(argv: Sequence[str] | None = None, system: System | None = None) -> int
         command = args.command or command
         if args.version:
             info = version_info(system or System())
+            built = f"; commit {info['commit']}, built {info['build_date']}" if info["commit"] else ""
             text = (
                 f"{TOOL_NAME} {info['version']} ({'frozen' if info['frozen'] else 'source'}, "
-                f"Python {info['python']}, {info['platform']})"
+                f"Python {info['python']}, {info['platform']}{built})"
             )
             _emit(robot, "version", Outcome(info, text), None)
             return EXIT_OK
@@ -6850,17 +6863,49 @@ def _answers_version(argv: list[str], version: str, frozen: bool, run: Callable[
     return None
 
 
+QUARANTINE = "com.apple.quarantine"
+
+
+def _prepare_for_launchd(staging: str, exe: str, run: Callable[..., CommandResult], codesign: str | None) -> None:
+    """macOS: a downloaded build carries com.apple.quarantine, and launchd would
+    start the copy into a Gatekeeper prompt nobody sees. The attribute is removed
+    from the copy only (the download is the user's, left as their browser marked
+    it), and a frozen copy is ad-hoc signed where codesign exists."""
+    # exits 1 when some file never had the attribute, so the result is checked below
+    run(["xattr", "-d", "-r", QUARANTINE, staging])
+    left = run(["xattr", "-p", QUARANTINE, exe])
+    if left.ok:
+        raise SchedulerError(
+            f"cannot remove {QUARANTINE} from the copy {exe}",
+            f"check that {os.path.dirname(staging)} is on a disk that allows extended attributes",
+            code="pin_failed",
+        )
+    if codesign and not exe.endswith(".pyz"):
+        signed = run([codesign, "--force", "--sign", "-", exe])
+        if not signed.ok:
+            raise SchedulerError(
+                f"cannot sign the copy {exe}: {signed.summary()}",
+                f"run `codesign --force --sign - {_shell_quote(exe)}` by hand to see why, then re-run install",
+                code="pin_failed",
+            )
+
+
 def pin_bundle(
     data_root: str,
     bundle: Bundle,
     run: Callable[..., CommandResult],
     version: str = __version__,
     runs_in_progress: Callable[[], bool] = lambda: False,
+    *,
+    macos: bool = False,
+    codesign: str | None = None,
 ) -> list[str]:
     """Make <data_root>/bin/<version>/ hold a verified copy of the bundle; returns
     the argv prefix that runs it. Idempotent: an identical copy is kept as is.
     A different build of the same version replaces it only while no run is in
-    progress: a running program finds its own files by path."""
+    progress: a running program finds its own files by path. On macOS the copy
+    loses its quarantine attribute and is ad-hoc signed (with `codesign`, the
+    tool's path, when there is one) before it is asked for its version."""
     import shutil
 
     command = pinned_command(data_root, bundle, version)
@@ -6884,6 +6929,8 @@ def pin_bundle(
             _copy_synced(src, os.path.join(staging, name))
         _fsync_dir(staging)
         trial = [os.path.join(staging, parts[0][1])]
+        if macos:
+            _prepare_for_launchd(staging, trial[0], run, codesign)
         if bundle.kind == "zipapp":
             trial.insert(0, bundle.interpreter)
         problem = _answers_version(trial, version, bundle.kind != "zipapp", run)
@@ -6972,9 +7019,50 @@ def pin_running_program(paths: Paths, system: System, bundle: Bundle) -> list[st
     if bundle.kind == "source":
         return bundle_command(bundle)
     paths.verify_trusted(os.path.join(paths.data_root, PINNED_DIR))  # what every scheduler entry will run
-    command = pin_bundle(paths.data_root, bundle, system.run, runs_in_progress=lambda: runs_in_progress(paths, system))
+    macos = system.platform == "darwin"
+    command = pin_bundle(
+        paths.data_root,
+        bundle,
+        system.run,
+        runs_in_progress=lambda: runs_in_progress(paths, system),
+        macos=macos,
+        codesign=system.which("codesign") if macos else None,
+    )
     prune_pinned(paths, system, pinned_folder(paths.data_root))
     return command
+
+
+def macos_program_checks(system: System, program: Sequence[str]) -> list[Check]:
+    """doctor on macOS: a scheduled frozen program that still carries quarantine,
+    or whose signature does not verify, may never start when launchd (or cron) runs it."""
+    exe = program[0] if program else ""
+    interpreted = len(program) > 1 and program[1].endswith((".py", ".pyz"))
+    if system.platform != "darwin" or interpreted or not os.path.isabs(exe) or not os.path.isfile(exe):
+        return []  # an interpreter is not ours to sign; a missing program is program_checks' fail
+    checks = []
+    folder = os.path.dirname(exe)
+    if system.run(["xattr", "-p", QUARANTINE, exe]).ok:
+        checks.append(
+            Check(
+                "program quarantine",
+                "warn",
+                f"{exe} carries {QUARANTINE}: launchd may stop it at a Gatekeeper prompt nobody sees",
+                f"xattr -d -r {QUARANTINE} {_shell_quote(folder)}",
+            )
+        )
+    codesign = system.which("codesign")
+    if codesign:
+        verify = system.run([codesign, "--verify", exe])
+        if not verify.ok:
+            checks.append(
+                Check(
+                    "program signature",
+                    "warn",
+                    f"`codesign --verify {exe}` fails: {verify.summary()}",
+                    f"codesign --force --sign - {_shell_quote(exe)}",
+                )
+            )
+    return checks
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ Two halves:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -27,7 +28,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TOKEN, Result, calls, write_plan
+from conftest import ROOT, TOKEN, FakeSystem, MacSystem, Result, calls, res, write_plan
 
 import lore_service as ls
 
@@ -514,3 +515,137 @@ def test_frozen_install_pins_itself_and_runs_after_the_download_is_deleted(
     checks = {c["name"]: c for c in doctor.data["checks"]}
     assert checks["program"]["status"] in ("ok", "warn")  # warn only because the test home is under /tmp
     assert "no longer exists" not in checks["program"]["message"]
+
+
+# ---------------------------------------------------------------------------
+# macOS: the pinned copy launchd runs carries no quarantine (through System)
+
+QUARANTINE = "com.apple.quarantine"
+NO_XATTR = res(1, "", f"xattr: No such xattr: {QUARANTINE}")
+
+
+@pytest.fixture
+def mac_frozen(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, environ: dict[str, str]) -> tuple[MacSystem, Path]:
+    """A Mac running a downloaded one-folder build; `xattr -p` finds no quarantine
+    and the copy's --version probe is answered by the stand-in build itself."""
+    exe = fake_build(tmp_path / "Downloads" / "lore-service-0.1.0")
+    bundle = onedir(exe)
+    monkeypatch.setattr(ls, "running_bundle", lambda **_: bundle)
+    mac = MacSystem(dict(environ))
+    mac.which_map["codesign"] = "/usr/bin/codesign"
+    mac.respond([], lambda argv, _inp: real_run(argv) if argv[1:] == ["--version", "--json"] else 0)
+    mac.respond(["xattr", "-p"], NO_XATTR)
+    return mac, exe
+
+
+def pin_commands(system: FakeSystem) -> list[list[str]]:
+    tools = ("xattr", "codesign")
+    return [c for c in system.commands if os.path.basename(c[0]) in tools or c[1:] == ["--version", "--json"]]
+
+
+def test_on_macos_install_clears_quarantine_and_signs_only_the_pinned_copy(cli, mac_frozen, home: Path) -> None:
+    mac, exe = mac_frozen
+    r = cli("--json", "install", "--backend", "fake", sys_=mac)
+    assert r.code == 0, r.out + r.err
+    staging = str(home / "data" / "bin" / f".{VERSION}.{os.getpid()}.tmp")
+    copy = os.path.join(staging, "lore-service")
+    # cleared and signed before the copy is first run, and the probe runs the copy
+    assert pin_commands(mac) == [
+        ["xattr", "-d", "-r", QUARANTINE, staging],
+        ["xattr", "-p", QUARANTINE, copy],
+        ["/usr/bin/codesign", "--force", "--sign", "-", copy],
+        [copy, "--version", "--json"],
+    ]
+    assert not any(str(exe.parent) in arg for c in mac.commands for arg in c)  # the download is left alone
+    assert r.data["program"][0] == str(home / "data" / "bin" / VERSION / "lore-service")
+
+
+def test_on_macos_without_codesign_the_copy_is_only_cleared(cli, mac_frozen, home: Path) -> None:
+    mac, _ = mac_frozen
+    mac.which_map["codesign"] = None
+    assert cli("--json", "install", "--backend", "fake", sys_=mac).code == 0
+    assert [c[:2] for c in pin_commands(mac)][:2] == [["xattr", "-d"], ["xattr", "-p"]]
+    assert not any(os.path.basename(c[0]) == "codesign" for c in mac.commands)
+
+
+def test_on_macos_a_quarantine_that_stays_stops_the_install_before_any_entry(cli, mac_frozen, home: Path) -> None:
+    mac, _ = mac_frozen
+    mac.respond(["xattr", "-p"], res(0, "0081;5f000000;Safari;\n"))  # still there after the delete
+    r = cli("--json", "install", "--backend", "fake", sys_=mac)
+    assert r.code != 0 and r.doc["error"]["code"] == "pin_failed", r.out
+    assert QUARANTINE in r.doc["error"]["message"]
+    assert list((home / "data" / "bin").iterdir()) == []  # no copy, no staging left
+    assert not any(c[1:] == ["--version", "--json"] for c in mac.commands)  # never ran
+
+
+def test_off_macos_pinning_runs_no_xattr_or_codesign(cli, as_frozen, system) -> None:
+    assert cli("--json", "install", "--backend", "fake").code == 0
+    assert [c for c in pin_commands(system) if c[1:] != ["--version", "--json"]] == []
+
+
+def test_doctor_on_macos_warns_when_the_scheduled_program_is_quarantined_or_unsigned(cli, mac_frozen) -> None:
+    mac, _ = mac_frozen
+    assert cli("--json", "install", "--backend", "fake", sys_=mac).code == 0
+    clean = cli("--json", "doctor", sys_=mac)
+    names = {c["name"] for c in clean.data["checks"]}
+    assert "program quarantine" not in names and "program signature" not in names
+    mac.respond(["xattr", "-p"], res(0, "0081;5f000000;Safari;\n"))
+    mac.respond(["/usr/bin/codesign", "--verify"], res(1, "", "code object is not signed at all"))
+    r = cli("--json", "doctor", sys_=mac)
+    checks = {c["name"]: c for c in r.data["checks"]}
+    assert checks["program quarantine"]["status"] == "warn"
+    assert checks["program quarantine"]["hint"].startswith(f"xattr -d -r {QUARANTINE} ")
+    assert checks["program signature"]["status"] == "warn" and "not signed" in checks["program signature"]["message"]
+
+
+# ---------------------------------------------------------------------------
+# the release archive (what the release workflow smoke-tests on each OS)
+
+
+def test_frozen_version_reports_the_commit_and_build_date_build_py_baked_in(frozen, frozen_exe: Path) -> None:
+    import jsonschema
+
+    r = frozen(frozen_exe, "--json", "--version")
+    schema = json.loads((ROOT / "specs" / "schemas" / "version-output.schema.json").read_text())
+    jsonschema.Draft202012Validator(schema).validate(r.data)
+    assert r.data["commit"] and r.data["build_date"], r.data
+    text = frozen(frozen_exe, "--version").out.rstrip()
+    assert text.endswith(f"; commit {r.data['commit']}, built {r.data['build_date']})")
+
+
+def test_the_release_smoke_test_passes_on_the_extracted_archive(frozen_exe: Path) -> None:
+    """scripts/smoke-release.py, as the release workflow runs it, on this build's
+    archive (beside dist/lore-service/); `--native none` exercises its install,
+    trigger, status and uninstall steps without touching a real scheduler."""
+    archives = sorted(frozen_exe.parent.parent.glob(f"lore-service-{VERSION}-*.tar.gz"))
+    if not archives:
+        pytest.skip(f"no lore-service-{VERSION}-*.tar.gz beside {frozen_exe.parent} (build with build.py)")
+    script = str(ROOT / "scripts" / "smoke-release.py")
+    proc = subprocess.run(
+        [sys.executable, script, str(archives[-1]), "--expect-version", f"v{VERSION}", "--native", "none"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "smoke test passed" in proc.stdout
+    wrong = subprocess.run(
+        [sys.executable, script, str(archives[-1]), "--expect-version", "v9.9.9"], capture_output=True, text=True
+    )
+    assert wrong.returncode != 0 and "expected version 9.9.9" in wrong.stderr
+
+
+def test_the_homebrew_formula_carries_the_real_archives_sha256(frozen_exe: Path, tmp_path: Path) -> None:
+    archives = sorted(frozen_exe.parent.parent.glob(f"lore-service-{VERSION}-*.tar.gz"))
+    if not archives:
+        pytest.skip(f"no lore-service-{VERSION}-*.tar.gz beside {frozen_exe.parent} (build with build.py)")
+    real = Path(shutil.copy2(archives[-1], tmp_path))
+    url_base = f"https://github.com/example/lore-service/releases/download/v{VERSION}"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "build.py"), "--manifests", url_base, str(real)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    formula = (tmp_path / "lore-service.rb").read_text()
+    digest = hashlib.sha256(real.read_bytes()).hexdigest()
+    assert f'url "{url_base}/{real.name}"\n      sha256 "{digest}"' in formula
+    assert (tmp_path / "SHA256SUMS").read_text() == f"{digest}  {real.name}\n"

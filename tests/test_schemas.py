@@ -9,6 +9,7 @@ drifts from the code, or code that drifts from the spec, fails here.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ EXPECTED = {
     "envelope.schema.json",
     "status-output.schema.json",
     "doctor-output.schema.json",
+    "version-output.schema.json",
 }
 
 
@@ -398,3 +400,26 @@ def test_json_help_is_one_document(cli) -> None:
     result = cli("--json", "--help")
     assert result.code == 0
     envelope(result)
+
+
+def test_version_json_from_source_validates_and_has_no_baked_provenance(cli) -> None:
+    result = cli("--json", "--version")
+    data = envelope(result)["data"]
+    validate(data, "version-output.schema.json")
+    assert data["layout"] == "source" and data["commit"] is None and data["build_date"] is None
+    text = cli("--version")
+    assert text.out.startswith(f"lore-service {data['version']} (source, Python ") and "commit" not in text.out
+
+
+def test_version_reports_the_commit_and_date_a_build_baked_in(cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    """build.py bundles a generated lore_service_build module; --version reads it."""
+    import types
+
+    stamp = types.ModuleType("lore_service_build")
+    stamp.COMMIT = "0123456789abcdef0123456789abcdef01234567"  # type: ignore[attr-defined]
+    stamp.BUILD_DATE = "2026-11-29T12:00:00Z"  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "lore_service_build", stamp)
+    data = envelope(cli("--json", "--version"))["data"]
+    validate(data, "version-output.schema.json")
+    assert (data["commit"], data["build_date"]) == (stamp.COMMIT, stamp.BUILD_DATE)
+    assert cli("--version").out.rstrip().endswith(f"; commit {stamp.COMMIT}, built 2026-11-29T12:00:00Z)")
