@@ -5229,10 +5229,10 @@ def cmd_logs(ctx: Context, args: argparse.Namespace) -> Outcome:
     if args.follow:
         ctx.system.stop_on_ctrl_c()
         out = sys.stdout
-        for line in lines:
-            out.write(terminal_safe(line) + "\n")
-        out.flush()
-        try:
+        try:  # Ctrl-C is how --follow ends, wherever it lands: exit 0
+            for line in lines:
+                out.write(terminal_safe(line) + "\n")
+            out.flush()
             for line in follow_lines(path, ctx.system, start=start):
                 out.write(terminal_safe(line) + "\n")
                 out.flush()
