@@ -583,7 +583,9 @@ def save_manifest(paths: Paths, manifest: Manifest) -> None:
 HISTORY_LIMIT = 20
 STAGE_OUTCOMES = ("success", "failed", "timeout", "skipped")
 RUN_OUTCOMES = ("success", "degraded", "failed")
-ERROR_CLASSES = ("transient", "permanent")
+# secret_store: the run could not get its token (a locked keychain, a prompt nobody
+# sees, an item gone); retried with backoff like a transient failure
+ERROR_CLASSES = ("transient", "permanent", "secret_store")
 PAUSE_KINDS = ("permanent_error", "circuit_breaker", "manual")
 TRIGGERS = ("scheduled", "manual")
 
@@ -947,6 +949,8 @@ def apply_outcome(status: Status, record: RunRecord, cfg: ServiceConfig, system:
     failed = [s for s in record.stage_results if s.critical and s.outcome in ("failed", "timeout")]
     culprit = failed[0] if failed else None
     detail = f"stage {culprit.stage}: {culprit.message}" if culprit else "a critical stage failed"
+    if record.error_class == "secret_store" and record.stage_results:  # no stage ran: say why
+        detail = record.stage_results[0].message.removeprefix("skipped: ")
     if record.error_class == "permanent":
         status.next_retry_at_ms = None
         if status.paused is None or status.paused.kind != "manual":
@@ -1043,9 +1047,12 @@ def _run_stages_and_record(
     log: ServiceLog,
     lock: FileLock,
 ) -> RunResult:
-    sid = manifest.service_id
     system.make_undumpable()  # before the token is in memory: no core dump or ptrace shows it
-    secret = read_secret(paths, manifest, system.environ)
+    try:
+        secret = read_secret(paths, manifest, system.environ)
+    except LoreServiceError as exc:  # recorded like any failed run, never a silent stop
+        log.write_line("run", f"no token: {exc.message} (fix: {exc.hint})")
+        return _record(system, paths, manifest, cfg, token_failure(manifest, cfg, trigger, exc, system.now_ms()))
     if secret is None:
         log.write_line("run", f"warning: no token found in {manifest.token_source}; stages run without {cfg.token_env}")
     # until restored, SIGTERM ends the waited-on stage and the run is still recorded
@@ -1053,15 +1060,32 @@ def _run_stages_and_record(
     restore_signals = system.on_stop_signals(stop)
     try:
         record = run_stages(system, manifest, cfg, trigger, log, secret, lock, stop)
-
-        def change(s: Status) -> None:
-            apply_outcome(s, record, cfg, system, system.now_ms())
-            s.next_due_at_ms = next_due_ms(manifest, record.started_at_ms)
-
-        status = update_status(paths, sid, system, change)
+        return _record(system, paths, manifest, cfg, record)
     finally:
         restore_signals()
-    return RunResult(sid, record=record, status=status)
+
+
+def _record(system: System, paths: Paths, manifest: Manifest, cfg: ServiceConfig, record: RunRecord) -> RunResult:
+    """Fold a finished run into status.json: what the policy decides next."""
+
+    def change(s: Status) -> None:
+        apply_outcome(s, record, cfg, system, system.now_ms())
+        s.next_due_at_ms = next_due_ms(manifest, record.started_at_ms)
+
+    status = update_status(paths, manifest.service_id, system, change)
+    return RunResult(manifest.service_id, record=record, status=status)
+
+
+def token_failure(
+    manifest: Manifest, cfg: ServiceConfig, trigger: str, exc: LoreServiceError, now_ms: int
+) -> RunRecord:
+    """The run that could not get its token: failed, error class secret_store,
+    every stage skipped with the cause and its fix."""
+    why = f"skipped: no token from {manifest.token_source}: {exc.message} (fix: {exc.hint})"
+    stages = [StageResult(s.name, s.critical, "skipped", None, 0, None, why) for s in cfg.active_stages()]
+    started = iso_from_ms(now_ms)
+    run_id = f"{now_ms:x}-{os.getpid():x}"
+    return RunRecord(run_id, trigger, started, started, 0, "failed", "secret_store", stages, now_ms)
 
 
 def reap_orphaned_stage(note: str, system: System, log: ServiceLog) -> None:
@@ -5005,13 +5029,16 @@ def _run_command(ctx: Context, args: argparse.Namespace, trigger: str) -> Outcom
     }
     text = _render_run(record, status)
     if record.outcome == "failed":
-        failed = [r for r in record.stage_results if r.outcome in ("failed", "timeout")]
-        bad = next((r for r in failed if r.critical), failed[0])  # an optional one: the run was stopped
         hint = (
             status.paused.hint
             if status.paused
             else f"will retry after {iso_from_ms(status.next_retry_at_ms or 0)}; see `{TOOL_NAME} logs`"
         )
+        failed = [r for r in record.stage_results if r.outcome in ("failed", "timeout")]
+        if not failed:  # no stage could start: the token could not be had (error class secret_store)
+            why = record.stage_results[0].message.removeprefix("skipped: ") if record.stage_results else "no token"
+            raise LoreServiceError(why, hint, code="run_failed").with_result(data, text)
+        bad = next((r for r in failed if r.critical), failed[0])  # an optional one: the run was stopped
         what = "critical stage" if bad.critical else "stage"
         error = LoreServiceError(f"{what} {bad.stage} {bad.outcome}: {bad.message}", hint, code="run_failed")
         raise error.with_result(data, text)
@@ -6626,8 +6653,9 @@ def _secret_store_fix(platform: str) -> str:
     """What gets the OS store working on this platform, or the store to use instead."""
     if platform == "darwin":
         return (
-            "unlock the login keychain (`security unlock-keychain`), or re-install with --token-source embedded "
-            "(the token is then kept in the LaunchAgent plist, mode 0600)"
+            "unlock the login keychain (`security unlock-keychain`) and run `lore-service install` again from "
+            "Terminal (it stores the item from the program the agent runs, so no prompt is needed), or re-install "
+            "with --token-source embedded (the token is then kept in the LaunchAgent plist, mode 0600)"
         )
     if platform == "win32":
         return "run from the user's own log-on session, where Credential Manager is available"
@@ -6685,12 +6713,41 @@ def read_secret(paths: Paths, manifest: Manifest, environ: dict[str, str]) -> st
             hint = f"re-run `{TOOL_NAME} install` to write it again"
             raise StateFileError("the token file is not UTF-8", hint) from None
     elif manifest.token_source in ("keychain", "credential-manager"):
-        keyring = _keyring(paths.platform)
-        try:
-            token = keyring.get_password(KEYRING_SERVICE, manifest.service_id)
-        except Exception as exc:
-            raise _keyring_error("read", exc, paths.platform) from None
+        token = _read_keyring(paths.platform, manifest.service_id)
     return token or environ.get(manifest.token_env) or None
+
+
+SECRET_READ_TIMEOUT = 20.0  # a Keychain permission prompt in a LaunchAgent is shown to nobody
+
+
+def _read_keyring(platform: str, sid: str) -> str | None:
+    """keyring.get_password with a timeout: the read runs in a daemon thread,
+    so a store that never answers cannot hold a run (and its lock) forever."""
+    import threading
+
+    keyring = _keyring(platform)
+    answer: list[str | None] = []
+    failure: list[Exception] = []
+
+    def read() -> None:
+        try:
+            answer.append(keyring.get_password(KEYRING_SERVICE, sid))
+        except Exception as exc:  # keyring backends raise many unrelated types
+            failure.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(SECRET_READ_TIMEOUT)
+    if reader.is_alive():
+        raise SchedulerError(
+            f"the OS secret store did not answer within {SECRET_READ_TIMEOUT:.0f} s "
+            "(a permission prompt nobody can see, or a locked store)",
+            _secret_store_fix(platform),
+            code="secret_store",
+        )
+    if failure:
+        raise _keyring_error("read", failure[0], platform) from None
+    return answer[0]
 
 
 def delete_secret(paths: Paths, manifest: Manifest) -> None:

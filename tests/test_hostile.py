@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -542,3 +543,44 @@ def test_doctor_lists_every_check_even_with_odd_state(cli, installed, home):
     checks = {c["name"]: c for c in r.data["checks"]}
     assert checks["status"]["status"] == "fail" and "FIFO" in checks["status"]["message"]
     assert checks["config"]["status"] == "ok" and checks["project"]["status"] == "ok"
+
+
+# -- a token that cannot be had is a recorded run, never a silent stop -----------------------------
+
+
+def test_a_secret_store_that_never_answers_is_a_recorded_failed_run(cli, system, monkeypatch, memory_keyring):
+    assert cli("--json", "install", "--backend", "fake", "--token-source", "keychain").code == 0
+    release = threading.Event()
+
+    def hang(service: str, username: str) -> str | None:  # a prompt nobody will ever answer
+        release.wait(30)
+        return None
+
+    monkeypatch.setattr(memory_keyring, "get_password", hang)
+    monkeypatch.setattr(ls, "SECRET_READ_TIMEOUT", 0.5)
+    try:
+        r = cli("--json", "run")
+    finally:
+        release.set()
+    assert r.code == 1 and r.doc["error"]["code"] == "run_failed"
+    assert "did not answer" in r.doc["error"]["message"]
+    run = r.data["run"]
+    assert run["outcome"] == "failed" and run["error_class"] == "secret_store"
+    assert all(s["outcome"] == "skipped" and "(fix: " in s["message"] for s in run["stage_results"])
+    status = cli("--json", "status").data
+    assert status["last_run"]["error_class"] == "secret_store" and status["consecutive_failures"] == 1
+    assert status["next_retry_at_ms"] is not None and status["paused"] is None  # backs off, as transient
+
+
+def test_a_secret_store_error_is_recorded_with_its_fix(cli, system, monkeypatch, memory_keyring):
+    assert cli("--json", "install", "--backend", "fake", "--token-source", "keychain").code == 0
+
+    def locked(service: str, username: str) -> str | None:
+        raise RuntimeError("the keychain is locked")
+
+    monkeypatch.setattr(memory_keyring, "get_password", locked)
+    r = cli("--json", "trigger")
+    assert r.code == 1 and "the keychain is locked" in r.doc["error"]["message"]
+    assert r.data["run"]["error_class"] == "secret_store"
+    log = cli("logs").out
+    assert "no token:" in log and "fix:" in log
