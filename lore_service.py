@@ -3883,9 +3883,15 @@ class SchtasksBackend(SchedulerBackend):
         )
 
     # -- schtasks
+    def _access_denied(self, result: CommandResult) -> bool:
+        """By HRESULT, or by Windows's own localised wording: never by English text alone."""
+        text = f"{result.stdout}\n{result.stderr}".lower()
+        wording = self.system.access_denied_text().lower().rstrip(".")
+        return "0x80070005" in text or (bool(wording) and wording in text)
+
     def _schtasks_error(self, result: CommandResult) -> SchedulerError:
         message = f"`{' '.join(result.argv)}` failed ({result.returncode}): {result.summary()}"
-        if "access is denied" in f"{result.stdout}\n{result.stderr}".lower():
+        if self._access_denied(result):
             return SchedulerError(
                 message,
                 "Task Scheduler refused: run the command as the same user from a normal (non-elevated) prompt; "
@@ -3916,16 +3922,16 @@ class SchtasksBackend(SchedulerBackend):
         with RestoreOnFailure([planned.path]):
             atomic_write(planned.path, task_xml_bytes(planned.content), planned.mode)
             for argv in plan.commands:
-                result = self.system.run(argv, timeout=60)
+                result = self.system.run(argv, timeout=60, console=True)
                 if not result.ok:
                     raise self._schtasks_error(result)
         return plan
 
     def uninstall(self, manifest: Manifest) -> None:
         name = self.task_name(manifest)
-        result = self.system.run(["schtasks", "/Delete", "/TN", name, "/F"], timeout=60)
+        result = self.system.run(["schtasks", "/Delete", "/TN", name, "/F"], timeout=60, console=True)
         # messages are localised: a failed delete is fine only if the task is really gone
-        if not result.ok and self.system.run(["schtasks", "/Query", "/TN", name], timeout=60).ok:
+        if not result.ok and self.system.run(["schtasks", "/Query", "/TN", name], timeout=60, console=True).ok:
             raise self._schtasks_error(result)
         remove_file(self.xml_path(manifest))
 
@@ -3933,7 +3939,8 @@ class SchtasksBackend(SchedulerBackend):
         """The task as Task Scheduler stores it (an Element), or None."""
         import xml.etree.ElementTree as ET
 
-        result = self.system.run(["schtasks", "/Query", "/TN", self.task_name(manifest), "/XML"], timeout=60)
+        argv = ["schtasks", "/Query", "/TN", self.task_name(manifest), "/XML"]
+        result = self.system.run(argv, timeout=60, console=True)
         if not result.ok:
             return None
         try:
@@ -3980,9 +3987,9 @@ class SchtasksBackend(SchedulerBackend):
     def state(self, manifest: Manifest) -> SchedulerState:
         name = self.task_name(manifest)
         drift = self._file_drift(manifest)
-        result = self.system.run(["schtasks", "/Query", "/TN", name, "/V", "/FO", "CSV"], timeout=60)
+        result = self.system.run(["schtasks", "/Query", "/TN", name, "/V", "/FO", "CSV"], timeout=60, console=True)
         if not result.ok:
-            if "access is denied" in result.stderr.lower():
+            if self._access_denied(result):
                 raise self._schtasks_error(result)
             drift.append(f"task {name} is not registered")
             detail = f"task {name} is not registered ({result.summary()})"
@@ -5484,6 +5491,21 @@ def terminal_safe(text: str) -> str:
     return text.translate(_TERMINAL_UNSAFE)
 
 
+def _console_less_sink(system: System) -> Any:
+    """`<log root>/console-less.log` (kept under 1 MiB), or nowhere if it cannot be had."""
+    try:
+        paths = Paths(system)
+        path = os.path.join(paths.log_root, "console-less.log")
+        ensure_dir(paths.log_root)
+        trim_crash_log(path)
+        fd = open_trusted(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "console-less log")
+        if fd is not None:
+            return os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace")
+    except (LoreServiceError, OSError):
+        pass
+    return open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115  (lives as long as the process)
+
+
 def _help_text(argv: list[str]) -> str:
     """What --help prints, captured (robot mode answers it in the envelope)."""
     import contextlib
@@ -5501,9 +5523,10 @@ def _help_text(argv: list[str]) -> str:
 def main(argv: Sequence[str] | None = None, system: System | None = None) -> int:
     """Entry point: parse, dispatch, print; the only place errors become exit codes."""
     # pythonw.exe / lore-service-w.exe (what Task Scheduler starts) have no
-    # console: their streams are None, and output simply goes nowhere
+    # console: their streams are None, so what they would print (an error
+    # before the service log opens) goes to a small file next to the logs
     if sys.stdout is None or sys.stderr is None:
-        sink = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115  (lives as long as the process)
+        sink = _console_less_sink(system or System())
         sys.stdout, sys.stderr = sys.stdout or sink, sys.stderr or sink
     for stream in (sys.stdout, sys.stderr):  # a path with é on an ASCII terminal is not a crash
         if hasattr(stream, "reconfigure"):
@@ -5678,9 +5701,11 @@ class System:
         env: dict[str, str] | None = None,
         timeout: float = 60.0,
         keep_newlines: bool = False,
+        console: bool = False,
     ) -> CommandResult:
         """Run a short command (scheduler tools) and capture its output as
-        UTF-8 text (bad bytes become U+FFFD: localised tool output must not
+        UTF-8 text (console: a Windows console tool's output, which may be
+        UTF-16 or in the OEM code page; see decode_console) (bad bytes become U+FFFD: localised tool output must not
         crash a status). Line ends are normalised to \\n unless keep_newlines
         (a crontab's \\r bytes are the user's, and must survive a rewrite)."""
         import subprocess
@@ -5705,7 +5730,8 @@ class System:
             return CommandResult(argv, 126, "", f"{argv[0]}: {exc.strerror}")
         except subprocess.TimeoutExpired:
             return CommandResult(argv, 124, "", f"{argv[0]}: timed out after {timeout:g}s")
-        out, err = proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace")
+        codepage = self.oem_codepage() if console else None
+        out, err = decode_console(proc.stdout, codepage), decode_console(proc.stderr, codepage)
         if not keep_newlines:  # as text mode would
             out = out.replace("\r\n", "\n").replace("\r", "\n")
             err = err.replace("\r\n", "\n").replace("\r", "\n")
@@ -5744,6 +5770,23 @@ class System:
             os.killpg(pgid, signal.SIGKILL if hard else signal.SIGTERM)
         except (ProcessLookupError, PermissionError):
             pass
+
+    def oem_codepage(self) -> str | None:
+        """The console's OEM code page (cp850, cp437, ...) a Windows tool writes in; None elsewhere."""
+        if sys.platform != "win32":
+            return None
+        import ctypes
+
+        return f"cp{ctypes.windll.kernel32.GetOEMCP()}"
+
+    def access_denied_text(self) -> str:
+        """Windows's own wording of ERROR_ACCESS_DENIED in the user's language
+        (what schtasks prints), so it is recognised in any locale."""
+        if sys.platform != "win32":
+            return "Access is denied."
+        import ctypes
+
+        return ctypes.FormatError(5).strip()
 
     def can_list(self, folder: str) -> bool:
         """Whether this process may read a folder (macOS privacy protection answers EPERM)."""
@@ -5953,6 +5996,22 @@ def _sweep_stale_temps(folder: str, name: str | None = None) -> None:
                 os.unlink(entry.path)
         except OSError:
             pass  # gone already, or not ours to remove
+
+
+def decode_console(data: bytes, codepage: str | None = None) -> str:
+    """A command's output: UTF-16 when it says so (a BOM, or NUL bytes of
+    ASCII text), UTF-8 when it is valid, else the OEM code page given (a
+    schtasks without a BOM), never an exception."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return data.decode("utf-16", "replace")
+    if data.startswith(b"\xef\xbb\xbf"):
+        return data[3:].decode("utf-8", "replace")
+    if data[1:2] == b"\x00":
+        return data.decode("utf-16-le", "replace")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode(codepage or "utf-8", "replace")
 
 
 def read_text(path: str) -> str | None:

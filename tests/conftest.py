@@ -66,7 +66,7 @@ class FakeSystem(ls.System):
     def respond(self, prefix: list[str], result: Any) -> None:
         self.responses.insert(0, (prefix, result))
 
-    def run(self, argv, *, input=None, env=None, timeout=60.0, keep_newlines=False):  # type: ignore[override]
+    def run(self, argv, *, input=None, env=None, timeout=60.0, keep_newlines=False, console=False):  # type: ignore[override]
         argv = list(argv)
         self.commands.append(argv)
         for prefix, result in self.responses:

@@ -191,3 +191,14 @@ def test_a_console_less_process_runs_without_streams(installed, project, environ
     monkeypatch.setattr(sys, "stderr", None)
     assert ls.main(["--json", "trigger"], system=system) == 0
     assert ls.main(["status", "--name", "no-such-service"], system=system) == 3
+
+
+def test_a_console_less_error_lands_in_a_small_file_next_to_the_logs(installed, project, home, system, monkeypatch):
+    """Without a console (the task's no-console build), an error before the service log opens is not lost."""
+    monkeypatch.chdir(project)
+    monkeypatch.setattr(sys, "stdout", None)
+    monkeypatch.setattr(sys, "stderr", None)
+    assert ls.main(["status", "--name", "no-such-service"], system=system) == 3
+    sys.stderr.flush()
+    text = (home / "logs" / "console-less.log").read_text()
+    assert "error: no service named 'no-such-service' is installed" in text and "hint: " in text

@@ -626,3 +626,31 @@ def test_a_daily_task_windows_stored_as_p1d_with_an_unquoted_command_is_not_drif
     command = registered.find("t:Actions/t:Exec/t:Command", NS)
     command.text = command.text.strip('"')  # as an older install (or the app) wrote it
     assert backend._registered_drift(manifest, registered) == []
+
+
+@pytest.mark.parametrize(
+    ("data", "codepage", "text"),
+    [
+        ("C:\\Users\\Jürgen\\proj".encode("cp850"), "cp850", "C:\\Users\\Jürgen\\proj"),  # no BOM, OEM code page
+        ("C:\\Users\\Jürgen".encode("utf-16"), "cp850", "C:\\Users\\Jürgen"),  # UTF-16 with its BOM
+        ("C:\\Users\\Jürgen".encode("utf-16-le"), "cp850", "C:\\Users\\Jürgen"),  # UTF-16 without one
+        ("C:\\Users\\Jürgen".encode(), "cp850", "C:\\Users\\Jürgen"),  # chcp 65001
+        (b"\xef\xbb\xbfok", None, "ok"),
+    ],
+)
+def test_schtasks_output_is_decoded_by_what_it_is(data: bytes, codepage: str | None, text: str) -> None:
+    assert ls.decode_console(data, codepage) == text
+
+
+def test_access_denied_is_recognised_in_the_users_language(cli, win: WinSystem) -> None:
+    class GermanWindows(WinSystem):
+        def access_denied_text(self) -> str:
+            return "Zugriff verweigert"  # what FormatError(5) gives on a German Windows
+
+    german = GermanWindows(win.environ)
+    german.respond(["schtasks", "/Create"], res(1, "", "FEHLER: Zugriff verweigert\n"))
+    r = install(cli, "schtasks", system=german)
+    assert r.code == ls.EXIT_SCHEDULER and r.doc["error"]["code"] == "schtasks_access_denied"
+    other = GermanWindows(win.environ)
+    other.respond(["schtasks", "/Create"], res(1, "", "FEHLER: Die Aufgabe existiert bereits.\n"))
+    assert install(cli, "schtasks", system=other).doc["error"]["code"] == "schtasks"
