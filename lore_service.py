@@ -1770,7 +1770,30 @@ def _apply_install(system: System, paths: Paths, plan: InstallPlan) -> tuple[boo
             delete_secret(paths, existing)
         except LoreServiceError as exc:
             plan.warnings.append(f"could not remove the token from {existing.token_source}: {exc.message}")
+    regrant = regrant_keychain(system, manifest, plan.bundle, token)
+    if regrant:
+        plan.warnings.append(regrant)
     return manifest_changed or store_token or old_config != config_text or entry_changed, applied
+
+
+def regrant_keychain(system: System, manifest: Manifest, bundle: Bundle, token: str | None) -> str | None:
+    """macOS's Keychain trusts an item for the program that stored it, and
+    asks anyone else (a prompt no scheduled run can answer). A frozen build
+    installs from its download but the agent runs the pinned copy: so the
+    copy stores the token again itself (`token --store`, the token on stdin).
+    Returns a warning when it could not."""
+    if not (system.platform == "darwin" and manifest.token_source == "keychain" and bundle.kind != "source"):
+        return None
+    if not token:
+        return None
+    argv = [*program_prefix(manifest), "--json", "token", "--store", "--service-id", manifest.service_id]
+    result = system.run(argv, input=token + "\n", timeout=60)
+    if result.ok:
+        return None
+    return (
+        f"{argv[0]} could not store the token in the Keychain itself ({result.summary()}): scheduled runs may meet "
+        "a permission prompt; unlock the login keychain and run install again from Terminal"
+    )
 
 
 def _stored_secret(paths: Paths, manifest: Manifest | None) -> str | None:
@@ -4593,6 +4616,26 @@ def _stage_checks(system: System, cfg: ServiceConfig, config_path: str) -> list[
     return checks or [Check("lore", "ok", f"stage commands resolve ({cfg.active_stages()[0].command[0]})")]
 
 
+def scheduled_token_check(system: System, manifest: Manifest) -> list[Check]:
+    """On macOS the Keychain answers each program by itself: ask the very
+    program the agent runs to read the token (`token`, non-interactive, with
+    the run's timeout) and report what it got."""
+    if system.platform != "darwin" or manifest.token_source != "keychain":
+        return []
+    argv = [*program_prefix(manifest), "--json", "token", "--service-id", manifest.service_id]
+    name, program = "token (as scheduled)", argv[0]
+    result = system.run(argv, timeout=SECRET_READ_TIMEOUT + 15)
+    try:
+        doc = json.loads(result.stdout)
+        error = doc.get("error") or {}
+    except (ValueError, AttributeError):
+        why = f"could not ask {program} to read the token ({result.summary()})"
+        return [Check(name, "warn", why, f"run `{' '.join(argv)}` to see what it says")]
+    if doc.get("ok"):
+        return [Check(name, "ok", f"{program} reads the token from the Keychain without a prompt")]
+    return [Check(name, "fail", f"{program}: {error.get('message', 'no token')}", error.get("hint", ""))]
+
+
 def scheduled_path_check(backend: SchedulerBackend, manifest: Manifest) -> Check:
     """The PATH a scheduled run gets, which need not be the shell's: a lore
     that is a `#!/usr/bin/env` script, or runs git by name, needs its folders."""
@@ -4711,6 +4754,7 @@ COMMAND_HELP = {
     "logs": "print the service log",
     "doctor": "check everything the service needs, with the fix for each problem",
     "export": "print the service as a Kubernetes CronJob (for `kubectl apply -f -`)",
+    "token": "check that the token can be read as a scheduled run reads it (--store: store a new one from stdin)",
 }
 
 
@@ -4738,6 +4782,8 @@ def _add_command_options(name: str, p: _Parser) -> None:
         p.add_argument("--follow", action="store_true", help="keep printing new lines (Ctrl-C stops)")
     elif name == "doctor":
         p.add_argument("--kubernetes", metavar="FILE", help="check a manifest `export` printed (- for stdin)")
+    elif name == "token":
+        p.add_argument("--store", action="store_true", help="store the token given on standard input")
     elif name == "export":
         _add_export_options(p)
 
@@ -5309,6 +5355,7 @@ def cmd_doctor(ctx: Context, args: argparse.Namespace) -> Outcome:
             backend = get_backend(manifest.backend, ctx.system, ctx.paths)
             checks += _guarded(backend.name, lambda: backend.diagnose(service))
             checks += _guarded("scheduled PATH", lambda: [scheduled_path_check(backend, service)])
+            checks += _guarded("token (as scheduled)", lambda: scheduled_token_check(ctx.system, service))
             fix = f"`{TOOL_NAME} install` rewrites it"
 
             def drift() -> list[Check]:
@@ -5342,6 +5389,33 @@ def _doctor_report(checks: list[Check], subject: str, manifest: Manifest | None)
         message = f"{failed} check(s) failing, first: {first.name}: {first.message}"
         raise LoreServiceError(message, first.hint, code="checks_failed").with_result(data, "\n".join(lines))
     return Outcome(data, "\n".join(lines))
+
+
+def cmd_token(ctx: Context, args: argparse.Namespace) -> Outcome:
+    """Read the token as a scheduled run does (the store only, with its
+    timeout, never printed); --store puts a new one there, from stdin. doctor
+    and install run this through the scheduled program itself, which is the
+    one macOS's Keychain must trust."""
+    manifest = find_service(ctx, args)
+    sid, source = manifest.service_id, manifest.token_source
+    if args.store:
+        args.token_stdin = True
+        token = obtain_token(ctx.system, args, manifest.token_env, interactive=False)
+        store_secret(ctx.paths, manifest, token or "")
+        return Outcome({"service_id": sid, "token_source": source, "stored": True}, f"stored the token in {source}")
+    ctx.system.make_undumpable()
+    found = bool(read_secret(ctx.paths, manifest, {}))
+    data = {"service_id": sid, "token_source": source, "found": found}
+    if not found:
+        error = LoreServiceError(f"no token in {source}", f"`{TOOL_NAME} install` stores one", code="no_token")
+        raise error.with_result(data)
+    return Outcome(data, f"the token in {source} can be read (not shown)")
+
+
+def program_prefix(manifest: Manifest) -> list[str]:
+    """The scheduled argv up to its command: the program (and --home) the scheduler starts."""
+    program = manifest.program
+    return program[: program.index("run")] if "run" in program else list(program)
 
 
 def cmd_export(ctx: Context, args: argparse.Namespace) -> Outcome:
@@ -5423,6 +5497,7 @@ HANDLERS: dict[str, Callable[[Context, argparse.Namespace], Outcome]] = {
     "logs": cmd_logs,
     "doctor": cmd_doctor,
     "export": cmd_export,
+    "token": cmd_token,
 }
 
 

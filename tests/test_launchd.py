@@ -6,6 +6,7 @@ On Linux everything runs through FakeSystem (platform "darwin") and the real
 
 from __future__ import annotations
 
+import json
 import os
 import plistlib
 import shutil
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 from conftest import (
+    FAKE_LORE,
     TOKEN,
     UID,
     FakeSystem,
@@ -520,6 +522,44 @@ def test_real_launchctl_install_status_uninstall(tool, environ: dict[str, str], 
     assert gone.returncode == 113
 
 
+@pytest.mark.macos
+@on_macos
+def test_real_launchd_runs_a_lore_that_needs_its_own_folder_on_path(tool, environ, project, tmp_path: Path) -> None:
+    """A `#!/usr/bin/env python3` lore that runs a sibling program by name: it
+    only works from a scheduled run if the plist's PATH has lore's folder (launchd
+    gives jobs /usr/bin:/bin:/usr/sbin:/sbin). The run is started by launchd
+    itself (kickstart), and its record must say every stage ran with the token."""
+    import subprocess
+    import time as clock
+
+    shims = tmp_path / "lore-bin"
+    shims.mkdir()
+    helper = shims / "lore-helper"
+    helper.write_text(f"#!/bin/sh\nexec '{sys.executable}' '{FAKE_LORE}' \"$@\"\n")
+    lore = shims / "lore"
+    shim = '#!/usr/bin/env python3\nimport os, sys\nos.execvp("lore-helper", ["lore-helper", *sys.argv[1:]])\n'
+    lore.write_text(shim)
+    for path in (helper, lore):
+        path.chmod(0o755)
+    env = dict(environ)
+    argv = ["--json", "install", "--backend", "launchd", "--token-source", "embedded", "--lore", str(lore)]
+    r = tool(*argv, env=env)
+    assert r.code == 0, r.err + r.out
+    label = f"com.gitlore.sync.{r.data['service_id']}"
+    try:
+        kick = subprocess.run(["launchctl", "kickstart", f"gui/{os.getuid()}/{label}"], capture_output=True, text=True)
+        assert kick.returncode == 0, kick.stderr
+        deadline = clock.monotonic() + 120
+        last = None
+        while clock.monotonic() < deadline and last is None:
+            clock.sleep(2)
+            last = tool("--json", "status", env=env).data.get("last_run")
+        assert last is not None, "launchd never ran the job"
+        assert last["trigger"] == "scheduled" and last["outcome"] == "success", last
+    finally:
+        assert tool("--json", "uninstall", "--purge", env=env).code == 0
+
+
 def test_reinstall_waits_for_launchd_to_let_go_of_the_label(cli, mac: MacSystem) -> None:
     """bootout returns before launchd releases the label; a bootstrap right
     after it fails with 5 for a few seconds (a known launchctl race)."""
@@ -664,3 +704,54 @@ def test_doctor_shows_the_path_a_scheduled_run_gets(cli, mac: MacSystem, lore_bi
     checks = {c["name"]: c for c in cli("--json", "doctor", sys_=mac).data["checks"]}
     assert checks["scheduled PATH"]["status"] == "ok"
     assert f"PATH={lore_bin.parent}:/opt/homebrew/bin:" in checks["scheduled PATH"]["message"]
+
+
+# -- the Keychain trusts the program the agent runs ---------------------------------------------
+
+
+def test_token_command_reads_and_stores_as_a_scheduled_run_would(cli, mac: MacSystem, memory_keyring) -> None:
+    assert install(cli, "launchd", system=mac).code == 0
+    r = cli("--json", "token", sys_=mac)
+    assert r.code == 0 and r.data["found"] is True and TOKEN not in r.out
+    mac.stdin_text = "glpat-rotated-token-value-77\n"
+    r = cli("--json", "token", "--store", sys_=mac)
+    assert r.code == 0 and r.data["stored"] is True and "glpat-rotated" not in r.out
+    sid = ls.Paths(mac).installed_ids()[0]
+    assert memory_keyring.store[(ls.KEYRING_SERVICE, sid)] == "glpat-rotated-token-value-77"
+    memory_keyring.store.clear()
+    r = cli("--json", "token", sys_=mac)
+    assert r.code == 1 and r.doc["error"]["code"] == "no_token" and r.data["found"] is False
+
+
+def test_a_frozen_install_stores_the_token_again_from_the_pinned_copy(mac: MacSystem, tmp_path: Path) -> None:
+    pinned = str(tmp_path / "data" / "bin" / "0.1.0" / "lore-service")
+    manifest = ls.Manifest(
+        service_id="acme-1", project_root=str(tmp_path), backend="launchd", backend_reason="t",
+        interval_seconds=1800, schedule_step_seconds=1800, profile="balanced", token_source="keychain",
+        token_env="GITLAB_TOKEN", program=[pinned, "--home", str(tmp_path), "run", "--service-id", "acme-1"],
+        lore_path=None, home=str(tmp_path), created_at_iso="", updated_at_iso="",
+    )  # fmt: skip
+    bundle = ls.Bundle("onedir", "/Users/me/Downloads/lore-service/lore-service", "/x")
+    seen: list[tuple[list[str], str | None]] = []
+    mac.respond([pinned], lambda argv, given: (seen.append((argv, given)), ls.CommandResult(argv, 0, "", ""))[1])
+    assert ls.regrant_keychain(mac, manifest, bundle, TOKEN) is None
+    argv, given = seen[0]
+    assert argv == [pinned, "--home", str(tmp_path), "--json", "token", "--store", "--service-id", "acme-1"]
+    assert given == TOKEN + "\n" and TOKEN not in " ".join(argv)  # on stdin, never in the argv
+    mac.respond([pinned], ls.CommandResult([], 1, "", "security: SecKeychainItemCreateFromContent: locked"))
+    warning = ls.regrant_keychain(mac, manifest, bundle, TOKEN)
+    assert warning and "locked" in warning and "Terminal" in warning
+    source = ls.Bundle("source", "/x/lore_service.py", "/usr/bin/python3")
+    assert ls.regrant_keychain(mac, manifest, source, TOKEN) is None and len(seen) == 1  # the same program stored it
+
+
+def test_doctor_asks_the_scheduled_program_to_read_the_token(cli, mac: MacSystem, memory_keyring) -> None:
+    assert install(cli, "launchd", system=mac).code == 0
+    program = ls.load_manifest(ls.Paths(mac), ls.Paths(mac).installed_ids()[0]).program[0]
+    error = {"code": "secret_store", "message": "did not answer", "hint": "unlock"}
+    mac.respond([program], res(1, json.dumps({"ok": False, "command": "token", "error": error})))
+    check = {c["name"]: c for c in cli("--json", "doctor", sys_=mac).data["checks"]}["token (as scheduled)"]
+    assert check["status"] == "fail" and "did not answer" in check["message"] and check["hint"] == "unlock"
+    mac.respond([program], res(0, json.dumps({"ok": True, "command": "token", "data": {"found": True}})))
+    checks = {c["name"]: c for c in cli("--json", "doctor", sys_=mac).data["checks"]}
+    assert checks["token (as scheduled)"]["status"] == "ok"
