@@ -1050,6 +1050,13 @@ def _run_stages_and_record(
     system.make_undumpable()  # before the token is in memory: no core dump or ptrace shows it
     try:
         secret = read_secret(paths, manifest, system.environ)
+        if secret is None and manifest.token_source in ("keychain", "credential-manager"):
+            # the item is gone (deleted in Keychain Access, a new account): no stage can sync
+            raise SchedulerError(
+                f"the {manifest.token_source} has no token for {manifest.service_id} (the item is missing)",
+                f"store one: `printenv {manifest.token_env} | {TOOL_NAME} token --store`",
+                code="secret_store",
+            )
     except LoreServiceError as exc:  # recorded like any failed run, never a silent stop
         log.write_line("run", f"no token: {exc.message} (fix: {exc.hint})")
         return _record(system, paths, manifest, cfg, token_failure(manifest, cfg, trigger, exc, system.now_ms()))

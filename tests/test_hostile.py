@@ -584,3 +584,15 @@ def test_a_secret_store_error_is_recorded_with_its_fix(cli, system, monkeypatch,
     assert r.data["run"]["error_class"] == "secret_store"
     log = cli("logs").out
     assert "no token:" in log and "fix:" in log
+
+
+def test_a_keychain_item_that_went_missing_is_a_recorded_failure_with_the_way_to_store_one(
+    cli, system, memory_keyring
+):
+    assert cli("--json", "install", "--backend", "fake", "--token-source", "keychain").code == 0
+    memory_keyring.store.clear()  # deleted in Keychain Access, say
+    system.environ.pop("GITLAB_TOKEN")
+    r = cli("--json", "run")
+    assert r.code == 1 and r.data["run"]["error_class"] == "secret_store"
+    assert "item is missing" in r.doc["error"]["message"]
+    assert "token --store" in r.data["run"]["stage_results"][0]["message"]

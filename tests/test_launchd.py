@@ -560,6 +560,31 @@ def test_real_launchd_runs_a_lore_that_needs_its_own_folder_on_path(tool, enviro
         assert tool("--json", "uninstall", "--purge", env=env).code == 0
 
 
+@pytest.mark.macos
+@on_macos
+def test_real_launchd_run_reads_the_token_from_the_keychain_as_the_agent(tool, environ, lore_bin: Path) -> None:
+    """The agent itself reads the Keychain item install stored (no prompt
+    answers it): the run started by launchd records every stage with its token."""
+    import subprocess
+    import time as clock
+
+    env = dict(environ)
+    argv = ["--json", "install", "--backend", "launchd", "--token-source", "keychain", "--lore", str(lore_bin)]
+    r = tool(*argv, env=env)
+    assert r.code == 0, r.err + r.out
+    label = f"com.gitlore.sync.{r.data['service_id']}"
+    try:
+        assert tool("--json", "token", env=env).code == 0
+        subprocess.run(["launchctl", "kickstart", f"gui/{os.getuid()}/{label}"], check=True)
+        deadline, last = clock.monotonic() + 120, None
+        while clock.monotonic() < deadline and last is None:
+            clock.sleep(2)
+            last = tool("--json", "status", env=env).data.get("last_run")
+        assert last is not None and last["outcome"] == "success" and last["error_class"] is None, last
+    finally:
+        assert tool("--json", "uninstall", "--purge", env=env).code == 0
+
+
 def test_reinstall_waits_for_launchd_to_let_go_of_the_label(cli, mac: MacSystem) -> None:
     """bootout returns before launchd releases the label; a bootstrap right
     after it fails with 5 for a few seconds (a known launchctl race)."""
