@@ -439,3 +439,18 @@ def wait_until(condition: Callable[[], bool], timeout: float) -> None:
 def wait_for_exit(pid: int, timeout: float = 5.0) -> None:
     """Give a process up to `timeout` seconds to die (the caller asserts it did)."""
     wait_until(lambda: not pid_alive(pid), timeout)
+
+
+def start_hanging_run(
+    tool: Any, environ: dict[str, str], project: Path, command: str
+) -> tuple[subprocess.Popen[str], int, int]:
+    """`run` or `trigger` (--json) as a real process whose issues stage hangs
+    with a grandchild in its group; returns once both are up: (the run, the
+    stage's pid, the grandchild's pid)."""
+    assert tool("--json", "install", "--backend", "none").code == 0
+    write_plan(project, {"issues": {"grandchild": True, "hang": True}})
+    runner = subprocess.Popen(
+        [*tool.program, "--json", command], cwd=project, env=environ, stdout=subprocess.PIPE, text=True
+    )
+    wait_until((project / ".fake-lore-grandchild-issues.pid").exists, 10)
+    return runner, calls(project)[0]["pid"], int((project / ".fake-lore-grandchild-issues.pid").read_text())

@@ -24,6 +24,7 @@ from conftest import (
     edit_config,
     install,
     pid_alive,
+    start_hanging_run,
     wait_for_exit,
     wait_until,
     write_plan,
@@ -229,14 +230,7 @@ def test_systemd_accepts_an_injected_directive_that_lore_service_refuses_to_rend
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP])
 def test_ctrl_c_and_sighup_stop_the_stage_group_and_record_the_run(tool, environ, project, signum):
-    assert tool("--json", "install", "--backend", "none").code == 0
-    write_plan(project, {"issues": {"grandchild": True, "hang": True}})
-    runner = subprocess.Popen(
-        [*tool.program, "--json", "trigger"], cwd=project, env=environ, stdout=subprocess.PIPE, text=True
-    )
-    wait_until((project / ".fake-lore-grandchild-issues.pid").exists, 10)
-    stage_pid = calls(project)[0]["pid"]
-    grandchild = int((project / ".fake-lore-grandchild-issues.pid").read_text())
+    runner, stage_pid, grandchild = start_hanging_run(tool, environ, project, "trigger")
     runner.send_signal(signum)
     out, _ = runner.communicate(timeout=30)
     assert runner.returncode == 1

@@ -522,6 +522,22 @@ def test_real_launchctl_install_status_uninstall(tool, environ: dict[str, str], 
     assert gone.returncode == 113
 
 
+def launchd_runs_it(tool: Any, env: dict[str, str], sid: str) -> dict[str, Any]:
+    """Have launchd itself start the job (kickstart) and wait for the run it records."""
+    import subprocess
+    import time as clock
+
+    label = f"com.gitlore.sync.{sid}"
+    subprocess.run(["launchctl", "kickstart", f"gui/{os.getuid()}/{label}"], check=True)
+    deadline = clock.monotonic() + 120
+    while clock.monotonic() < deadline:
+        clock.sleep(2)
+        last = tool("--json", "status", env=env).data.get("last_run")
+        if last is not None:
+            return last
+    raise AssertionError("launchd never ran the job")
+
+
 @pytest.mark.macos
 @on_macos
 def test_real_launchd_runs_a_lore_that_needs_its_own_folder_on_path(tool, environ, project, tmp_path: Path) -> None:
@@ -529,8 +545,6 @@ def test_real_launchd_runs_a_lore_that_needs_its_own_folder_on_path(tool, enviro
     only works from a scheduled run if the plist's PATH has lore's folder (launchd
     gives jobs /usr/bin:/bin:/usr/sbin:/sbin). The run is started by launchd
     itself (kickstart), and its record must say every stage ran with the token."""
-    import subprocess
-    import time as clock
 
     shims = tmp_path / "lore-bin"
     shims.mkdir()
@@ -545,16 +559,8 @@ def test_real_launchd_runs_a_lore_that_needs_its_own_folder_on_path(tool, enviro
     argv = ["--json", "install", "--backend", "launchd", "--token-source", "embedded", "--lore", str(lore)]
     r = tool(*argv, env=env)
     assert r.code == 0, r.err + r.out
-    label = f"com.gitlore.sync.{r.data['service_id']}"
     try:
-        kick = subprocess.run(["launchctl", "kickstart", f"gui/{os.getuid()}/{label}"], capture_output=True, text=True)
-        assert kick.returncode == 0, kick.stderr
-        deadline = clock.monotonic() + 120
-        last = None
-        while clock.monotonic() < deadline and last is None:
-            clock.sleep(2)
-            last = tool("--json", "status", env=env).data.get("last_run")
-        assert last is not None, "launchd never ran the job"
+        last = launchd_runs_it(tool, env, r.data["service_id"])
         assert last["trigger"] == "scheduled" and last["outcome"] == "success", last
     finally:
         assert tool("--json", "uninstall", "--purge", env=env).code == 0
@@ -565,22 +571,15 @@ def test_real_launchd_runs_a_lore_that_needs_its_own_folder_on_path(tool, enviro
 def test_real_launchd_run_reads_the_token_from_the_keychain_as_the_agent(tool, environ, lore_bin: Path) -> None:
     """The agent itself reads the Keychain item install stored (no prompt
     answers it): the run started by launchd records every stage with its token."""
-    import subprocess
-    import time as clock
 
     env = dict(environ)
     argv = ["--json", "install", "--backend", "launchd", "--token-source", "keychain", "--lore", str(lore_bin)]
     r = tool(*argv, env=env)
     assert r.code == 0, r.err + r.out
-    label = f"com.gitlore.sync.{r.data['service_id']}"
     try:
         assert tool("--json", "token", env=env).code == 0
-        subprocess.run(["launchctl", "kickstart", f"gui/{os.getuid()}/{label}"], check=True)
-        deadline, last = clock.monotonic() + 120, None
-        while clock.monotonic() < deadline and last is None:
-            clock.sleep(2)
-            last = tool("--json", "status", env=env).data.get("last_run")
-        assert last is not None and last["outcome"] == "success" and last["error_class"] is None, last
+        last = launchd_runs_it(tool, env, r.data["service_id"])
+        assert last["outcome"] == "success" and last["error_class"] is None, last
     finally:
         assert tool("--json", "uninstall", "--purge", env=env).code == 0
 

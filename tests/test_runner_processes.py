@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 import pytest
-from conftest import FakeSystem, calls, edit_config, pid_alive, wait_for_exit, wait_until, write_plan
+from conftest import FakeSystem, calls, edit_config, pid_alive, start_hanging_run, wait_for_exit, write_plan
 
 import lore_service as ls
 
@@ -93,16 +93,8 @@ def test_state_and_log_folders_are_private(cli, installed, home, mode):
 def test_sigterm_from_the_scheduler_kills_the_stage_and_still_records_the_run(tool, environ, project, home):
     import json
     import signal
-    import subprocess
 
-    assert tool("--json", "install", "--backend", "none").code == 0
-    write_plan(project, {"issues": {"grandchild": True, "hang": True}})
-    runner = subprocess.Popen(
-        [*tool.program, "--json", "run"], cwd=project, env=environ, stdout=subprocess.PIPE, text=True
-    )
-    wait_until((project / ".fake-lore-grandchild-issues.pid").exists, 10)
-    stage_pid = calls(project)[0]["pid"]
-    grandchild = int((project / ".fake-lore-grandchild-issues.pid").read_text())
+    runner, stage_pid, grandchild = start_hanging_run(tool, environ, project, "run")
     runner.send_signal(signal.SIGTERM)  # to the run only, as systemd's stop would start
     out, _ = runner.communicate(timeout=30)
     assert runner.returncode == 1
