@@ -25,20 +25,21 @@ or a decorator needs at import time comes earlier, hence section 1.)
     1. Foundations                the error family and exit codes; `record`
     2. Records                    service.toml, manifest.json, status.json, run records,
                                   scheduler state, checks and plans: typed, validated on read
-    3. Policy                     skip rules, backoff, circuit breaker, derived state
-    4. The run                    run_service(): lock, orphans, secret, stages, SIGTERM, record
-    5. Install and uninstall      InstallRequest -> InstallPlan -> apply (with rollback)
+    3. Policy                     skip rules, classification, backoff, circuit breaker, state
+    4. The run                    run_service(): lock, orphans, secret, stages, stop signals, record
+    5. Install and uninstall      admin turns; InstallRequest -> InstallPlan -> apply (with rollback)
     6. Backends                   SchedulerBackend, its registry, `none`
    6a.   systemd                  hardened user timer + oneshot service
    6b.   cron                     a marked block in the user's crontab
    6c.   launchd                  a LaunchAgent in the GUI domain (macOS)
    6d.   schtasks                 a Task Scheduler task from XML (Windows)
+   6e.   Kubernetes               not a backend: `export` prints a CronJob for a cluster
     7. Doctor                     checks with ok/warn/fail and a fix
     8. CLI                        argparse, the commands, rendering, the robot envelope, main()
     9. Platform appendix
    9a.   System                   the one injectable object for OS calls (clock, randomness,
                                   processes, signals, file locks, platform facts)
-   9b.   Files and time           atomic writes, state reads, timestamps
+   9b.   Files and time           atomic writes, trusted opens, state reads, timestamps
    9c.   Identity and paths       service ids, per-user folders
    9d.   Locks and the log        run lock, rotating service log, tail, follow
    9e.   Secrets                  env-file, keyring stores
