@@ -273,6 +273,22 @@ def parse_interval(text: str) -> int:
     return seconds
 
 
+def parse_duration(text: str, what: str, low: int, high: int) -> int:
+    """Minutes or hours, as intervals are written (`90m`, `72h`), within low..high seconds."""
+    raw = (text or "").strip().lower()
+    if not 2 <= len(raw) <= 6 or raw[-1] not in "mh" or not (raw[:-1].isascii() and raw[:-1].isdigit()):
+        raise ValueError(f"{what} must be minutes or hours, e.g. 90m or 72h")
+    seconds = int(raw[:-1]) * (60 if raw[-1] == "m" else 3600)
+    if not low <= seconds <= high:
+        raise ValueError(f"{what} must be between {format_interval(low)} and {format_interval(high)}")
+    return seconds
+
+
+def default_stale_after(interval_seconds: int, step_seconds: int) -> int:
+    """About three missed intervals, plus one scheduler step of lateness, never under an hour."""
+    return max(3600, 3 * max(interval_seconds, step_seconds) + step_seconds)
+
+
 def format_interval(seconds: int) -> str:
     return f"{seconds // 3600}h" if seconds % 3600 == 0 else f"{seconds // 60}m"
 
@@ -337,6 +353,7 @@ class ServiceConfig:
     backoff_base_seconds: int = 60
     backoff_cap_seconds: int = 3600
     circuit_breaker_threshold: int = 8
+    stale_after_seconds: int | None = None  # None: default_stale_after() of the interval
     permanent_exit_codes: list[int] = field(default_factory=lambda: list(DEFAULT_PERMANENT_CODES))
     log_max_bytes: int = 5 * 1024 * 1024
     log_backups: int = 3
@@ -360,6 +377,7 @@ class ServiceConfig:
             "profile": self.profile,
             "token_env": self.token_env,
             "run_budget_seconds": self.run_budget_seconds,
+            **({"stale_after": format_interval(self.stale_after_seconds)} if self.stale_after_seconds else {}),
             "extra_write_paths": self.extra_write_paths,
             "backoff": {"base_seconds": self.backoff_base_seconds, "cap_seconds": self.backoff_cap_seconds},
             "circuit_breaker": {
@@ -422,6 +440,8 @@ class ServiceConfig:
         if cfg.profile not in PROFILES:
             raise ValueError(f"profile must be one of {', '.join(PROFILES)}")
         cfg.token_env = validate_env_name(str(doc.get("token_env", DEFAULT_TOKEN_ENV)))
+        if "stale_after" in doc:
+            cfg.stale_after_seconds = parse_duration(str(doc["stale_after"]), "stale_after", 3600, 30 * 86400)
         cfg.run_budget_seconds = integer(
             doc.get("run_budget_seconds", DEFAULT_RUN_BUDGET), "run_budget_seconds", 1, 86400
         )
@@ -694,6 +714,8 @@ class Status:
     next_due_at_ms: int | None = None  # earliest next scheduled run (coarse cron steps)
     paused: Pause | None = None
     history: list[RunRecord] = field(default_factory=list)
+    last_success_at_ms: int | None = None  # the end of the last success or degraded run
+    stale_after_seconds: int | None = None  # as the last run found it in service.toml
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -707,6 +729,8 @@ class Status:
             "next_due_at_ms": self.next_due_at_ms,
             "paused": self.paused.to_dict() if self.paused else None,
             "history": [r.to_dict() for r in self.history],
+            "last_success_at_ms": self.last_success_at_ms,
+            "stale_after_seconds": self.stale_after_seconds,
         }
 
     @classmethod
@@ -732,6 +756,8 @@ class Status:
             consecutive_failures=failures,
             next_retry_at_ms=f.count("next_retry_at_ms", optional=True),
             next_due_at_ms=f.count("next_due_at_ms", optional=True),
+            last_success_at_ms=f.count("last_success_at_ms", optional=True),
+            stale_after_seconds=f.count("stale_after_seconds", optional=True),
             paused=pause,
             history=[RunRecord.from_dict(r, what) for r in f.get("history", list, optional=True, default=[])],
             schema_version=f.get("schema_version", int),
@@ -874,11 +900,39 @@ class Plan:
 # ============================================================================
 
 
-def derive_state(status: Status, now_ms: int, running: bool) -> str:
+@record
+class Freshness:
+    """Whether a service synced recently enough: computed from the clock
+    whenever state is read, so no process has to run for a service to go stale."""
+
+    stale: bool
+    stale_since_ms: int | None  # when it went (or will go) stale
+    last_success_at_ms: int | None
+    stale_after_seconds: int
+
+
+def freshness(status: Status, manifest: Manifest, now_ms: int) -> Freshness:
+    """Stale: not paused, and the last success (or the install, before any) is older than stale_after."""
+    after = status.stale_after_seconds or default_stale_after(manifest.interval_seconds, manifest.schedule_step_seconds)
+    success = status.last_success_at_ms
+    if success is None:  # written by an older lore-service: the history knows
+        success = next((r.started_at_ms + r.duration_ms for r in status.history if r.outcome != "failed"), None)
+    base = success if success is not None else ms_from_iso(manifest.created_at_iso)
+    if base is None or status.paused:
+        return Freshness(False, None, success, after)
+    since = base + after * 1000
+    return Freshness(now_ms >= since, since, success, after)
+
+
+def derive_state(status: Status, now_ms: int, running: bool, stale: bool = False) -> str:
+    """One word for the service; several may hold (backing off and stale):
+    running, then paused, then stale, then the last run's outcome."""
     if running:
         return "running"
     if status.paused:
         return "paused"
+    if stale:
+        return "stale"
     if status.consecutive_failures > 0 or (status.next_retry_at_ms or 0) > now_ms:
         return "backoff"
     if status.last_run is None:
@@ -943,9 +997,11 @@ def apply_outcome(status: Status, record: RunRecord, cfg: ServiceConfig, system:
     """Fold a finished run into the status: the one place policy decides."""
     status.last_run = record
     status.history = [record, *status.history][:HISTORY_LIMIT]
+    status.stale_after_seconds = cfg.stale_after_seconds
     if record.outcome in ("success", "degraded"):
         status.consecutive_failures = 0
         status.next_retry_at_ms = None
+        status.last_success_at_ms = now_ms
         return
     failed = [s for s in record.stage_results if s.critical and s.outcome in ("failed", "timeout")]
     culprit = failed[0] if failed else None
@@ -4624,6 +4680,17 @@ def _stage_checks(system: System, cfg: ServiceConfig, config_path: str) -> list[
     return checks or [Check("lore", "ok", f"stage commands resolve ({cfg.active_stages()[0].command[0]})")]
 
 
+def freshness_check(ctx: Context, manifest: Manifest) -> Check:
+    """Stale is a failure: the sync stopped, whatever the last run said."""
+    report = service_report(ctx, manifest)
+    fresh = report.fresh
+    if not fresh.stale:
+        return Check("freshness", "ok", f"synced within {format_interval(fresh.stale_after_seconds)} (stale_after)")
+    rendered = _render_stale(report, ctx.system.now_ms())
+    why = rendered[0].split("STALE", 1)[1].strip()
+    return Check("freshness", "fail", f"stale: {why}; cause: {stale_cause(report)}", f"`{TOOL_NAME} trigger` syncs now")
+
+
 def scheduled_token_check(system: System, manifest: Manifest) -> list[Check]:
     """On macOS the Keychain answers each program by itself: ask the very
     program the agent runs to read the token (`token`, non-interactive, with
@@ -4783,6 +4850,7 @@ def _add_command_options(name: str, p: _Parser) -> None:
         p.add_argument("--purge", action="store_true", help="also delete status and logs")
     elif name == "status":
         p.add_argument("--all", action="store_true", help="every installed service")
+        p.add_argument("--check", action="store_true", help="print nothing and exit 0 when all is fresh and unpaused")
     elif name == "pause":
         p.add_argument("--reason", default="paused by user")
     elif name == "logs":
@@ -5119,6 +5187,7 @@ class ServiceReport:
     state: str
     log_path: str
     status_path: str
+    fresh: Freshness
     scheduler: SchedulerState | None = None
     scheduler_error: LoreServiceError | None = None
 
@@ -5128,6 +5197,10 @@ class ServiceReport:
             "service_id": m.service_id,
             "project_root": m.project_root,
             "state": self.state,
+            "stale": self.fresh.stale,
+            "stale_since_ms": self.fresh.stale_since_ms,
+            "last_success_at_ms": self.fresh.last_success_at_ms,
+            "stale_after_seconds": self.fresh.stale_after_seconds,
             "backend": m.backend,
             "backend_reason": m.backend_reason,
             "interval_seconds": m.interval_seconds,
@@ -5155,8 +5228,9 @@ def service_report(ctx: Context, manifest: Manifest) -> ServiceReport:
     sid, paths = manifest.service_id, ctx.paths
     status = load_status(paths, sid)
     running = lock_is_held(paths.run_lock(sid), ctx.system)
-    state = derive_state(status, ctx.system.now_ms(), running)
-    report = ServiceReport(manifest, status, state, paths.log(sid), paths.status(sid))
+    fresh = freshness(status, manifest, ctx.system.now_ms())
+    state = derive_state(status, ctx.system.now_ms(), running, fresh.stale)
+    report = ServiceReport(manifest, status, state, paths.log(sid), paths.status(sid), fresh)
     if manifest.backend not in BACKENDS:
         report.scheduler_error = SchedulerError(
             f"unknown backend {manifest.backend}", "upgrade lore-service", code="unknown_backend"
@@ -5196,6 +5270,8 @@ def _render_status(report: ServiceReport, now_ms: int) -> str:
             lines.append(f"  scheduler   {sched.detail}")
         for problem in sched.drift:
             lines.append(f"  DRIFT       {problem}\n              fix: `{TOOL_NAME} install` rewrites the entry")
+    if report.fresh.stale:
+        lines += _render_stale(report, now_ms)
     lines += _render_last_run(st, now_ms)
     pause = st.paused
     if pause:
@@ -5203,6 +5279,33 @@ def _render_status(report: ServiceReport, now_ms: int) -> str:
         lines.append(f"              fix: {pause.hint}")
     lines.append(f"  log         {report.log_path}")
     return "\n".join(lines)
+
+
+def _render_stale(report: ServiceReport, now_ms: int) -> list[str]:
+    """STALE, for how long, the likeliest cause the scheduler itself gives, and the fix."""
+    fresh, m = report.fresh, report.manifest
+    base = fresh.last_success_at_ms
+    since = "no successful sync" + (f" for {human_duration((now_ms - base) / 1000)}" if base else " since install")
+    lines = [f"  STALE       {since} (expected every {format_interval(m.interval_seconds)})"]
+    lines.append(f"              cause: {stale_cause(report)}")
+    lines.append(f"              fix: `{TOOL_NAME} doctor` names what to repair; `{TOOL_NAME} trigger` syncs now")
+    return lines
+
+
+def stale_cause(report: ServiceReport) -> str:
+    """What the scheduler's own view says stops the runs, else the last run's failure."""
+    sched = report.scheduler
+    if report.scheduler_error is not None:
+        return report.scheduler_error.message
+    if sched is not None and sched.drift:
+        return sched.drift[0]
+    if sched is not None and sched.active is False:
+        return f"the scheduler entry is not active ({sched.detail})"
+    last = report.status.last_run
+    if last is not None and last.outcome == "failed":
+        bad = next((r for r in last.stage_results if r.outcome != "success"), None)
+        return f"the runs fail: {bad.stage} {bad.message}" if bad else "the runs fail"
+    return "no run has happened in time: is the machine asleep or off at the scheduled times?"
 
 
 def _render_last_run(st: Status, now_ms: int) -> list[str]:
@@ -5227,6 +5330,8 @@ def _render_last_run(st: Status, now_ms: int) -> list[str]:
 
 
 def cmd_status(ctx: Context, args: argparse.Namespace) -> Outcome:
+    if args.check:
+        return status_check(ctx, args)
     now = ctx.system.now_ms()
     if args.all:
         rows: list[dict[str, Any]] = []
@@ -5251,6 +5356,38 @@ def cmd_status(ctx: Context, args: argparse.Namespace) -> Outcome:
         raise
     report = service_report(ctx, manifest)
     return Outcome(report.to_dict(), _render_status(report, now))
+
+
+def status_check(ctx: Context, args: argparse.Namespace) -> Outcome:
+    """`status --check [--all]`: silent and exit 0 when every service is fresh
+    and not paused; otherwise one line per problem (stderr) and exit 1. For
+    shell prompts, login scripts and monitoring."""
+    now = ctx.system.now_ms()
+    rows: list[dict[str, Any]] = []
+    sids = ctx.paths.installed_ids() if args.all else [find_service(ctx, args).service_id]
+    for sid in sids:
+        try:
+            manifest = load_manifest(ctx.paths, sid)
+            if manifest is None:
+                continue
+            status = load_status(ctx.paths, sid)
+        except LoreServiceError as exc:
+            rows.append({"service_id": sid, "ok": False, "problems": [f"{sid}: unreadable: {exc.message}"]})
+            continue
+        fresh, problems = freshness(status, manifest, now), []
+        if status.paused:
+            problems.append(f"{sid}: PAUSED ({status.paused.kind}): {status.paused.reason}; fix: {status.paused.hint}")
+        if fresh.stale:
+            since = human_duration((now - fresh.last_success_at_ms) / 1000) if fresh.last_success_at_ms else None
+            what = f"no successful sync for {since}" if since else "no successful sync since install"
+            every = format_interval(manifest.interval_seconds)
+            problems.append(f"{sid}: STALE: {what} (expected every {every}); fix: `{TOOL_NAME} doctor --name {sid}`")
+        rows.append({"service_id": sid, "ok": not problems, "problems": problems})
+    problems = [p for row in rows for p in row["problems"]]
+    if problems:
+        error = LoreServiceError("\n".join(problems), "", code="unhealthy")
+        raise error.with_result({"services": rows})
+    return Outcome({"services": rows}, "")
 
 
 def _every_service(rows: list[dict[str, Any]], errors: list[LoreServiceError], text: str) -> Outcome:
@@ -5278,7 +5415,8 @@ def cmd_list(ctx: Context, args: argparse.Namespace) -> Outcome:
             if manifest is None:
                 continue
             status = load_status(ctx.paths, sid)
-            state = derive_state(status, ctx.system.now_ms(), lock_is_held(ctx.paths.run_lock(sid), ctx.system))
+            stale = freshness(status, manifest, ctx.system.now_ms()).stale
+            state = derive_state(status, ctx.system.now_ms(), lock_is_held(ctx.paths.run_lock(sid), ctx.system), stale)
         except LoreServiceError as exc:
             errors.append(exc)
             rows.append({"service_id": sid, "state": "error", "error": exc.payload()})
@@ -5363,6 +5501,7 @@ def cmd_doctor(ctx: Context, args: argparse.Namespace) -> Outcome:
             backend = get_backend(manifest.backend, ctx.system, ctx.paths)
             checks += _guarded(backend.name, lambda: backend.diagnose(service))
             checks += _guarded("scheduled PATH", lambda: [scheduled_path_check(backend, service)])
+            checks += _guarded("freshness", lambda: [freshness_check(ctx, service)])
             checks += _guarded("token (as scheduled)", lambda: scheduled_token_check(ctx.system, service))
             fix = f"`{TOOL_NAME} install` rewrites it"
 

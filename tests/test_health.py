@@ -1,0 +1,99 @@
+"""Staleness and `status --check`: a service whose sync stopped is noticed
+from the clock alone. The real CLI runs under a shifted clock (Debian's
+faketime), as hours passing without a run would leave it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+from conftest import edit_config, write_plan
+
+
+@pytest.fixture
+def later(tool, environ, project):
+    """Run the tool as if `hours` had passed (faketime shifts this process's clock only)."""
+    faketime = shutil.which("faketime")
+    if faketime is None:
+        if os.environ.get("LORE_E2E_REQUIRED") == "1":
+            pytest.fail("faketime is not installed (./run-tests installs it as root on Debian)")
+        pytest.skip("faketime is not installed")
+
+    def call(hours: float, *argv: str):
+        proc = subprocess.run(
+            [faketime, "-f", f"+{hours}h", *tool.program, *argv],
+            cwd=project,
+            env=environ,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        return proc
+
+    return call
+
+
+def test_a_service_without_a_success_for_three_intervals_is_stale(tool, later):
+    assert tool("--json", "install", "--backend", "none").code == 0
+    assert tool("--json", "trigger").code == 0
+    fresh = json.loads(tool("--json", "status").out)["data"]
+    assert fresh["stale"] is False and fresh["state"] == "healthy"
+    assert fresh["stale_after_seconds"] == 3 * 1800 + 1800  # three intervals and a step, 2h for 30m
+    assert fresh["stale_since_ms"] == fresh["last_success_at_ms"] + 7200 * 1000
+    assert not json.loads(later(1.5, "--json", "status").stdout)["data"]["stale"]
+    data = json.loads(later(8, "--json", "status").stdout)["data"]
+    assert data["stale"] is True and data["state"] == "stale"
+    human = later(8, "status").stdout
+    assert "STALE       no successful sync for 8h (expected every 30m)" in human
+    assert "cause: " in human and "fix: " in human
+    listed = json.loads(later(8, "--json", "list").stdout)["data"]["services"][0]
+    assert listed["state"] == "stale"
+    doctor = later(8, "--json", "doctor")
+    checks = {c["name"]: c for c in json.loads(doctor.stdout)["data"]["checks"]}
+    assert doctor.returncode == 1 and checks["freshness"]["status"] == "fail"
+    assert "no successful sync for 8h" in checks["freshness"]["message"]
+
+
+def test_backing_off_and_stale_at_once_reads_stale_with_both_facts(tool, later, project):
+    assert tool("--json", "install", "--backend", "none").code == 0
+    write_plan(project, {"issues": {"exit": 75}})  # transient: backoff
+    assert tool("--json", "trigger").code == 1
+    data = json.loads(later(3, "--json", "status").stdout)["data"]
+    assert data["state"] == "stale" and data["stale"] is True
+    assert data["consecutive_failures"] == 1 and data["last_success_at_ms"] is None  # never synced since install
+    assert "the runs fail: issues exit status 75" in later(3, "status").stdout
+
+
+def test_stale_after_in_service_toml_takes_effect_with_the_next_run(tool, later, home):
+    assert tool("--json", "install", "--backend", "none").code == 0
+    sid = json.loads(tool("--json", "list").out)["data"]["services"][0]["service_id"]
+    edit_config(home, sid, lambda doc: doc.update(stale_after="24h"))
+    assert tool("--json", "trigger").code == 0
+    assert json.loads(later(8, "--json", "status").stdout)["data"]["stale"] is False
+    assert json.loads(later(25, "--json", "status").stdout)["data"]["stale"] is True
+
+
+def test_status_check_is_silent_when_all_is_well_and_one_line_per_problem_otherwise(tool, later, tmp_path, environ):
+    assert tool("--json", "install", "--backend", "none").code == 0
+    assert tool("--json", "trigger").code == 0
+    other = tmp_path / "other"
+    other.mkdir()
+    assert tool("--json", "install", "--backend", "none", cwd=other).code == 0
+    assert tool("--json", "trigger", cwd=other).code == 0
+    quiet = tool("status", "--check", "--all")
+    assert quiet.code == 0 and quiet.out == "" and quiet.err == ""
+    assert tool("--json", "pause", "--reason", "holiday", cwd=other).code == 0
+    r = later(8, "status", "--check", "--all")
+    assert r.returncode == 1 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 2, r.stderr  # the paused one is not also stale
+    assert any("STALE: no successful sync for 8h (expected every 30m)" in line for line in lines)
+    assert any("PAUSED (manual): holiday" in line for line in lines)
+    robot = json.loads(later(8, "--json", "status", "--check", "--all").stdout)
+    assert robot["ok"] is False and robot["error"]["code"] == "unhealthy"
+    assert sorted(s["ok"] for s in robot["data"]["services"]) == [False, False]
+    one = later(8, "status", "--check")  # just this folder's service
+    assert one.returncode == 1 and len(one.stderr.strip().splitlines()) == 1
