@@ -6413,15 +6413,30 @@ def iso_from_ms(ms: int) -> str:
 
 
 def ms_from_iso(iso: str) -> int | None:
-    """Inverse of iso_from_ms (UTC, `Z`); None for anything else."""
-    import calendar
-
+    """Inverse of iso_from_ms (UTC, `Z`); None for anything else. Plain
+    arithmetic: time.strptime would import _strptime, calendar and locale into
+    every `status` (staleness reads the install time)."""
     try:
-        whole = calendar.timegm(time.strptime(iso[:19], "%Y-%m-%dT%H:%M:%S"))
+        if (iso[4], iso[7], iso[10], iso[13], iso[16]) != ("-", "-", "T", ":", ":"):
+            return None
+        fields = (iso[0:4], iso[5:7], iso[8:10], iso[11:13], iso[14:16], iso[17:19])
+        if not all(f.isascii() and f.isdigit() for f in fields):
+            return None
+        year, month, day, hour, minute, second = map(int, fields)
         frac = int(iso[20:23]) if iso[19:20] == "." else 0
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, IndexError):
         return None
-    return whole * 1000 + frac
+    leap = year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
+    month_days = (31, 29 if leap else 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+    if not (1 <= month <= 12 and 1 <= day <= month_days[month - 1] and hour < 24 and minute < 60 and second < 61):
+        return None
+    # days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's days_from_civil)
+    y = year - (month <= 2)
+    era = y // 400
+    yoe = y - era * 400
+    doy = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5 + day - 1
+    days = era * 146097 + yoe * 365 + yoe // 4 - yoe // 100 + doy - 719468
+    return (((days * 24 + hour) * 60 + minute) * 60 + second) * 1000 + frac
 
 
 def local_time(ms: int) -> str:

@@ -97,3 +97,15 @@ def test_status_check_is_silent_when_all_is_well_and_one_line_per_problem_otherw
     assert sorted(s["ok"] for s in robot["data"]["services"]) == [False, False]
     one = later(8, "status", "--check")  # just this folder's service
     assert one.returncode == 1 and len(one.stderr.strip().splitlines()) == 1
+
+
+def test_install_times_are_read_back_exactly_without_the_strptime_machinery() -> None:
+    import random
+
+    import lore_service as ls
+
+    rng = random.Random(7)
+    for ms in [0, 951782400000, 4102444799999] + [rng.randrange(0, 4102444800000) for _ in range(2000)]:
+        assert ls.ms_from_iso(ls.iso_from_ms(ms)) == ms
+    for bad in ("", "2026-02-29T00:00:00.000Z", "2026-13-01T00:00:00Z", "2026-01-01 00:00:00Z", "abc"):
+        assert ls.ms_from_iso(bad) is None, bad

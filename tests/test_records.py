@@ -108,6 +108,8 @@ HEAVY = {
     "dataclasses", "inspect", "typing", "ast", "tokenize",
     # what only commands that need it import
     "subprocess", "threading", "tomllib", "tomli_w", "keyring", "shutil", "random", "hashlib", "platform",
+    # what time.strptime would pull in (staleness reads the install time)
+    "_strptime", "calendar", "ctypes",
 }  # fmt: skip
 
 
