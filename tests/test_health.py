@@ -109,3 +109,15 @@ def test_install_times_are_read_back_exactly_without_the_strptime_machinery() ->
         assert ls.ms_from_iso(ls.iso_from_ms(ms)) == ms
     for bad in ("", "2026-02-29T00:00:00.000Z", "2026-13-01T00:00:00Z", "2026-01-01 00:00:00Z", "abc"):
         assert ls.ms_from_iso(bad) is None, bad
+
+
+def test_the_cause_of_staleness_comes_from_the_schedulers_own_view(cli, system, installed, home):
+    import time
+
+    assert cli("--json", "trigger").code == 0
+    entry = home / "fake-scheduler" / f"{installed['service_id']}.json"
+    entry.unlink()  # the scheduler lost its entry: nothing fires any more
+    system.clock_ms = int(time.time() * 1000) + 8 * 3600 * 1000
+    text = cli("status").out
+    assert "STALE       no successful sync for 8h (expected every 30m)" in text
+    assert f"cause: {entry} is missing" in text
