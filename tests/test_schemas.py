@@ -423,3 +423,17 @@ def test_version_reports_the_commit_and_date_a_build_baked_in(cli, monkeypatch: 
     validate(data, "version-output.schema.json")
     assert (data["commit"], data["build_date"]) == (stamp.COMMIT, stamp.BUILD_DATE)
     assert cli("--version").out.rstrip().endswith(f"; commit {stamp.COMMIT}, built 2026-11-29T12:00:00Z)")
+
+
+def test_status_check_token_and_export_outputs_match_the_schemas(cli, installed: dict[str, Any], system) -> None:
+    import time
+
+    assert cli("--json", "trigger").code == 0
+    doc = envelope(cli("--json", "status", "--check", "--all"))
+    assert doc["ok"] is True and doc["data"]["services"][0]["ok"] is True
+    system.clock_ms = int(time.time() * 1000) + 8 * 3600 * 1000  # no success for 8h: stale
+    doc = envelope(cli("--json", "status", "--check"))
+    assert doc["ok"] is False and doc["error"]["code"] == "unhealthy" and doc["data"]["services"][0]["problems"]
+    system.clock_ms = None
+    assert envelope(cli("--json", "token"))["data"]["found"] is True
+    assert envelope(cli("--json", "export", "--image", "registry.example/lore:1"))["ok"] is True
