@@ -4680,15 +4680,21 @@ def _stage_checks(system: System, cfg: ServiceConfig, config_path: str) -> list[
     return checks or [Check("lore", "ok", f"stage commands resolve ({cfg.active_stages()[0].command[0]})")]
 
 
-def freshness_check(ctx: Context, manifest: Manifest) -> Check:
+def freshness_check(report: ServiceReport, now_ms: int) -> Check:
     """Stale is a failure: the sync stopped, whatever the last run said."""
-    report = service_report(ctx, manifest)
     fresh = report.fresh
     if not fresh.stale:
         return Check("freshness", "ok", f"synced within {format_interval(fresh.stale_after_seconds)} (stale_after)")
-    rendered = _render_stale(report, ctx.system.now_ms())
-    why = rendered[0].split("STALE", 1)[1].strip()
-    return Check("freshness", "fail", f"stale: {why}; cause: {stale_cause(report)}", f"`{TOOL_NAME} trigger` syncs now")
+    why = f"stale: {stale_summary(fresh, report.manifest, now_ms)}; cause: {stale_cause(report)}"
+    return Check("freshness", "fail", why, f"`{TOOL_NAME} trigger` syncs now")
+
+
+def drift_checks(report: ServiceReport) -> list[Check]:
+    """Each way the scheduler entry differs from what install wrote is a failure."""
+    if report.scheduler_error is not None:
+        return [Check("scheduler entry", "fail", report.scheduler_error.message, report.scheduler_error.hint)]
+    drift = report.scheduler.drift if report.scheduler is not None else []
+    return [Check("scheduler entry", "fail", problem, f"`{TOOL_NAME} install` rewrites it") for problem in drift]
 
 
 def scheduled_token_check(system: System, manifest: Manifest) -> list[Check]:
@@ -5281,12 +5287,16 @@ def _render_status(report: ServiceReport, now_ms: int) -> str:
     return "\n".join(lines)
 
 
+def stale_summary(fresh: Freshness, manifest: Manifest, now_ms: int) -> str:
+    """`no successful sync for 8h (expected every 30m)`."""
+    base = fresh.last_success_at_ms
+    since = f"for {human_duration((now_ms - base) / 1000)}" if base is not None else "since install"
+    return f"no successful sync {since} (expected every {format_interval(manifest.interval_seconds)})"
+
+
 def _render_stale(report: ServiceReport, now_ms: int) -> list[str]:
     """STALE, for how long, the likeliest cause the scheduler itself gives, and the fix."""
-    fresh, m = report.fresh, report.manifest
-    base = fresh.last_success_at_ms
-    since = "no successful sync" + (f" for {human_duration((now_ms - base) / 1000)}" if base else " since install")
-    lines = [f"  STALE       {since} (expected every {format_interval(m.interval_seconds)})"]
+    lines = [f"  STALE       {stale_summary(report.fresh, report.manifest, now_ms)}"]
     lines.append(f"              cause: {stale_cause(report)}")
     lines.append(f"              fix: `{TOOL_NAME} doctor` names what to repair; `{TOOL_NAME} trigger` syncs now")
     return lines
@@ -5378,10 +5388,8 @@ def status_check(ctx: Context, args: argparse.Namespace) -> Outcome:
         if status.paused:
             problems.append(f"{sid}: PAUSED ({status.paused.kind}): {status.paused.reason}; fix: {status.paused.hint}")
         if fresh.stale:
-            since = human_duration((now - fresh.last_success_at_ms) / 1000) if fresh.last_success_at_ms else None
-            what = f"no successful sync for {since}" if since else "no successful sync since install"
-            every = format_interval(manifest.interval_seconds)
-            problems.append(f"{sid}: STALE: {what} (expected every {every}); fix: `{TOOL_NAME} doctor --name {sid}`")
+            summary = stale_summary(fresh, manifest, now)
+            problems.append(f"{sid}: STALE: {summary}; fix: `{TOOL_NAME} doctor --name {sid}`")
         rows.append({"service_id": sid, "ok": not problems, "problems": problems})
     problems = [p for row in rows for p in row["problems"]]
     if problems:
@@ -5501,14 +5509,19 @@ def cmd_doctor(ctx: Context, args: argparse.Namespace) -> Outcome:
             backend = get_backend(manifest.backend, ctx.system, ctx.paths)
             checks += _guarded(backend.name, lambda: backend.diagnose(service))
             checks += _guarded("scheduled PATH", lambda: [scheduled_path_check(backend, service)])
-            checks += _guarded("freshness", lambda: [freshness_check(ctx, service)])
+            # the scheduler is asked once, for freshness's cause and for the drift
+            report = _guarded_report(ctx, service)
+            if isinstance(report, Check):
+                checks.append(report)
+            else:
+                checks.append(freshness_check(report, ctx.system.now_ms()))
             checks += _guarded("token (as scheduled)", lambda: scheduled_token_check(ctx.system, service))
-            fix = f"`{TOOL_NAME} install` rewrites it"
-
-            def drift() -> list[Check]:
-                return [Check("scheduler entry", "fail", problem, fix) for problem in backend.state(service).drift]
-
-            checks += _guarded("scheduler entry", drift)
+            if not isinstance(report, Check):
+                checks += drift_checks(report)
+            else:  # status.json cannot be read (its own check says so): the entry is still judged
+                fix = f"`{TOOL_NAME} install` rewrites it"
+                drift = lambda: [Check("scheduler entry", "fail", p, fix) for p in backend.state(service).drift]  # noqa: E731
+                checks += _guarded("scheduler entry", drift)
         else:
             checks.append(Check("backend", "fail", f"unknown backend {manifest.backend}", "upgrade lore-service"))
         subject = manifest.service_id
@@ -5618,6 +5631,14 @@ def resolve_export(ctx: Context, args: argparse.Namespace) -> KubernetesExport:
         resources=resources,
         status_job=bool(args.status_job),
     )
+
+
+def _guarded_report(ctx: Context, manifest: Manifest) -> ServiceReport | Check:
+    """The service as `status` sees it, or the failing check that says why it cannot be had."""
+    try:
+        return service_report(ctx, manifest)
+    except LoreServiceError as exc:
+        return Check("freshness", "fail", exc.message, exc.hint)
 
 
 def _guarded(name: str, checks: Callable[[], list[Check]]) -> list[Check]:

@@ -590,3 +590,14 @@ def test_a_keychain_item_that_went_missing_is_a_recorded_failure_with_the_way_to
     assert r.code == 1 and r.data["run"]["error_class"] == "secret_store"
     assert "item is missing" in r.doc["error"]["message"]
     assert "token --store" in r.data["run"]["stage_results"][0]["message"]
+
+
+def test_doctor_still_judges_the_scheduler_entry_when_status_cannot_be_read(cli, installed, home):
+    sid = installed["service_id"]
+    status = home / "state" / sid / "status.json"
+    status.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(status)
+    (home / "fake-scheduler" / f"{sid}.json").unlink()
+    checks = cli("--json", "doctor").data["checks"]
+    assert any(c["name"] == "scheduler entry" and "is missing" in c["message"] for c in checks)
+    assert any(c["name"] == "freshness" and c["status"] == "fail" and "FIFO" in c["message"] for c in checks)
