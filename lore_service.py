@@ -260,14 +260,21 @@ MIN_INTERVAL = 5 * 60
 MAX_INTERVAL = 24 * 3600
 
 
+def minutes_or_hours(text: str) -> int | None:
+    """'30m' or '2h' -> seconds; None for anything else (ASCII digits only, at
+    most 5 of them: int() refuses a few thousand, and no valid value needs more)."""
+    raw = (text or "").strip().lower()
+    if not 2 <= len(raw) <= 6 or raw[-1] not in "mh" or not (raw[:-1].isascii() and raw[:-1].isdigit()):
+        return None
+    return int(raw[:-1]) * (60 if raw[-1] == "m" else 3600)
+
+
 def parse_interval(text: str) -> int:
     """'30m' or '2h' -> seconds; only m and h, between 5m and 24h."""
-    raw = (text or "").strip().lower()
     hint = "use minutes or hours between 5m and 24h, e.g. --interval 30m or --interval 2h"
-    # (at most 5 digits: int() refuses a few thousand, and no valid interval needs more)
-    if not 2 <= len(raw) <= 6 or raw[-1] not in "mh" or not (raw[:-1].isascii() and raw[:-1].isdigit()):
+    seconds = minutes_or_hours(text)
+    if seconds is None:
         raise UsageError(f"invalid interval {quoted(text)}", hint, code="bad_interval")
-    seconds = int(raw[:-1]) * (60 if raw[-1] == "m" else 3600)
     if not MIN_INTERVAL <= seconds <= MAX_INTERVAL:
         raise UsageError(f"interval {quoted(text)} is outside 5m..24h", hint, code="bad_interval")
     return seconds
@@ -275,10 +282,9 @@ def parse_interval(text: str) -> int:
 
 def parse_duration(text: str, what: str, low: int, high: int) -> int:
     """Minutes or hours, as intervals are written (`90m`, `72h`), within low..high seconds."""
-    raw = (text or "").strip().lower()
-    if not 2 <= len(raw) <= 6 or raw[-1] not in "mh" or not (raw[:-1].isascii() and raw[:-1].isdigit()):
+    seconds = minutes_or_hours(text)
+    if seconds is None:
         raise ValueError(f"{what} must be minutes or hours, e.g. 90m or 72h")
-    seconds = int(raw[:-1]) * (60 if raw[-1] == "m" else 3600)
     if not low <= seconds <= high:
         raise ValueError(f"{what} must be between {format_interval(low)} and {format_interval(high)}")
     return seconds
@@ -6530,7 +6536,7 @@ def check_path_text(path: str, what: str) -> str:
     """Paths end up in unit files, crontab lines and XML: a line break or
     other control character there could smuggle in a directive. Bytes that
     are not UTF-8 (surrogate escapes) cannot be written into any of them."""
-    if any(ord(c) < 32 or ord(c) == 127 for c in path):
+    if _control_character(path, tab_ok=False):
         raise UsageError(
             f"{what} {path!r} contains a control character (line break, tab, ...)",
             "rename the folder, or install from a path without control characters",
