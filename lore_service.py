@@ -1524,6 +1524,7 @@ class InstallPlan:
     token: str | None  # to store (or embed); a re-install carries the stored one over
     warnings: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
+    carried: bool = False  # token is what the store holds now: apply need not read it again
 
     def __repr__(self) -> str:  # never the token
         return f"InstallPlan({self.manifest.service_id}, {len(self.core_files + self.scheduler.files)} files)"
@@ -1713,13 +1714,12 @@ def plan_install(system: System, paths: Paths, request: InstallRequest, token: s
         raise SchedulerError(failing[0].message, failing[0].hint, code="prerequisite")
     missing.extend(f"{c.message} (fix: {c.hint})" for c in failing)
     existing, source = request.existing, request.token_source
+    carried = False
     if source == "environment":
         token = None  # never stored: each run reads it from its own environment
-    elif token is None and existing is not None and not failing and existing.token_source not in UNSTORED_TOKEN_SOURCES:
-        try:  # re-install without a new token: carry the stored one over (new variable name or store)
-            token = read_secret(paths, existing, {})
-        except LoreServiceError:
-            token = None
+    elif token is None and existing is not None and existing.token_source not in UNSTORED_TOKEN_SOURCES and not failing:
+        token = _stored_secret(paths, existing)  # a re-install without a new token carries the stored one over
+        carried = token is not None
     token_env = request.config.token_env
     if token is None and source != "environment":
         if not request.dry_run:
@@ -1737,7 +1737,7 @@ def plan_install(system: System, paths: Paths, request: InstallRequest, token: s
     scheduler = backend.plan(manifest, request.config, token if source == "embedded" else None)
     warnings.extend(scheduler.warnings)
     core = _core_files(paths, manifest, request.config, token)
-    return InstallPlan(request, manifest, core, scheduler, bundle, token, warnings, missing)
+    return InstallPlan(request, manifest, core, scheduler, bundle, token, warnings, missing, carried)
 
 
 def _planned_manifest(
@@ -1809,7 +1809,7 @@ def _apply_install(system: System, paths: Paths, plan: InstallPlan) -> tuple[boo
     pin_running_program(paths, system, plan.bundle)  # before any entry can name the copy
     backend = get_backend(manifest.backend, system, paths)
     backend.force = plan.request.force
-    old_secret = _stored_secret(paths, existing)
+    old_secret = token if plan.carried else _stored_secret(paths, existing)  # the store is read once
     same_store = existing is not None and existing.token_source == source and existing.token_env == manifest.token_env
     unchanged = same_store and old_secret == token
     store_token = token is not None and source not in UNSTORED_TOKEN_SOURCES and not unchanged

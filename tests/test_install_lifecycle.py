@@ -295,3 +295,15 @@ def test_doctor_flags_stage_programs_a_scheduled_run_could_not_start(cli, instal
     assert r.code == 1 and checks["stage mrs"]["status"] == "fail"
     issues = checks["stage issues"]
     assert issues["status"] == "warn" and "own PATH" in issues["message"] and os.sep in issues["hint"]
+
+
+def test_a_reinstall_reads_the_stored_token_once(cli, system, memory_keyring, monkeypatch):
+    """Each read of an OS store may cost a prompt: planning and applying share one."""
+    assert cli("--json", "install", "--backend", "fake", "--token-source", "keychain").code == 0
+    reads: list[str] = []
+    real = memory_keyring.get_password
+    monkeypatch.setattr(memory_keyring, "get_password", lambda s, u: reads.append(u) or real(s, u))
+    system.environ.pop("GITLAB_TOKEN")
+    r = cli("--json", "install", "--backend", "fake", "--token-source", "keychain", "--profile", "fast")
+    assert r.code == 0, r.out
+    assert len(reads) == 1
