@@ -5,7 +5,9 @@
 (issues, mrs, docs, embeddings). When the OS scheduler fires, it starts
 `lore-service run --service-id ID`, and `run_service()` decides: it takes the
 service's lock (a run never overlaps another), skips when the service is
-paused, backing off or not yet due, reads the token from its store, runs the
+paused, backing off or not yet due, records a skip (never a failure) when a
+condition of the machine holds (its project folder missing, offline), reads
+the token from its store, runs the
 critical stages (issues, mrs) and then the optional ones (docs, embeddings)
 with timeouts and redacted output, and folds the outcome into status.json:
 failures grow a persisted full-jitter backoff, a permanent error or too many
@@ -26,7 +28,7 @@ or a decorator needs at import time comes earlier, hence section 1.)
     2. Records                    service.toml, manifest.json, status.json, run records,
                                   scheduler state, checks and plans: typed, validated on read
     3. Policy                     skip rules, classification, backoff, circuit breaker, state
-    4. The run                    run_service(): lock, orphans, secret, stages, stop signals, record
+    4. The run                    run_service(): lock, orphans, conditions, secret, stages, stop signals, record
     5. Install and uninstall      admin turns; InstallRequest -> InstallPlan -> apply (with rollback)
     6. Backends                   SchedulerBackend, its registry, `none`
    6a.   systemd                  hardened user timer + oneshot service
@@ -89,7 +91,7 @@ EXIT_BUSY = 5  # another run holds the lock
 EXIT_SCHEDULER = 6  # scheduler or prerequisite failure
 
 EXIT_CODES = {
-    EXIT_OK: "success (a run skipped by policy is a success)",
+    EXIT_OK: "success (a scheduled run that is skipped is a success)",
     EXIT_FAILED: "the operation failed",
     EXIT_USAGE: "bad input or usage",
     EXIT_NOT_INSTALLED: "no such service installed",
@@ -609,7 +611,10 @@ def save_manifest(paths: Paths, manifest: Manifest) -> None:
 
 HISTORY_LIMIT = 20
 STAGE_OUTCOMES = ("success", "failed", "timeout", "skipped")
-RUN_OUTCOMES = ("success", "degraded", "failed")
+RUN_OUTCOMES = ("success", "degraded", "failed", "skipped")
+# why a run did not start although it was due: a condition of the machine, not
+# a failure (issue 13); the order is the order they are checked in
+CONDITIONS = ("project_missing", "host_busy", "offline", "on_battery", "metered")
 # secret_store: the run could not get its token (a locked keychain, a prompt nobody
 # sees, an item gone); retried with backoff like a transient failure
 ERROR_CLASSES = ("transient", "permanent", "secret_store")
@@ -665,6 +670,9 @@ class RunRecord:
     error_class: str | None
     stage_results: list[StageResult]
     started_at_ms: int = 0
+    condition: str | None = None  # a skipped run: which of CONDITIONS held
+    reason: str | None = None  # a skipped run: what held, in words
+    repeats: int = 1  # identical skips in a row, coalesced into one entry
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -677,6 +685,9 @@ class RunRecord:
             "outcome": self.outcome,
             "error_class": self.error_class,
             "stage_results": [s.to_dict() for s in self.stage_results],
+            "condition": self.condition,
+            "reason": self.reason,
+            "repeats": self.repeats,
         }
 
     @classmethod
@@ -694,6 +705,9 @@ class RunRecord:
             outcome=f.choice("outcome", RUN_OUTCOMES),
             error_class=f.choice("error_class", ERROR_CLASSES, optional=True),
             stage_results=[StageResult.from_dict(s, what) for s in f.get("stage_results", list)],
+            condition=f.choice("condition", CONDITIONS, optional=True),
+            reason=f.get("reason", str, optional=True),
+            repeats=f.count("repeats", optional=True, low=1) or 1,
         )
 
 
@@ -722,6 +736,7 @@ class Status:
     history: list[RunRecord] = field(default_factory=list)
     last_success_at_ms: int | None = None  # the end of the last success or degraded run
     stale_after_seconds: int | None = None  # as the last run found it in service.toml
+    last_skip: RunRecord | None = None  # the newest skipped run (last_run is the newest that ran)
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -737,6 +752,7 @@ class Status:
             "history": [r.to_dict() for r in self.history],
             "last_success_at_ms": self.last_success_at_ms,
             "stale_after_seconds": self.stale_after_seconds,
+            "last_skip": self.last_skip.to_dict() if self.last_skip else None,
         }
 
     @classmethod
@@ -755,6 +771,7 @@ class Status:
             )
         failures = f.count("consecutive_failures")
         last = f.get("last_run", dict, optional=True)
+        skip = f.get("last_skip", dict, optional=True)
         return cls(
             service_id=f.get("service_id", str),
             updated_at_iso=f.get("updated_at_iso", str),
@@ -764,6 +781,7 @@ class Status:
             next_due_at_ms=f.count("next_due_at_ms", optional=True),
             last_success_at_ms=f.count("last_success_at_ms", optional=True),
             stale_after_seconds=f.count("stale_after_seconds", optional=True),
+            last_skip=RunRecord.from_dict(skip, what) if skip is not None else None,
             paused=pause,
             history=[RunRecord.from_dict(r, what) for r in f.get("history", list, optional=True, default=[])],
             schema_version=f.get("schema_version", int),
@@ -922,7 +940,8 @@ def freshness(status: Status, manifest: Manifest, now_ms: int) -> Freshness:
     after = status.stale_after_seconds or default_stale_after(manifest.interval_seconds, manifest.schedule_step_seconds)
     success = status.last_success_at_ms
     if success is None:  # written by an older lore-service: the history knows
-        success = next((r.started_at_ms + r.duration_ms for r in status.history if r.outcome != "failed"), None)
+        done = (r for r in status.history if r.outcome in ("success", "degraded"))
+        success = next((r.started_at_ms + r.duration_ms for r in done), None)
     base = success if success is not None else ms_from_iso(manifest.created_at_iso)
     if base is None or status.paused:
         return Freshness(False, None, success, after)
@@ -997,6 +1016,23 @@ def backoff_delay_ms(failures: int, cfg: ServiceConfig, system: System) -> int:
     """Full jitter: uniform(0, min(cap, base * 2**(n-1))), drawn once."""
     ceiling = min(cfg.backoff_cap_seconds, cfg.backoff_base_seconds * 2 ** min(failures - 1, 62))
     return int(system.uniform(0, ceiling) * 1000)
+
+
+def apply_skip(status: Status, record: RunRecord, cfg: ServiceConfig) -> None:
+    """Fold a skipped run into the status: the history and last_skip only. A
+    skip is a condition of the machine (offline, on battery), not a failure:
+    it never moves the failures, the backoff, the breaker or the due time, so
+    the next firing tries again. Identical skips in a row are one entry."""
+    status.stale_after_seconds = cfg.stale_after_seconds
+    newest = status.history[0] if status.history else None
+    same = newest is not None and (newest.condition, newest.reason) == (record.condition, record.reason)
+    if newest is not None and same and newest.outcome == "skipped":
+        newest.repeats += 1
+        newest.finished_at_iso, newest.duration_ms = record.finished_at_iso, record.duration_ms
+        status.last_skip = newest
+        return
+    status.history = [record, *status.history][:HISTORY_LIMIT]
+    status.last_skip = record
 
 
 def apply_outcome(status: Status, record: RunRecord, cfg: ServiceConfig, system: System, now_ms: int) -> None:
@@ -1075,6 +1111,10 @@ def run_service(system: System, paths: Paths, manifest: Manifest, trigger: str) 
         if manifest.backend in BACKENDS:  # e.g. launchd keeps its crash log bounded
             get_backend(manifest.backend, system, paths).before_run(manifest)
         skipped = _policy_skip(system, paths, manifest, trigger, log)
+        if skipped is None:
+            held = check_conditions(system, manifest, cfg)
+            if held is not None:
+                return record_skip(system, paths, manifest, cfg, trigger, held, log)
         return skipped or _run_stages_and_record(system, paths, manifest, cfg, trigger, log, lock)
     finally:
         lock.release()
@@ -1099,6 +1139,39 @@ def _policy_skip(system: System, paths: Paths, manifest: Manifest, trigger: str,
     if not routine:
         log.write_line("skip", reason)
     return RunResult(sid, reason, quiet=routine)
+
+
+# -- conditions: when the machine says "not now" --------------------------------
+
+
+@record
+class Condition:
+    """Why a due run does not start: one of CONDITIONS and what held, in words."""
+
+    name: str
+    reason: str
+
+
+def check_conditions(system: System, manifest: Manifest, cfg: ServiceConfig) -> Condition | None:
+    """The first condition that keeps this run from starting, checked in the
+    order of CONDITIONS; None to run. A condition is not a failure: the run is
+    recorded as skipped and the next firing tries again."""
+    if not os.path.isdir(manifest.project_root):  # a drive not mounted yet, a folder moved
+        return Condition("project_missing", f"project folder missing ({manifest.project_root})")
+    return None
+
+
+def record_skip(
+    system: System, paths: Paths, manifest: Manifest, cfg: ServiceConfig, trigger: str, held: Condition, log: ServiceLog
+) -> RunResult:
+    """A due run that a condition kept from starting: logged, and folded into
+    the status as a skip (history and last_skip; never the failure count)."""
+    now = system.now_ms()
+    log.write_line("skip", held.reason)
+    at = iso_from_ms(now)
+    run = RunRecord(f"{now:x}-{os.getpid():x}", trigger, at, at, 0, "skipped", None, [], now, held.name, held.reason)
+    status = update_status(paths, manifest.service_id, system, lambda s: apply_skip(s, run, cfg))
+    return RunResult(manifest.service_id, held.reason, record=status.last_skip or run, status=status)
 
 
 def _run_stages_and_record(
@@ -4615,8 +4688,9 @@ def core_checks(paths: Paths, system: System, manifest: Manifest) -> list[Check]
             Check(
                 "project",
                 "fail",
-                f"project folder {manifest.project_root} is gone",
-                f"`{TOOL_NAME} uninstall --name {sid}`, or restore the folder",
+                f"project folder {manifest.project_root} is missing; runs are skipped until it is back",
+                "mount the drive that holds it or move the folder back; if it moved for good, "
+                f"`{TOOL_NAME} uninstall --name {sid}` and install again from its new place",
             )
         )
     else:
@@ -5155,9 +5229,14 @@ def cmd_trigger(ctx: Context, args: argparse.Namespace) -> Outcome:
 def _run_command(ctx: Context, args: argparse.Namespace, trigger: str) -> Outcome:
     result = run_service(ctx.system, ctx.paths, find_service(ctx, args), trigger)
     record, status, sid = result.record, result.status, result.service_id
-    if record is None or status is None:
-        data = {"service_id": sid, "skipped": True, "skip_reason": result.skip_reason, "run": None}
-        return Outcome(data, "" if result.quiet else f"skipped {sid}: {result.skip_reason}")
+    if record is None or status is None or record.outcome == "skipped":
+        run = record.to_dict() if record else None
+        data = {"service_id": sid, "skipped": True, "skip_reason": result.skip_reason, "run": run}
+        text = "" if result.quiet else f"skipped {sid}: {result.skip_reason}"
+        if record is not None and trigger == "manual":  # a person asked for a sync that did not happen
+            hint = f"the run is recorded as skipped; trigger again when it no longer holds (`{TOOL_NAME} doctor`)"
+            raise LoreServiceError(f"not synced: {result.skip_reason}", hint, code="skipped").with_result(data, text)
+        return Outcome(data, text)
     data = {
         "service_id": sid,
         "skipped": False,
@@ -5219,6 +5298,7 @@ class ServiceReport:
             "profile": m.profile,
             "token_source": m.token_source,
             "last_run": st.last_run.to_dict() if st.last_run else None,
+            "last_skip": st.last_skip.to_dict() if st.last_skip else None,
             "consecutive_failures": st.consecutive_failures,
             "next_retry_at_ms": st.next_retry_at_ms,
             "next_retry_at_iso": iso_from_ms(st.next_retry_at_ms) if st.next_retry_at_ms else None,
@@ -5317,6 +5397,9 @@ def stale_cause(report: ServiceReport) -> str:
         return sched.drift[0]
     if sched is not None and sched.active is False:
         return f"the scheduler entry is not active ({sched.detail})"
+    skip, success = report.status.last_skip, report.status.last_success_at_ms or 0
+    if skip is not None and skip.condition and (ms_from_iso(skip.finished_at_iso) or 0) > success:
+        return f"the runs are skipped: {skip.reason} ({skip.repeats} in a row)"
     last = report.status.last_run
     if last is not None and last.outcome == "failed":
         bad = next((r for r in last.stage_results if r.outcome != "success"), None)
@@ -5335,6 +5418,10 @@ def _render_last_run(st: Status, now_ms: int) -> list[str]:
             f"{human_duration(run.duration_ms / 1000)}",
             f"              {stages}",
         ]
+    skip = st.last_skip
+    if skip is not None and (run is None or skip.started_at_ms >= run.started_at_ms):
+        times = f" ({skip.repeats} in a row)" if skip.repeats > 1 else ""
+        lines.append(f"  last skip   {_when(skip.finished_at_iso, now_ms)}: {skip.reason}{times}")
     if st.consecutive_failures:
         lines.append(f"  failures    {st.consecutive_failures} in a row")
     retry = st.next_retry_at_ms

@@ -437,3 +437,17 @@ def test_status_check_token_and_export_outputs_match_the_schemas(cli, installed:
     system.clock_ms = None
     assert envelope(cli("--json", "token"))["data"]["found"] is True
     assert envelope(cli("--json", "export", "--image", "registry.example/lore:1"))["ok"] is True
+
+
+def test_skipped_runs_validate_in_the_envelope_and_in_status_json(cli, installed, project, home, tmp_path, monkeypatch):
+    sid = installed["service_id"]
+    monkeypatch.chdir(tmp_path)
+    project.rename(tmp_path / "away")
+    for command in ("run", "run", "trigger"):
+        doc = envelope(cli("--json", command, "--name", sid))
+        assert doc["data"]["run"]["outcome"] == "skipped"
+    _, status_path = sid_paths(home, sid)
+    status = read_json(status_path)
+    validate(status, "status.schema.json")
+    assert status["last_skip"]["repeats"] == 3
+    validate(envelope(cli("--json", "status", "--name", sid))["data"], "status-output.schema.json")
