@@ -613,8 +613,8 @@ HISTORY_LIMIT = 20
 STAGE_OUTCOMES = ("success", "failed", "timeout", "skipped")
 RUN_OUTCOMES = ("success", "degraded", "failed", "skipped")
 # why a run did not start although it was due: a condition of the machine, not
-# a failure (issue 13); the order is the order they are checked in
-CONDITIONS = ("project_missing", "host_busy", "offline", "on_battery", "metered")
+# a failure; checked in this order (a host slot last: an offline run never takes one)
+CONDITIONS = ("project_missing", "offline", "on_battery", "metered", "host_busy")
 # secret_store: the run could not get its token (a locked keychain, a prompt nobody
 # sees, an item gone); retried with backoff like a transient failure
 ERROR_CLASSES = ("transient", "permanent", "secret_store")
