@@ -123,6 +123,13 @@ def installed(um: UserManager, app: dict):
     tool(um, app, "uninstall", "--purge", "--name", data["service_id"])
 
 
+def why_the_unit_failed(um: UserManager, app: dict, sid: str) -> str:
+    """What a failed start left behind: the unit's own status and the service log's tail."""
+    unit = um.systemctl("status", "--no-pager", "-n", "30", f"lore-sync-{sid}.service")
+    logs = tool(um, app, "logs", "--name", sid)
+    return f"\n--- systemctl status:\n{unit.stdout}{unit.stderr}\n--- lore-service logs:\n{logs.stdout}{logs.stderr}"
+
+
 def unit_files(um: UserManager, sid: str) -> list[Path]:
     return [um.unit_dir / f"lore-sync-{sid}.service", um.unit_dir / f"lore-sync-{sid}.timer"]
 
@@ -130,7 +137,7 @@ def unit_files(um: UserManager, sid: str) -> list[Path]:
 def test_fired_service_runs_sync_under_sandbox_and_status_shows_it(um, app, installed):
     sid = installed["service_id"]
     started = um.systemctl("start", f"lore-sync-{sid}.service", timeout=300)
-    assert started.returncode == 0, started.stderr
+    assert started.returncode == 0, started.stderr + why_the_unit_failed(um, app, sid)
     res = tool(um, app, "--json", "status", "--name", sid)
     assert res.returncode == 0, res.stdout + res.stderr
     status = json.loads(res.stdout)["data"]
@@ -166,7 +173,7 @@ def test_a_pinned_state_folder_with_dollar_and_percent_reaches_the_sandboxed_run
     sid = json.loads(res.stdout)["data"]["service_id"]
     try:
         started = um.systemctl("start", f"lore-sync-{sid}.service", timeout=300)
-        assert started.returncode == 0, started.stderr
+        assert started.returncode == 0, started.stderr + why_the_unit_failed(um, app, sid)
         status = json.loads(as_user("--json", "status", "--name", sid).stdout)["data"]
         assert status["last_run"] is not None and status["last_run"]["outcome"] == "success", status
         assert (state_home / "lore" / "services" / sid / "status.json").is_file()
@@ -345,7 +352,7 @@ def test_frozen_install_pins_a_copy_and_keeps_running_after_the_download_is_dele
     download.rename(aside)  # as good as deleted for the scheduler; put back for the tests after this one
     try:
         started = um.systemctl("start", f"lore-sync-{sid}.service", timeout=300)
-        assert started.returncode == 0, started.stderr
+        assert started.returncode == 0, started.stderr + why_the_unit_failed(um, app, sid)
         res = um.run_as([pinned, "--json", "status", "--name", sid], timeout=60)
         run = json.loads(res.stdout)["data"]["last_run"]
         assert run["outcome"] == "success" and run["trigger"] == "scheduled"
