@@ -2601,7 +2601,8 @@ class SystemdBackend(SchedulerBackend):
             f"TimeoutStartSec={scheduler_timeout(cfg)}",
             "Nice=10",
             "IOSchedulingClass=idle",
-            "CPUSchedulingPolicy=batch",
+            # no CPUSchedulingPolicy=: systemd 252 sets it with nice 0, which a user
+            # manager started at a positive nice may not do (the unit exits 214/SETSCHEDULER)
         ]
         home = self.system.environ.get("HOME") or os.path.expanduser("~")
         # Environment= expands specifiers but no $VARIABLES: a `$` is written as itself
