@@ -536,7 +536,7 @@ class Manifest:
     backend: str
     backend_reason: str
     interval_seconds: int
-    schedule_step_seconds: int  # how often the scheduler fires; < interval only for cron
+    schedule_step_seconds: int  # how often the scheduler fires; < interval on a coarse schedule (run skips until due)
     profile: str
     token_source: str
     token_env: str
@@ -988,8 +988,8 @@ def skip_reason(status: Status, manifest: Manifest, now_ms: int, trigger: str) -
 
 
 def next_due_ms(manifest: Manifest, started_ms: int) -> int:
-    # the slack absorbs the scheduler's own lateness (cron fires on minute
-    # boundaries, a little after the run before it started)
+    # the slack absorbs the scheduler's own lateness (cron and launchd fire on
+    # minute boundaries, a little after the run before it started)
     slack = min(60, manifest.schedule_step_seconds // 2) * 1000
     return started_ms + manifest.interval_seconds * 1000 - slack
 

@@ -519,6 +519,8 @@ def test_real_launchctl_install_status_uninstall(tool, environ: dict[str, str], 
         s = tool("--json", "status", env=env)
         assert s.data["scheduler"]["registered"] is True, s.out
         assert s.data["scheduler"]["drift"] == [], s.out
+        # computed from the calendar launchd loaded: within one 30m step
+        assert s.data["scheduler"]["catch_up"] is None and s.data["scheduler"]["next_run_iso"], s.out
     finally:
         u = tool("--json", "uninstall", "--purge", env=env)
     assert u.code == 0, u.err + u.out
