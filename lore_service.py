@@ -536,7 +536,7 @@ class Manifest:
     backend: str
     backend_reason: str
     interval_seconds: int
-    schedule_step_seconds: int  # how often the scheduler fires; < interval only for cron
+    schedule_step_seconds: int  # how often the scheduler fires; < interval on a coarse schedule (run skips until due)
     profile: str
     token_source: str
     token_env: str
@@ -895,6 +895,9 @@ class SchedulerState:
     next_run_iso: str | None = None
     last_trigger_iso: str | None = None
     last_result: int | str | None = None  # systemd's Result word, launchd's or Task Scheduler's exit code
+    # None when the scheduler runs a firing missed during sleep or power-off by
+    # itself (soon after wake, boot or login); else what happens instead, one line
+    catch_up: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # the backend's own facts: units, pid, schedule, ...
 
     def to_dict(self) -> dict[str, Any]:
@@ -906,6 +909,7 @@ class SchedulerState:
             "last_result": self.last_result,
             "drift": self.drift,
             "detail": self.detail,
+            "catch_up": self.catch_up,
             **self.extra,
         }
 
@@ -984,8 +988,8 @@ def skip_reason(status: Status, manifest: Manifest, now_ms: int, trigger: str) -
 
 
 def next_due_ms(manifest: Manifest, started_ms: int) -> int:
-    # the slack absorbs the scheduler's own lateness (cron fires on minute
-    # boundaries, a little after the run before it started)
+    # the slack absorbs the scheduler's own lateness (cron and launchd fire on
+    # minute boundaries, a little after the run before it started)
     slack = min(60, manifest.schedule_step_seconds // 2) * 1000
     return started_ms + manifest.interval_seconds * 1000 - slack
 
@@ -2160,6 +2164,19 @@ class SchedulerBackend(ABC):
         """How often the scheduler fires for an interval; == interval unless coarse."""
         return interval_seconds
 
+    def firing_after_ms(self, manifest: Manifest) -> int:
+        """The time after which a firing will run rather than skip as not due
+        (skip_reason): now, or just before next_due_at_ms on a coarse schedule
+        that is not due yet. `state` looks for its next run after it."""
+        now = self.system.now_ms()
+        if manifest.schedule_step_seconds >= manifest.interval_seconds:
+            return now
+        try:
+            due = load_status(self.paths, manifest.service_id).next_due_at_ms
+        except LoreServiceError:  # status reports the broken file itself
+            return now
+        return due - 1 if due is not None and due > now else now
+
     @abstractmethod
     def plan(self, manifest: Manifest, cfg: ServiceConfig, embedded_token: str | None) -> Plan:
         """Files to write and commands to run; pure, safe for --dry-run on any OS."""
@@ -2813,6 +2830,9 @@ CRON_STEPS = tuple(m * 60 for m in CRON_MINUTE_STEPS) + tuple(h * 3600 for h in 
 # the next change, so none is written in a minute's first seconds
 CRON_RELOAD_GUARD_SECONDS = 3.0
 CRON_SPLICE_SECONDS = 2.0  # ample for crontab -l, the splice and crontab FILE (milliseconds in practice)
+# cron keeps no record of the minutes it did not see: a tick that falls while
+# the machine sleeps or is off is lost, and the next one runs as usual
+CRON_CATCH_UP = "none: cron skips runs missed while the machine sleeps or is off"
 CRON_DAEMONS = ("cron", "crond")  # Debian/Ubuntu's Vixie cron, cronie (Fedora, Arch)
 CRON_INSTALL_HINT = (
     "install cron: `sudo apt install --no-install-recommends cron` (Debian/Ubuntu; without the flag apt "
@@ -3285,6 +3305,7 @@ class CronBackend(SchedulerBackend):
             drift=drift,
             next_run_iso=iso_from_ms(next_ms) if next_ms is not None else None,
             # (no last trigger: cron keeps no record of its own; status has the runs)
+            catch_up=CRON_CATCH_UP,
             extra={"schedule": expression or None, "step_seconds": step, "daemon_running": running},
         )
 
@@ -3313,15 +3334,7 @@ class CronBackend(SchedulerBackend):
 
     def _next_firing(self, manifest: Manifest, expression: str) -> int | None:
         """The next tick of the expression at which `run` will not skip as not due."""
-        now = after = self.system.now_ms()
-        if self.schedule_step(manifest.interval_seconds) < manifest.interval_seconds:
-            try:
-                due = load_status(self.paths, manifest.service_id).next_due_at_ms
-            except LoreServiceError:
-                due = None
-            if due is not None and due > now:
-                after = due - 1
-        return cron_next_ms(expression, after)
+        return cron_next_ms(expression, self.firing_after_ms(manifest))
 
     # -- checks
     def requirements(self, manifest: Manifest | None, cfg: ServiceConfig | None = None) -> list[Check]:
@@ -3332,15 +3345,32 @@ class CronBackend(SchedulerBackend):
             return []
         log_dir = self.paths.log_dir(manifest.service_id)
         if not os.path.isdir(log_dir):
-            return [
-                Check(
-                    "crash log",
-                    "fail",
-                    f"{log_dir} is missing: /bin/sh cannot open the cron line's `>>` target, so nothing runs",
-                    f"re-run `{TOOL_NAME} install` (it recreates the folder)",
-                )
-            ]
-        return [crash_log_check(self.paths.crash_log(manifest.service_id), "cron output lands here")]
+            crash = Check(
+                "crash log",
+                "fail",
+                f"{log_dir} is missing: /bin/sh cannot open the cron line's `>>` target, so nothing runs",
+                f"re-run `{TOOL_NAME} install` (it recreates the folder)",
+            )
+        else:
+            crash = crash_log_check(self.paths.crash_log(manifest.service_id), "cron output lands here")
+        return [crash, self._catch_up_check(manifest)]
+
+    def _catch_up_check(self, manifest: Manifest) -> Check:
+        """cron cannot run what it missed; a systemd user timer can, so where
+        a user manager answers that is the fix (a warning: cron still syncs)."""
+        manager = BACKENDS["systemd"].availability(self.system) if "systemd" in BACKENDS else None
+        if manager is None or manager.status != "ok":
+            why = manager.message if manager is not None else "no systemd backend"
+            return Check("catch-up", "ok", f"{CRON_CATCH_UP} (no systemd user manager to do better: {why})")
+        return Check(
+            "catch-up",
+            "warn",
+            f"{CRON_CATCH_UP}; the systemd user manager here would run a missed sync within an hour of wake, "
+            "boot or login",
+            "`loginctl enable-linger $USER` (timers then run without a login session), then in "
+            f"{manifest.project_root}: `{TOOL_NAME} install --backend systemd --name {manifest.service_id}` "
+            "(it replaces the cron entry)",
+        )
 
 
 # ----------------------------------------------------------------------------
@@ -3447,9 +3477,93 @@ def launchd_context_problem(system: System) -> str | None:
     return None
 
 
+# The schedule is StartCalendarInterval, never StartInterval: launchd drops a
+# StartInterval firing that falls while the Mac sleeps (launchd.plist(5)), so a
+# 24h interval could skip whole days, while calendar firings missed during
+# sleep are coalesced into one run at wake. A calendar can only name minutes,
+# hours, days, weekdays and months, so it fires on a step that divides an hour
+# and `run` skips until the interval is due, as with systemd and cron.
+LAUNCHD_CALENDAR_KEYS = ("Minute", "Hour")  # what next-run reads (install writes Minute only)
+LAUNCHD_INTERVAL_CATCH_UP = (
+    "none: this plist still fires on StartInterval, which drops firings that fall while the Mac sleeps; "
+    f"`{TOOL_NAME} install` moves it to calendar firings, which run at wake"
+)
+
+
+def launchd_step(interval_seconds: int) -> int:
+    """The largest step that divides both the interval and an hour, i.e.
+    cron's step capped at 1h: 5m -> 5m, 45m -> 15m, 90m -> 30m, 7h and 24h
+    -> 1h. Firings fall on the same minutes every hour, and one falls exactly
+    an interval after each run, so `run` skipping until due keeps the interval."""
+    return min(cron_step(interval_seconds), 3600)
+
+
+def launchd_calendar(service_id: str, step_seconds: int) -> list[dict[str, int]]:
+    """StartCalendarInterval entries for a step dividing an hour: one
+    `{Minute: m}` (every hour at :m) for each m = offset + k * step in the
+    hour, the offset derived from the service id as cron's is (the same
+    minutes cron would use), so services do not all start at :00. 5m gives
+    12 entries, 15m gives 4, a 1h step one."""
+    every = max(1, step_seconds // 60)
+    return [{"Minute": minute} for minute in range(_cron_seed(service_id) % every, 60, every)]
+
+
+def launchd_calendar_times(entries: object) -> list[tuple[set[int], set[int]]] | None:
+    """(minutes, hours) of each StartCalendarInterval entry (a dict or a list
+    of dicts, a missing key meaning every value, as launchd reads them); None
+    for anything else (Day, Weekday, Month: not ours, not guessed)."""
+    items = [entries] if isinstance(entries, dict) else entries
+    if not isinstance(items, list) or not items:
+        return None
+    times = []
+    for item in items:
+        if not isinstance(item, dict) or set(item) - set(LAUNCHD_CALENDAR_KEYS):
+            return None
+        minute, hour = item.get("Minute"), item.get("Hour")
+        for value, high in ((minute, 59), (hour, 23)):
+            if value is not None and (type(value) is not int or not 0 <= value <= high):
+                return None
+        every_minute, every_hour = set(range(60)), set(range(24))
+        times.append(({minute} if minute is not None else every_minute, {hour} if hour is not None else every_hour))
+    return times
+
+
+def launchd_next_ms(entries: object, after_ms: int) -> int | None:
+    """The first minute strictly after `after_ms` at which launchd fires one
+    of the calendar entries (local time, as launchd reads them); None for
+    entries launchd_calendar_times does not read."""
+    times = launchd_calendar_times(entries)
+    if times is None:
+        return None
+    t = (after_ms // 60000 + 1) * 60
+    for _ in range(2 * 24 * 60 + 120):  # two days (plus a DST hour) always hold a match
+        lt = time.localtime(t)
+        if any(lt.tm_min in minutes and lt.tm_hour in hours for minutes, hours in times):
+            return t * 1000
+        t += 60
+    return None
+
+
+def launchd_fires_by_interval(job: dict[str, Any] | None) -> bool:
+    """A plist an older lore-service wrote: StartInterval, no calendar."""
+    return job is not None and "StartInterval" in job and "StartCalendarInterval" not in job
+
+
+def launchd_describe(entries: object) -> str:
+    """`every 15 minutes, at :07, :22, :37, :52`, as cron's are described."""
+    times = launchd_calendar_times(entries)
+    if times is None:
+        return "a calendar lore-service does not read"
+    if any(len(hours) != 24 for _, hours in times):
+        return "on a calendar of hours (not what install writes)"
+    minutes = sorted({m for ms, _ in times for m in ms})
+    return cron_describe(f"{','.join(map(str, minutes))} * * * *")
+
+
 @register_backend
 class LaunchdBackend(SchedulerBackend):
-    """A LaunchAgent in the user's GUI domain, fired every StartInterval seconds."""
+    """A LaunchAgent in the user's GUI domain, fired by StartCalendarInterval
+    every schedule step (at most an hour), so runs missed in sleep happen at wake."""
 
     name = "launchd"
     token_stores = OS_TOKEN_STORES["darwin"]
@@ -3458,6 +3572,9 @@ class LaunchdBackend(SchedulerBackend):
     @classmethod
     def availability(cls, system: System) -> Check:
         return cls.os_tool_availability(system, "darwin", "launchctl", "/bin", "macOS LaunchAgents")
+
+    def schedule_step(self, interval_seconds: int) -> int:
+        return launchd_step(interval_seconds)
 
     # -- names
     def label(self, manifest: Manifest) -> str:
@@ -3483,7 +3600,10 @@ class LaunchdBackend(SchedulerBackend):
         job: dict[str, Any] = {
             "Label": self.label(manifest),
             "ProgramArguments": list(manifest.program),  # argv array: no shell, no quoting
-            "StartInterval": manifest.schedule_step_seconds,
+            # from the interval, not the manifest's step: an older manifest's step is drift
+            "StartCalendarInterval": launchd_calendar(
+                manifest.service_id, self.schedule_step(manifest.interval_seconds)
+            ),
             "RunAtLoad": False,
             # no ProcessType Background: launchd throttles such jobs hard (runs several times
             # slower, stages past their budget); Nice and LowPriorityIO keep it polite instead
@@ -3645,32 +3765,53 @@ class LaunchdBackend(SchedulerBackend):
         trim_crash_log(self.paths.crash_log(manifest.service_id))
 
     # -- state
-    def _file_drift(self, manifest: Manifest) -> list[str]:
+    def _installed_job(self, manifest: Manifest) -> tuple[dict[str, Any] | None, list[str]]:
+        """The plist as it is on disk (None when missing or not a plist), and
+        how it differs from what install writes."""
         import plistlib
 
         path = self.plist_path(manifest)
         raw = _read_bytes(path)
         if raw is None:
-            return [f"{path} is missing"]
+            return None, [f"{path} is missing"]
         try:
             actual = plistlib.loads(raw)
         except Exception:  # plistlib raises several types for garbage
-            return [f"{path} is not a valid plist"]
+            return None, [f"{path} is not a valid plist"]
+        job = actual if isinstance(actual, dict) else None
         expected = self.job(manifest, SECRET_PLACEHOLDER)
-        env = actual.get("EnvironmentVariables") if isinstance(actual, dict) else None
-        if isinstance(env, dict) and manifest.token_source == "embedded" and manifest.token_env in env:
-            actual["EnvironmentVariables"] = {**env, manifest.token_env: SECRET_PLACEHOLDER}  # never compare secrets
-        if actual != expected:
-            return [f"{path} was edited (it differs from what install writes)"]
-        return []
+        env = job.get("EnvironmentVariables") if job is not None else None
+        embedded = manifest.token_source == "embedded"
+        if job is not None and isinstance(env, dict) and embedded and manifest.token_env in env:
+            job["EnvironmentVariables"] = {**env, manifest.token_env: SECRET_PLACEHOLDER}  # never compare secrets
+        if actual == expected:
+            return job, []
+        if launchd_fires_by_interval(job):
+            return job, [f"{path} fires on StartInterval, which drops runs while the Mac sleeps (an older install)"]
+        return job, [f"{path} was edited (it differs from what install writes)"]
+
+    def _calendar(self, manifest: Manifest, job: dict[str, Any] | None) -> tuple[str | None, str | None, str]:
+        """(next run, catch-up, schedule in words) from the calendar launchd
+        loaded: the next firing after now, or at/after next_due_at_ms while
+        `run` would skip as not due."""
+        if job is not None and launchd_fires_by_interval(job):
+            return None, LAUNCHD_INTERVAL_CATCH_UP, f"every {job['StartInterval']} s (StartInterval)"
+        entries = job.get("StartCalendarInterval") if job is not None else None
+        next_ms = launchd_next_ms(entries, self.firing_after_ms(manifest))
+        words = launchd_describe(entries)
+        if manifest.schedule_step_seconds < manifest.interval_seconds:
+            words += "; `run` skips until the interval has passed"
+        return (iso_from_ms(next_ms) if next_ms is not None else None), None, words
 
     def state(self, manifest: Manifest) -> SchedulerState:
         self._require_gui()
-        drift = self._file_drift(manifest)
+        job, drift = self._installed_job(manifest)
         if self.switched_off(manifest):
             drift.append(f"{self.label(manifest)} is disabled in {LOGIN_ITEMS}")
             extra = {"running": False, "pid": None, "runs": None, "login_item_disabled": True}
-            return SchedulerState(True, False, f"disabled in {LOGIN_ITEMS}", drift=drift, extra=extra)
+            catch_up = self._calendar(manifest, job)[1]
+            detail = f"disabled in {LOGIN_ITEMS}"
+            return SchedulerState(True, False, detail, drift=drift, catch_up=catch_up, extra=extra)
         printed = self._print(manifest)
         if printed is None:
             drift.append(f"{self.label(manifest)} is not loaded in {self.domain()}")
@@ -3680,6 +3821,8 @@ class LaunchdBackend(SchedulerBackend):
         loaded_from = info.get("path")
         if loaded_from and os.path.realpath(loaded_from) != os.path.realpath(self.plist_path(manifest)):
             drift.append(f"launchd loaded {self.label(manifest)} from {loaded_from}, not {self.plist_path(manifest)}")
+            job = None  # its calendar is in a file that is not ours: not guessed
+        next_run, catch_up, schedule = self._calendar(manifest, job)
         job_state = info.get("state", "unknown")
         pid, runs = launchd_count(info.get("pid")), launchd_count(info.get("runs"))
         parts = [f"loaded in {self.domain()}", job_state + (f" (pid {pid})" if pid else "")]
@@ -3689,13 +3832,16 @@ class LaunchdBackend(SchedulerBackend):
             parts.append(f"last exit code {info['last exit code']}")
         elif "last terminating signal" in info:
             parts.append(f"last ended by signal: {info['last terminating signal']}")
+        if job is not None:
+            parts.append(f"fires {schedule}")
         return SchedulerState(
             registered=True,
             active=True,
             detail=", ".join(parts),
             drift=drift,
-            # (no next run: launchd does not expose the next StartInterval tick)
+            next_run_iso=next_run,
             last_result=launchd_exit_code(info.get("last exit code")),
+            catch_up=catch_up,
             extra={"running": job_state == "running", "pid": pid, "runs": runs},
         )
 
@@ -5361,6 +5507,8 @@ def _render_status(report: ServiceReport, now_ms: int) -> str:
             lines.append(f"  next run    {_when(sched.next_run_iso, now_ms)}")
         if sched.detail:
             lines.append(f"  scheduler   {sched.detail}")
+        if sched.catch_up:
+            lines.append(f"  catch-up    {sched.catch_up}")
         for problem in sched.drift:
             lines.append(f"  DRIFT       {problem}\n              fix: `{TOOL_NAME} install` rewrites the entry")
     if report.fresh.stale:

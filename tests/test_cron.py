@@ -556,6 +556,32 @@ def test_doctor_all_ok(cli, csys: FakeSystem) -> None:
     assert checks["crash log"]["status"] == "ok"
 
 
+def test_status_says_in_one_line_that_cron_does_not_catch_up(cli, csys: FakeSystem) -> None:
+    assert install(cli, "cron").code == 0
+    r = cli("--json", "status")
+    assert r.data["scheduler"]["catch_up"] == "none: cron skips runs missed while the machine sleeps or is off"
+    lines = [line for line in cli("status").out.splitlines() if "catch-up" in line]
+    assert lines == ["  catch-up    none: cron skips runs missed while the machine sleeps or is off"]
+
+
+def test_doctor_suggests_a_systemd_user_manager_only_where_one_answers(cli, csys: FakeSystem) -> None:
+    sid = install(cli, "cron").data["service_id"]
+    csys.which_map["systemctl"] = "/usr/bin/systemctl"
+    csys.respond(["systemctl", "--user", "is-system-running"], res(0, "running\n"))
+    r = cli("--json", "doctor")
+    assert r.code == 0, r.out  # a warning: cron still syncs while the machine is awake
+    check = next(c for c in r.data["checks"] if c["name"] == "catch-up")
+    assert check["status"] == "warn" and check["message"].startswith(ls.CRON_CATCH_UP)
+    assert "loginctl enable-linger $USER" in check["hint"]
+    assert f"install --backend systemd --name {sid}" in check["hint"]
+    text = cli("doctor").out
+    assert "  warn  catch-up: none: cron skips runs missed" in text and "fix: `loginctl enable-linger $USER`" in text
+    # no user manager to move to: said, but nothing to fix
+    csys.which_map["systemctl"] = None
+    check = next(c for c in cli("--json", "doctor").data["checks"] if c["name"] == "catch-up")
+    assert check["status"] == "ok" and "systemctl is not installed" in check["message"]
+
+
 def test_doctor_warns_without_daemon(cli, csys: FakeSystem) -> None:
     assert install(cli, "cron").code == 0
     csys.respond(["pgrep"], res(1))

@@ -11,6 +11,8 @@ import os
 import plistlib
 import shutil
 import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,10 +78,13 @@ def test_dry_run_on_linux_previews_a_valid_plist(
     assert f["mode"] == "0644"
     job = validate_plist(f["content"])
     crash_log = str(home / "logs" / sid / "scheduler-output.log")
+    # every hour at two minutes 30 apart, at the minutes cron would use: never StartInterval
+    first = int(ls.cron_expression(sid, 1800).split("-")[0])
+    assert data["schedule_step_seconds"] == 1800
     assert job == {
         "Label": label,
         "ProgramArguments": data["program"],
-        "StartInterval": 1800,
+        "StartCalendarInterval": [{"Minute": first}, {"Minute": first + 30}],
         "RunAtLoad": False,
         "LowPriorityIO": True,
         "Nice": 10,
@@ -104,7 +109,8 @@ def test_dry_run_on_linux_previews_a_valid_plist(
 def test_dry_run_text_mode_lists_missing_prerequisite(tool) -> None:
     r = tool("install", "--backend", "launchd", "--dry-run", "--interval", "2h")
     assert r.code == 0, r.err
-    assert "<key>StartInterval</key>\n\t<integer>7200</integer>" in r.out
+    assert "<key>StartCalendarInterval</key>\n\t<array>\n\t\t<dict>\n\t\t\t<key>Minute</key>" in r.out
+    assert "StartInterval<" not in r.out
     assert "missing: launchctl is macOS only" in r.out
 
 
@@ -206,7 +212,7 @@ def test_reinstall_unchanged_only_enables_and_changed_reloads(cli, mac: MacSyste
         ["launchctl", "enable", target],
         ["launchctl", "bootstrap", f"gui/{UID}", plist],
     ]
-    assert plistlib.loads(Path(plist).read_bytes())["StartInterval"] == 3600
+    assert plistlib.loads(Path(plist).read_bytes())["StartCalendarInterval"] == ls.launchd_calendar(sid, 3600)
 
 
 @pytest.mark.parametrize(
@@ -513,6 +519,8 @@ def test_real_launchctl_install_status_uninstall(tool, environ: dict[str, str], 
         s = tool("--json", "status", env=env)
         assert s.data["scheduler"]["registered"] is True, s.out
         assert s.data["scheduler"]["drift"] == [], s.out
+        # computed from the calendar launchd loaded: within one 30m step
+        assert s.data["scheduler"]["catch_up"] is None and s.data["scheduler"]["next_run_iso"], s.out
     finally:
         u = tool("--json", "uninstall", "--purge", env=env)
     assert u.code == 0, u.err + u.out
@@ -779,3 +787,174 @@ def test_doctor_asks_the_scheduled_program_to_read_the_token(cli, mac: MacSystem
     mac.respond([program], res(0, json.dumps({"ok": True, "command": "token", "data": {"found": True}})))
     checks = {c["name"]: c for c in cli("--json", "doctor", sys_=mac).data["checks"]}
     assert checks["token (as scheduled)"]["status"] == "ok"
+
+
+# -- catch-up after sleep: calendar firings, a step of at most an hour, next run ------------
+
+# interval -> the step launchd fires on (the largest that divides both the interval and an hour)
+CALENDAR_STEPS = [("5m", 300), ("45m", 900), ("90m", 1800), ("7h", 3600), ("24h", 3600)]
+
+
+@pytest.fixture
+def local_zone() -> Iterator[Callable[[str], None]]:
+    """Set the process's time zone (POSIX TZ strings: no tzdata needed); restored after."""
+    before = os.environ.get("TZ")
+
+    def use(zone: str) -> None:
+        os.environ["TZ"] = zone
+        time.tzset()
+
+    yield use
+    if before is None:
+        os.environ.pop("TZ", None)
+    else:
+        os.environ["TZ"] = before
+    time.tzset()
+
+
+@pytest.mark.parametrize(("interval", "step"), CALENDAR_STEPS)
+def test_the_plist_fires_on_calendar_entries_of_at_most_an_hour_and_stays_valid(
+    cli, mac: MacSystem, interval: str, step: int
+) -> None:
+    r = install(cli, "launchd", "--dry-run", "--interval", interval, system=mac)
+    assert r.code == 0, r.err + r.out
+    sid, seconds = r.data["service_id"], ls.parse_interval(interval)
+    job = validate_plist(plist_file(r.data)["content"])  # Apple's DTD, for every interval
+    assert "StartInterval" not in job  # its firings are lost while the Mac sleeps
+    assert r.data["schedule_step_seconds"] == step and seconds % step == 0
+    minutes = [entry["Minute"] for entry in job["StartCalendarInterval"]]
+    assert all(list(entry) == ["Minute"] for entry in job["StartCalendarInterval"])  # every hour at :m
+    every = step // 60
+    assert len(minutes) == 60 // every and minutes == list(range(minutes[0], 60, every)) and minutes[0] < every
+    # the same minutes cron would fire at, so services are spread over the hour alike
+    assert minutes[0] == ls.launchd_calendar(sid, step)[0]["Minute"] == ls._cron_seed(sid) % every
+
+
+@pytest.mark.parametrize(("interval", "step"), CALENDAR_STEPS)
+def test_firings_are_evenly_spaced_and_one_falls_an_interval_after_each(interval: str, step: int, local_zone) -> None:
+    local_zone("UTC0")
+    seconds = ls.parse_interval(interval)
+    entries = ls.launchd_calendar("proj-1234abcd", ls.launchd_step(seconds))
+    t, fires = 1_800_000_000_000, []
+    for _ in range(3 * 3600 // step + 2):  # past at least one hour and day boundary for hourly steps
+        nxt = ls.launchd_next_ms(entries, t)
+        assert nxt is not None and nxt > t
+        fires.append(nxt)
+        t = nxt
+    assert {b - a for a, b in zip(fires, fires[1:], strict=False)} == {step * 1000}
+    assert ls.launchd_next_ms(entries, fires[0] + seconds * 1000 - 1) == fires[0] + seconds * 1000
+
+
+def test_next_firing_rolls_over_the_hour_and_the_day(local_zone) -> None:
+    local_zone("UTC0")
+    day = 1_800_057_600_000  # 2027-01-16 00:00 UTC
+    assert time.gmtime(day / 1000)[3:6] == (0, 0, 0)
+    hourly = [{"Minute": 23}]
+    minute = 60_000
+    assert ls.launchd_next_ms(hourly, day + 22 * minute) == day + 23 * minute
+    assert ls.launchd_next_ms(hourly, day + 23 * minute) == day + 3600_000 + 23 * minute  # strictly after
+    late = day + 23 * 3600_000 + 40 * minute  # 23:40: the next :23 is tomorrow 00:23
+    assert ls.launchd_next_ms(hourly, late) == day + 86400_000 + 23 * minute
+    quarter = ls.launchd_calendar("x", 900)
+    offset = quarter[0]["Minute"]
+    last_quarter = day + 23 * 3600_000 + (offset + 45) * minute
+    assert ls.launchd_next_ms(quarter, last_quarter) == day + 86400_000 + offset * minute
+    # Hour is read too (a missing key is every value, as launchd reads it); other keys are not guessed
+    assert ls.launchd_next_ms({"Hour": 3, "Minute": 5}, late) == day + 86400_000 + 3 * 3600_000 + 5 * minute
+    assert ls.launchd_next_ms([{"Weekday": 1, "Minute": 0}], day) is None
+    assert ls.launchd_next_ms([{"Minute": 60}], day) is None
+    assert ls.launchd_next_ms([], day) is None
+
+
+def test_calendar_minutes_are_local_time(local_zone) -> None:
+    local_zone("IST-5:30")  # half an hour off UTC: local :23 is :53 UTC
+    nxt = ls.launchd_next_ms([{"Minute": 23}], 1_800_057_600_000)
+    assert nxt is not None
+    assert time.localtime(nxt / 1000).tm_min == 23 and time.gmtime(nxt / 1000).tm_min == 53
+
+
+def test_status_shows_the_next_firing_and_while_not_due_the_first_one_after_due(
+    cli, mac: MacSystem, local_zone
+) -> None:
+    local_zone("UTC0")
+    assert install(cli, "launchd", "--interval", "24h", system=mac).code == 0
+    backend, manifest = backend_and_manifest(mac, ls.LaunchdBackend)
+    assert (manifest.interval_seconds, manifest.schedule_step_seconds) == (86400, 3600)
+    plist = Path(backend.plist_path(manifest))
+    job = plistlib.loads(plist.read_bytes())
+    minute = job["StartCalendarInterval"][0]["Minute"]
+    mac.respond(["launchctl", "print", backend.target(manifest)], res(0, own_print(job, plist)))
+    day = 1_800_057_600_000  # 00:00 UTC
+    mac.clock_ms = day + 23 * 3600_000 + 59 * 60_000  # 23:59, no run yet: the next hourly firing, tomorrow
+    st = scheduler_state(backend, manifest)
+    assert st["drift"] == [] and st["catch_up"] is None
+    assert st["next_run_iso"] == ls.iso_from_ms(day + 86400_000 + minute * 60_000)
+    assert f"every hour at :{minute:02d}" in st["detail"] and "skips until the interval" in st["detail"]
+    # ran at 22:00: not due until 21:59 tomorrow, and the firings before that are skipped
+    due = ls.next_due_ms(manifest, day + 22 * 3600_000)
+    assert due == day + 86400_000 + 21 * 3600_000 + 59 * 60_000
+    ls.update_status(backend.paths, manifest.service_id, mac, lambda s: setattr(s, "next_due_at_ms", due))
+    first = day + 86400_000 + 21 * 3600_000 + minute * 60_000
+    first += 3600_000 if first < due else 0  # :59 is the only minute at 21h that is due
+    assert scheduler_state(backend, manifest)["next_run_iso"] == ls.iso_from_ms(first)
+    assert cli("--json", "status", sys_=mac).data["stale_after_seconds"] == 73 * 3600  # 3 x 24h + the 1h step
+    text = cli("status", sys_=mac).out
+    assert f"next run    {ls.local_time(first)}" in text
+    assert "catch-up" not in text  # calendar firings missed in sleep run at wake: nothing to say
+
+
+def test_a_24h_service_fires_hourly_and_runs_once_a_day(cli, mac: MacSystem, home: Path) -> None:
+    assert install(cli, "launchd", "--interval", "24h", system=mac).code == 0
+    mac.clock_ms = 1_800_057_600_000
+    assert cli("--json", "run", sys_=mac).data["skipped"] is False
+    for _ in range(23):  # the hourly firings of the next 23 hours, e.g. at wake after a night asleep
+        mac.clock_ms += 3600_000
+        r = cli("--json", "run", sys_=mac)
+        assert r.code == 0 and r.data["skipped"] and "not due" in r.data["skip_reason"]
+    mac.clock_ms += 3600_000
+    assert cli("--json", "run", sys_=mac).data["skipped"] is False
+
+
+def test_a_startinterval_plist_is_drift_that_a_reinstall_upgrades(mac: MacSystem, cli) -> None:
+    from test_schemas import validate
+
+    assert install(cli, "launchd", "--interval", "24h", system=mac).code == 0
+    backend, manifest = backend_and_manifest(mac, ls.LaunchdBackend)
+    sid, target = manifest.service_id, backend.target(manifest)
+    plist = Path(backend.plist_path(manifest))
+    # what lore-service wrote before calendar firings: StartInterval, and the interval as the step
+    job = plistlib.loads(plist.read_bytes())
+    del job["StartCalendarInterval"]
+    job["StartInterval"] = 86400
+    plist.write_bytes(plistlib.dumps(job))
+    manifest_path = Path(backend.paths.manifest(sid))
+    manifest_path.write_text(json.dumps({**json.loads(manifest_path.read_text()), "schedule_step_seconds": 86400}))
+    mac.respond(["launchctl", "print", target], res(0, own_print(job, plist)))
+
+    r = cli("--json", "status", sys_=mac)  # still read
+    assert r.code == 0, r.out
+    validate(r.data, "status-output.schema.json")
+    st = r.data["scheduler"]
+    assert st["registered"] is True and st["next_run_iso"] is None and "86400 s (StartInterval)" in st["detail"]
+    assert st["drift"] == [f"{plist} fires on StartInterval, which drops runs while the Mac sleeps (an older install)"]
+    assert st["catch_up"].startswith("none: this plist still fires on StartInterval")
+    text = cli("status", sys_=mac).out
+    assert "  catch-up    none: this plist still fires on StartInterval" in text
+    assert "DRIFT" in text and "fix: `lore-service install` rewrites the entry" in text
+    doctor = cli("--json", "doctor", sys_=mac)
+    assert any(c["name"] == "scheduler entry" and "StartInterval" in c["message"] for c in doctor.data["checks"])
+
+    mac.responses.pop(0)  # launchctl print answers from the modelled launchd again
+    mac.commands.clear()
+    r = install(cli, "launchd", system=mac)  # the same options: still an upgrade
+    assert r.code == 0, r.err + r.out
+    assert r.data["changed"] is True
+    assert ["launchctl", "bootout", target] in mac.commands
+    assert mac.commands[-1] == ["launchctl", "bootstrap", f"gui/{UID}", str(plist)]
+    upgraded = plistlib.loads(plist.read_bytes())
+    assert "StartInterval" not in upgraded and upgraded["StartCalendarInterval"] == ls.launchd_calendar(sid, 3600)
+    manifest = ls.load_manifest(backend.paths, sid)
+    assert manifest is not None and manifest.schedule_step_seconds == 3600  # `run` now skips until due
+    mac.respond(["launchctl", "print", target], res(0, own_print(upgraded, plist)))
+    st = scheduler_state(backend, manifest)
+    assert st["drift"] == [] and st["catch_up"] is None and st["next_run_iso"] is not None

@@ -163,12 +163,18 @@ def test_dry_run_on_linux_previews_a_valid_task(tool, home: Path, project: Path)
     assert TOKEN not in r.out + r.err
 
 
-@pytest.mark.parametrize(("interval", "iso"), [("5m", "PT5M"), ("90m", "PT1H30M"), ("2h", "PT2H"), ("24h", "PT24H")])
-def test_intervals_validate(cli, interval: str, iso: str) -> None:
+@pytest.mark.parametrize(
+    ("interval", "iso"),
+    [("5m", "PT5M"), ("45m", "PT45M"), ("90m", "PT1H30M"), ("2h", "PT2H"), ("7h", "PT7H"), ("24h", "PT24H")],
+)
+def test_every_interval_validates_and_catches_up_after_sleep(cli, interval: str, iso: str) -> None:
     r = install(cli, "schtasks", "--dry-run", "--interval", interval)
     assert r.code == 0, r.out
-    doc = validate_task(task_file(r.data)["content"])
+    doc = validate_task(task_file(r.data)["content"])  # the 1.3 XSD
     assert doc.findtext("t:Triggers/t:TimeTrigger/t:Repetition/t:Interval", namespaces=NS) == iso
+    # a repetition missed while the PC sleeps or is off starts as soon as it is available again
+    assert doc.findtext("t:Settings/t:StartWhenAvailable", namespaces=NS) == "true"
+    assert r.data["schedule_step_seconds"] == ls.parse_interval(interval)  # the task fires at the interval itself
 
 
 def test_embedded_token_is_refused(tool, cli, win: WinSystem, memory_keyring: MemoryKeyring) -> None:
