@@ -350,6 +350,84 @@ class StageConfig:
     critical: bool = False
 
 
+def check_notify_url(text: str, what: str) -> str:
+    """A webhook or ping URL: http or https with a host, one line. Errors never
+    repeat the value: the URL carries a secret (a ping UUID, a hook's key)."""
+    hint = f"give an http:// or https:// URL, e.g. {what} https://hc-ping.com/<uuid>"
+    bad = _control_character(text, tab_ok=False) or ("a space" if any(c.isspace() for c in text) else None)
+    if bad:
+        raise UsageError(f"{what} contains {bad}", hint, code="bad_url")
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018  (a port that is not a number raises here)
+    except ValueError:
+        raise UsageError(f"{what} is not a valid URL", hint, code="bad_url") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"{what} is not an http:// or https:// URL with a host", hint, code="bad_url")
+    if len(text) > 2048:
+        raise UsageError(f"{what} is longer than 2048 characters", hint, code="bad_url")
+    return text
+
+
+def shown_url(url: str) -> str:
+    """What status, doctor, logs and robot output show of a webhook or ping
+    URL: its scheme and host (and port), never the path, query or user that
+    hold its secret."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "(an invalid URL)"
+    return f"{parts.scheme}://{parts.hostname or ''}{port}"
+
+
+@record
+class NotifyConfig:
+    """service.toml's [notify]: where alerts go (section 4b)."""
+
+    desktop: bool | None = None  # None: on where the run reaches a desktop session
+    webhook: str | None = None
+    healthchecks_url: str | None = None
+
+    def shown(self) -> dict[str, Any]:
+        """For robot output: the URLs as scheme and host only."""
+        return {
+            "desktop": self.desktop,
+            "webhook": shown_url(self.webhook) if self.webhook else None,
+            "healthchecks_url": shown_url(self.healthchecks_url) if self.healthchecks_url else None,
+        }
+
+    def to_toml_table(self, redact: bool) -> dict[str, Any]:
+        def url(value: str) -> str:
+            return shown_url(value) + "/(secret)" if redact else value
+
+        return {
+            **({"desktop": self.desktop} if self.desktop is not None else {}),
+            **({"webhook": url(self.webhook)} if self.webhook else {}),
+            **({"healthchecks_url": url(self.healthchecks_url)} if self.healthchecks_url else {}),
+        }
+
+    @classmethod
+    def from_table(cls, table: dict[str, Any]) -> NotifyConfig:
+        unknown = sorted(set(table) - {"desktop", "webhook", "healthchecks_url"})
+        if unknown:
+            raise ValueError(f"unknown key notify.{unknown[0]} (keys are desktop, webhook, healthchecks_url)")
+        desktop = table.get("desktop")
+        if desktop is not None and not isinstance(desktop, bool):
+            raise ValueError("notify.desktop must be true or false")
+        urls = {k: table.get(k) for k in ("webhook", "healthchecks_url")}
+        for key, value in urls.items():
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"notify.{key} must be a string (a URL)")
+            if value:
+                check_notify_url(value, f"notify.{key}")
+        return cls(desktop, urls["webhook"] or None, urls["healthchecks_url"] or None)
+
+
 @record
 class ServiceConfig:
     """service.toml: the user-editable half of an install."""
@@ -367,6 +445,7 @@ class ServiceConfig:
     log_backups: int = 3
     extra_write_paths: list[str] = field(default_factory=list)
     stages: dict[str, StageConfig] = field(default_factory=dict)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
 
     @classmethod
     def defaults(cls, lore: str) -> ServiceConfig:
@@ -377,7 +456,8 @@ class ServiceConfig:
     def active_stages(self) -> list[StageConfig]:
         return [self.stages[s] for s in PROFILES[self.profile] if s in self.stages]
 
-    def to_toml(self, service_id: str) -> str:
+    def to_toml(self, service_id: str, redact: bool = False) -> str:
+        """The file's text; redact: webhook and ping URLs cut to scheme and host (what --dry-run shows)."""
         import tomli_w
 
         doc: dict[str, Any] = {
@@ -398,12 +478,17 @@ class ServiceConfig:
                 for s in self.stages.values()
             },
         }
+        notify = self.notify.to_toml_table(redact)
+        if notify:
+            doc["notify"] = notify
         header = (
             f"# lore-service configuration for service {service_id}.\n"
             "# Edit freely; `run` reads it every time. interval and profile take effect\n"
             "# in the OS scheduler after `lore-service install` is run again.\n"
             "# extra_write_paths: folders outside the project that stages write to\n"
-            "# (where lore keeps its database); the systemd sandbox allows exactly these.\n\n"
+            "# (where lore keeps its database); the systemd sandbox allows exactly these.\n"
+            "# [notify]: desktop = true|false (default: on where a desktop session is\n"
+            '# reachable), webhook = "https://...", healthchecks_url = "https://hc-ping.com/<uuid>".\n\n'
         )
         return header + tomli_w.dumps(doc)
 
@@ -494,6 +579,7 @@ class ServiceConfig:
                 integer(spec.get("timeout_seconds", DEFAULT_STAGE_TIMEOUT), f"stages.{name}.timeout_seconds", 1, 86400),
                 critical,
             )
+        cfg.notify = NotifyConfig.from_table(table(doc, "notify"))
         missing = [s for s in PROFILES[cfg.profile] if s not in cfg.stages]
         if missing:
             raise ValueError(f"profile {cfg.profile} needs [stages.{missing[0]}]")
@@ -620,6 +706,7 @@ CONDITIONS = ("project_missing", "offline", "on_battery", "metered", "host_busy"
 ERROR_CLASSES = ("transient", "permanent", "secret_store")
 PAUSE_KINDS = ("permanent_error", "circuit_breaker", "manual")
 TRIGGERS = ("scheduled", "manual")
+ALERT_EVENTS = ("failed", "paused", "recovered", "stale")
 
 
 @record
@@ -737,6 +824,10 @@ class Status:
     last_success_at_ms: int | None = None  # the end of the last success or degraded run
     stale_after_seconds: int | None = None  # as the last run found it in service.toml
     last_skip: RunRecord | None = None  # the newest skipped run (last_run is the newest that ran)
+    # alerts (section 4b): the last event sent, so each is sent once per transition
+    last_alert: str | None = None
+    last_alert_at_ms: int | None = None
+    desktop_session: bool | None = None  # whether the last scheduled run reached a desktop session
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -753,6 +844,9 @@ class Status:
             "last_success_at_ms": self.last_success_at_ms,
             "stale_after_seconds": self.stale_after_seconds,
             "last_skip": self.last_skip.to_dict() if self.last_skip else None,
+            "last_alert": self.last_alert,
+            "last_alert_at_ms": self.last_alert_at_ms,
+            "desktop_session": self.desktop_session,
         }
 
     @classmethod
@@ -782,6 +876,9 @@ class Status:
             last_success_at_ms=f.count("last_success_at_ms", optional=True),
             stale_after_seconds=f.count("stale_after_seconds", optional=True),
             last_skip=RunRecord.from_dict(skip, what) if skip is not None else None,
+            last_alert=f.choice("last_alert", ALERT_EVENTS, optional=True),
+            last_alert_at_ms=f.count("last_alert_at_ms", optional=True),
+            desktop_session=f.get("desktop_session", bool, optional=True),
             paused=pause,
             history=[RunRecord.from_dict(r, what) for r in f.get("history", list, optional=True, default=[])],
             schema_version=f.get("schema_version", int),
@@ -1101,6 +1198,8 @@ def run_service(system: System, paths: Paths, manifest: Manifest, trigger: str) 
     load_status(paths, sid)  # a corrupt status is exit 4 before anything runs
     log = ServiceLog(paths.log(sid), system, cfg.log_max_bytes, cfg.log_backups)
     lock = FileLock(paths.run_lock(sid))
+    alerts = RunAlerts(system, paths, manifest, cfg, log)
+    result: RunResult | None = None  # set once the run (or its skip by policy) is recorded
     try:
         if not lock.try_acquire():
             if trigger == "manual":
@@ -1114,14 +1213,18 @@ def run_service(system: System, paths: Paths, manifest: Manifest, trigger: str) 
         lock.record_owner()
         if manifest.backend in BACKENDS:  # e.g. launchd keeps its crash log bounded
             get_backend(manifest.backend, system, paths).before_run(manifest)
-        skipped = _policy_skip(system, paths, manifest, trigger, log)
-        if skipped is None:
+        result = _policy_skip(system, paths, manifest, trigger, log)
+        if result is None:
             held = check_conditions(system, manifest, cfg)
             if held is not None:
-                return record_skip(system, paths, manifest, cfg, trigger, held, log)
-        return skipped or _run_stages_and_record(system, paths, manifest, cfg, trigger, log, lock)
+                result = record_skip(system, paths, manifest, cfg, trigger, held, log)
+                return result
+        result = result or _run_stages_and_record(system, paths, manifest, cfg, trigger, log, lock, alerts)
+        return result
     finally:
         lock.release()
+        if result is not None:  # after the lock: a slow endpoint never holds it (section 4b)
+            alerts.finish(result, trigger)
         log.close()
 
 
@@ -1186,6 +1289,7 @@ def _run_stages_and_record(
     trigger: str,
     log: ServiceLog,
     lock: FileLock,
+    alerts: RunAlerts,
 ) -> RunResult:
     system.make_undumpable()  # before the token is in memory: no core dump or ptrace shows it
     try:
@@ -1205,6 +1309,7 @@ def _run_stages_and_record(
     # until restored, SIGTERM ends the waited-on stage and the run is still recorded
     stop = StopSignal()
     restore_signals = system.on_stop_signals(stop)
+    alerts.run_started()
     try:
         record = run_stages(system, manifest, cfg, trigger, log, secret, lock, stop)
         return _record(system, paths, manifest, cfg, record)
@@ -1504,6 +1609,334 @@ def _pump(stream: Any, stage: str, log: ServiceLog, redact: Redactor) -> None:
         log.write_line(stage, redact.scrub(carry).decode("utf-8", "replace"))
 
 
+# ----------------------------------------------------------------------------
+# 4b. Alerts: failed, paused, recovered, stale; once per transition
+# ----------------------------------------------------------------------------
+# A person learns of trouble without looking. After each run (and each skip by
+# policy) the service's alert condition (paused, stale, failed or ok) is
+# compared with the last event status.json says was sent: a change sends one
+# event (`recovered` when it turns ok after a problem), and nothing is sent
+# again while it lasts. The same run also looks at every other installed
+# service and sends its `stale` event, so a service whose own scheduler died
+# is still reported while any other one runs; `status`, `list`, `--check` and
+# `doctor` compute staleness at every read, and a Healthchecks server, which
+# notices pings that stop, catches a machine or scheduler that stopped
+# entirely. Events go to the desktop, a webhook (one JSON event document,
+# specs/schemas/event.schema.json) or both; a Healthchecks check gets a ping
+# at each run's start and end. Delivery starts after the run lock is released,
+# in threads all bounded together by ALERT_BUDGET_SECONDS: a hung endpoint
+# delays a run by that much at the most, never holds its lock, never fails
+# it, and what failed is logged with the URL cut to its scheme and host.
+
+ALERT_BUDGET_SECONDS = 5.0  # all deliveries of one run together
+ALERT_TIMEOUT_SECONDS = 3.0  # one HTTP request or desktop command
+PING_LOG_BYTES = 10 * 1024  # the run's last log lines in a Healthchecks ping
+EVENT_SCHEMA_VERSION = 1
+WINDOWS_POWERSHELL_APP_ID = "{1AC14E77-02E7-4E5D-B744-2EB1AE5198B7}\\WindowsPowerShell\\v1.0\\powershell.exe"
+
+
+def alert_condition(status: Status, fresh: Freshness) -> str | None:
+    """paused > stale > failed > ok: a failing service that has also gone
+    stale says so once more; None while a person paused it (no alert)."""
+    if status.paused is not None:
+        return None if status.paused.kind == "manual" else "paused"
+    if fresh.stale:
+        return "stale"
+    if status.last_run is not None and status.last_run.outcome == "failed":
+        return "failed"
+    return "ok"
+
+
+def alert_to_send(last: str | None, condition: str | None) -> str | None:
+    """The event a change of condition sends, or None (no change, or nothing to say)."""
+    if condition is None or condition == last:
+        return None
+    if condition == "ok":
+        return "recovered" if last in ("failed", "paused", "stale") else None
+    return condition
+
+
+def run_problem(record: RunRecord) -> str:
+    """`issues failed: exit status 1`: the stage that failed the run (a critical one first)."""
+    bad = [r for r in record.stage_results if r.outcome in ("failed", "timeout")]
+    culprit = next((r for r in bad if r.critical), bad[0] if bad else None)
+    if culprit is None:  # no stage ran (no token): the first stage says why
+        first = record.stage_results[0].message if record.stage_results else "no stage ran"
+        return first.removeprefix("skipped: ")
+    return f"{culprit.stage} {culprit.outcome}: {culprit.message}"
+
+
+def alert_message(event: str, manifest: Manifest, status: Status, fresh: Freshness, now_ms: int) -> str:
+    last = status.last_run
+    if event == "paused" and status.paused is not None:
+        return f"paused ({status.paused.kind}): {status.paused.reason}; fix: {status.paused.hint}"
+    if event == "stale":
+        return stale_summary(fresh, manifest, now_ms)
+    if event == "failed" and last is not None:
+        return f"sync failed: {run_problem(last)}"
+    if last is not None:
+        return f"synced again: last run {last.outcome} in {human_duration(last.duration_ms / 1000)}"
+    return "synced again"
+
+
+def event_document(event: str, manifest: Manifest, status: Status, now_ms: int, host: str) -> dict[str, Any]:
+    """The webhook's JSON (specs/schemas/event.schema.json); never the token or a URL."""
+    fresh = freshness(status, manifest, now_ms)
+    success = fresh.last_success_at_ms
+    return {
+        "schema_version": EVENT_SCHEMA_VERSION,
+        "event": event,
+        "service_id": manifest.service_id,
+        "project_root": manifest.project_root,
+        "host": host,
+        "state": derive_state(status, now_ms, False, fresh.stale),
+        "message": alert_message(event, manifest, status, fresh, now_ms),
+        "at_iso": iso_from_ms(now_ms),
+        "at_ms": now_ms,
+        "stale": fresh.stale,
+        "last_success_at_iso": iso_from_ms(success) if success is not None else None,
+        "consecutive_failures": status.consecutive_failures,
+        "paused": status.paused.to_dict() if status.paused else None,
+        "last_run": status.last_run.to_dict() if status.last_run else None,
+        "tool_version": __version__,
+    }
+
+
+@record
+class Alert:
+    """One event of one service, to deliver where its [notify] says."""
+
+    notify: NotifyConfig
+    document: dict[str, Any]
+
+
+def claim_alert(
+    system: System, paths: Paths, manifest: Manifest, events: Sequence[str], desktop: bool | None = None
+) -> Alert | None:
+    """The event (one of `events`) the service's condition calls for, marked
+    sent in status.json under its status lock (so two runs never both send
+    it); desktop: what this scheduled run found, kept for doctor. Nothing is
+    written when nothing changed."""
+    sid, now = manifest.service_id, system.now_ms()
+    status = load_status(paths, sid)
+    event = alert_to_send(status.last_alert, alert_condition(status, freshness(status, manifest, now)))
+    if (event is None or event not in events) and (desktop is None or desktop == status.desktop_session):
+        return None
+    claimed: list[str] = []
+
+    def change(s: Status) -> None:
+        again = alert_to_send(s.last_alert, alert_condition(s, freshness(s, manifest, now)))
+        if again is not None and again in events:
+            s.last_alert, s.last_alert_at_ms = again, now
+            claimed.append(again)
+        if desktop is not None:
+            s.desktop_session = desktop
+
+    status = update_status(paths, sid, system, change)
+    if not claimed:
+        return None
+    notify = load_config(paths, sid).notify
+    return Alert(notify, event_document(claimed[0], manifest, status, now, system.hostname()))
+
+
+def stale_elsewhere(system: System, paths: Paths, own: str) -> list[Alert]:
+    """The `stale` events of the user's other services: one whose scheduler
+    stopped is reported by any run that still happens. A service that cannot
+    be read is passed over (its own status says why)."""
+    alerts: list[Alert] = []
+    for sid in paths.installed_ids():
+        if sid == own:
+            continue
+        try:
+            manifest = load_manifest(paths, sid)
+            alert = claim_alert(system, paths, manifest, ("stale",)) if manifest is not None else None
+        except LoreServiceError:
+            continue
+        if alert is not None:
+            alerts.append(alert)
+    return alerts
+
+
+def ping_url(url: str, suffix: str) -> str:
+    """A Healthchecks ping URL with /start or /fail added to its path."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + suffix)) if suffix else url
+
+
+def gvariant_string(text: str) -> str:
+    """A GVariant text-format string literal (what `gdbus call` parses)."""
+    out = []
+    for c in text:
+        if c in '"\\':
+            out.append("\\" + c)
+        elif ord(c) < 32 or ord(c) == 127:
+            out.append(f"\\u{ord(c):04x}")
+        else:
+            out.append(c)
+    return '"' + "".join(out) + '"'
+
+
+WINDOWS_TOAST = (
+    "[Windows.UI.Notifications.ToastNotificationManager, Windows.UI.Notifications, ContentType = WindowsRuntime]"
+    " > $null; $t = [Windows.UI.Notifications.ToastNotificationManager]::GetTemplateContent("
+    "[Windows.UI.Notifications.ToastTemplateType]::ToastText02); $x = $t.GetElementsByTagName('text');"
+    " $x.Item(0).AppendChild($t.CreateTextNode($env:LORE_NOTIFY_TITLE)) > $null;"
+    " $x.Item(1).AppendChild($t.CreateTextNode($env:LORE_NOTIFY_BODY)) > $null;"
+    " [Windows.UI.Notifications.ToastNotificationManager]::CreateToastNotifier($env:LORE_NOTIFY_APP).Show("
+    "[Windows.UI.Notifications.ToastNotification]::new($t))"
+)
+
+
+def desktop_command(system: System, session: str, title: str, body: str) -> tuple[list[str], dict[str, str]] | str:
+    """The argv and environment that show one notification here, or why there is none.
+    The texts are passed as data, never spliced into a script: Linux gets
+    GVariant literals, osascript its `argv`, PowerShell environment variables."""
+    env = dict(system.environ)
+    if system.platform == "darwin":
+        script = ["on run argv", "display notification (item 2 of argv) with title (item 1 of argv)", "end run"]
+        return ["osascript", *(w for line in script for w in ("-e", line)), title, body], env
+    if system.platform == "win32":
+        env.update(LORE_NOTIFY_TITLE=title, LORE_NOTIFY_BODY=body, LORE_NOTIFY_APP=WINDOWS_POWERSHELL_APP_ID)
+        return ["powershell", "-NoProfile", "-NonInteractive", "-WindowStyle", "Hidden", "-Command", WINDOWS_TOAST], env
+    env["DBUS_SESSION_BUS_ADDRESS"] = session
+    if system.which("gdbus"):
+        dest = ["--dest", "org.freedesktop.Notifications", "--object-path", "/org/freedesktop/Notifications"]
+        method = ["--method", "org.freedesktop.Notifications.Notify"]
+        args = [gvariant_string(TOOL_NAME), "uint32 0", '""', gvariant_string(title), gvariant_string(body)]
+        args += ["@as []", "@a{sv} {}", "int32 -1"]
+        return ["gdbus", "call", "--session", *dest, *method, *args], env
+    if system.which("notify-send"):
+        return ["notify-send", f"--app-name={TOOL_NAME}", title, body], env
+    return "neither gdbus nor notify-send is installed (Debian: libglib2.0-bin or libnotify-bin)"
+
+
+def send_desktop(system: System, title: str, body: str) -> str | None:
+    """Show one desktop notification; None when shown, else why not."""
+    session = system.desktop_session()
+    if session is None:
+        return "no desktop session is reachable from this run"
+    command = desktop_command(system, session, title, body)
+    if isinstance(command, str):
+        return command
+    argv, env = command
+    result = system.run(argv, env=env, timeout=ALERT_TIMEOUT_SECONDS)
+    return None if result.ok else f"{argv[0]}: {result.summary()}"
+
+
+def alert_jobs(system: System, alert: Alert) -> list[tuple[str, Callable[[], str | None]]]:
+    """(channel as logged, sender) for each place the alert goes."""
+    doc, notify = alert.document, alert.notify
+    jobs: list[tuple[str, Callable[[], str | None]]] = []
+    if notify.desktop or (notify.desktop is None and system.desktop_session() is not None):
+        title = f"{TOOL_NAME}: {doc['service_id']} {doc['event']}"
+        jobs.append(("desktop", lambda: send_desktop(system, title, doc["message"])))
+    if notify.webhook:
+        url, body = notify.webhook, json.dumps(doc).encode()
+        post = lambda: system.http_post(url, body, "application/json", ALERT_TIMEOUT_SECONDS)  # noqa: E731
+        jobs.append((f"webhook {shown_url(url)}", post))
+    return jobs
+
+
+def deliver(system: System, jobs: list[tuple[str, Callable[[], str | None]]], budget: float) -> list[str]:
+    """Run the senders side by side and wait for them `budget` seconds in all;
+    returns one line per failure (a sender still waiting is left behind: it
+    is a daemon thread, and ends with the process)."""
+    import threading
+
+    answers: dict[int, str | None] = {}
+
+    def work(i: int, send: Callable[[], str | None]) -> None:
+        try:
+            answers[i] = send()
+        except Exception as exc:  # a notification never fails the run: whatever went wrong is reported
+            answers[i] = f"{type(exc).__name__}"
+
+    threads = [threading.Thread(target=work, args=(i, send), daemon=True) for i, (_, send) in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    deadline = system.monotonic() + budget
+    problems = []
+    for i, ((channel, _), t) in enumerate(zip(jobs, threads, strict=True)):
+        t.join(max(0.0, deadline - system.monotonic()))
+        if t.is_alive():
+            problems.append(f"{channel}: no answer within {budget:g} s; left behind")
+        elif answers.get(i):
+            problems.append(f"{channel}: {answers[i]}")
+    return problems
+
+
+class RunAlerts:
+    """One run's notifications: its Healthchecks pings, and after the run
+    (lock released) the events of this service and the stale ones of others."""
+
+    def __init__(self, system: System, paths: Paths, manifest: Manifest, cfg: ServiceConfig, log: ServiceLog) -> None:
+        self.system, self.paths, self.manifest, self.log = system, paths, manifest, log
+        self.notify = cfg.notify
+        self.started: Any = None  # the thread sending the /start ping
+        self.start_error: list[str] = []
+        if self.notify.healthchecks_url:
+            log.keep_bytes = PING_LOG_BYTES
+
+    def run_started(self) -> None:
+        """The /start ping, sent beside the stages: it never delays them."""
+        url = self.notify.healthchecks_url
+        if not url:
+            return
+        import threading
+
+        def ping() -> None:
+            body = self.log.recent()
+            error = self.system.http_post(ping_url(url, "/start"), body, "text/plain", ALERT_TIMEOUT_SECONDS)
+            if error:
+                self.start_error.append(error)
+
+        self.started = threading.Thread(target=ping, daemon=True)
+        self.started.start()
+
+    def _ping_job(self, record: RunRecord) -> list[tuple[str, Callable[[], str | None]]]:
+        url = self.notify.healthchecks_url
+        suffix = {"success": "", "degraded": "", "failed": "/fail"}.get(record.outcome)
+        if not url or suffix is None:  # a skipped run ran no stage: the server expects no ping
+            return []
+        body = self.log.recent()
+
+        def ping() -> str | None:
+            if self.started is not None:  # /start first, or the server times the run wrong
+                self.started.join(ALERT_TIMEOUT_SECONDS)
+            return self.system.http_post(ping_url(url, suffix), body, "text/plain", ALERT_TIMEOUT_SECONDS)
+
+        return [(f"healthchecks {shown_url(url)}", ping)]
+
+    def finish(self, result: RunResult, trigger: str) -> None:
+        """Decide and deliver; called after the run lock is released. Never raises."""
+        self.log.may_rotate = False  # only a lock holder rotates
+        try:
+            jobs = self._ping_job(result.record) if result.record is not None else []
+            sent = []
+            for alert in self._claim(trigger):
+                channels = alert_jobs(self.system, alert)
+                jobs += channels
+                to = ", ".join(c for c, _ in channels) or "nowhere ([notify] in service.toml sets none)"
+                sent.append(f"{alert.document['event']} event of {alert.document['service_id']} to {to}")
+            problems = deliver(self.system, jobs, ALERT_BUDGET_SECONDS) if jobs else []
+        except (LoreServiceError, OSError) as exc:  # a notification never fails the run
+            sent, problems = [], [f"could not decide or send alerts: {getattr(exc, 'message', exc)}"]
+        if self.start_error:
+            shown = shown_url(self.notify.healthchecks_url or "")
+            problems.insert(0, f"healthchecks {shown} (start): {self.start_error[0]}")
+        for line in sent:
+            self.log.write_line("notify", line)
+        for problem in problems:
+            self.log.write_line("notify", f"failed: {problem}")
+
+    def _claim(self, trigger: str) -> list[Alert]:
+        desktop = self.system.desktop_session() is not None if trigger == "scheduled" else None
+        own = claim_alert(self.system, self.paths, self.manifest, ALERT_EVENTS, desktop)
+        return ([own] if own else []) + stale_elsewhere(self.system, self.paths, self.manifest.service_id)
+
+
 # ============================================================================
 # 5. Install and uninstall
 # ============================================================================
@@ -1700,7 +2133,22 @@ def _resolve_config(
             if stage.command and stage.command[0] == existing.lore_path:
                 stage.command[0] = lore
     cfg.interval_seconds, cfg.profile, cfg.token_env = interval, profile, token_env
+    _apply_notify_options(cfg.notify, args)
     return cfg, lore
+
+
+def _apply_notify_options(notify: NotifyConfig, args: argparse.Namespace) -> None:
+    """--notify-desktop/--no-notify-desktop, --notify-webhook, --healthchecks-url;
+    an empty URL removes it. Options not given keep what service.toml says."""
+    if getattr(args, "notify_desktop", None) is not None:
+        notify.desktop = args.notify_desktop
+    for option, dest, key in (
+        ("--notify-webhook", "notify_webhook", "webhook"),
+        ("--healthchecks-url", "healthchecks_url", "healthchecks_url"),
+    ):
+        value = getattr(args, dest, None)
+        if value is not None:
+            setattr(notify, key, check_notify_url(value, option) if value else None)
 
 
 def _resolve_lore(system: System, args: argparse.Namespace, existing: Manifest | None) -> str | None:
@@ -1847,8 +2295,9 @@ def _planned_manifest(
 
 def _core_files(paths: Paths, manifest: Manifest, cfg: ServiceConfig, token: str | None) -> list[PlannedFile]:
     sid = manifest.service_id
+    secret_urls = cfg.notify.webhook or cfg.notify.healthchecks_url  # --dry-run shows scheme and host only
     files = [
-        PlannedFile(paths.config(sid), cfg.to_toml(sid), 0o600),
+        PlannedFile(paths.config(sid), cfg.to_toml(sid), 0o600, cfg.to_toml(sid, redact=True) if secret_urls else None),
         PlannedFile(paths.manifest(sid), dump_json(manifest.to_dict()), 0o600),
     ]
     if manifest.token_source == "env-file":
@@ -4944,6 +5393,44 @@ def scheduled_token_check(system: System, manifest: Manifest) -> list[Check]:
     return [Check(name, "fail", f"{program}: {error.get('message', 'no token')}", error.get("hint", ""))]
 
 
+def notify_checks(system: System, paths: Paths, manifest: Manifest) -> list[Check]:
+    """Where alerts go (section 4b): whether the scheduled run reaches a desktop
+    session (as its last scheduled run found; before one, as doctor's own
+    process does), and the webhook and Healthchecks hosts (never their URLs)."""
+    notify = load_config(paths, manifest.service_id).notify
+    checks = [_desktop_check(system, load_status(paths, manifest.service_id).desktop_session, notify.desktop)]
+    if notify.webhook:
+        checks.append(Check("notify webhook", "ok", f"events are POSTed to {shown_url(notify.webhook)}"))
+    if notify.healthchecks_url:
+        shown = shown_url(notify.healthchecks_url)
+        checks.append(Check("notify healthchecks", "ok", f"each run pings {shown} (start, then success or fail)"))
+    return checks
+
+
+def _desktop_check(system: System, seen: bool | None, wanted: bool | None) -> Check:
+    name = "notify desktop"
+    if wanted is False:
+        return Check(name, "ok", "off (desktop = false in service.toml)")
+    where = "the last scheduled run" if seen is not None else "this shell (no scheduled run yet; it may differ)"
+    reachable = seen if seen is not None else system.desktop_session() is not None
+    tool = None
+    if system.platform.startswith("linux") and not (system.which("gdbus") or system.which("notify-send")):
+        tool = "neither gdbus nor notify-send is installed"
+    if reachable and tool:
+        return Check(name, "warn", f"a desktop session is reachable from {where}, but {tool}", "install libglib2.0-bin")
+    if reachable:
+        return Check(name, "ok", f"on: a desktop session is reachable from {where}")
+    if wanted:
+        return Check(
+            name,
+            "warn",
+            f"desktop = true, but no desktop session is reachable from {where}",
+            "log in at the desktop (on Linux the run needs DBUS_SESSION_BUS_ADDRESS or $XDG_RUNTIME_DIR/bus), "
+            "or set desktop = false under [notify] in service.toml",
+        )
+    return Check(name, "ok", f"off: no desktop session is reachable from {where} (desktop = true forces it)")
+
+
 def scheduled_path_check(backend: SchedulerBackend, manifest: Manifest) -> Check:
     """The PATH a scheduled run gets, which need not be the shell's: a lore
     that is a `#!/usr/bin/env` script, or runs git by name, needs its folders."""
@@ -5079,6 +5566,14 @@ def _add_command_options(name: str, p: _Parser) -> None:
         p.add_argument("--lore", metavar="PATH", help="the lore program (default: found on PATH)")
         p.add_argument("--dry-run", action="store_true", help="print what would be written and run; change nothing")
         p.add_argument("--force", action="store_true", help="also re-enable an entry switched off in the OS settings")
+        p.add_argument(
+            "--notify-desktop",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="desktop notifications of alerts (default: on where a desktop session is reachable)",
+        )
+        p.add_argument("--notify-webhook", metavar="URL", help='POST alert events as JSON to URL ("" removes it)')
+        p.add_argument("--healthchecks-url", metavar="URL", help='ping a Healthchecks check each run ("" removes it)')
     elif name == "uninstall":
         p.add_argument("--purge", action="store_true", help="also delete status and logs")
     elif name == "status":
@@ -5247,6 +5742,7 @@ def cmd_install(ctx: Context, args: argparse.Namespace) -> Outcome:
     token = obtain_token(ctx.system, args, request.config.token_env, interactive)
     plan = plan_install(ctx.system, ctx.paths, request, token)
     data: dict[str, Any] = {**plan.summary(), "dry_run": request.dry_run}
+    data["notify"] = request.config.notify.shown()
     if request.dry_run:
         shown = plan.core_files + plan.scheduler.files
         data["files"] = [{"path": f.path, "mode": f"{f.mode:04o}", "content": f.shown()} for f in shown]
@@ -5259,6 +5755,15 @@ def cmd_install(ctx: Context, args: argparse.Namespace) -> Outcome:
     return Outcome(data, _render_install(data))
 
 
+def notify_text(shown: dict[str, Any]) -> str:
+    """`desktop (where reachable); webhook https://example.com; healthchecks https://hc-ping.com`."""
+    desktop = {True: "desktop", False: "no desktop", None: "desktop (where reachable)"}[shown["desktop"]]
+    parts = [desktop]
+    parts += [f"webhook {shown['webhook']}"] if shown["webhook"] else []
+    parts += [f"healthchecks {shown['healthchecks_url']}"] if shown["healthchecks_url"] else []
+    return "; ".join(parts)
+
+
 def _render_install(d: dict[str, Any]) -> str:
     head = "would install" if d["dry_run"] else ("installed" if d["changed"] else "already installed (no change)")
     lines = [
@@ -5266,6 +5771,7 @@ def _render_install(d: dict[str, Any]) -> str:
         f"  schedule  every {format_interval(d['interval_seconds'])} via {d['backend']} ({d['backend_reason']})",
         f"  profile   {d['profile']}; token from {d['token_source']} ({d['token_env']})",
         "  runs      " + " ".join(_shell_quote(a) for a in d["program"]),
+        f"  alerts    {notify_text(d['notify'])}",
     ]
     for f in d.get("files", []):
         if isinstance(f, dict):
@@ -5758,6 +6264,7 @@ def cmd_doctor(ctx: Context, args: argparse.Namespace) -> Outcome:
             else:
                 checks.append(freshness_check(report, ctx.system.now_ms()))
             checks += _guarded("token (as scheduled)", lambda: scheduled_token_check(ctx.system, service))
+            checks += _guarded("notify", lambda: notify_checks(ctx.system, ctx.paths, service))
             if not isinstance(report, Check):
                 checks += drift_checks(report)
             else:  # status.json cannot be read (its own check says so): the entry is still judged
@@ -6380,6 +6887,51 @@ class System:
                 ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
             except (OSError, AttributeError):
                 pass
+
+    # -- alerts (section 4b): where a notification can go, and the network
+    def desktop_session(self) -> str | None:
+        """How this process reaches the user's desktop, or None: on Linux the
+        session bus address (DBUS_SESSION_BUS_ADDRESS, else $XDG_RUNTIME_DIR/bus
+        when that socket exists), on macOS "gui" when this user is at the
+        console, on Windows "desktop" (a task runs in its user's session)."""
+        if self.platform.startswith("linux"):
+            address = self.environ.get("DBUS_SESSION_BUS_ADDRESS", "")
+            runtime = self.environ.get("XDG_RUNTIME_DIR", "")
+            if not address and runtime and os.path.exists(os.path.join(runtime, "bus")):
+                address = "unix:path=" + os.path.join(runtime, "bus")
+            return address or None
+        if self.platform == "darwin":
+            return "gui" if self.console_owner_uid() == self.uid() else None
+        return "desktop" if self.platform == "win32" else None
+
+    def hostname(self) -> str:
+        import socket
+
+        return socket.gethostname()
+
+    def http_post(self, url: str, body: bytes, content_type: str, timeout: float) -> str | None:
+        """POST body to url, straight (no proxy, no redirect to follow); None
+        when the server answers 2xx, else why not. The reason never holds
+        the URL, which carries a secret."""
+        import http.client
+        import urllib.parse
+
+        parts = urllib.parse.urlsplit(url)
+        kind = http.client.HTTPSConnection if parts.scheme.lower() == "https" else http.client.HTTPConnection
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        conn = kind(parts.hostname or "", parts.port, timeout=timeout)
+        try:
+            headers = {"Content-Type": content_type, "User-Agent": f"{TOOL_NAME}/{__version__}"}
+            conn.request("POST", path, body=body, headers=headers)
+            answer = conn.getresponse()
+            answer.read(4096)
+            return None if 200 <= answer.status < 300 else f"HTTP {answer.status} {answer.reason}".strip()
+        except TimeoutError:
+            return f"no answer within {timeout:g} s"
+        except (OSError, http.client.HTTPException) as exc:
+            return getattr(exc, "strerror", None) or type(exc).__name__
+        finally:
+            conn.close()
 
     # -- terminal
     def stdin_isatty(self) -> bool:
@@ -7048,6 +7600,10 @@ class ServiceLog:
         self.may_rotate = True  # only the run-lock holder rotates
         self._fh: Any = None
         self._size = 0
+        # the last lines this instance wrote (one run's), for a Healthchecks ping's body
+        self.keep_bytes = 0
+        self.kept: list[bytes] = []
+        self._kept_size = 0
 
     def _open(self) -> None:
         ensure_dir(os.path.dirname(self.path))
@@ -7078,9 +7634,21 @@ class ServiceLog:
             self._rotate()
         self._fh.write(data)
         self._size += len(data)
+        if self.keep_bytes:
+            self._keep(data)
         if self.echo:
             sys.stdout.write(terminal_safe(data.decode("utf-8", "replace")))
             sys.stdout.flush()
+
+    def _keep(self, data: bytes) -> None:
+        self.kept.append(data)
+        self._kept_size += len(data)
+        while self._kept_size > self.keep_bytes and len(self.kept) > 1:
+            self._kept_size -= len(self.kept.pop(0))
+
+    def recent(self) -> bytes:
+        """This instance's last lines, at most keep_bytes (the newest line's tail if it alone is longer)."""
+        return b"".join(self.kept)[-self.keep_bytes :] if self.keep_bytes else b""
 
     def close(self) -> None:
         if self._fh is not None:

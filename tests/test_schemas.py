@@ -27,6 +27,7 @@ EXPECTED = {
     "status-output.schema.json",
     "doctor-output.schema.json",
     "version-output.schema.json",
+    "event.schema.json",
 }
 
 
