@@ -29,6 +29,8 @@ or a decorator needs at import time comes earlier, hence section 1.)
                                   scheduler state, checks and plans: typed, validated on read
     3. Policy                     skip rules, classification, backoff, circuit breaker, state
     4. The run                    run_service(): lock, orphans, conditions, secret, stages, stop signals, record
+   4b.   Alerts                   failed/paused/recovered/stale once per transition; desktop,
+                                  webhook, Healthchecks pings; delivered after the lock, bounded
     5. Install and uninstall      admin turns; InstallRequest -> InstallPlan -> apply (with rollback)
     6. Backends                   SchedulerBackend, its registry, `none`
    6a.   systemd                  hardened user timer + oneshot service
@@ -40,7 +42,8 @@ or a decorator needs at import time comes earlier, hence section 1.)
     8. CLI                        argparse, the commands, rendering, the robot envelope, main()
     9. Platform appendix
    9a.   System                   the one injectable object for OS calls (clock, randomness,
-                                  processes, signals, file locks, platform facts)
+                                  processes, signals, file locks, platform facts, the desktop
+                                  session and HTTP for alerts)
    9b.   Files and time           atomic writes, trusted opens, state reads, timestamps
    9c.   Identity and paths       service ids, per-user folders
    9d.   Locks and the log        run lock, rotating service log, tail, follow
