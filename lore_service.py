@@ -385,7 +385,8 @@ def shown_url(url: str) -> str:
         port = f":{parts.port}" if parts.port else ""
     except ValueError:
         return "(an invalid URL)"
-    return f"{parts.scheme}://{parts.hostname or ''}{port}"
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{f'[{host}]' if ':' in host else host}{port}"
 
 
 @record
