@@ -235,6 +235,25 @@ def test_a_skipped_run_never_sends_failed(cli, installed, project, home, endpoin
     assert status_file(home, sid)["last_alert"] is None
 
 
+def test_a_run_skipped_by_a_condition_never_sends_failed_nor_pings(cli, installed, project, home, endpoint, tmp_path):
+    """outcome skipped (the project folder is gone): no stage ran, so neither
+    `failed` nor a Healthchecks ping; the failure sent before stays the last."""
+    hook = endpoint("ok")
+    sid = installed["service_id"]
+    set_notify(home, sid, webhook=hook.url + SECRET_PATH, healthchecks_url=hook.url + "/hc")
+    write_plan(project, {"issues": {"exit": 75}})
+    assert cli("--json", "trigger").code == 1
+    project.rename(tmp_path / "moved-away")
+    assert cli("resume", "--name", sid).code == 0  # no backoff wait: each run is due, and skipped
+    for _ in range(3):
+        result = cli("--json", "run", "--name", sid)
+        assert result.code == 0 and result.data["run"]["outcome"] == "skipped", result.out
+    assert [e["event"] for e in hook.events()] == ["failed"]
+    assert [r["path"] for r in hook.requests if r["path"].startswith("/hc")] == ["/hc/start", "/hc/fail"]
+    st = status_file(home, sid)
+    assert st["last_alert"] == "failed" and st["last_skip"]["condition"] == "project_missing"
+
+
 def test_another_services_run_sends_its_stale_event_once(cli, installed, project, home, endpoint, system, tmp_path):
     hook = endpoint("ok")
     other_project = tmp_path / "other"
