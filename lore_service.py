@@ -6,7 +6,8 @@
 `lore-service run --service-id ID`, and `run_service()` decides: it takes the
 service's lock (a run never overlaps another), skips when the service is
 paused, backing off or not yet due, records a skip (never a failure) when a
-condition of the machine holds (its project folder missing, offline), reads
+condition of the machine holds (its project folder missing, offline, or
+every slot of the host-wide run limit staying taken), reads
 the token from its store, runs the
 critical stages (issues, mrs) and then the optional ones (docs, embeddings)
 with timeouts and redacted output, and folds the outcome into status.json:
@@ -25,10 +26,11 @@ uses is last, in the platform appendix. (Python looks names up when a function
 runs, so a section may call what a later one defines; only what a class body
 or a decorator needs at import time comes earlier, hence section 1.)
     1. Foundations                the error family and exit codes; `record`
-    2. Records                    service.toml, manifest.json, status.json, run records,
+    2. Records                    service.toml, settings.toml, manifest.json, status.json, run records,
                                   scheduler state, checks and plans: typed, validated on read
     3. Policy                     skip rules, classification, backoff, circuit breaker, state
-    4. The run                    run_service(): lock, orphans, conditions, secret, stages, stop signals, record
+    4. The run                    run_service(): lock, orphans, conditions, run slot, secret, stages, stop signals,
+                                  record
    4b.   Alerts                   failed/paused/recovered/stale once per transition; desktop,
                                   webhook, Healthchecks pings; delivered after the lock, bounded
     5. Install and uninstall      admin turns; InstallRequest -> InstallPlan -> apply (with rollback)
@@ -617,6 +619,73 @@ def config_or_defaults(paths: Paths, sid: str) -> ServiceConfig:
         return ServiceConfig()
 
 
+# settings.toml keys: (default, lowest, highest); no file means every default
+SETTINGS_KEYS = {
+    "max_concurrent_runs": (2, 1, 100),  # runs of all this user's services with a stage running at once
+    "busy_wait_seconds": (300, 0, 3600),  # a scheduled run waits this long for a free slot, then is skipped
+    "trigger_busy_wait_seconds": (1800, 0, 86400),  # `trigger` waits longer (or until Ctrl-C)
+}
+
+
+@record
+class Settings:
+    """settings.toml next to the services' folders: what the user decides for
+    every service at once (the host-wide run limit). Written by nobody but
+    the user; read by every run and by doctor."""
+
+    max_concurrent_runs: int = SETTINGS_KEYS["max_concurrent_runs"][0]
+    busy_wait_seconds: int = SETTINGS_KEYS["busy_wait_seconds"][0]
+    trigger_busy_wait_seconds: int = SETTINGS_KEYS["trigger_busy_wait_seconds"][0]
+    path: str | None = None  # the file it was read from; None: no file, the defaults
+
+    @classmethod
+    def from_toml(cls, text: str, path: str) -> Settings:
+        import tomllib
+
+        defaults = ", ".join(f"{k} = {d}" for k, (d, _, _) in SETTINGS_KEYS.items())
+        hint = f"fix it by hand, or delete {path} to use the defaults ({defaults})"
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise StateFileError(f"settings {path} is not valid TOML: {exc}", hint, code="config_invalid") from None
+        settings = cls(path=path)
+        for key, value in doc.items():
+            if key not in SETTINGS_KEYS:
+                raise StateFileError(
+                    f"settings {path}: unknown key {key!r} (the keys are {', '.join(SETTINGS_KEYS)})",
+                    hint,
+                    code="config_invalid",
+                )
+            _, low, high = SETTINGS_KEYS[key]
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise StateFileError(
+                    f"settings {path}: {key} must be an integer in {low}..{high}, not {value!r}",
+                    hint,
+                    code="config_invalid",
+                )
+            setattr(settings, key, value)
+        return settings
+
+
+def load_settings(paths: Paths) -> Settings:
+    """The user's settings.toml (trusted as service.toml is, §3.2); the
+    defaults when there is none. A broken one is exit 4, never ignored."""
+    path = paths.settings()
+    paths.verify_trusted(paths.config_root)
+    raw = read_state_bytes(path, "settings")
+    if raw is None:
+        return Settings()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise StateFileError(
+            f"settings {path} is not UTF-8 ({exc.reason} at byte {exc.start})",
+            "save the file as UTF-8, or delete it to use the defaults",
+            code="config_invalid",
+        ) from None
+    return Settings.from_toml(text, path)
+
+
 @record
 class Manifest:
     """manifest.json: what `install` registered, read by every command."""
@@ -1193,12 +1262,16 @@ class RunResult:
     status: Status | None = None
 
 
-def run_service(system: System, paths: Paths, manifest: Manifest, trigger: str) -> RunResult:
+def run_service(
+    system: System, paths: Paths, manifest: Manifest, trigger: str, notify: Callable[[str], None] | None = None
+) -> RunResult:
     """One attempt at the sync: `run` (trigger "scheduled") when the scheduler
     fires, `trigger` ("manual") when a person asks. Everything it decides is
-    persisted before it returns; the CLI only renders the result."""
+    persisted before it returns; the CLI only renders the result (and
+    `notify` tells a waiting person why nothing happens yet)."""
     sid = manifest.service_id
     cfg = load_config(paths, sid)
+    slot = RunSlot(paths, load_settings(paths))  # a broken settings.toml is exit 4 too
     load_status(paths, sid)  # a corrupt status is exit 4 before anything runs
     log = ServiceLog(paths.log(sid), system, cfg.log_max_bytes, cfg.log_backups)
     lock = FileLock(paths.run_lock(sid))
@@ -1219,13 +1292,14 @@ def run_service(system: System, paths: Paths, manifest: Manifest, trigger: str) 
             get_backend(manifest.backend, system, paths).before_run(manifest)
         result = _policy_skip(system, paths, manifest, trigger, log)
         if result is None:
-            held = check_conditions(system, manifest, cfg)
+            held = check_conditions(system, manifest, cfg) or slot.take(system, manifest, cfg, trigger, log, notify)
             if held is not None:
                 result = record_skip(system, paths, manifest, cfg, trigger, held, log)
                 return result
         result = result or _run_stages_and_record(system, paths, manifest, cfg, trigger, log, lock, alerts)
         return result
     finally:
+        slot.release()
         lock.release()
         if result is not None:  # after the lock: a slow endpoint never holds it (section 4b)
             alerts.finish(result, trigger)
@@ -1283,6 +1357,90 @@ def record_skip(
     run = RunRecord(f"{now:x}-{os.getpid():x}", trigger, at, at, 0, "skipped", None, [], now, held.name, held.reason)
     status = update_status(paths, manifest.service_id, system, lambda s: apply_skip(s, run, cfg))
     return RunResult(manifest.service_id, held.reason, record=status.last_skip or run, status=status)
+
+
+# -- the host-wide run limit: slots -------------------------------------------------
+# Twenty services firing at once must not mean twenty `lore` processes. A run
+# holds one of max_concurrent_runs OS-locked files while its stages run;
+# the lock dies with its process, so a crashed run never keeps a slot. The
+# slot is the last condition: a run that is offline never takes one.
+
+SLOT_POLL_SECONDS = (0.5, 3.0)  # a waiting run tries again after a random pause in this range
+# a scheduled run under a scheduler's time limit (systemd, Task Scheduler) waits
+# only as long as its run budget still fits in that limit, less this margin
+SLOT_WAIT_MARGIN_SECONDS = 30
+
+
+class RunSlot:
+    """The slot this run holds, if any; released by run_service's finally."""
+
+    def __init__(self, paths: Paths, settings: Settings) -> None:
+        self.paths, self.limit = paths, settings.max_concurrent_runs
+        self.settings = settings
+        self.held: FileLock | None = None
+
+    def try_take(self, sid: str) -> bool:
+        self.paths.verify_trusted(os.path.dirname(self.paths.slot(0)))
+        for i in range(self.limit):
+            lock = FileLock(self.paths.slot(i))
+            if lock.try_acquire():
+                lock.record_owner(sid)  # who holds it, for the waiting runs and doctor
+                self.held = lock
+                return True
+        return False
+
+    def take(
+        self,
+        system: System,
+        manifest: Manifest,
+        cfg: ServiceConfig,
+        trigger: str,
+        log: ServiceLog,
+        notify: Callable[[str], None] | None = None,
+    ) -> Condition | None:
+        """Take a free slot (None), waiting up to slot_wait_seconds() with a
+        random pause before each try, so runs waiting for slots that free up
+        together do not all start in the same second; else the host_busy condition."""
+        sid = manifest.service_id
+        if self.try_take(sid):
+            return None
+        wait = slot_wait_seconds(self.settings, cfg, manifest, trigger)
+        if wait > 0:
+            users = [u for u in (lock_note(self.paths.slot(i)) for i in range(self.limit)) if u]
+            in_use = f"{self.limit} of {self.limit} in use" + (f" by: {', '.join(users)}" if users else "")
+            log.write_line("run", f"waiting up to {human_duration(wait)} for a free run slot ({in_use})")
+            if notify is not None:
+                notify(f"waiting for a free run slot ({in_use})…")
+            deadline = system.monotonic() + wait
+            while (left := deadline - system.monotonic()) > 0:
+                system.sleep(min(system.uniform(*SLOT_POLL_SECONDS), left))
+                if self.try_take(sid):
+                    return None
+        return Condition("host_busy", f"host busy ({self.limit} run{'s' if self.limit > 1 else ''} in progress)")
+
+    def release(self) -> None:
+        if self.held is not None:
+            self.held.release()
+            self.held = None
+
+
+def slot_wait_seconds(settings: Settings, cfg: ServiceConfig, manifest: Manifest, trigger: str) -> int:
+    """How long a run waits for a free slot: `trigger` its own (longer) time; a
+    scheduled run busy_wait_seconds, but on a scheduler that ends a run after
+    scheduler_timeout() never so long that its run budget no longer fits."""
+    if trigger == "manual":
+        return settings.trigger_busy_wait_seconds
+    backend = BACKENDS.get(manifest.backend)
+    if backend is None or not backend.time_limit:
+        return settings.busy_wait_seconds
+    fits = scheduler_timeout(cfg) - cfg.run_budget_seconds - SLOT_WAIT_MARGIN_SECONDS
+    return max(0, min(settings.busy_wait_seconds, fits))
+
+
+def slots_in_use(system: System, paths: Paths, limit: int) -> list[str]:
+    """One entry per slot held now (doctor): the service it recorded, "" when
+    unknown; probed as lock_is_held does, so asking never makes a run wait."""
+    return [lock_note(paths.slot(i)) for i in range(limit) if lock_is_held(paths.slot(i), system)]
 
 
 def _run_stages_and_record(
@@ -2552,6 +2710,8 @@ class SchedulerBackend(ABC):
     embed_refusal: ClassVar[str] = ""
     # the hint of a scheduler command that failed during install
     command_hint: ClassVar[str] = ""
+    # the scheduler ends a run after scheduler_timeout(): a run waits for a slot only as long as it still fits
+    time_limit: ClassVar[bool] = False
 
     def __init__(self, system: System, paths: Paths) -> None:
         self.system = system
@@ -2923,6 +3083,7 @@ class SystemdBackend(SchedulerBackend):
 
     name = "systemd"
     can_embed = True
+    time_limit = True  # TimeoutStartSec=
     command_hint = "`lore-service doctor` checks the user manager; or use --backend cron"
     # PrivateTmp=true gives the service an empty /tmp: nothing it needs may live there
     hidden_roots: tuple[str, ...] = ("/tmp", "/var/tmp")
@@ -4541,6 +4702,7 @@ class SchtasksBackend(SchedulerBackend):
     password, runs while the user is logged on, catches up after sleep."""
 
     name = "schtasks"
+    time_limit = True  # ExecutionTimeLimit
     token_stores = OS_TOKEN_STORES["win32"]
     # a task has no environment block: an embedded token would sit in an argv every process can read
     embed_refusal = (
@@ -5453,6 +5615,27 @@ def scheduled_path_check(backend: SchedulerBackend, manifest: Manifest) -> Check
     return Check("scheduled PATH", "ok", f"scheduled runs get PATH={path}")
 
 
+def run_limit_check(system: System, paths: Paths, manifest: Manifest | None) -> Check:
+    """The host-wide run limit (settings.toml), who holds its slots now, and
+    how long a run waits for one (for this service's scheduler, if any)."""
+    settings = load_settings(paths)
+    limit = settings.max_concurrent_runs
+    users = slots_in_use(system, paths, limit)
+    named = ", ".join(u for u in users if u)
+    source = settings.path or f"the default: there is no {paths.settings()}"
+    wait = settings.busy_wait_seconds
+    if manifest is not None:
+        wait = slot_wait_seconds(settings, config_or_defaults(paths, manifest.service_id), manifest, "scheduled")
+    return Check(
+        "run limit",
+        "ok",
+        f"at most {limit} run(s) of all services at once ({source}); {len(users)} in use now"
+        + (f" by {named}" if named else "")
+        + f"; a scheduled run waits up to {human_duration(wait)} for a free slot, "
+        f"trigger up to {human_duration(settings.trigger_busy_wait_seconds)}",
+    )
+
+
 def readiness_checks(system: System, paths: Paths) -> list[Check]:
     """doctor with no service installed: can this machine take an install?"""
     checks: list[Check] = []
@@ -5488,6 +5671,7 @@ def readiness_checks(system: System, paths: Paths) -> list[Check]:
             f"export {DEFAULT_TOKEN_ENV}=... before install, or use --token-stdin",
         )
     )
+    checks.extend(_guarded("run limit", lambda: [run_limit_check(system, paths, None)]))
     checks.extend(program_checks(self_command()))
     return checks
 
@@ -5883,8 +6067,15 @@ def cmd_trigger(ctx: Context, args: argparse.Namespace) -> Outcome:
     return _run_command(ctx, args, "manual")
 
 
+def _say(text: str) -> None:
+    """A line for the person at the terminal while a command waits (stderr: never in --json output)."""
+    sys.stderr.write(terminal_safe(text) + "\n")
+    sys.stderr.flush()
+
+
 def _run_command(ctx: Context, args: argparse.Namespace, trigger: str) -> Outcome:
-    result = run_service(ctx.system, ctx.paths, find_service(ctx, args), trigger)
+    notify = _say if trigger == "manual" else None  # a scheduled run's waiting is in its log
+    result = run_service(ctx.system, ctx.paths, find_service(ctx, args), trigger, notify)
     record, status, sid = result.record, result.status, result.service_id
     if record is None or status is None or record.outcome == "skipped":
         run = record.to_dict() if record else None
@@ -6257,6 +6448,7 @@ def cmd_doctor(ctx: Context, args: argparse.Namespace) -> Outcome:
         service = manifest
         checks = [Check("backend", "ok", f"{manifest.backend}: {manifest.backend_reason}")]
         checks += _guarded("files", lambda: core_checks(ctx.paths, ctx.system, service))
+        checks += _guarded("run limit", lambda: [run_limit_check(ctx.system, ctx.paths, service)])
         if manifest.backend in BACKENDS:
             backend = get_backend(manifest.backend, ctx.system, ctx.paths)
             checks += _guarded(backend.name, lambda: backend.diagnose(service))
@@ -7384,6 +7576,14 @@ class Paths:
     def status(self, sid: str) -> str:
         return os.path.join(self.state_dir(sid), "status.json")
 
+    def settings(self) -> str:
+        """The user's settings for every service (the run limit), next to their folders."""
+        return os.path.join(self.config_root, "settings.toml")
+
+    def slot(self, index: int) -> str:
+        """One of the host-wide run slots (not a service id: ids never start with a dot)."""
+        return os.path.join(self.state_root, ".slots", f"slot-{index}.lock")
+
     def run_lock(self, sid: str) -> str:
         return os.path.join(self.state_dir(sid), "run.lock")
 
@@ -7571,6 +7771,24 @@ def lock_holder(path: str) -> int | None:
     finally:
         os.close(fd)
     return int(head) if head.isdigit() else None
+
+
+def lock_note(path: str) -> str:
+    """The note the last holder of a lock recorded after its pid (a slot's
+    service id); "" when there is none (Windows records none)."""
+    try:
+        fd = open_trusted(path, os.O_RDONLY, "lock file")
+    except LoreServiceError:
+        return ""
+    if fd is None:
+        return ""
+    try:
+        lines = os.read(fd, 512).decode("utf-8", "replace").split("\n")
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
+    return lines[1].strip() if len(lines) > 1 else ""
 
 
 def lock_is_held(path: str, system: System) -> bool:

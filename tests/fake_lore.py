@@ -15,8 +15,12 @@ a process in the same group that sleeps and records its pid), print_token
 UTF-16 forms), print_raw (text written as is), record_parent_limits (copy
 the core-size line of the parent's /proc limits to a file), print_mb (write N MiB of output lines), signal
 (kill itself with that signal number), env_var (token variable name,
-default GITLAB_TOKEN). Every call appends one JSON line to
-`.fake-lore-calls.jsonl`: stage, argv, cwd, pid, whether the token was set.
+default GITLAB_TOKEN), wait_for (a path: wait until that file exists, at
+most two minutes). Every call appends one JSON line to
+`.fake-lore-calls.jsonl`: stage, argv, cwd, pid, whether the token was set,
+start_ns; one that ends by returning appends its start_ns and end_ns to
+`.fake-lore-times.jsonl` too (time.monotonic_ns: one clock for every
+process of the machine, so intervals of different runs can be compared).
 """
 
 from __future__ import annotations
@@ -48,7 +52,14 @@ def print_token_forms(token: str) -> None:
     out.flush()
 
 
+def wait_for(path: str) -> None:
+    deadline = time.monotonic() + 120
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def main() -> int:
+    start_ns = time.monotonic_ns()
     argv = sys.argv[1:]
     stage = stage_of(argv)
     try:
@@ -63,6 +74,7 @@ def main() -> int:
         "cwd": os.getcwd(),
         "pid": os.getpid(),
         "token_set": bool(os.environ.get(var)),
+        "start_ns": start_ns,
     }
     with open(".fake-lore-calls.jsonl", "a", encoding="utf-8") as fh:
         fh.write(json.dumps(record) + "\n")
@@ -92,6 +104,8 @@ def main() -> int:
         out.flush()
     if plan.get("sleep"):
         time.sleep(float(plan["sleep"]))
+    if plan.get("wait_for"):
+        wait_for(plan["wait_for"])
     if plan.get("hang"):
         time.sleep(86400)
     if plan.get("signal"):
@@ -100,6 +114,9 @@ def main() -> int:
     code = int(plan.get("exit", 0))
     if code:
         print(f"fake lore: failing with {code}", file=sys.stderr, flush=True)
+    with open(".fake-lore-times.jsonl", "a", encoding="utf-8") as fh:
+        times = {"stage": stage, "pid": os.getpid(), "start_ns": start_ns, "end_ns": time.monotonic_ns()}
+        fh.write(json.dumps(times) + "\n")
     return code
 
 
