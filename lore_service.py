@@ -1369,6 +1369,7 @@ SLOT_POLL_SECONDS = (0.5, 3.0)  # a waiting run tries again after a random pause
 # a scheduled run under a scheduler's time limit (systemd, Task Scheduler) waits
 # only as long as its run budget still fits in that limit, less this margin
 SLOT_WAIT_MARGIN_SECONDS = 30
+SLOTS_FIX = f"the scheduler's entry predates the run limit: run `{TOOL_NAME} install` again"
 
 
 class RunSlot:
@@ -1402,6 +1403,10 @@ class RunSlot:
         random pause before each try, so runs waiting for slots that free up
         together do not all start in the same second; else the host_busy condition."""
         sid = manifest.service_id
+        folder = os.path.dirname(self.paths.slot(0))
+        if not system.can_write(folder):  # a sandbox written before the limit: sync anyway, and say so
+            log.write_line("run", f"warning: the run limit is not enforced: {folder} is read-only here ({SLOTS_FIX})")
+            return None
         if self.try_take(sid):
             return None
         wait = slot_wait_seconds(self.settings, cfg, manifest, trigger)
@@ -2514,6 +2519,7 @@ def _apply_install(system: System, paths: Paths, plan: InstallPlan) -> tuple[boo
             atomic_write(paths.config(sid), config_text, 0o600)
         ensure_dir(paths.state_dir(sid))
         ensure_dir(paths.log_dir(sid))
+        ensure_dir(os.path.dirname(paths.slot(0)))  # a systemd sandbox lets runs write there only if it exists
         applied = backend.install(manifest, cfg, token if source == "embedded" else None)
         # last, and inside the rollback: without a manifest nothing could find
         # (or uninstall) the token and entry written above
@@ -3206,8 +3212,11 @@ class SystemdBackend(SchedulerBackend):
 
     # -- units
     def _write_paths(self, manifest: Manifest, cfg: ServiceConfig) -> list[str]:
+        """Where a run writes: the first three must exist; then the run slots
+        shared by every service (install makes the folder), then the config's."""
         sid = manifest.service_id
         paths = [self.paths.state_dir(sid), self.paths.log_dir(sid), manifest.project_root]
+        paths.append(os.path.dirname(self.paths.slot(0)))
         return paths + [p for p in cfg.extra_write_paths if p not in paths]
 
     def render(self, manifest: Manifest, cfg: ServiceConfig, token_line: str | None) -> tuple[str, str]:
@@ -3215,7 +3224,7 @@ class SystemdBackend(SchedulerBackend):
         sid = manifest.service_id
         what = f"lore sync for {manifest.project_root.replace('%', '%%')}"
         exec_start = " ".join(systemd_quote(a) for a in manifest.program)
-        # extra paths may not exist yet: "-" keeps a missing one from failing the unit
+        # the slots and extra paths may not exist: "-" keeps a missing one from failing the unit
         rw = [
             ("-" if i >= 3 else "") + systemd_quote(p, variables=False)
             for i, p in enumerate(self._write_paths(manifest, cfg))
@@ -6975,6 +6984,12 @@ class System:
         import ctypes
 
         return ctypes.FormatError(5).strip()
+
+    def can_write(self, folder: str) -> bool:
+        """Whether this process may create files in a folder, or in its parent
+        when it does not exist yet (False on a read-only mount, e.g. outside
+        a systemd sandbox's ReadWritePaths=)."""
+        return os.access(folder if os.path.isdir(folder) else os.path.dirname(folder), os.W_OK)
 
     def can_list(self, folder: str) -> bool:
         """Whether this process may read a folder (macOS privacy protection answers EPERM)."""

@@ -414,3 +414,23 @@ def test_doctor_shows_the_limit_where_it_comes_from_and_who_uses_it(cli, install
 def test_doctor_on_a_machine_without_services_shows_the_limit_too(cli, home):
     checks = cli("--json", "doctor").data["checks"]
     assert next(c for c in checks if c["name"] == "run limit")["message"].startswith("at most 2 run(s)")
+
+
+def test_a_run_in_a_sandbox_from_before_the_limit_syncs_without_a_slot_and_says_how_to_fix_it(
+    cli, installed, project, home, waiting
+):
+    """A systemd unit written before the run limit lets the run write only
+    its own folders: the slots' folder is read-only there. The run must not
+    fail for that; it syncs, and its log says to install again."""
+    write_settings(home, "max_concurrent_runs = 1\nbusy_wait_seconds = 0\n")
+    slots = str(home / "state" / ".slots")
+    waiting.can_write = lambda folder: folder != slots  # type: ignore[method-assign]
+    held = hold_slot(waiting, 0, "svc-a")
+    try:
+        result = cli("--json", "run", sys_=waiting)
+    finally:
+        held.release()
+    assert result.code == 0 and result.data["run"]["outcome"] == "success"
+    log = (home / "logs" / installed["service_id"] / "service.log").read_text()
+    assert f"warning: the run limit is not enforced: {slots} is read-only here" in log
+    assert "run `lore-service install` again" in log

@@ -84,6 +84,14 @@ def test_extra_write_paths_from_config_are_allowed_after_reinstall(cli, linux, h
     assert '-"/srv/lore db"' in service
 
 
+def test_the_unit_lets_runs_write_the_shared_run_slots_which_install_creates(cli, linux, home):
+    sid = install(cli, "systemd", *EVERY_45M).data["service_id"]
+    service, _ = units(linux, sid)
+    rw = next(line for line in service.splitlines() if line.startswith("ReadWritePaths="))
+    assert f'-"{home}/state/.slots"' in rw.split()  # "-": a folder deleted since cannot keep the unit from starting
+    assert (home / "state" / ".slots").is_dir() and (home / "state" / ".slots").stat().st_mode & 0o777 == 0o700
+
+
 def test_embedded_token_is_in_the_unit_only_when_asked_and_redacted_in_dry_run(cli, linux):
     dry = install(cli, "systemd", *EVERY_45M, "--token-source", "embedded", "--dry-run")
     assert TOKEN not in dry.out

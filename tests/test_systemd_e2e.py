@@ -145,6 +145,12 @@ def test_fired_service_runs_sync_under_sandbox_and_status_shows_it(um, app, inst
     assert run is not None and run["outcome"] == "success" and run["trigger"] == "scheduled"
     assert [s["stage"] for s in run["stage_results"]] == ["issues", "mrs", "docs"]
     assert status["state"] == "healthy"
+    # the sandbox lets the run take a host-wide run slot (ReadWritePaths= names their folder)
+    slot = um.home / ".local" / "state" / "lore" / "services" / ".slots" / "slot-0.lock"
+    assert slot.read_text().split("\n")[1] == sid
+    assert "not enforced" not in "\n".join(
+        json.loads(tool(um, app, "--json", "logs", "--name", sid).stdout)["data"]["lines"]
+    )
     # the stages ran in the project, whose odd name arrived intact, with the token
     calls = [json.loads(line) for line in (installed["project"] / ".fake-lore-calls.jsonl").read_text().splitlines()]
     assert {c["cwd"] for c in calls} == {str(installed["project"])}
