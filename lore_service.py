@@ -30,7 +30,7 @@ or a decorator needs at import time comes earlier, hence section 1.)
                                   scheduler state, checks and plans: typed, validated on read
     3. Policy                     skip rules, classification, backoff, circuit breaker, state
     4. The run                    run_service(): lock, orphans, conditions, run slot, secret, stages, stop signals,
-                                  record
+                                  record; what it tells an observer (RunObserver)
    4b.   Alerts                   failed/paused/recovered/stale once per transition; desktop,
                                   webhook, Healthchecks pings; delivered after the lock, bounded
     5. Install and uninstall      admin turns; InstallRequest -> InstallPlan -> apply (with rollback)
@@ -41,7 +41,8 @@ or a decorator needs at import time comes earlier, hence section 1.)
    6d.   schtasks                 a Task Scheduler task from XML (Windows)
    6e.   Kubernetes               not a backend: `export` prints a CronJob for a cluster
     7. Doctor                     checks with ok/warn/fail and a fix
-    8. CLI                        argparse, the commands, rendering, the robot envelope, main()
+    8. CLI                        argparse, the commands, rendering, the terminal (colour, marks,
+                                  live progress), the robot envelope, main()
     9. Platform appendix
    9a.   System                   the one injectable object for OS calls (clock, randomness,
                                   processes, signals, file locks, platform facts, the desktop
@@ -1262,13 +1263,36 @@ class RunResult:
     status: Status | None = None
 
 
+class RunObserver:
+    """Who watches a run as it happens; this one hears nothing. `trigger` at a
+    terminal passes one that draws each stage (LiveProgress, section 8), so
+    the run itself holds no terminal code. stage_output comes from the pump
+    threads while the run waits on the stage: an observer must be
+    thread-safe, quick, and must not raise."""
+
+    def stage_started(self, stage: str) -> None:
+        pass
+
+    def stage_output(self, stage: str, line: str) -> None:
+        """One line the stage printed, redacted as the log has it."""
+
+    def stage_finished(self, result: StageResult) -> None:
+        pass
+
+
 def run_service(
-    system: System, paths: Paths, manifest: Manifest, trigger: str, notify: Callable[[str], None] | None = None
+    system: System,
+    paths: Paths,
+    manifest: Manifest,
+    trigger: str,
+    notify: Callable[[str], None] | None = None,
+    observer: RunObserver | None = None,
 ) -> RunResult:
     """One attempt at the sync: `run` (trigger "scheduled") when the scheduler
     fires, `trigger` ("manual") when a person asks. Everything it decides is
     persisted before it returns; the CLI only renders the result (and
-    `notify` tells a waiting person why nothing happens yet)."""
+    `notify` tells a waiting person why nothing happens yet, and `observer`
+    hears of each stage as it runs)."""
     sid = manifest.service_id
     cfg = load_config(paths, sid)
     slot = RunSlot(paths, load_settings(paths))  # a broken settings.toml is exit 4 too
@@ -1296,7 +1320,7 @@ def run_service(
             if held is not None:
                 result = record_skip(system, paths, manifest, cfg, trigger, held, log)
                 return result
-        result = result or _run_stages_and_record(system, paths, manifest, cfg, trigger, log, lock, alerts)
+        result = result or _run_stages_and_record(system, paths, manifest, cfg, trigger, log, lock, alerts, observer)
         return result
     finally:
         slot.release()
@@ -1457,6 +1481,7 @@ def _run_stages_and_record(
     log: ServiceLog,
     lock: FileLock,
     alerts: RunAlerts,
+    observer: RunObserver | None = None,
 ) -> RunResult:
     system.make_undumpable()  # before the token is in memory: no core dump or ptrace shows it
     try:
@@ -1478,7 +1503,7 @@ def _run_stages_and_record(
     restore_signals = system.on_stop_signals(stop)
     alerts.run_started()
     try:
-        record = run_stages(system, manifest, cfg, trigger, log, secret, lock, stop)
+        record = run_stages(system, manifest, cfg, trigger, log, secret, lock, stop, observer)
         return _record(system, paths, manifest, cfg, record)
     finally:
         restore_signals()
@@ -1533,9 +1558,11 @@ def run_stages(
     secret: str | None,
     lock: FileLock | None = None,
     stop: StopSignal | None = None,
+    observer: RunObserver | None = None,
 ) -> RunRecord:
     """Critical stages always run; optional ones only after a critical success."""
     stop = stop or StopSignal()
+    observer = observer or RunObserver()
     started_ms = system.now_ms()
     start = system.monotonic()
     deadline = start + cfg.run_budget_seconds
@@ -1553,6 +1580,10 @@ def run_stages(
         if lock is not None:
             lock.record_owner(f"{run_id} {pgid}")
 
+    def finish(result: StageResult) -> None:
+        results.append(result)
+        observer.stage_finished(result)
+
     ordered = [s for s in stages if s.critical] + [s for s in stages if not s.critical]
     stopped: RunStopped | None = None
     for stage in ordered:
@@ -1560,27 +1591,26 @@ def run_stages(
             stopped = RunStopped(stop.signum)
             message = f"stopped by signal {stopped.signum} before it started (the scheduler or system ended the run)"
             log.write_line(stage.name, message)
-            results.append(StageResult(stage.name, stage.critical, "failed", None, 0, "transient", message))
+            finish(StageResult(stage.name, stage.critical, "failed", None, 0, "transient", message))
             continue
         if stopped is not None:
-            results.append(StageResult(stage.name, stage.critical, "skipped", None, 0, None, "skipped: run stopped"))
+            finish(StageResult(stage.name, stage.critical, "skipped", None, 0, None, "skipped: run stopped"))
             continue
         any_critical_ok = any(r.outcome == "success" for r in results if r.critical)
         if not stage.critical and not any_critical_ok and any(s.critical for s in stages):
-            results.append(
-                StageResult(stage.name, False, "skipped", None, 0, None, "skipped: no critical stage succeeded")
-            )
+            finish(StageResult(stage.name, False, "skipped", None, 0, None, "skipped: no critical stage succeeded"))
             continue
         begun = system.monotonic()
+        observer.stage_started(stage.name)
         try:
             where = (manifest.project_root, env, deadline)
-            results.append(run_stage(system, stage, where, log, cfg, secret, on_spawn, stop))
+            finish(run_stage(system, stage, where, log, cfg, secret, on_spawn, stop, observer))
         except RunStopped as exc:
             stopped = exc
             message = f"stopped by signal {exc.signum} (the scheduler or the system ended the run); group killed"
             log.write_line(stage.name, message)
             took = int((system.monotonic() - begun) * 1000)
-            results.append(StageResult(stage.name, stage.critical, "failed", None, took, "transient", message))
+            finish(StageResult(stage.name, stage.critical, "failed", None, took, "transient", message))
     order = {name: i for i, name in enumerate(PROFILES[cfg.profile])}
     results.sort(key=lambda r: order.get(r.stage, 99))
     outcome, error_class = run_outcome(results, stopped is not None)
@@ -1642,9 +1672,10 @@ def run_stage(
     secret: str | None,
     on_spawn: Callable[[int], None] | None = None,
     stop: StopSignal | None = None,
+    observer: RunObserver | None = None,
 ) -> StageResult:
     """One stage in its own process group, in `where` = (cwd, environment,
-    monotonic deadline of the run), its output redacted into the log."""
+    monotonic deadline of the run); its output, redacted, to the log and the observer."""
     import subprocess  # (loaded already: spawn started the stage with it)
     import threading
 
@@ -1669,7 +1700,7 @@ def run_stage(
         message = _start_failure(system, stage, cwd, exc)
         log.write_line(stage.name, message)
         return StageResult(stage.name, stage.critical, "failed", None, 0, "permanent", message)
-    pump = threading.Thread(target=_pump, args=(proc.stdout, stage.name, log, redact), daemon=True)
+    pump = threading.Thread(target=_pump, args=(proc.stdout, stage.name, log, redact, observer), daemon=True)
     pump.start()
     timed_out = False
     stop.waiting = True  # from here a SIGTERM interrupts the wait
@@ -1751,8 +1782,8 @@ class Redactor:
         return self.scrub(text.encode("utf-8", "surrogateescape")).decode("utf-8", "surrogateescape")
 
 
-def _pump(stream: Any, stage: str, log: ServiceLog, redact: Redactor) -> None:
-    """Child output -> log, one line at a time. A line longer than
+def _pump(stream: Any, stage: str, log: ServiceLog, redact: Redactor, observer: RunObserver | None = None) -> None:
+    """Child output -> log (and observer), one line at a time. A line longer than
     MAX_LINE_BYTES is written in pieces; the last bytes of each piece (as
     many as the longest form of the token, less one) are carried into the
     next so a token on the cut is still redacted."""
@@ -1769,7 +1800,10 @@ def _pump(stream: Any, stage: str, log: ServiceLog, redact: Redactor) -> None:
             else:
                 data, carry = data[:-keep], data[-keep:]
             if data:
-                log.write_line(stage, data.decode("utf-8", "replace").rstrip("\r\n"))
+                line = data.decode("utf-8", "replace").rstrip("\r\n")
+                log.write_line(stage, line)
+                if observer is not None:
+                    observer.stage_output(stage, line)
     except (OSError, ValueError):
         pass  # pipe closed under us after a kill
     if carry:
