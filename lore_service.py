@@ -5778,6 +5778,7 @@ COMMAND_HELP = {
     "pause": "stop scheduled runs until resume",
     "resume": "clear a pause, the failure count and the retry time",
     "logs": "print the service log",
+    "history": "list the last runs: start, trigger, duration, outcome, stages",
     "doctor": "check everything the service needs, with the fix for each problem",
     "export": "print the service as a Kubernetes CronJob (for `kubectl apply -f -`)",
     "token": "check that the token can be read as a scheduled run reads it (--store: store a new one from stdin)",
@@ -5815,6 +5816,9 @@ def _add_command_options(name: str, p: _Parser) -> None:
     elif name == "logs":
         p.add_argument("--tail", type=_count, default=50, metavar="N", help="last N lines (default 50)")
         p.add_argument("--follow", action="store_true", help="keep printing new lines (Ctrl-C stops)")
+    elif name == "history":
+        what = f"the last N runs (default {HISTORY_LIMIT}: all that status.json keeps)"
+        p.add_argument("--limit", type=_positive_count, default=HISTORY_LIMIT, metavar="N", help=what)
     elif name == "doctor":
         p.add_argument("--kubernetes", metavar="FILE", help="check a manifest `export` printed (- for stdin)")
     elif name == "token":
@@ -5892,6 +5896,13 @@ def _count(text: str) -> int:
     return int(text)
 
 
+def _positive_count(text: str) -> int:
+    """A --limit: 1 or more, in ASCII digits."""
+    if not (text.isascii() and text.isdigit() and len(text) <= 9 and int(text) > 0):
+        raise argparse.ArgumentTypeError(f"invalid count {quoted(text)}: use a whole number from 1 up, in ASCII digits")
+    return int(text)
+
+
 def parse_arguments(argv: list[str], guess: str) -> argparse.Namespace:
     """Parse with the guessed command's parser alone; if the guess was wrong
     (the word was an option's value), the full parser gives the real answer."""
@@ -5914,18 +5925,31 @@ def parse_arguments(argv: list[str], guess: str) -> argparse.Namespace:
 
 
 class Context:
-    def __init__(self, system: System, paths: Paths, robot: bool) -> None:
+    """What every command gets: the System, the paths, robot mode, and the
+    stream people read (`out`) with what its terminal can show (`console`)."""
+
+    def __init__(
+        self, system: System, paths: Paths, robot: bool, out: Any = None, console: Console | None = None
+    ) -> None:
         self.system = system
         self.paths = paths
         self.robot = robot
+        self.out = out if out is not None else sys.stdout
+        self.console = console or Console()
 
 
 @record
 class Outcome:
-    """A command's result: data for --json, text for people."""
+    """A command's result: data for --json, text for people (and the same
+    text with its colours, `painted`, for a terminal that takes them)."""
 
     data: dict[str, Any]
     text: str = ""
+    painted: Painted | None = None
+
+
+def painted_outcome(data: dict[str, Any], painted: Painted) -> Outcome:
+    return Outcome(data, painted.plain, painted)
 
 
 def find_service(ctx: Context, args: argparse.Namespace) -> Manifest:
@@ -6091,9 +6115,10 @@ def cmd_resume(ctx: Context, args: argparse.Namespace) -> Outcome:
     return Outcome({"service_id": manifest.service_id, "was_paused": was.to_dict() if was else None}, text)
 
 
-def _render_run(record: RunRecord, status: Status) -> str:
+def _render_run(record: RunRecord, status: Status, stages: bool = True) -> str:
+    """The run's summary; `stages`: with a line per stage (unless the live view printed them)."""
     lines = [f"run {record.run_id}: {record.outcome} in {human_duration(record.duration_ms / 1000)}"]
-    for r in record.stage_results:
+    for r in record.stage_results if stages else ():
         lines.append(f"  {r.stage:<11}{r.outcome:<9}{human_duration(r.duration_ms / 1000):>7}  {r.message}")
     if status.paused:
         lines.append(f"paused ({status.paused.kind}): {status.paused.reason}\n  fix: {status.paused.hint}")
@@ -6117,8 +6142,14 @@ def _say(text: str) -> None:
 
 
 def _run_command(ctx: Context, args: argparse.Namespace, trigger: str) -> Outcome:
+    manifest = find_service(ctx, args)
     notify = _say if trigger == "manual" else None  # a scheduled run's waiting is in its log
-    result = run_service(ctx.system, ctx.paths, find_service(ctx, args), trigger, notify)
+    progress = live_progress(ctx) if trigger == "manual" else None
+    try:
+        result = run_service(ctx.system, ctx.paths, manifest, trigger, notify, progress)
+    finally:
+        if progress is not None:
+            progress.close()
     record, status, sid = result.record, result.status, result.service_id
     if record is None or status is None or record.outcome == "skipped":
         run = record.to_dict() if record else None
@@ -6138,7 +6169,7 @@ def _run_command(ctx: Context, args: argparse.Namespace, trigger: str) -> Outcom
         "next_retry_at_ms": status.next_retry_at_ms,
         "paused": status.paused.to_dict() if status.paused else None,
     }
-    text = _render_run(record, status)
+    text = _render_run(record, status, stages=progress is None or not progress.shown)
     if record.outcome == "failed":
         hint = (
             status.paused.hint
@@ -6236,9 +6267,10 @@ def _when(iso: str | None, now_ms: int) -> str:
     return f"{local_time(ms)} ({relative})"
 
 
-def _render_status(report: ServiceReport, now_ms: int) -> str:
+def _render_status(report: ServiceReport, now_ms: int, console: Console) -> Painted:
+    """The status screen; the state word in its colour, the history strip in its marks."""
     m, st, sched = report.manifest, report.status, report.scheduler
-    lines = [f"{m.service_id}: {report.state.upper()}", f"  project     {m.project_root}"]
+    lines = [f"  project     {m.project_root}"]
     lines.append(
         f"  schedule    every {format_interval(m.interval_seconds)} via {m.backend}"
         f" ({m.backend_reason}), profile {m.profile}"
@@ -6258,12 +6290,26 @@ def _render_status(report: ServiceReport, now_ms: int) -> str:
     if report.fresh.stale:
         lines += _render_stale(report, now_ms)
     lines += _render_last_run(st, now_ms)
-    pause = st.paused
+    text = Painted(f"{m.service_id}: ").add(report.state.upper(), STATE_COLORS.get(report.state, ""))
+    text.add("\n" + "\n".join(lines) + "\n")
+    if st.history:
+        text.add("  history     ").extend(history_strip(st.history, console)).add("  newest last\n")
+    pause, lines = st.paused, []
     if pause:
         lines.append(f"  PAUSED      {pause.kind} since {_when(pause.since_iso, now_ms)}: {pause.reason}")
         lines.append(f"              fix: {pause.hint}")
     lines.append(f"  log         {report.log_path}")
-    return "\n".join(lines)
+    return text.add("\n".join(lines))
+
+
+def history_strip(history: list[RunRecord], console: Console) -> Painted:
+    """One mark per run in status.json's history, newest last. A coalesced
+    entry (repeats > 1: the same skip at several ticks in a row) is one
+    mark, as the history keeps it: `history` gives the count."""
+    strip = Painted()
+    for run in reversed(history):
+        strip.add(mark(run.outcome, console), OUTCOME_COLORS.get(run.outcome, ""))
+    return strip
 
 
 def stale_summary(fresh: Freshness, manifest: Manifest, now_ms: int) -> str:
@@ -6331,7 +6377,7 @@ def cmd_status(ctx: Context, args: argparse.Namespace) -> Outcome:
     now = ctx.system.now_ms()
     if args.all:
         rows: list[dict[str, Any]] = []
-        texts: list[str] = []
+        texts: list[Painted] = []
         errors: list[LoreServiceError] = []
         for sid in ctx.paths.installed_ids():
             try:
@@ -6339,19 +6385,22 @@ def cmd_status(ctx: Context, args: argparse.Namespace) -> Outcome:
                 if manifest is not None:
                     report = service_report(ctx, manifest)
                     rows.append(report.to_dict())
-                    texts.append(_render_status(report, now))
+                    texts.append(_render_status(report, now, ctx.console))
             except LoreServiceError as exc:
                 errors.append(exc)
                 rows.append({"service_id": sid, "error": exc.payload()})
-                texts.append(f"{sid}: ERROR {exc.message}\n  fix: {exc.hint}")
-        return _every_service(rows, errors, "\n\n".join(texts) or "no services installed")
+                texts.append(Painted(f"{sid}: ").add("ERROR", RED).add(f" {exc.message}\n  fix: {exc.hint}"))
+        every = Painted()
+        for i, text in enumerate(texts):
+            every.add("\n\n" if i else "").extend(text)
+        return _every_service(rows, errors, every if texts else Painted("no services installed"))
     try:
         manifest = find_service(ctx, args)
     except NotInstalledError as exc:
         exc.data = {"state": "not_installed"}
         raise
     report = service_report(ctx, manifest)
-    return Outcome(report.to_dict(), _render_status(report, now))
+    return painted_outcome(report.to_dict(), _render_status(report, now, ctx.console))
 
 
 def status_check(ctx: Context, args: argparse.Namespace) -> Outcome:
@@ -6384,11 +6433,13 @@ def status_check(ctx: Context, args: argparse.Namespace) -> Outcome:
     return Outcome({"services": rows}, "")
 
 
-def _every_service(rows: list[dict[str, Any]], errors: list[LoreServiceError], text: str) -> Outcome:
+def _every_service(rows: list[dict[str, Any]], errors: list[LoreServiceError], shown: str | Painted) -> Outcome:
     """`status --all` and `list`: every readable service is shown, and one
     that cannot be read still makes the command fail with its exit code."""
+    painted = shown if isinstance(shown, Painted) else Painted(shown)
+    text = painted.plain
     if not errors:
-        return Outcome({"services": rows}, text)
+        return painted_outcome({"services": rows}, painted)
     first = errors[0]
     error = LoreServiceError(
         f"{len(errors)} of {len(rows)} services cannot be read: {first.message}",
@@ -6430,6 +6481,49 @@ def cmd_list(ctx: Context, args: argparse.Namespace) -> Outcome:
         every = format_interval(m.interval_seconds)
         lines.append(f"{sid:<{SERVICE_ID_MAX}}  {state:<9} {m.backend:<8} {every:>4}  {m.project_root}")
     return _every_service(rows, errors, "\n".join(lines) or "no services installed")
+
+
+def cmd_history(ctx: Context, args: argparse.Namespace) -> Outcome:
+    """The last runs status.json keeps (HISTORY_LIMIT), newest last on screen
+    and newest first in --json, as status.json has them."""
+    manifest = find_service(ctx, args)
+    runs = load_status(ctx.paths, manifest.service_id).history[: args.limit]
+    data = {
+        "service_id": manifest.service_id,
+        "limit": args.limit,
+        "history_limit": HISTORY_LIMIT,
+        "runs": [run.to_dict() for run in runs],
+    }
+    if not runs:
+        return Outcome(data, f"{manifest.service_id}: no runs yet")
+    text = Painted(f"{'started':<19}  {'trigger':<9}  {'took':>6}  {'outcome':<8}  stages\n")
+    for i, run in enumerate(reversed(runs)):
+        text.add("\n" if i else "").extend(_history_row(run, ctx.console))
+    return painted_outcome(data, text)
+
+
+def _history_row(run: RunRecord, console: Console) -> Painted:
+    """`2026-11-28 01:36:47  scheduled    3.2s  success   issues ✔ mrs ✔ docs -`;
+    a skipped run says why instead, and how many ticks in a row it held."""
+    started = run.started_at_ms or ms_from_iso(run.started_at_iso) or 0
+    took = "-" if run.outcome == "skipped" else human_duration(run.duration_ms / 1000)
+    row = Painted(f"{local_time(started):<19}  {run.trigger:<9}  {took:>6}  ")
+    row.add(run.outcome, OUTCOME_COLORS.get(run.outcome, "")).add(" " * max(2, 10 - len(run.outcome)))
+    if run.outcome == "skipped":
+        row.add(run.reason or run.condition or "skipped")
+        if run.repeats > 1:  # coalesced: finished_at is the newest of them
+            last = ms_from_iso(run.finished_at_iso) or started
+            row.add(f" ({run.repeats} in a row, the last at {local_time(last)})")
+        return row
+    for i, stage in enumerate(run.stage_results):
+        row.add(f"{' ' if i else ''}{stage.stage} ")
+        if stage.outcome == "timeout":  # a mark would say failed: the word says what happened
+            row.add("timeout", RED)
+        elif stage.outcome == "skipped":
+            row.add("-", DIM)
+        else:
+            row.add(mark(stage.outcome, console), OUTCOME_COLORS.get(stage.outcome, ""))
+    return row
 
 
 def cmd_logs(ctx: Context, args: argparse.Namespace) -> Outcome:
@@ -6651,10 +6745,233 @@ HANDLERS: dict[str, Callable[[Context, argparse.Namespace], Outcome]] = {
     "pause": cmd_pause,
     "resume": cmd_resume,
     "logs": cmd_logs,
+    "history": cmd_history,
     "doctor": cmd_doctor,
     "export": cmd_export,
     "token": cmd_token,
 }
+
+
+# -- the terminal: what it can show, colours, outcome marks, live progress ------------
+
+
+@record
+class Console:
+    """What the stream people read can show, decided once per command from
+    the stream and the environment (both through System, so tests choose).
+    Escape codes (colour) only at a terminal, and never under NO_COLOR or
+    TERM=dumb; a TERM=dumb terminal gets no carriage-return redraws either.
+    The symbols (MARKS, the spinner) only where stdout's encoding can write
+    them and the locale is not C/POSIX (Python writes UTF-8 under the C
+    locale, but the terminal does not show it); ASCII stand-ins otherwise."""
+
+    tty: bool = False
+    color: bool = False
+    unicode: bool = False
+    dumb: bool = False
+
+
+# SGR colours
+GREEN, YELLOW, RED, CYAN, DIM = "32", "33", "31", "36", "2"
+STATE_COLORS = {
+    "healthy": GREEN,
+    "degraded": YELLOW,
+    "backoff": YELLOW,
+    "stale": YELLOW,
+    "paused": RED,
+    "error": RED,
+    "running": CYAN,
+}
+OUTCOME_COLORS = {"success": GREEN, "degraded": YELLOW, "failed": RED, "timeout": RED, "skipped": DIM}
+# a run's or a stage's outcome as one character: (symbol, ASCII stand-in)
+MARKS = {
+    "success": ("\u2714", "+"),  # ✔
+    "degraded": ("\u25d0", "~"),  # ◐
+    "failed": ("\u2718", "x"),  # ✘
+    "timeout": ("\u2718", "x"),
+    "skipped": ("\u25cb", "-"),  # ○
+}
+SPINNERS = ("\u280b\u2819\u2839\u2838\u283c\u2834\u2826\u2827\u2807\u280f", "|/-\\")  # braille dots, or ASCII
+_SYMBOLS = "".join(symbol for symbol, _ in MARKS.values()) + SPINNERS[0]
+
+
+def console_of(system: System, stream: Any) -> Console:
+    env = system.environ
+    tty = system.isatty(stream)
+    dumb = env.get("TERM", "") == "dumb"
+    color = tty and not dumb and not env.get("NO_COLOR") and system.enable_colors(stream)
+    return Console(tty, color, _shows_symbols(system, stream), dumb)
+
+
+def _shows_symbols(system: System, stream: Any) -> bool:
+    try:
+        _SYMBOLS.encode(getattr(stream, "encoding", None) or "ascii")
+    except (LookupError, UnicodeError):
+        return False
+    env = system.environ
+    # the locale as a C program on this terminal sees it (Windows has no such variables)
+    locale = env.get("LC_ALL") or env.get("LC_CTYPE") or env.get("LANG") or ("" if system.platform == "win32" else "C")
+    return locale not in ("C", "POSIX")
+
+
+def mark(outcome: str, console: Console) -> str:
+    symbol, ascii_mark = MARKS.get(outcome, ("?", "?"))
+    return symbol if console.unicode else ascii_mark
+
+
+class Painted:
+    """Text for people with some pieces in colour. Each piece is made
+    terminal-safe on its own and the colours are only ever ours, so no escape
+    sequence of a stage, a path or a pause reason reaches the terminal;
+    `plain` is the same text without colour (for a pipe, NO_COLOR,
+    TERM=dumb)."""
+
+    def __init__(self, text: str = "", color: str = "") -> None:
+        self.pieces: list[tuple[str, str]] = []
+        self.add(text, color)
+
+    def add(self, text: str, color: str = "") -> Painted:
+        if text:
+            self.pieces.append((text, color))
+        return self
+
+    def extend(self, other: Painted) -> Painted:
+        self.pieces += other.pieces
+        return self
+
+    @property
+    def plain(self) -> str:
+        return "".join(text for text, _ in self.pieces)
+
+    def render(self, color: bool) -> str:
+        return "".join(
+            f"\x1b[{c}m{terminal_safe(text)}\x1b[0m" if color and c else terminal_safe(text) for text, c in self.pieces
+        )
+
+
+def fit_width(text: str, columns: int) -> tuple[str, int]:
+    """The longest start of `text` that fills at most `columns` terminal
+    columns (East Asian wide characters take two, combining marks none),
+    and the columns it fills."""
+    import unicodedata
+
+    used = 0
+    for i, ch in enumerate(text):
+        width = 0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+        if used + width > columns:
+            return text[:i], used
+        used += width
+    return text, used
+
+
+class LiveProgress(RunObserver):
+    """`trigger` at a terminal: the running stage on one line redrawn in place
+    (spinner, name, elapsed time and its latest output line, redacted by the
+    run, made terminal-safe and cut to the terminal's width), then one line
+    per finished stage (mark, name, duration, outcome). The pump threads only
+    note the latest line; one ticker thread redraws ten times a second, and
+    every write holds the lock, so lines never interleave. The redraw is a
+    carriage return and spaces, not an escape code, so it works under
+    NO_COLOR too; at a TERM=dumb terminal there are plain lines instead. A
+    terminal that goes away (EIO, a closed pipe) only silences it: the run
+    goes on and is recorded."""
+
+    TICK_SECONDS = 0.1
+
+    def __init__(self, system: System, stream: Any, console: Console) -> None:
+        import threading
+
+        self.system, self.stream, self.console = system, stream, console
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        self.ticker: threading.Thread | None = None
+        self.stage: str | None = None
+        self.begun = 0.0
+        self.latest = ""
+        self.frame = 0
+        self.drawn = 0  # columns the live line fills now
+        self.ticks = 0
+        self.broken = False
+        self.shown = False  # a finished line was printed: the run's summary need not list the stages again
+
+    def stage_started(self, stage: str) -> None:
+        import threading
+
+        with self.lock:
+            self.stage, self.begun, self.latest, self.frame = stage, self.system.monotonic(), "", 0
+            if self.console.dumb:
+                self._write(f"{stage} ...\n")
+            else:
+                self._draw()
+        if self.ticker is None and not self.console.dumb:
+            self.ticker = threading.Thread(target=self._tick, name="progress", daemon=True)
+            self.ticker.start()
+
+    def stage_output(self, stage: str, line: str) -> None:
+        with self.lock:
+            if stage == self.stage:
+                self.latest = line
+
+    def stage_finished(self, result: StageResult) -> None:
+        with self.lock:
+            self.stage = None
+            self._clear()
+            took = human_duration(result.duration_ms / 1000)
+            line = Painted(mark(result.outcome, self.console), OUTCOME_COLORS.get(result.outcome, ""))
+            line.add(f" {result.stage:<11}{took:>6}  ").add(result.outcome, OUTCOME_COLORS.get(result.outcome, ""))
+            line.add("" if result.outcome == "success" else f": {result.message}")
+            self._write(line.render(self.console.color) + "\n")
+            self.shown = True
+
+    def close(self) -> None:
+        self.done.set()
+        if self.ticker is not None:
+            self.ticker.join(timeout=5)
+        with self.lock:
+            self._clear()
+
+    def _tick(self) -> None:
+        while not self.done.wait(self.TICK_SECONDS):
+            with self.lock:
+                self.ticks += 1
+                if self.stage is not None:
+                    self.frame += 1
+                    self._draw()
+
+    def _draw(self) -> None:
+        """The live line, from the start of the row."""
+        width = max(20, (self.system.terminal_columns(self.stream) or 80) - 1)  # the last column would wrap
+        spinner = SPINNERS[0 if self.console.unicode else 1]
+        elapsed = human_duration(self.system.monotonic() - self.begun)
+        head = f"{spinner[self.frame % len(spinner)]} {self.stage:<11}{elapsed:>6}  "
+        head, used = fit_width(head, width)
+        latest, more = fit_width(terminal_safe(self.latest.replace("\t", " ")), width - used)
+        line = Painted(head[:1], CYAN).add(head[1:]).add(latest, DIM)
+        # spaces wipe the rest of the last frame, up to the width: past it they would wrap
+        self._write("\r" + line.render(self.console.color) + " " * max(0, min(self.drawn, width) - used - more))
+        self.drawn = used + more
+
+    def _clear(self) -> None:
+        if self.drawn:
+            self._write("\r" + " " * self.drawn + "\r")
+            self.drawn = 0
+
+    def _write(self, text: str) -> None:
+        if self.broken:
+            return
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):
+            self.broken = True
+
+
+def live_progress(ctx: Context) -> LiveProgress | None:
+    """A view of the run for a person at a terminal; none for robots, pipes,
+    files, or a container whose log lines already go to stdout."""
+    if ctx.robot or not ctx.console.tty or ctx.system.environ.get("LORE_SERVICE_LOG_STDOUT") == "1":
+        return None
+    return LiveProgress(ctx.system, ctx.out, ctx.console)
 
 
 # -- output and main ---------------------------------------------------------------
@@ -6686,7 +7003,9 @@ def version_info(system: System) -> dict[str, Any]:
     }
 
 
-def _emit(robot: bool, command: str, outcome: Outcome | None, error: LoreServiceError | None) -> None:
+def _emit(
+    robot: bool, command: str, outcome: Outcome | None, error: LoreServiceError | None, console: Console | None = None
+) -> None:
     if robot:
         if error is None:
             doc: dict[str, Any] = {"ok": True, "command": command, "data": outcome.data if outcome else {}}
@@ -6704,7 +7023,10 @@ def _emit(robot: bool, command: str, outcome: Outcome | None, error: LoreService
     # human output may quote stage output, a pause reason or a path: no escape
     # sequence in them may reach the terminal (JSON escapes them on its own)
     if outcome is not None and outcome.text:
-        sys.stdout.write(terminal_safe(outcome.text) + "\n")
+        if outcome.painted is not None and console is not None and console.color:
+            sys.stdout.write(outcome.painted.render(True) + "\n")
+        else:
+            sys.stdout.write(terminal_safe(outcome.text) + "\n")
     if error is not None:
         if error.text:
             sys.stdout.write(terminal_safe(error.text) + "\n")
@@ -6789,9 +7111,10 @@ def main(argv: Sequence[str] | None = None, system: System | None = None) -> int
         if not args.command:
             raise UsageError("no command given", f"`{TOOL_NAME} --help` lists the commands")
         system = system or System()
-        ctx = Context(system, Paths(system, getattr(args, "home", None)), robot)
+        ctx = Context(system, Paths(system, getattr(args, "home", None)), robot, sys.stdout)
+        ctx.console = Console() if robot else console_of(system, ctx.out)
         outcome = HANDLERS[args.command](ctx, args)
-        _emit(robot, command, outcome, None)
+        _emit(robot, command, outcome, None, ctx.console)
         return EXIT_OK
     except LoreServiceError as exc:
         _emit(robot, command, None, exc)
@@ -7181,6 +7504,41 @@ class System:
     # -- terminal
     def stdin_isatty(self) -> bool:
         return sys.stdin is not None and sys.stdin.isatty()
+
+    def isatty(self, stream: Any) -> bool:
+        try:
+            return bool(stream.isatty())
+        except (AttributeError, OSError, ValueError):  # a closed or fd-less stream
+            return False
+
+    def enable_colors(self, stream: Any) -> bool:
+        """Whether the terminal `stream` writes to takes SGR colour codes. A
+        Windows console does only once asked to (virtual terminal processing,
+        Windows 10 and later); every Unix terminal but TERM=dumb does."""
+        if not self.windows:
+            return True
+        try:
+            import ctypes
+            import msvcrt
+
+            kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined,unused-ignore]
+            handle = msvcrt.get_osfhandle(stream.fileno())  # type: ignore[attr-defined,unused-ignore]
+            mode = ctypes.c_uint32()
+            if not kernel32.GetConsoleMode(handle, ctypes.byref(mode)):
+                return False
+            return bool(kernel32.SetConsoleMode(handle, mode.value | 0x0004))  # ENABLE_VIRTUAL_TERMINAL_PROCESSING
+        except (AttributeError, OSError, ValueError, ImportError):
+            return False
+
+    def terminal_columns(self, stream: Any) -> int | None:
+        """The width of the terminal `stream` writes to, asked anew each time
+        (a window may be resized mid-run); else COLUMNS; else None."""
+        try:
+            return os.get_terminal_size(stream.fileno()).columns or None
+        except (AttributeError, OSError, ValueError):
+            pass
+        columns = self.environ.get("COLUMNS", "")
+        return int(columns) if columns.isascii() and columns.isdigit() and len(columns) <= 4 and int(columns) else None
 
     def read_stdin(self) -> str:
         return sys.stdin.read() if sys.stdin is not None else ""

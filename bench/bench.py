@@ -4,6 +4,7 @@ bare `python -c pass` measured in the same run (the machines are noisy).
 
     python bench/bench.py            # all four, prints a table and JSON
     python bench/bench.py --quick    # fewer repetitions, smaller files
+    python bench/bench.py --only status,history   # some of them
 
 Targets (issue 2): `status --json` median <= 3x `python -c pass`; a run's own
 overhead with four no-op stages <= 150 ms beyond the stages; `logs --tail 100`
@@ -101,6 +102,8 @@ def bench_status(tmp: Path, env: dict[str, str], project: Path, reps: int) -> di
         # the installed command: its module's bytecode is cached
         "lore-service status --json": [exe, "status", "--json"],
         "lore-service --version": [exe, "--version"],
+        "lore-service status": [exe, "status"],  # the screen: colour decisions, the history strip
+        "lore-service history": [exe, "history"],
         # the floor: the two stdlib modules every command needs
         "python -c 'import json, argparse'": [py, "-c", "import json, argparse"],
         # what the records would add as stdlib dataclasses (section 1a says why they are not)
@@ -113,6 +116,33 @@ def bench_status(tmp: Path, env: dict[str, str], project: Path, reps: int) -> di
     return {
         **{f"{k} ms": round(v, 1) for k, v in medians.items()},
         **{f"{k} ratio": round(v / base, 2) for k, v in medians.items() if k != "python -c pass"},
+    }
+
+
+def bench_history(tmp: Path, env: dict[str, str], project: Path, reps: int) -> dict[str, float]:
+    """`status` and `history` once status.json holds a full history (HISTORY_LIMIT
+    runs of four stages): what keeping that many costs every read."""
+    venv = tmp / "user-venv"
+    if not venv.exists():
+        user_install(tmp)
+    py, exe = str(venv / "bin" / "python"), str(venv / "bin" / "lore-service")
+    for _ in range(20):
+        subprocess.run([PY, str(SCRIPT), "trigger"], env=env, cwd=project, capture_output=True, check=True)
+    status_json = Path(env["LORE_SERVICE_HOME"]) / "state"
+    size = sum(p.stat().st_size for p in status_json.glob("*/status.json"))
+    cases = {
+        "python -c pass": [py, "-c", "pass"],
+        "full history: lore-service status --json": [exe, "status", "--json"],
+        "full history: lore-service status": [exe, "status"],
+        "full history: lore-service history": [exe, "history"],
+        "full history: lore-service history --json": [exe, "history", "--json"],
+    }
+    medians = interleaved(cases, env, project, reps)
+    base = medians.pop("python -c pass")
+    return {
+        "full history: status.json bytes": size,
+        **{f"{k} ms": round(v, 1) for k, v in medians.items()},
+        **{f"{k} ratio": round(v / base, 2) for k, v in medians.items()},
     }
 
 
@@ -198,16 +228,24 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json-out", type=Path, default=ROOT / "bench" / "results" / "latest.json")
+    parser.add_argument("--only", default="status,run,tail,rss,history", help="comma-separated: %(default)s")
     args = parser.parse_args()
+    only = set(args.only.split(","))
     reps = 7 if args.quick else 30
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as raw:
         tmp = Path(raw)
         env, project, sid = setup(tmp)
         results: dict[str, float] = {}
-        results.update(bench_status(tmp, env, project, reps))
-        results.update(bench_run_overhead(env, project, sid, max(5, reps // 3)))
-        results.update(bench_tail(tmp, (64 if args.quick else 1024) * 1024 * 1024, reps))
-        results.update(bench_rss(env, project, 50 if args.quick else 500))
+        if "status" in only:
+            results.update(bench_status(tmp, env, project, reps))
+        if "run" in only:
+            results.update(bench_run_overhead(env, project, sid, max(5, reps // 3)))
+        if "tail" in only:
+            results.update(bench_tail(tmp, (64 if args.quick else 1024) * 1024 * 1024, reps))
+        if "rss" in only:
+            results.update(bench_rss(env, project, 50 if args.quick else 500))
+        if "history" in only:  # last: it fills the history the others would read
+            results.update(bench_history(tmp, env, project, reps))
     width = max(len(k) for k in results)
     for key, value in results.items():
         print(f"{key:<{width}}  {value}")

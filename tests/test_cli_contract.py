@@ -57,6 +57,8 @@ def test_without_json_errors_are_one_error_line_and_one_hint_line(cli):
         (["pause"], 3),
         (["resume"], 3),
         (["logs"], 3),
+        (["history"], 3),
+        (["history", "--limit", "0"], 2),
         (["uninstall"], 3),
     ],
 )
@@ -149,6 +151,7 @@ def test_real_subprocess_garbage_input_never_prints_a_traceback(tool):
         ["--home"],
         ["install", "--project", "x" * 5000],
         ["logs", "--tail", "-1"],
+        ["history", "--limit", "\udcff"],
     ):
         r = tool(*[a.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for a in argv])
         assert "Traceback" not in r.out + r.err, argv

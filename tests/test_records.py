@@ -113,7 +113,10 @@ HEAVY = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("argv", [["status", "--json"], ["status"], ["list", "--json"], ["logs", "--tail", "5"]])
+@pytest.mark.parametrize(
+    "argv",
+    [["status", "--json"], ["status"], ["list", "--json"], ["logs", "--tail", "5"], ["history"], ["history", "--json"]],
+)
 def test_read_only_commands_import_nothing_heavy(cli, installed, environ, project, argv):
     cli("trigger")  # a status with a run record and a log to read
     probe = (

@@ -28,6 +28,7 @@ EXPECTED = {
     "doctor-output.schema.json",
     "version-output.schema.json",
     "event.schema.json",
+    "history-output.schema.json",
 }
 
 
@@ -452,3 +453,25 @@ def test_skipped_runs_validate_in_the_envelope_and_in_status_json(cli, installed
     validate(status, "status.schema.json")
     assert status["last_skip"]["repeats"] == 3
     validate(envelope(cli("--json", "status", "--name", sid))["data"], "status-output.schema.json")
+
+
+def test_history_output_validates_with_runs_of_every_outcome(cli, installed, project, home, tmp_path, monkeypatch):
+    sid = installed["service_id"]
+    for plan in ({"docs": {"exit": 3}}, {"mrs": {"exit": 75}}, {}):
+        write_plan(project, plan)
+        cli("--json", "trigger")
+    assert envelope(cli("--json", "history"))["data"]["runs"] != []
+    monkeypatch.chdir(tmp_path)
+    project.rename(tmp_path / "away")
+    for _ in range(2):
+        assert cli("--json", "run", "--name", sid).code == 0
+    doc = envelope(cli("--json", "history", "--name", sid, "--limit", "4"))
+    validate(doc["data"], "history-output.schema.json")
+    assert [(r["outcome"], r["repeats"]) for r in doc["data"]["runs"]] == [
+        ("skipped", 2),
+        ("success", 1),
+        ("failed", 1),
+        ("degraded", 1),
+    ]
+    bad = envelope(cli("--json", "history", "--name", sid, "--limit", "none"))
+    assert bad["ok"] is False and bad["error"]["code"] == "usage"
