@@ -600,15 +600,17 @@ def load_config(paths: Paths, sid: str) -> ServiceConfig:
         raise StateFileError(
             f"config {path} is missing", f"re-run `{TOOL_NAME} install` to recreate it", code="config_missing"
         )
-    try:
-        text = raw.decode("utf-8-sig")  # an editor's BOM is the user's, not an error
-    except UnicodeDecodeError as exc:
-        raise StateFileError(
-            f"config {path} is not UTF-8 ({exc.reason} at byte {exc.start})",
-            "save the file as UTF-8, or delete it and re-run install",
-            code="config_invalid",
-        ) from None
+    text = user_toml_text(raw, f"config {path}", "save the file as UTF-8, or delete it and re-run install")
     return ServiceConfig.from_toml(text, path)
+
+
+def user_toml_text(raw: bytes, what: str, fix: str) -> str:
+    """A file people edit, as text: an editor's BOM is theirs, not an error."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        problem = f"{what} is not UTF-8 ({exc.reason} at byte {exc.start})"
+        raise StateFileError(problem, fix, code="config_invalid") from None
 
 
 def config_or_defaults(paths: Paths, sid: str) -> ServiceConfig:
@@ -676,14 +678,7 @@ def load_settings(paths: Paths) -> Settings:
     raw = read_state_bytes(path, "settings")
     if raw is None:
         return Settings()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise StateFileError(
-            f"settings {path} is not UTF-8 ({exc.reason} at byte {exc.start})",
-            "save the file as UTF-8, or delete it to use the defaults",
-            code="config_invalid",
-        ) from None
+    text = user_toml_text(raw, f"settings {path}", "save the file as UTF-8, or delete it to use the defaults")
     return Settings.from_toml(text, path)
 
 
