@@ -6,11 +6,12 @@
 `lore-service run --service-id ID`, and `run_service()` decides: it takes the
 service's lock (a run never overlaps another), skips when the service is
 paused, backing off or not yet due, records a skip (never a failure) when a
-condition of the machine holds (its project folder missing, offline, or
-every slot of the host-wide run limit staying taken), reads
-the token from its store, runs the
-critical stages (issues, mrs) and then the optional ones (docs, embeddings)
-with timeouts and redacted output, and folds the outcome into status.json:
+condition of the machine holds (its project folder missing, offline, on
+battery or metered where service.toml says so, or every slot of the
+host-wide run limit staying taken), reads the token from its store, keeps
+the machine awake while it runs the critical stages (issues, mrs) and then
+the optional ones (docs, embeddings; held back on battery by default) with
+timeouts and redacted output, and folds the outcome into status.json:
 failures grow a persisted full-jitter backoff, a permanent error or too many
 transient ones pause the service (the circuit breaker). `install` is the
 other half: it resolves the request (`InstallRequest`), plans every file and
@@ -29,8 +30,9 @@ or a decorator needs at import time comes earlier, hence section 1.)
     2. Records                    service.toml, settings.toml, manifest.json, status.json, run records,
                                   scheduler state, checks and plans: typed, validated on read
     3. Policy                     skip rules, classification, backoff, circuit breaker, state
-    4. The run                    run_service(): lock, orphans, conditions, run slot, secret, stages, stop signals,
-                                  record; what it tells an observer (RunObserver)
+    4. The run                    run_service(): lock, orphans, conditions (offline, battery, metered),
+                                  run slot, secret, sleep inhibitor, stages, stop signals, record;
+                                  what it tells an observer (RunObserver)
    4b.   Alerts                   failed/paused/recovered/stale once per transition; desktop,
                                   webhook, Healthchecks pings; delivered after the lock, bounded
     5. Install and uninstall      admin turns; InstallRequest -> InstallPlan -> apply (with rollback)
@@ -46,7 +48,8 @@ or a decorator needs at import time comes earlier, hence section 1.)
     9. Platform appendix
    9a.   System                   the one injectable object for OS calls (clock, randomness,
                                   processes, signals, file locks, platform facts, the desktop
-                                  session and HTTP for alerts)
+                                  session and HTTP for alerts; power source, metered connection,
+                                  reachability, sleep inhibitor)
    9b.   Files and time           atomic writes, trusted opens, state reads, timestamps
    9c.   Identity and paths       service ids, per-user folders
    9d.   Locks and the log        run lock, rotating service log, tail, follow
@@ -434,6 +437,52 @@ class NotifyConfig:
                 check_notify_url(value, f"notify.{key}")
         return cls(desktop, urls["webhook"] or None, urls["healthchecks_url"] or None)
 
+# on_battery and on_metered: what a run does when the machine is on battery or on
+# a metered connection; critical-only skips the optional stages (docs, embeddings)
+CONDITION_POLICIES = ("run", "critical-only", "skip")
+GITLAB_URL_OFF = "none"  # gitlab_url = "none": no offline check (a proxy, a host that refuses probes)
+
+
+def validate_gitlab_url(value: object) -> str:
+    """gitlab_url as service.toml and --gitlab-url take it: an http or https
+    URL with a host and an optional port, no user or password in it (the file
+    is no place for credentials); or "none". ValueError says what is wrong."""
+    if value == GITLAB_URL_OFF:
+        return GITLAB_URL_OFF
+    if not isinstance(value, str) or not value or value != value.strip() or _control_character(value, tab_ok=False):
+        raise ValueError('gitlab_url must be an http or https URL such as "https://gitlab.example.com", or "none"')
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"gitlab_url {value!r} is not a valid URL ({exc})") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname or " " in value:
+        raise ValueError(f'gitlab_url {value!r} must be an http or https URL with a host, e.g. "https://gitlab.example.com"')
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("gitlab_url must not hold a user name or password")
+    if port == 0:
+        raise ValueError(f"gitlab_url {value!r} has port 0")
+    return value
+
+
+def gitlab_endpoint(url: str | None) -> tuple[str, int] | None:
+    """(host, port) that the offline check connects to: the URL's port, else
+    443 for https and 80 for http; None when no host is known or the check is off."""
+    if not url or url == GITLAB_URL_OFF:
+        return None
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    return host, parts.port or (443 if parts.scheme.lower() == "https" else 80)
+
+
+def host_port(host: str, port: int) -> str:
+    """host:port as people write it ([::1]:443 for an IPv6 address)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
 
 @record
 class ServiceConfig:
@@ -451,6 +500,12 @@ class ServiceConfig:
     log_max_bytes: int = 5 * 1024 * 1024
     log_backups: int = 3
     extra_write_paths: list[str] = field(default_factory=list)
+    # conditions of the machine (section 4): the GitLab host the offline check
+    # connects to (None: none known, no check), and what battery and metered do
+    gitlab_url: str | None = None
+    on_battery: str = "critical-only"
+    on_metered: str = "run"
+    inhibit_sleep: bool = True  # hold off system sleep while the stages run
     stages: dict[str, StageConfig] = field(default_factory=dict)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
 
@@ -474,6 +529,10 @@ class ServiceConfig:
             "run_budget_seconds": self.run_budget_seconds,
             **({"stale_after": format_interval(self.stale_after_seconds)} if self.stale_after_seconds else {}),
             "extra_write_paths": self.extra_write_paths,
+            **({"gitlab_url": self.gitlab_url} if self.gitlab_url else {}),
+            "on_battery": self.on_battery,
+            "on_metered": self.on_metered,
+            "inhibit_sleep": self.inhibit_sleep,
             "backoff": {"base_seconds": self.backoff_base_seconds, "cap_seconds": self.backoff_cap_seconds},
             "circuit_breaker": {
                 "threshold": self.circuit_breaker_threshold,
@@ -495,7 +554,11 @@ class ServiceConfig:
             "# extra_write_paths: folders outside the project that stages write to\n"
             "# (where lore keeps its database); the systemd sandbox allows exactly these.\n"
             "# [notify]: desktop = true|false (default: on where a desktop session is\n"
-            '# reachable), webhook = "https://...", healthchecks_url = "https://hc-ping.com/<uuid>".\n\n'
+            '# reachable), webhook = "https://...", healthchecks_url = "https://hc-ping.com/<uuid>".\n'
+            "# gitlab_url: the host a run checks it can reach before it starts (else it is\n"
+            '# skipped as offline); "none" turns the check off. on_battery, on_metered:\n'
+            '# "run", "critical-only" (skip docs and embeddings) or "skip" (the whole run).\n'
+            "# inhibit_sleep: keep the machine from sleeping while the stages run.\n\n"
         )
         return header + tomli_w.dumps(doc)
 
@@ -520,6 +583,19 @@ class ServiceConfig:
                 "fix the value by hand, or delete the file and re-run install",
                 code="config_invalid",
             ) from None
+
+    def _conditions_from_doc(self, doc: dict[str, Any]) -> None:
+        """gitlab_url, on_battery, on_metered and inhibit_sleep (section 4's conditions)."""
+        if "gitlab_url" in doc:
+            self.gitlab_url = validate_gitlab_url(doc["gitlab_url"])
+        for key in ("on_battery", "on_metered"):
+            value = doc.get(key, getattr(self, key))
+            if value not in CONDITION_POLICIES:
+                raise ValueError(f"{key} must be one of {', '.join(repr(p) for p in CONDITION_POLICIES)}")
+            setattr(self, key, value)
+        self.inhibit_sleep = doc.get("inhibit_sleep", True)
+        if not isinstance(self.inhibit_sleep, bool):
+            raise ValueError("inhibit_sleep must be true or false")
 
     @classmethod
     def _from_doc(cls, doc: dict[str, Any]) -> ServiceConfig:
@@ -553,6 +629,7 @@ class ServiceConfig:
             if bad:
                 raise ValueError(f"extra_write_paths entry {path!r} contains {bad}")
         cfg.extra_write_paths = list(paths)
+        cfg._conditions_from_doc(doc)
         backoff = table(doc, "backoff")
         cfg.backoff_base_seconds = integer(backoff.get("base_seconds", 60), "backoff.base_seconds", 1, 86400)
         cfg.backoff_cap_seconds = integer(backoff.get("cap_seconds", 3600), "backoff.cap_seconds", 1, 7 * 86400)
@@ -1310,12 +1387,17 @@ def run_service(
         if manifest.backend in BACKENDS:  # e.g. launchd keeps its crash log bounded
             get_backend(manifest.backend, system, paths).before_run(manifest)
         result = _policy_skip(system, paths, manifest, trigger, log)
+        held: Condition | None = None
         if result is None:
-            held = check_conditions(system, manifest, cfg) or slot.take(system, manifest, cfg, trigger, log, notify)
-            if held is not None:
+            held = check_conditions(system, manifest, cfg)
+            if held is None or held.optional_only:  # a run whose optional stages wait still needs a slot
+                held = slot.take(system, manifest, cfg, trigger, log, notify) or held
+            if held is not None and not held.optional_only:
                 result = record_skip(system, paths, manifest, cfg, trigger, held, log)
                 return result
-        result = result or _run_stages_and_record(system, paths, manifest, cfg, trigger, log, lock, alerts, observer)
+        result = result or _run_stages_and_record(
+            system, paths, manifest, cfg, trigger, log, lock, alerts, observer, held
+        )
         return result
     finally:
         slot.release()
@@ -1348,21 +1430,122 @@ def _policy_skip(system: System, paths: Paths, manifest: Manifest, trigger: str,
 # -- conditions: when the machine says "not now" --------------------------------
 
 
+REACH_TIMEOUT_SECONDS = 3.0  # name lookup and TCP connect together: a run never waits longer to learn it is offline
+
+
 @record
 class Condition:
-    """Why a due run does not start: one of CONDITIONS and what held, in words."""
+    """Why a due run does not start: one of CONDITIONS and what held, in words
+    (the reason, which identical skips share, so they coalesce; the probe's
+    own words go to the log as `detail`). `optional_only`: the condition holds
+    back only the optional stages (on_battery or on_metered = "critical-only")."""
 
     name: str
     reason: str
+    detail: str = ""
+    optional_only: bool = False
 
 
 def check_conditions(system: System, manifest: Manifest, cfg: ServiceConfig) -> Condition | None:
     """The first condition that keeps this run from starting, checked in the
     order of CONDITIONS; None to run. A condition is not a failure: the run is
-    recorded as skipped and the next firing tries again."""
+    recorded as skipped and the next firing tries again. A condition that
+    holds back only the optional stages is returned when no later one skips
+    the whole run."""
     if not os.path.isdir(manifest.project_root):  # a drive not mounted yet, a folder moved
         return Condition("project_missing", f"project folder missing ({manifest.project_root})")
-    return None
+    offline = offline_condition(system, cfg)
+    if offline is not None:
+        return offline
+    partial: Condition | None = None
+    for found in (_battery_condition(system, cfg), _metered_condition(system, cfg)):
+        if found is not None and not found.optional_only:
+            return found
+        partial = partial or found
+    return partial
+
+
+def offline_condition(system: System, cfg: ServiceConfig) -> Condition | None:
+    """Offline: the GitLab host (gitlab_url), or the proxy the sync would go
+    through, cannot be reached: name lookup and TCP connect within
+    REACH_TIMEOUT_SECONDS. No host known: no check. A stage that fails after
+    this passed is an ordinary failure."""
+    target = offline_target(cfg, system.environ)
+    if target is None:
+        return None
+    host, port, what = target
+    problem = system.reachable(host, port, REACH_TIMEOUT_SECONDS)
+    if problem is None:
+        return None
+    return Condition("offline", f"offline ({what}{host_port(host, port)} unreachable)", problem)
+
+
+def offline_target(cfg: ServiceConfig, environ: dict[str, str]) -> tuple[str, int, str] | None:
+    """What the offline check connects to, as (host, port, "" or "proxy "):
+    the GitLab host, or the proxy an HTTP client takes to it (https_proxy /
+    http_proxy, then all_proxy, either case, unless no_proxy names the host),
+    since behind a proxy the host itself may answer nobody but the proxy."""
+    endpoint = gitlab_endpoint(cfg.gitlab_url)
+    if endpoint is None or cfg.gitlab_url is None:
+        return None
+    scheme = cfg.gitlab_url.partition(":")[0].lower()
+    names = (f"{scheme}_proxy", f"{scheme.upper()}_PROXY", "all_proxy", "ALL_PROXY")
+    proxy = next((environ[n] for n in names if environ.get(n)), "")
+    if not proxy or _no_proxy(environ, endpoint[0]):
+        return (*endpoint, "")
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        port = parts.port
+    except ValueError:
+        return (*endpoint, "")
+    if not parts.hostname:
+        return (*endpoint, "")
+    default = 1080 if parts.scheme.lower().startswith("socks") else 443 if parts.scheme.lower() == "https" else 80
+    return parts.hostname, port or default, "proxy "
+
+
+def _no_proxy(environ: dict[str, str], host: str) -> bool:
+    """no_proxy names the host: `*`, the host, or a domain it is in (`.corp`, `corp`, `*.corp`)."""
+    for raw in (environ.get("no_proxy") or environ.get("NO_PROXY") or "").split(","):
+        entry = raw.strip().lower()
+        if entry == "*":
+            return True
+        if entry.count(":") == 1:  # host:port (an IPv6 address has more colons)
+            entry = entry.partition(":")[0]
+        entry = entry.removeprefix("*").lstrip(".")
+        if entry and (host == entry or host.endswith("." + entry)):
+            return True
+    return False
+
+
+def _battery_condition(system: System, cfg: ServiceConfig) -> Condition | None:
+    if not _policy_applies(cfg, cfg.on_battery):
+        return None
+    power, how = system.power_source()
+    return _held("on_battery", "on battery", how, cfg, cfg.on_battery) if power == "battery" else None
+
+
+def _metered_condition(system: System, cfg: ServiceConfig) -> Condition | None:
+    if not _policy_applies(cfg, cfg.on_metered):
+        return None
+    metered, how = system.metered()
+    return _held("metered", "metered connection", how, cfg, cfg.on_metered) if metered else None
+
+
+def _policy_applies(cfg: ServiceConfig, policy: str) -> bool:
+    """Whether asking the OS could change this run: not for "run", nor for
+    "critical-only" when the profile has no optional stage."""
+    stages = cfg.active_stages()
+    return policy == "skip" or (policy == "critical-only" and any(not s.critical for s in stages))
+
+
+def _held(name: str, reason: str, how: str, cfg: ServiceConfig, policy: str) -> Condition:
+    """critical-only holds back the optional stages, unless no stage is critical
+    (then nothing would run: the whole run is skipped)."""
+    critical = any(s.critical for s in cfg.active_stages())
+    return Condition(name, reason, how, optional_only=policy == "critical-only" and critical)
 
 
 def record_skip(
@@ -1371,7 +1554,7 @@ def record_skip(
     """A due run that a condition kept from starting: logged, and folded into
     the status as a skip (history and last_skip; never the failure count)."""
     now = system.now_ms()
-    log.write_line("skip", held.reason)
+    log.write_line("skip", f"{held.reason}: {held.detail}" if held.detail else held.reason)
     at = iso_from_ms(now)
     run = RunRecord(f"{now:x}-{os.getpid():x}", trigger, at, at, 0, "skipped", None, [], now, held.name, held.reason)
     status = update_status(paths, manifest.service_id, system, lambda s: apply_skip(s, run, cfg))
@@ -1477,6 +1660,7 @@ def _run_stages_and_record(
     lock: FileLock,
     alerts: RunAlerts,
     observer: RunObserver | None = None,
+    held: Condition | None = None,
 ) -> RunResult:
     system.make_undumpable()  # before the token is in memory: no core dump or ptrace shows it
     try:
@@ -1493,15 +1677,34 @@ def _run_stages_and_record(
         return _record(system, paths, manifest, cfg, token_failure(manifest, cfg, trigger, exc, system.now_ms()))
     if secret is None:
         log.write_line("run", f"warning: no token found in {manifest.token_source}; stages run without {cfg.token_env}")
+    hold_optional = held.reason if held is not None else None
+    if held is not None:
+        log.write_line("run", f"{held.reason}: optional stages skipped ({held.detail})")
+    awake = hold_off_sleep(system, cfg, manifest.service_id, log)
     # until restored, SIGTERM ends the waited-on stage and the run is still recorded
     stop = StopSignal()
     restore_signals = system.on_stop_signals(stop)
     alerts.run_started()
     try:
-        record = run_stages(system, manifest, cfg, trigger, log, secret, lock, stop, observer)
+        record = run_stages(
+            system, manifest, cfg, trigger, log, secret, lock, stop, observer, hold_optional=hold_optional
+        )
         return _record(system, paths, manifest, cfg, record)
     finally:
         restore_signals()
+        if awake is not None:  # however the run ends; a SIGKILL ends it too (section 9a)
+            awake.release()
+
+
+def hold_off_sleep(system: System, cfg: ServiceConfig, sid: str, log: ServiceLog) -> SleepHold | None:
+    """A sleep inhibitor for the stages (inhibit_sleep = true): never a reason
+    to fail; where there is none, one log line says so and the run goes on."""
+    if not cfg.inhibit_sleep:
+        return None
+    awake = system.inhibit_sleep(f"lore sync of {sid} in progress")
+    if not awake.held:
+        log.write_line("run", f"sleep inhibitor unavailable ({awake.problem}); the run goes on without it")
+    return awake
 
 
 def _record(system: System, paths: Paths, manifest: Manifest, cfg: ServiceConfig, record: RunRecord) -> RunResult:
@@ -1554,19 +1757,18 @@ def run_stages(
     lock: FileLock | None = None,
     stop: StopSignal | None = None,
     observer: RunObserver | None = None,
+    *,
+    hold_optional: str | None = None,
 ) -> RunRecord:
-    """Critical stages always run; optional ones only after a critical success."""
+    """Critical stages always run; optional ones only after a critical success,
+    and not while a condition holds them back (`hold_optional`: on battery...)."""
     stop = stop or StopSignal()
     observer = observer or RunObserver()
     started_ms = system.now_ms()
     start = system.monotonic()
     deadline = start + cfg.run_budget_seconds
     run_id = f"{started_ms:x}-{os.getpid():x}"
-    env = dict(system.environ)
-    env["LORE_SERVICE_ID"] = manifest.service_id
-    env["LORE_SERVICE_RUN_ID"] = run_id
-    if secret:
-        env[cfg.token_env] = secret
+    env = _stage_environ(system, manifest, cfg, run_id, secret)
     log.write_line("run", f"run {run_id} ({trigger}) profile {cfg.profile} in {manifest.project_root}")
     results: list[StageResult] = []
     stages = cfg.active_stages()
@@ -1591,9 +1793,9 @@ def run_stages(
         if stopped is not None:
             finish(StageResult(stage.name, stage.critical, "skipped", None, 0, None, "skipped: run stopped"))
             continue
-        any_critical_ok = any(r.outcome == "success" for r in results if r.critical)
-        if not stage.critical and not any_critical_ok and any(s.critical for s in stages):
-            finish(StageResult(stage.name, False, "skipped", None, 0, None, "skipped: no critical stage succeeded"))
+        held_back = _optional_held_back(stage, stages, results, hold_optional)
+        if held_back is not None:
+            finish(held_back)
             continue
         begun = system.monotonic()
         observer.stage_started(stage.name)
@@ -1622,6 +1824,33 @@ def run_stages(
         error_class=error_class,
         stage_results=results,
     )
+
+
+def _stage_environ(
+    system: System, manifest: Manifest, cfg: ServiceConfig, run_id: str, secret: str | None
+) -> dict[str, str]:
+    """The caller's environment, the service and run ids, and the token in token_env."""
+    env = dict(system.environ)
+    env["LORE_SERVICE_ID"] = manifest.service_id
+    env["LORE_SERVICE_RUN_ID"] = run_id
+    if secret:
+        env[cfg.token_env] = secret
+    return env
+
+
+def _optional_held_back(
+    stage: StageConfig, stages: list[StageConfig], results: list[StageResult], hold_optional: str | None
+) -> StageResult | None:
+    """An optional stage that does not run: a condition holds it back (on
+    battery...), or no critical stage succeeded; None to run it."""
+    if stage.critical:
+        return None
+    if hold_optional:
+        return StageResult(stage.name, False, "skipped", None, 0, None, f"skipped: {hold_optional}")
+    any_critical_ok = any(r.outcome == "success" for r in results if r.critical)
+    if not any_critical_ok and any(s.critical for s in stages):
+        return StageResult(stage.name, False, "skipped", None, 0, None, "skipped: no critical stage succeeded")
+    return None
 
 
 KILL_GRACE_SECONDS = 3.0
@@ -2288,6 +2517,7 @@ def resolve_install(system: System, paths: Paths, args: argparse.Namespace) -> I
             code="id_taken",
         )
     cfg, lore = _resolve_config(system, paths, args, existing)
+    cfg.gitlab_url = _resolve_gitlab_url(args, cfg, project)
     missing: list[str] = []
     backend, reason = _resolve_backend(system, paths, args, existing, missing)
     source = args.token_source or "auto"
@@ -2345,6 +2575,101 @@ def _apply_notify_options(notify: NotifyConfig, args: argparse.Namespace) -> Non
         value = getattr(args, dest, None)
         if value is not None:
             setattr(notify, key, check_notify_url(value, option) if value else None)
+
+def _resolve_gitlab_url(args: argparse.Namespace, cfg: ServiceConfig, project: str) -> str | None:
+    """--gitlab-url, else what service.toml says, else the host of the
+    project's git remote `origin` (None: no host known, runs are not checked)."""
+    if getattr(args, "gitlab_url", None) is not None:
+        try:
+            return validate_gitlab_url(args.gitlab_url)
+        except ValueError as exc:
+            hint = "e.g. --gitlab-url https://gitlab.example.com (--gitlab-url none: no offline check)"
+            raise UsageError(str(exc), hint, code="bad_url") from None
+    if cfg.gitlab_url is not None:
+        return cfg.gitlab_url
+    derived = gitlab_url_from_remote(git_origin_url(project) or "")
+    try:
+        return validate_gitlab_url(derived) if derived else None
+    except ValueError:  # a remote this cannot make a URL of: no check rather than a broken service.toml
+        return None
+
+
+def git_origin_url(project: str) -> str | None:
+    """The url of remote "origin" in the git repository holding `project`,
+    read from its config file (no git process: install asks no more programs
+    than it needs). A worktree's or submodule's `.git` file leads to its git
+    folder, and a worktree's config is in the common one; includes and
+    url.<base>.insteadOf are not followed."""
+    folder = project
+    while True:
+        dot_git = os.path.join(folder, ".git")
+        if os.path.lexists(dot_git):
+            break
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return None
+        folder = parent
+    git_dir = dot_git
+    if os.path.isfile(dot_git):  # "gitdir: <path>", relative to the folder holding it
+        pointer = (read_text(dot_git) or "").strip()
+        if not pointer.startswith("gitdir:"):
+            return None
+        git_dir = os.path.join(folder, pointer.removeprefix("gitdir:").strip())
+    common = (read_text(os.path.join(git_dir, "commondir")) or "").strip()
+    if common:
+        git_dir = os.path.join(git_dir, common)
+    return remote_url_in_git_config(read_text(os.path.join(git_dir, "config")) or "", "origin")
+
+
+def remote_url_in_git_config(text: str, remote: str) -> str | None:
+    """The first `url` of [remote "<remote>"] in a git config file's text."""
+    section: tuple[str, ...] | None = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("["):
+            head = line[1 : line.find("]")] if "]" in line else ""
+            name, _, sub = head.partition(" ")
+            section = (name.lower(), sub.strip().strip('"')) if sub else tuple(head.lower().split(".", 1))
+            continue
+        key, sep, value = line.partition("=")
+        if sep and section == ("remote", remote) and key.strip().lower() == "url":
+            value = value.strip()
+            if value.startswith('"'):
+                return value[1:].partition('"')[0]
+            return value.split(" #")[0].split(" ;")[0].strip() or None
+    return None
+
+
+def gitlab_url_from_remote(remote: str) -> str | None:
+    """The GitLab a git remote points at, as gitlab_url: https://host[:port]
+    from an http(s) remote (without any user or token in it), and
+    https://host from ssh://[user@]host[:port]/path and scp-like
+    [user@]host:path, since GitLab's API is https on 443 whatever port ssh
+    uses. None for a local path, file:// and anything not understood."""
+    from urllib.parse import urlsplit
+
+    text = remote.strip()
+    if "://" in text:
+        try:
+            parts = urlsplit(text)
+            port = parts.port
+        except ValueError:
+            return None
+        host, scheme = parts.hostname, parts.scheme.lower()
+        if not host:
+            return None
+        shown = f"[{host}]" if ":" in host else host
+        if scheme in ("http", "https"):
+            return f"{scheme}://{shown}" + (f":{port}" if port else "")
+        return f"https://{shown}" if scheme in ("ssh", "git+ssh", "ssh+git") else None
+    # scp-like: a colon before any slash; `C:/x` (one letter before it) is a Windows path
+    head, colon, _ = text.partition(":")
+    if not colon or "/" in head or "\\" in head:
+        return None
+    host = head.rpartition("@")[2].strip("[]")
+    if len(host) < 2 or not all(c.isalnum() or c in ".-" for c in host):
+        return None
+    return f"https://{host.lower()}"
 
 
 def _resolve_lore(system: System, args: argparse.Namespace, existing: Manifest | None) -> str | None:
@@ -5500,6 +5825,7 @@ def core_checks(paths: Paths, system: System, manifest: Manifest) -> list[Check]
     checks.append(_token_check(paths, system, manifest))
     if cfg is not None:
         checks += _stage_checks(system, cfg, paths.config(sid))
+        checks += condition_checks(system, cfg)
     return checks + program_checks(manifest.program) + macos_program_checks(system, manifest.program)
 
 
@@ -5558,6 +5884,79 @@ def _stage_checks(system: System, cfg: ServiceConfig, config_path: str) -> list[
                 )
             )
     return checks or [Check("lore", "ok", f"stage commands resolve ({cfg.active_stages()[0].command[0]})")]
+
+
+def condition_checks(system: System, cfg: ServiceConfig) -> list[Check]:
+    """What the run's conditions (section 4) see on this machine now: the
+    GitLab host, the power source, a metered connection, the sleep inhibitor.
+    A condition is not a fault: only what the user can act on warns."""
+    return [check(system, cfg) for check in (_reach_check, _power_check, _metered_check, _sleep_check)]
+
+
+def _reach_check(system: System, cfg: ServiceConfig) -> Check:
+    name = "gitlab reachable"
+    if cfg.gitlab_url == GITLAB_URL_OFF:
+        return Check(name, "ok", 'not checked (gitlab_url = "none"): runs are never skipped as offline')
+    target = offline_target(cfg, system.environ)
+    if target is None:
+        return Check(
+            name,
+            "warn",
+            "no GitLab host known (no gitlab_url, and no git remote origin to take it from): runs are not "
+            "checked for being offline, so offline runs fail, back off and may pause the service",
+            f"`{TOOL_NAME} install --gitlab-url https://<your GitLab host>`",
+        )
+    host, port, what = target
+    problem = system.reachable(host, port, REACH_TIMEOUT_SECONDS)
+    where = f"{what}{host_port(host, port)}"
+    if problem is None:
+        return Check(name, "ok", f"{where} answers (gitlab_url {cfg.gitlab_url})")
+    return Check(
+        name,
+        "warn",
+        f"{where} unreachable ({problem}): runs are skipped as offline until it answers",
+        "check the network (or VPN); if lore reaches GitLab another way, "
+        'set gitlab_url = "none" (or the right URL) in service.toml',
+    )
+
+
+CONDITION_EFFECTS = {"run": "runs go on as usual", "critical-only": "docs and embeddings wait", "skip": "runs wait"}
+
+
+def _power_check(system: System, cfg: ServiceConfig) -> Check:
+    power, how = system.power_source()
+    policy = f'on_battery = "{cfg.on_battery}"'
+    if power == "battery":
+        return Check("power", "ok", f"on battery ({how}): {CONDITION_EFFECTS[cfg.on_battery]} ({policy})")
+    seen = "on AC power" if power == "ac" else "unknown, taken as AC power"
+    return Check("power", "ok", f"{seen} ({how}); on battery: {CONDITION_EFFECTS[cfg.on_battery]} ({policy})")
+
+
+def _metered_check(system: System, cfg: ServiceConfig) -> Check:
+    metered, how = system.metered()
+    policy = f'on_metered = "{cfg.on_metered}"'
+    if metered:
+        return Check("metered", "ok", f"metered connection ({how}): {CONDITION_EFFECTS[cfg.on_metered]} ({policy})")
+    seen = "not metered" if metered is False else "unknown, taken as not metered"
+    return Check("metered", "ok", f"{seen} ({how}); when metered: {CONDITION_EFFECTS[cfg.on_metered]} ({policy})")
+
+
+def _sleep_check(system: System, cfg: ServiceConfig) -> Check:
+    """Tried for real: the inhibitor is taken and let go at once."""
+    name = "sleep inhibitor"
+    if not cfg.inhibit_sleep:
+        return Check(name, "ok", "off (inhibit_sleep = false): the machine may sleep during a sync")
+    hold = system.inhibit_sleep(f"{TOOL_NAME} doctor: checking the sleep inhibitor")
+    hold.release()
+    if hold.held:
+        return Check(name, "ok", f"{hold.how} keeps the machine awake while the stages run")
+    return Check(
+        name,
+        "warn",
+        f"unavailable ({hold.problem}): runs go on without it, and the machine may sleep during a sync",
+        "on a machine that never sleeps (a server, a container), set inhibit_sleep = false in service.toml; "
+        "on Linux, logind must answer (`systemd-inhibit --list`)",
+    )
 
 
 def freshness_check(report: ServiceReport, now_ms: int) -> Check:
@@ -5791,6 +6190,12 @@ def _add_command_options(name: str, p: _Parser) -> None:
         p.add_argument("--token-env", metavar="VAR", help=f"variable holding the token (default {DEFAULT_TOKEN_ENV})")
         p.add_argument("--token-stdin", action="store_true", help="read the token from standard input")
         p.add_argument("--lore", metavar="PATH", help="the lore program (default: found on PATH)")
+        p.add_argument(
+            "--gitlab-url",
+            metavar="URL",
+            help="the GitLab a run checks it can reach, else it is skipped as offline "
+            "(default: from the git remote origin; none: no check)",
+        )
         p.add_argument("--dry-run", action="store_true", help="print what would be written and run; change nothing")
         p.add_argument("--force", action="store_true", help="also re-enable an entry switched off in the OS settings")
         p.add_argument(
@@ -5911,7 +6316,7 @@ def parse_arguments(argv: list[str], guess: str) -> argparse.Namespace:
     # an empty value is never "not given": `--name ""` must not mean this folder's
     # service (--interval and --token-env refuse it with their own codes)
     given = ["home", "lore", "name", "project", "reason", "image", "namespace", "storage_class", "secret_name"]
-    given += ["program", "kubernetes"]
+    given += ["program", "kubernetes", "gitlab_url"]
     empty = sorted(k for k in given if getattr(args, k, None) == "")
     if empty:
         option = {"name": "name/--service-id"}.get(empty[0], empty[0].replace("_", "-"))
@@ -7189,6 +7594,9 @@ class System:
         # a frozen build must not hand its bundle's library path to lore or systemctl
         self.environ: dict[str, str] = frozen_child_environ(dict(os.environ)) if environ is None else environ
         self._rng: Any = None
+        # where Linux's power supplies are read (class/power_supply); tests and a
+        # diagnosis point it at a tree of their own (LORE_SERVICE_SYSFS)
+        self.sysfs_root = self.environ.get("LORE_SERVICE_SYSFS") or "/sys"
 
     # -- platform and identity
     @property
@@ -7496,6 +7904,149 @@ class System:
         finally:
             conn.close()
 
+    # -- conditions of the machine: what section 4's check_conditions and doctor ask
+    def power_source(self) -> tuple[str, str]:
+        """("ac" | "battery" | "unknown", where the answer came from); unknown counts as AC.
+        Linux reads the kernel's power supplies, macOS asks pmset, Windows GetSystemPowerStatus."""
+        if self.platform.startswith("linux"):
+            return power_from_sysfs(os.path.join(self.sysfs_root, "class", "power_supply"))
+        if self.platform == "darwin":
+            result = self.run(["pmset", "-g", "ps"], timeout=5)
+            return power_from_pmset(result.stdout) if result.ok else ("unknown", f"pmset: {result.summary()}")
+        if self.platform == "win32":
+            raw = self.windows_power_status()
+            return power_from_power_status(raw) if raw else ("unknown", "GetSystemPowerStatus gave no answer")
+        return "unknown", f"no power source query on {self.platform}"
+
+    def windows_power_status(self) -> bytes | None:
+        """GetSystemPowerStatus's SYSTEM_POWER_STATUS as its 12 raw bytes (None elsewhere or when it fails)."""
+        if sys.platform != "win32":
+            return None
+        import ctypes
+
+        buffer = ctypes.create_string_buffer(12)
+        if not ctypes.windll.kernel32.GetSystemPowerStatus(buffer):
+            return None
+        return buffer.raw
+
+    def metered(self) -> tuple[bool | None, str]:
+        """(whether the connection is metered, None when the OS does not say; where
+        the answer came from); unknown counts as unmetered. NetworkManager on Linux,
+        the connection cost API on Windows."""
+        if self.platform.startswith("linux"):
+            if self.which("nmcli") is None:
+                return None, "no NetworkManager: nmcli not found"
+            result = self.run(NMCLI_METERED, timeout=5)
+            return metered_from_nmcli(result.stdout) if result.ok else (None, f"nmcli: {result.summary()}")
+        if self.platform == "win32":  # Windows PowerShell, not pwsh: only it loads WinRT types
+            result = self.run(WINDOWS_COST_COMMAND, timeout=20, console=True)
+            return metered_from_cost_type(result.stdout) if result.ok else (None, f"powershell: {result.summary()}")
+        return None, f"{self.platform} does not say whether a connection is metered"
+
+    def reachable(self, host: str, port: int, timeout: float) -> str | None:
+        """None when a TCP connection to host:port opens within `timeout` seconds,
+        the name lookup included; else what failed, in words."""
+        import socket
+        import threading
+
+        deadline = time.monotonic() + timeout
+        found: list[Any] = []
+
+        def resolve() -> None:
+            try:
+                found.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+            except (OSError, UnicodeError) as exc:
+                found.append(exc)
+
+        # getaddrinfo has no timeout of its own (a resolver may retry for 10 s and more)
+        worker = threading.Thread(target=resolve, daemon=True)
+        worker.start()
+        worker.join(timeout)
+        if not found:
+            return f"cannot resolve {host}: no answer within {timeout:g} s"
+        if isinstance(found[0], BaseException):
+            return f"cannot resolve {host}: {_os_reason(found[0])}"
+        problem = "no address"
+        for family, kind, proto, _name, address in found[0]:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                problem = f"no answer within {timeout:g} s"
+                break
+            with socket.socket(family, kind, proto) as sock:
+                sock.settimeout(left)
+                try:
+                    sock.connect(address)
+                    return None
+                except OSError as exc:
+                    problem = _os_reason(exc)
+        return f"cannot connect to {host_port(host, port)}: {problem}"
+
+    def inhibit_sleep(self, why: str) -> SleepHold:
+        """Hold off system sleep until the hold is released (or this process
+        ends, however it ends): logind through systemd-inhibit on Linux,
+        caffeinate on macOS, SetThreadExecutionState on Windows."""
+        if self.platform == "win32":
+            flags = ES_CONTINUOUS | ES_SYSTEM_REQUIRED
+            if not self.set_thread_execution_state(flags):
+                return SleepHold("SetThreadExecutionState", "SetThreadExecutionState is not available here")
+
+            def back_to_normal() -> None:
+                self.set_thread_execution_state(ES_CONTINUOUS)
+
+            return SleepHold("SetThreadExecutionState", release=back_to_normal)
+        argv = sleep_inhibitor_argv(self.platform, os.getpid(), why)
+        if argv is None:
+            return SleepHold("nothing", f"no sleep inhibitor on {self.platform}")
+        exe = self.which(argv[0])
+        if exe is None:
+            return SleepHold(argv[0], f"{argv[0]} not found")
+        return self._hold_with([exe, *argv[1:]], argv[0])
+
+    def _hold_with(self, argv: list[str], name: str) -> SleepHold:
+        """Start the inhibitor in a session of its own (a Ctrl-C or a stage's
+        group kill does not reach it); systemd-inhibit says "held" once logind
+        granted the lock, or ends saying why not."""
+        import subprocess
+
+        pipe = subprocess.PIPE
+        try:
+            helper = subprocess.Popen(
+                argv, stdin=pipe, stdout=pipe, stderr=pipe, env=self.environ, start_new_session=True
+            )
+        except OSError as exc:
+            return SleepHold(name, f"cannot start {name}: {exc.strerror}")
+        problem = _await_held(helper, name, 2.0) if name == "systemd-inhibit" else None
+        hold = SleepHold(name, problem, release=lambda: self._end_helper(helper))
+        if problem:
+            hold.release()
+        return hold
+
+    def _end_helper(self, helper: subprocess.Popen[bytes]) -> None:
+        """End the inhibitor and the command it runs: their input ends, then SIGTERM to their group."""
+        import subprocess
+
+        if helper.stdin is not None:
+            helper.stdin.close()
+        self.kill_group_id(helper.pid, hard=False)
+        try:
+            helper.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            self.kill_group_id(helper.pid, hard=True)
+            helper.wait()
+        for stream in (helper.stdout, helper.stderr):
+            if stream is not None:
+                stream.close()
+
+    def set_thread_execution_state(self, flags: int) -> int:
+        """Windows's SetThreadExecutionState (0: failed, or not Windows)."""
+        if sys.platform != "win32":
+            return 0
+        import ctypes
+
+        kernel32 = ctypes.windll.kernel32
+        kernel32.SetThreadExecutionState.restype = ctypes.c_uint
+        return int(kernel32.SetThreadExecutionState(ctypes.c_uint(flags)))
+
     # -- terminal
     def stdin_isatty(self) -> bool:
         return sys.stdin is not None and sys.stdin.isatty()
@@ -7542,6 +8093,177 @@ class System:
         import getpass
 
         return getpass.getpass(prompt)
+
+
+# What the machine's conditions look like to each OS (System.power_source,
+# metered, inhibit_sleep): the commands asked, and parsers of their answers.
+
+NMCLI_METERED = [
+    "nmcli", "-t", "-f", "GENERAL.DEVICE,GENERAL.TYPE,GENERAL.STATE,GENERAL.METERED,IP4.GATEWAY,IP6.GATEWAY",
+    "device", "show",
+]  # fmt: skip
+WINDOWS_COST_COMMAND = [
+    "powershell.exe", "-NoProfile", "-NonInteractive", "-Command",
+    "$null = [Windows.Networking.Connectivity.NetworkInformation,Windows.Networking.Connectivity,"
+    "ContentType=WindowsRuntime]; $p = [Windows.Networking.Connectivity.NetworkInformation]::"
+    "GetInternetConnectionProfile(); if ($p) { $p.GetConnectionCost().NetworkCostType.ToString() }",
+]  # fmt: skip
+ES_CONTINUOUS = 0x80000000
+ES_SYSTEM_REQUIRED = 0x00000001
+
+
+class SleepHold:
+    """A hold on system sleep while the stages run: held, or why not (`problem`).
+    release() ends it; a second release does nothing."""
+
+    def __init__(self, how: str, problem: str | None = None, release: Callable[[], None] | None = None) -> None:
+        self.how = how
+        self.problem = problem
+        self._release = release
+
+    @property
+    def held(self) -> bool:
+        return self.problem is None
+
+    def release(self) -> None:
+        done, self._release = self._release, None
+        if done is not None:
+            done()
+
+
+def sleep_inhibitor_argv(platform: str, pid: int, why: str) -> list[str] | None:
+    """The command that holds off sleep for as long as it runs, or None where a
+    command does not (Windows: a call, SetThreadExecutionState)."""
+    if platform.startswith("linux"):
+        # systemd-inhibit takes logind's lock, then runs its command: `sh` says
+        # "held", and `cat` waits on a pipe only the run holds open, so the lock
+        # ends with the run however it ends (on a SIGKILL the pipe closes too)
+        return [
+            "systemd-inhibit", "--what=sleep", f"--who={TOOL_NAME}", f"--why={why}", "--mode=block",
+            "sh", "-c", "echo held && exec cat >/dev/null",
+        ]  # fmt: skip
+    if platform == "darwin":  # -i: no idle sleep; -w: ends by itself when the run's process does
+        return ["caffeinate", "-i", "-w", str(pid)]
+    return None
+
+
+def _await_held(helper: subprocess.Popen[bytes], name: str, timeout: float) -> str | None:
+    """None once the inhibitor printed "held"; else why it did not (its own last
+    error line, or no answer in time: logind may be hung)."""
+    import select
+    import subprocess
+
+    assert helper.stdout is not None
+    fd, got, deadline = helper.stdout.fileno(), b"", time.monotonic() + timeout
+    while b"\n" not in got:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return f"{name} did not answer within {timeout:g} s"
+        chunk = os.read(fd, 256)
+        if not chunk:
+            break
+        got += chunk
+    if got.split(b"\n")[0].strip() == b"held":
+        return None
+    try:
+        _out, err = helper.communicate(timeout=1)
+    except subprocess.TimeoutExpired:
+        return f"{name} ended its command early"
+    lines = err.decode("utf-8", "replace").strip().splitlines()
+    return f"{name}: {lines[-1]}" if lines else f"{name} exited with status {helper.returncode}"
+
+
+def _os_reason(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+def power_from_sysfs(folder: str) -> tuple[str, str]:
+    """Linux (the kernel's class/power_supply): AC when a Mains or USB supply is
+    online; battery when none is and a battery of the system is discharging;
+    else unknown. A device's own battery (a wireless mouse: scope Device) says
+    nothing about the machine's power."""
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return "unknown", f"{folder} cannot be read"
+
+    def attr(name: str, key: str) -> str:
+        return (read_text(os.path.join(folder, name, key)) or "").strip()
+
+    discharging = None
+    for name in names:
+        kind = attr(name, "type")
+        if kind in ("Mains", "USB") and attr(name, "online") == "1":
+            return "ac", f"{os.path.join(folder, name)} is online"
+        if kind == "Battery" and attr(name, "scope") != "Device" and attr(name, "status") == "Discharging":
+            discharging = discharging or name
+    if discharging:
+        return "battery", f"{os.path.join(folder, discharging)} is discharging"
+    return "unknown", f"no supply online and no battery discharging in {folder}"
+
+
+def power_from_pmset(text: str) -> tuple[str, str]:
+    """macOS `pmset -g ps`: its first line, "Now drawing from 'AC Power'" (or
+    'Battery Power', or 'UPS Power': a UPS's battery is a battery too)."""
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    source = first.partition("'")[2].rpartition("'")[0]
+    if source == "AC Power":
+        return "ac", "pmset: drawing from AC Power"
+    if source in ("Battery Power", "UPS Power"):
+        return "battery", f"pmset: drawing from {source}"
+    return "unknown", f"pmset said {first!r}" if first else "pmset said nothing"
+
+
+def power_from_power_status(raw: bytes) -> tuple[str, str]:
+    """Windows SYSTEM_POWER_STATUS (ACLineStatus, BatteryFlag, BatteryLifePercent,
+    SystemStatusFlag: bytes; BatteryLifeTime, BatteryFullLifeTime: DWORDs)."""
+    import struct
+
+    if len(raw) < 12:
+        return "unknown", "GetSystemPowerStatus gave a short answer"
+    line, flag, percent, _saver, _life, _full = struct.unpack("<BBBBII", raw[:12])
+    if line == 1:
+        return "ac", "GetSystemPowerStatus: on AC power"
+    if line == 0 and flag not in (128, 255):  # 128: no system battery, 255: unknown
+        charge = f" ({percent}%)" if percent <= 100 else ""
+        return "battery", f"GetSystemPowerStatus: on battery{charge}"
+    return "unknown", f"GetSystemPowerStatus: AC line status {line}, battery flag {flag}"
+
+
+def metered_from_nmcli(text: str) -> tuple[bool | None, str]:
+    """NetworkManager (NMCLI_METERED's output): the connected devices that carry
+    a default route (else all connected ones); metered when each of them is
+    ("yes", or "yes (guessed)" as NetworkManager advises), since the traffic
+    then cannot avoid a metered link."""
+    devices: list[dict[str, str]] = []
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key == "GENERAL.DEVICE":
+            devices.append({"name": value})
+        elif devices:
+            devices[-1][key] = value.strip()
+    connected = [
+        d for d in devices if d.get("GENERAL.STATE", "").startswith("100") and d.get("GENERAL.TYPE") != "loopback"
+    ]
+    gateway = ("IP4.GATEWAY", "IP6.GATEWAY")  # empty (or "--") without a default route
+    routed = [d for d in connected if any(d.get(k, "") not in ("", "--") for k in gateway)] or connected
+    if not routed:
+        return None, "NetworkManager: no connected device"
+    names = ", ".join(d["name"] for d in routed)
+    if all(d.get("GENERAL.METERED", "").startswith("yes") for d in routed):
+        return True, f"NetworkManager: {names} metered"
+    return False, f"NetworkManager: {names} not metered"
+
+
+def metered_from_cost_type(text: str) -> tuple[bool | None, str]:
+    """Windows: the internet connection profile's NetworkCostType (Unrestricted,
+    Fixed, Variable, Unknown); nothing when there is no internet connection."""
+    word = text.strip()
+    if word in ("Fixed", "Variable"):
+        return True, f"Windows connection cost: {word}"
+    if word == "Unrestricted":
+        return False, "Windows connection cost: Unrestricted"
+    return None, f"Windows connection cost: {word or 'no internet connection profile'}"
 
 
 # ----------------------------------------------------------------------------

@@ -243,6 +243,8 @@ def environ(tmp_path: Path, home: Path, lore_bin: Path) -> dict[str, str]:
         "LORE_SERVICE_HOME": str(home),
         "GITLAB_TOKEN": TOKEN,
         "LANG": "C.UTF-8",
+        # no power supplies: a laptop on battery running the tests would skip docs otherwise
+        "LORE_SERVICE_SYSFS": str(tmp_path / "no-sysfs"),
     }
 
 
