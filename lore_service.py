@@ -1431,6 +1431,8 @@ def _policy_skip(system: System, paths: Paths, manifest: Manifest, trigger: str,
 
 
 REACH_TIMEOUT_SECONDS = 3.0  # name lookup and TCP connect together: a run never waits longer to learn it is offline
+# the reasons of on_battery and on_metered, also what an optional stage they hold back says ("skipped: on battery")
+ON_BATTERY_REASON, METERED_REASON = "on battery", "metered connection"
 
 
 @record
@@ -1524,14 +1526,14 @@ def _battery_condition(system: System, cfg: ServiceConfig) -> Condition | None:
     if not _policy_applies(cfg, cfg.on_battery):
         return None
     power, how = system.power_source()
-    return _held("on_battery", "on battery", how, cfg, cfg.on_battery) if power == "battery" else None
+    return _held("on_battery", ON_BATTERY_REASON, how, cfg, cfg.on_battery) if power == "battery" else None
 
 
 def _metered_condition(system: System, cfg: ServiceConfig) -> Condition | None:
     if not _policy_applies(cfg, cfg.on_metered):
         return None
     metered, how = system.metered()
-    return _held("metered", "metered connection", how, cfg, cfg.on_metered) if metered else None
+    return _held("metered", METERED_REASON, how, cfg, cfg.on_metered) if metered else None
 
 
 def _policy_applies(cfg: ServiceConfig, policy: str) -> bool:
@@ -2585,8 +2587,11 @@ def _resolve_gitlab_url(args: argparse.Namespace, cfg: ServiceConfig, project: s
         except ValueError as exc:
             hint = "e.g. --gitlab-url https://gitlab.example.com (--gitlab-url none: no offline check)"
             raise UsageError(str(exc), hint, code="bad_url") from None
-    if cfg.gitlab_url is not None:
-        return cfg.gitlab_url
+    return cfg.gitlab_url if cfg.gitlab_url is not None else derived_gitlab_url(project)
+
+
+def derived_gitlab_url(project: str) -> str | None:
+    """gitlab_url as install takes it from the project's git remote origin, or None."""
     derived = gitlab_url_from_remote(git_origin_url(project) or "")
     try:
         return validate_gitlab_url(derived) if derived else None
@@ -6073,8 +6078,9 @@ def run_limit_check(system: System, paths: Paths, manifest: Manifest | None) -> 
     )
 
 
-def readiness_checks(system: System, paths: Paths) -> list[Check]:
-    """doctor with no service installed: can this machine take an install?"""
+def readiness_checks(system: System, paths: Paths, project: str) -> list[Check]:
+    """doctor with no service installed: can this machine take an install, and
+    what would the run's conditions see (the host from the folder's git remote)?"""
     checks: list[Check] = []
     chosen, reason, tried = choose_backend(system)
     if chosen:
@@ -6110,7 +6116,7 @@ def readiness_checks(system: System, paths: Paths) -> list[Check]:
     )
     checks.extend(_guarded("run limit", lambda: [run_limit_check(system, paths, None)]))
     checks.extend(program_checks(self_command()))
-    return checks
+    return checks + condition_checks(system, ServiceConfig(gitlab_url=derived_gitlab_url(project)))
 
 
 # ============================================================================
@@ -6746,12 +6752,19 @@ def stale_cause(report: ServiceReport) -> str:
     return "no run has happened in time: is the machine asleep or off at the scheduled times?"
 
 
+def _stage_outcome(stage: StageResult) -> str:
+    """`docs success`; a stage a condition held back says which (`docs skipped (on battery)`)."""
+    why = stage.message.removeprefix("skipped: ")
+    held = stage.outcome == "skipped" and why in (ON_BATTERY_REASON, METERED_REASON)
+    return f"{stage.stage} skipped ({why})" if held else f"{stage.stage} {stage.outcome}"
+
+
 def _render_last_run(st: Status, now_ms: int) -> list[str]:
     run = st.last_run
     if run is None:
         lines = ["  last run    none yet"]
     else:
-        stages = ", ".join(f"{s.stage} {s.outcome}" for s in run.stage_results)
+        stages = ", ".join(_stage_outcome(s) for s in run.stage_results)
         lines = [
             f"  last run    {_when(run.started_at_iso, now_ms)}, {run.trigger}: {run.outcome} in "
             f"{human_duration(run.duration_ms / 1000)}",
@@ -6979,7 +6992,8 @@ def cmd_doctor(ctx: Context, args: argparse.Namespace) -> Outcome:
         checks = [Check("manifest", "fail", broken.message, broken.hint)]
         subject = "a service whose manifest cannot be read"
     elif manifest is None:
-        checks = readiness_checks(ctx.system, ctx.paths)
+        project = canonical_project(getattr(args, "project", None) or os.getcwd())
+        checks = readiness_checks(ctx.system, ctx.paths, project)
         subject = "this machine (no service installed here)"
     else:
         service = manifest

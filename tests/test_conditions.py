@@ -549,6 +549,7 @@ def test_on_battery_the_optional_stages_are_skipped_and_the_run_still_succeeds(
     assert "on battery: optional stages skipped (" in log_text(home, sid)
     assert "power_supply/BAT0 is discharging)" in log_text(home, sid)
     assert cli("--json", "status", "--name", sid).data["state"] == "healthy"
+    assert "issues success, mrs success, docs skipped (on battery)" in cli("status", "--name", sid).out
 
 
 @pytest.mark.parametrize(("policy", "ran"), [("skip", []), ("run", ["issues", "mrs", "docs"])])
@@ -925,3 +926,16 @@ def test_doctor_says_when_no_gitlab_host_is_known_and_how_to_give_one(cli, insta
     edit_config(home, sid, lambda doc: doc.update(gitlab_url="none"))
     check = {c["name"]: c for c in cli("--json", "doctor", "--name", sid).data["checks"]}["gitlab reachable"]
     assert check["status"] == "ok" and "not checked" in check["message"]
+
+
+def test_doctor_before_install_shows_what_the_conditions_would_see(cli, project, listener):
+    if shutil.which("git") is None:
+        required_or_skip("git is not installed")
+    git("init", "-q", cwd=project)
+    git("remote", "add", "origin", f"http://127.0.0.1:{listener}/acme/api.git", cwd=project)
+    result = cli("--json", "doctor")
+    assert result.data["service_id"] is None
+    checks = {c["name"]: c for c in result.data["checks"]}
+    assert checks["gitlab reachable"]["status"] == "ok"
+    assert checks["gitlab reachable"]["message"] == f"127.0.0.1:{listener} answers (gitlab_url http://127.0.0.1:{listener})"
+    assert {"power", "metered", "sleep inhibitor"} <= set(checks)
