@@ -1682,12 +1682,13 @@ def _run_stages_and_record(
     hold_optional = held.reason if held is not None else None
     if held is not None:
         log.write_line("run", f"{held.reason}: optional stages skipped ({held.detail})")
-    awake = hold_off_sleep(system, cfg, manifest.service_id, log)
     # until restored, SIGTERM ends the waited-on stage and the run is still recorded
     stop = StopSignal()
     restore_signals = system.on_stop_signals(stop)
     alerts.run_started()
+    awake: SleepHold | None = None
     try:
+        awake = hold_off_sleep(system, cfg, manifest.service_id, log)
         record = run_stages(
             system, manifest, cfg, trigger, log, secret, lock, stop, observer, hold_optional=hold_optional
         )
@@ -1703,7 +1704,10 @@ def hold_off_sleep(system: System, cfg: ServiceConfig, sid: str, log: ServiceLog
     to fail; where there is none, one log line says so and the run goes on."""
     if not cfg.inhibit_sleep:
         return None
-    awake = system.inhibit_sleep(f"lore sync of {sid} in progress")
+    try:
+        awake = system.inhibit_sleep(f"lore sync of {sid} in progress")
+    except OSError as exc:  # a pipe or process the OS refused: the sync matters more
+        awake = SleepHold("sleep inhibitor", _os_reason(exc))
     if not awake.held:
         log.write_line("run", f"sleep inhibitor unavailable ({awake.problem}); the run goes on without it")
     return awake

@@ -939,3 +939,34 @@ def test_doctor_before_install_shows_what_the_conditions_would_see(cli, project,
     assert checks["gitlab reachable"]["status"] == "ok"
     assert checks["gitlab reachable"]["message"] == f"127.0.0.1:{listener} answers (gitlab_url http://127.0.0.1:{listener})"
     assert {"power", "metered", "sleep inhibitor"} <= set(checks)
+
+
+SLOW_INHIBIT = """#!/bin/sh
+# systemd-inhibit while logind takes its time: the lock comes once the test says so
+printf '%s\\n' "$$" > "$FAKE_INHIBIT_DIR/pid"
+while [ ! -e "$FAKE_INHIBIT_DIR/go" ]; do sleep 0.05; done
+while [ $# -gt 0 ]; do case "$1" in --*) shift ;; *) break ;; esac; done
+exec "$@"
+"""
+
+
+def test_a_run_stopped_while_it_takes_the_inhibitor_is_still_recorded(tool, environ, project, home, tmp_path):
+    fake_program(tmp_path / "slow-bin", "systemd-inhibit", SLOW_INHIBIT)
+    records = tmp_path / "slow"
+    records.mkdir()
+    environ["PATH"] = f"{tmp_path / 'slow-bin'}{os.pathsep}{environ['PATH']}"
+    environ["FAKE_INHIBIT_DIR"] = str(records)
+    assert tool("--json", "install", "--backend", "none").code == 0
+    runner = subprocess.Popen([*tool.program, "--json", "run"], cwd=project, env=environ, stdout=subprocess.PIPE)
+    wait_until(lambda: inhibitor_pid(records) is not None, 10)
+    pid = inhibitor_pid(records)
+    assert pid is not None
+    runner.send_signal(signal.SIGTERM)
+    (records / "go").touch()
+    out, _ = runner.communicate(timeout=30)
+    assert runner.returncode == 1
+    first = json.loads(out)["data"]["run"]["stage_results"][0]
+    assert first["outcome"] == "failed" and "stopped by signal 15 before it started" in first["message"]
+    assert calls(project) == []
+    wait_for_exit(pid)
+    assert not pid_alive(pid)
