@@ -437,6 +437,7 @@ class NotifyConfig:
                 check_notify_url(value, f"notify.{key}")
         return cls(desktop, urls["webhook"] or None, urls["healthchecks_url"] or None)
 
+
 # on_battery and on_metered: what a run does when the machine is on battery or on
 # a metered connection; critical-only skips the optional stages (docs, embeddings)
 CONDITION_POLICIES = ("run", "critical-only", "skip")
@@ -447,23 +448,26 @@ def validate_gitlab_url(value: object) -> str:
     """gitlab_url as service.toml and --gitlab-url take it: an http or https
     URL with a host and an optional port, no user or password in it (the file
     is no place for credentials); or "none". ValueError says what is wrong."""
+    # the messages never repeat the value: a URL may carry a token (https://oauth2:<token>@host)
+    expected = 'gitlab_url must be an http or https URL with a host, such as "https://gitlab.example.com", or "none"'
     if value == GITLAB_URL_OFF:
         return GITLAB_URL_OFF
     if not isinstance(value, str) or not value or value != value.strip() or _control_character(value, tab_ok=False):
-        raise ValueError('gitlab_url must be an http or https URL such as "https://gitlab.example.com", or "none"')
+        raise ValueError(expected)
     from urllib.parse import urlsplit
 
     try:
         parts = urlsplit(value)
-        port = parts.port
+        credentials = "@" in parts.netloc
+        port = None if credentials else parts.port
     except ValueError as exc:
-        raise ValueError(f"gitlab_url {value!r} is not a valid URL ({exc})") from None
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname or " " in value:
-        raise ValueError(f'gitlab_url {value!r} must be an http or https URL with a host, e.g. "https://gitlab.example.com"')
-    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"gitlab_url is not a valid URL: {exc}") from None
+    if credentials:
         raise ValueError("gitlab_url must not hold a user name or password")
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname or " " in value:
+        raise ValueError(expected)
     if port == 0:
-        raise ValueError(f"gitlab_url {value!r} has port 0")
+        raise ValueError("gitlab_url has port 0")
     return value
 
 
@@ -2523,7 +2527,7 @@ def resolve_install(system: System, paths: Paths, args: argparse.Namespace) -> I
             code="id_taken",
         )
     cfg, lore = _resolve_config(system, paths, args, existing)
-    cfg.gitlab_url = _resolve_gitlab_url(args, cfg, project)
+    cfg.gitlab_url = _resolve_gitlab_url(system, args, cfg, project)
     missing: list[str] = []
     backend, reason = _resolve_backend(system, paths, args, existing, missing)
     source = args.token_source or "auto"
@@ -2582,7 +2586,8 @@ def _apply_notify_options(notify: NotifyConfig, args: argparse.Namespace) -> Non
         if value is not None:
             setattr(notify, key, check_notify_url(value, option) if value else None)
 
-def _resolve_gitlab_url(args: argparse.Namespace, cfg: ServiceConfig, project: str) -> str | None:
+
+def _resolve_gitlab_url(system: System, args: argparse.Namespace, cfg: ServiceConfig, project: str) -> str | None:
     """--gitlab-url, else what service.toml says, else the host of the
     project's git remote `origin` (None: no host known, runs are not checked)."""
     if getattr(args, "gitlab_url", None) is not None:
@@ -2591,26 +2596,32 @@ def _resolve_gitlab_url(args: argparse.Namespace, cfg: ServiceConfig, project: s
         except ValueError as exc:
             hint = "e.g. --gitlab-url https://gitlab.example.com (--gitlab-url none: no offline check)"
             raise UsageError(str(exc), hint, code="bad_url") from None
-    return cfg.gitlab_url if cfg.gitlab_url is not None else derived_gitlab_url(project)
+    return cfg.gitlab_url if cfg.gitlab_url is not None else derived_gitlab_url(system, project)
 
 
-def derived_gitlab_url(project: str) -> str | None:
+def derived_gitlab_url(system: System, project: str) -> str | None:
     """gitlab_url as install takes it from the project's git remote origin, or None."""
-    derived = gitlab_url_from_remote(git_origin_url(project) or "")
+    home = system.environ.get("HOME") or system.environ.get("USERPROFILE")
+    derived = gitlab_url_from_remote(git_origin_url(project, home) or "")
     try:
         return validate_gitlab_url(derived) if derived else None
     except ValueError:  # a remote this cannot make a URL of: no check rather than a broken service.toml
         return None
 
 
-def git_origin_url(project: str) -> str | None:
+def git_origin_url(project: str, home: str | None = None) -> str | None:
     """The url of remote "origin" in the git repository holding `project`,
     read from its config file (no git process: install asks no more programs
     than it needs). A worktree's or submodule's `.git` file leads to its git
     folder, and a worktree's config is in the common one; includes and
-    url.<base>.insteadOf are not followed."""
+    url.<base>.insteadOf are not followed. The search goes up from the
+    project but not into `home` itself: a home folder kept in git (dotfiles)
+    says nothing about a project under it."""
     folder = project
+    ceiling = os.path.realpath(home) if home else None
     while True:
+        if folder == ceiling and folder != project:
+            return None
         dot_git = os.path.join(folder, ".git")
         if os.path.lexists(dot_git):
             break
@@ -6120,7 +6131,7 @@ def readiness_checks(system: System, paths: Paths, project: str) -> list[Check]:
     )
     checks.extend(_guarded("run limit", lambda: [run_limit_check(system, paths, None)]))
     checks.extend(program_checks(self_command()))
-    return checks + condition_checks(system, ServiceConfig(gitlab_url=derived_gitlab_url(project)))
+    return checks + condition_checks(system, ServiceConfig(gitlab_url=derived_gitlab_url(system, project)))
 
 
 # ============================================================================

@@ -304,6 +304,8 @@ def test_the_offline_check_connects_to_the_urls_port_or_the_schemes_default(url,
         ("gitlab_url", "ftp://gitlab.example.com", "http or https URL"),
         ("gitlab_url", "https://", "http or https URL"),
         ("gitlab_url", "https://user:secret@gitlab.example.com", "user name or password"),
+        ("gitlab_url", "https://oauth2:secret@gitlab.example.com:99999", "user name or password"),
+        ("gitlab_url", "https://[oauth2:secret@gitlab.example.com/", "not a valid URL"),
         ("gitlab_url", "https://gitlab.example.com:99999", "not a valid URL"),
         ("gitlab_url", "https://gitlab.example.com:0", "port 0"),
         ("gitlab_url", " https://gitlab.example.com", "http or https URL"),
@@ -970,3 +972,19 @@ def test_a_run_stopped_while_it_takes_the_inhibitor_is_still_recorded(tool, envi
     assert calls(project) == []
     wait_for_exit(pid)
     assert not pid_alive(pid)
+
+
+def test_a_home_folder_kept_in_git_says_nothing_about_a_project_under_it(cli, environ, home, lore_bin, tmp_path):
+    if shutil.which("git") is None:
+        required_or_skip("git is not installed")
+    user_home = Path(environ["HOME"])
+    git("init", "-q", cwd=user_home)
+    git("remote", "add", "origin", "git@github.example.org:me/dotfiles.git", cwd=user_home)
+    project = user_home / "src" / "api"
+    project.mkdir(parents=True)
+    result = install(cli, "fake", "--project", str(project))
+    assert result.code == 0, result.err
+    assert "gitlab_url = " not in (home / "config" / result.data["service_id"] / "service.toml").read_text()
+    git("init", "-q", cwd=project / "..")  # a repository between the project and home is the project's
+    git("remote", "add", "origin", "https://gitlab.example.com/acme/src.git", cwd=project / "..")
+    assert ls.git_origin_url(str(project), str(user_home)) == "https://gitlab.example.com/acme/src.git"
