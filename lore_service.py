@@ -8044,11 +8044,37 @@ class System:
             )
         except OSError as exc:
             return SleepHold(name, f"cannot start {name}: {exc.strerror}")
-        problem = _await_held(helper, name, 2.0) if name == "systemd-inhibit" else None
+        problem = self._await_held(helper, name, 2.0) if name == "systemd-inhibit" else None
         hold = SleepHold(name, problem, release=lambda: self._end_helper(helper))
         if problem:
             hold.release()
         return hold
+
+    @staticmethod
+    def _await_held(helper: subprocess.Popen[bytes], name: str, timeout: float) -> str | None:
+        """None once the inhibitor printed "held"; else why it did not (its own last
+        error line, or no answer in time: logind may be hung)."""
+        import select
+        import subprocess
+
+        assert helper.stdout is not None
+        fd, got, deadline = helper.stdout.fileno(), b"", time.monotonic() + timeout
+        while b"\n" not in got:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return f"{name} did not answer within {timeout:g} s"
+            chunk = os.read(fd, 256)
+            if not chunk:
+                break
+            got += chunk
+        if got.split(b"\n")[0].strip() == b"held":
+            return None
+        try:
+            _out, err = helper.communicate(timeout=1)
+        except subprocess.TimeoutExpired:
+            return f"{name} said {got.decode('utf-8', 'replace').strip()!r} instead of taking the lock"
+        lines = err.decode("utf-8", "replace").strip().splitlines()
+        return f"{name}: {lines[-1]}" if lines else f"{name} exited with status {helper.returncode}"
 
     def _end_helper(self, helper: subprocess.Popen[bytes]) -> None:
         """End the inhibitor and the command it runs: their input ends, then SIGTERM to their group."""
@@ -8056,7 +8082,10 @@ class System:
 
         if helper.stdin is not None:
             helper.stdin.close()
-        self.kill_group_id(helper.pid, hard=False)
+        # only a helper not yet reaped is signalled: until then its pid, and so its
+        # group's id, cannot belong to another process
+        if helper.poll() is None:
+            self.kill_group_id(helper.pid, hard=False)
         try:
             helper.wait(timeout=2)
         except subprocess.TimeoutExpired:
@@ -8174,32 +8203,6 @@ def sleep_inhibitor_argv(platform: str, pid: int, why: str) -> list[str] | None:
     if platform == "darwin":  # -i: no idle sleep; -w: ends by itself when the run's process does
         return ["caffeinate", "-i", "-w", str(pid)]
     return None
-
-
-def _await_held(helper: subprocess.Popen[bytes], name: str, timeout: float) -> str | None:
-    """None once the inhibitor printed "held"; else why it did not (its own last
-    error line, or no answer in time: logind may be hung)."""
-    import select
-    import subprocess
-
-    assert helper.stdout is not None
-    fd, got, deadline = helper.stdout.fileno(), b"", time.monotonic() + timeout
-    while b"\n" not in got:
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            return f"{name} did not answer within {timeout:g} s"
-        chunk = os.read(fd, 256)
-        if not chunk:
-            break
-        got += chunk
-    if got.split(b"\n")[0].strip() == b"held":
-        return None
-    try:
-        _out, err = helper.communicate(timeout=1)
-    except subprocess.TimeoutExpired:
-        return f"{name} ended its command early"
-    lines = err.decode("utf-8", "replace").strip().splitlines()
-    return f"{name}: {lines[-1]}" if lines else f"{name} exited with status {helper.returncode}"
 
 
 def _os_reason(exc: BaseException) -> str:
