@@ -988,3 +988,20 @@ def test_a_home_folder_kept_in_git_says_nothing_about_a_project_under_it(cli, en
     git("init", "-q", cwd=project / "..")  # a repository between the project and home is the project's
     git("remote", "add", "origin", "https://gitlab.example.com/acme/src.git", cwd=project / "..")
     assert ls.git_origin_url(str(project), str(user_home)) == "https://gitlab.example.com/acme/src.git"
+
+
+def test_a_run_whose_optional_stages_wait_on_battery_still_needs_a_run_slot(
+    cli, system, installed, project, home, tmp_path
+):
+    (home / "config" / "settings.toml").write_text("max_concurrent_runs = 1\nbusy_wait_seconds = 0\n")
+    system.sysfs_root = str(power_tree(tmp_path / "sys", ON_BATTERY))
+    slot = ls.FileLock(ls.Paths(system).slot(0))
+    assert slot.try_acquire()  # another service's run holds the only slot
+    slot.record_owner("svc-a")
+    try:
+        data = run_json(cli, installed["service_id"])[1]
+    finally:
+        slot.release()
+    assert data["run"]["condition"] == "host_busy" and calls(project) == []
+    data = run_json(cli, installed["service_id"])[1]
+    assert data["run"]["outcome"] == "success" and [c["stage"] for c in calls(project)] == ["issues", "mrs"]
