@@ -101,14 +101,14 @@ def outcome_of(home: Path, sid: str) -> str:
     return "busy"
 
 
-@pytest.mark.parametrize("limit", [1, 2, 3])
+@pytest.mark.parametrize(("limit", "command"), [(1, "run"), (2, "run"), (3, "run"), (2, "trigger")])
 def test_ten_runs_at_once_never_have_more_than_the_limit_syncing_and_with_a_long_wait_all_run(
-    limit, services, program, environ, home
+    limit, command, services, program, environ, home
 ):
     write_settings(home, f"max_concurrent_runs = {limit}\nbusy_wait_seconds = 600\n")
     for _, project in services:
         write_plan(project, {"issues": {"sleep": 0.2}})
-    results = finish(start_runs(program, environ, services))
+    results = finish(start_runs(program, environ, services, command))
     for code, doc, stderr in results:
         assert code == 0, stderr
         assert doc["data"]["skipped"] is False and doc["data"]["run"]["outcome"] == "success"
