@@ -119,6 +119,8 @@ class MacSystem(FakeSystem):
     for `bootout_lag` more calls (launchd has not let go of the label yet).
     `print-disabled` lists the labels in `switched_off` (what turning an item
     off under Login Items does) in the macOS 14 format; `enable` clears one.
+    `print gui/<uid>` lists the loaded jobs in its `services` block, idle and
+    last exited 0, as `print` of each job (print_idle_ran.txt) says.
     The clock is fake, so waiting costs the tests nothing."""
 
     def __init__(self, environ: dict[str, str]) -> None:
@@ -139,7 +141,8 @@ class MacSystem(FakeSystem):
 
     def _print(self, argv: list[str], _input: Any) -> ls.CommandResult:
         if argv[2] == f"gui/{UID}":
-            return res(0)
+            jobs = "".join(f"\t\t       0        0 \t{t.rsplit('/', 1)[-1]}\n" for t, n in self.loaded.items() if n)
+            return res(0, f"gui/{UID} = {{\n\ttype = login\n\tservices = {{\n{jobs}\t}}\n}}\n")
         left = self.loaded.get(argv[2])
         if left is None:
             return NOT_LOADED

@@ -387,3 +387,82 @@ def test_the_timer_fires_by_itself_and_the_run_is_recorded(um, app):
         assert status["scheduler"]["last_trigger_iso"] is not None
     finally:
         tool(um, app, "uninstall", "--purge", "--name", sid)
+
+
+# Asks, as the test user and in one process, each service's scheduler view one
+# by one (state()), then all at once (states()), then one by one again, counting
+# the commands each way runs through System.
+COMPARE_VIEWS = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import lore_service as ls
+
+class Counting(ls.System):
+    def run(self, argv, **kwargs):
+        self.calls = getattr(self, "calls", 0) + 1
+        return super().run(argv, **kwargs)
+
+def views(batch):
+    system = Counting()
+    paths = ls.Paths(system)
+    manifests = [ls.load_manifest(paths, sid) for sid in sys.argv[2:]]
+    got = ls.scheduler_views(ls.Context(system, paths, robot=True), manifests, batch=batch)
+    out = {sid: v.payload() if isinstance(v, ls.LoreServiceError) else v.to_dict() for sid, v in got.items()}
+    return out, getattr(system, "calls", 0)
+
+def without_last_exit(views):  # `show`n per unit only: status of one service has it (spec §21)
+    for view in views.values():
+        view.update(last_result=None, last_exit_status=None, last_finished_iso=None)
+    return views
+
+one, asked_one = views(False)
+batch, asked_batch = views(True)
+again, _ = views(False)
+one, batch, again = without_last_exit(one), without_last_exit(batch), without_last_exit(again)
+print(json.dumps({"one": one, "batch": batch, "again": again, "asked_one": asked_one, "asked_batch": asked_batch}))
+"""
+
+
+def test_status_all_of_30_services_asks_the_user_manager_twice_and_says_what_each_status_says(um, app):
+    """With 30 services, one timer stopped and one disabled by hand: the batch
+    (one `list-units`, one `list-timers`) gives every service the view `status`
+    of that service gives (but the service's last exit, which `show` gives per
+    unit only), the drift included. Timers may fire while
+    this runs, so the answers are compared when two one-by-one readings around
+    the batch agree (nothing changed in between)."""
+    if app["layout"] != "source":
+        pytest.skip("the batch is the module's own code, the same in the frozen build")
+    sids: list[str] = []
+    try:
+        for i in range(30):
+            project = make_project(um, f"scale-{i:02d}")
+            argv = ["--json", "install", "--backend", "systemd", "--interval", "24h", "--lore", app["lore"]]
+            res = tool(um, app, *argv, "--project", str(project))
+            assert res.returncode == 0, res.stdout + res.stderr
+            sids.append(json.loads(res.stdout)["data"]["service_id"])
+        stopped, disabled = sids[3], sids[7]
+        assert um.systemctl("stop", f"lore-sync-{stopped}.timer").returncode == 0
+        assert um.systemctl("disable", f"lore-sync-{disabled}.timer").returncode == 0
+        python, appdir = app["argv"][0], str(Path(app["argv"][1]).parent)
+        deadline = time.monotonic() + 6 * 60
+        while True:
+            res = um.run_as([python, "-c", COMPARE_VIEWS, appdir, *sids], timeout=120)
+            assert res.returncode == 0, res.stderr
+            seen = json.loads(res.stdout)
+            if seen["one"] == seen["again"] or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert seen["one"] == seen["again"], "the timers kept firing for 6 minutes"
+        assert seen["batch"] == seen["one"]
+        assert (seen["asked_batch"], seen["asked_one"]) == (2, 3 * 30)
+        drift = {sid: view["drift"] for sid, view in seen["batch"].items() if view["drift"]}
+        assert drift == {
+            stopped: [f"lore-sync-{stopped}.timer is not active (inactive/dead)"],
+            disabled: [f"lore-sync-{disabled}.timer is not enabled (disabled)"],
+        }
+        everything = json.loads(tool(um, app, "--json", "status", "--all").stdout)["data"]["services"]
+        rows = {row["service_id"]: row for row in everything if row["service_id"] in sids}
+        assert len(rows) == 30 and rows[stopped]["scheduler"]["drift"] == drift[stopped]
+    finally:
+        for sid in sids:
+            tool(um, app, "uninstall", "--purge", "--name", sid)
