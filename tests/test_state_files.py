@@ -231,3 +231,94 @@ def test_manifest_with_an_empty_program_is_exit_4(cli, installed, home):
     path.write_text(json.dumps(doc))
     r = cli("--json", "doctor")
     assert r.code in (1, 4) and "program" in r.out
+
+
+# -- service.toml without tomllib (read_simple_toml) ---------------------------------------
+
+
+def tomllib_or_error(text: str) -> object:
+    import tomllib
+
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        return "error"
+
+
+def written_configs() -> list[str]:
+    """service.toml as install writes it: defaults, and with odd paths, a stale_after and extra paths."""
+    cfg = ls.ServiceConfig.defaults('/opt/it\'s "lore" 100% é\\bin/lore')
+    configs = [cfg.to_toml("p-1234abcd")]
+    cfg.extra_write_paths = ["/data/lore db", "/x/\\y"]
+    cfg.stale_after_seconds = 7200
+    cfg.permanent_exit_codes = []
+    configs.append(cfg.to_toml("p-1234abcd"))
+    return configs
+
+
+def test_the_config_install_writes_is_read_without_tomllib_as_tomllib_reads_it():
+    for text in written_configs():
+        fast = ls.read_simple_toml(text)
+        assert fast is not None and fast == tomllib_or_error(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a = 1 # a comment after a value\n",
+        "a = [1, 2]\n",
+        "a = 1.5\n",
+        "a = 007\n",
+        "a = +1\n",
+        "a = 1_000\n",
+        "a = 'literal'\n",
+        'a = """multi"""\n',
+        'a = "\\u00e9"\n',
+        'a = "\\/"\n',
+        "a = 1\na = 2\n",
+        "[t]\n[t]\n",
+        "a = 1\n[a]\n",
+        "[t]\nb = 1\n[t.b]\n",
+        '"quoted" = 1\n',
+        "a.b = 1\n",
+        "a = [\n  1\n]\n",
+        "a = [\n  1,\n",
+        "a = 1\r\n",
+        'a = "x\x7fy"\n',
+        "a = {x = 1}\n",
+        "[[t]]\n",
+    ],
+)
+def test_what_the_simple_reader_does_not_know_is_left_to_tomllib(text):
+    assert ls.read_simple_toml(text) is None
+
+
+def test_the_simple_reader_never_reads_a_variant_otherwise_than_tomllib():
+    """Thousands of mutations of real configs (a character inserted, deleted or
+    replaced, from the characters TOML's grammar turns on, or a line repeated
+    elsewhere): whatever the simple
+    reader accepts, tomllib reads to the same document; what tomllib refuses,
+    it refuses too."""
+    import random
+
+    rng = random.Random(1206)
+    alphabet = list("\"\\[]=#,.-_+ \t\n\rtfu0123456789aé\x7f\x00/'{}") + ["\\u", "\\n", "true", "[]", "\n["]
+    accepted = 0
+    for base in written_configs():
+        for _ in range(2500):
+            text = base
+            for _ in range(rng.randint(1, 3)):
+                at = rng.randrange(len(text))
+                action = rng.randrange(4)
+                piece = rng.choice(alphabet)
+                if action == 3:  # a whole line repeated elsewhere: duplicate keys, tables, arrays
+                    lines = text.split("\n")
+                    lines.insert(rng.randrange(len(lines)), rng.choice(lines))
+                    text = "\n".join(lines)
+                else:
+                    text = text[:at] + (piece if action < 2 else "") + text[at + (action > 0) :]
+            fast = ls.read_simple_toml(text)
+            if fast is not None:
+                accepted += 1
+                assert fast == tomllib_or_error(text), text
+    assert accepted > 1000  # the comparison is not vacuous
