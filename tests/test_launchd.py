@@ -958,3 +958,32 @@ def test_a_startinterval_plist_is_drift_that_a_reinstall_upgrades(mac: MacSystem
     mac.respond(["launchctl", "print", target], res(0, own_print(upgraded, plist)))
     st = scheduler_state(backend, manifest)
     assert st["drift"] == [] and st["catch_up"] is None and st["next_run_iso"] is not None
+
+
+@pytest.mark.macos
+@on_macos
+def test_real_status_all_says_for_each_job_what_its_own_status_says(tool, environ, lore_bin: Path, tmp_path: Path):
+    """status --all reads every job from `print-disabled` and the GUI domain's
+    own `print` (issue 12.6): the real outputs give each service what `status`
+    of that one service gives, but the run count and the plist it was loaded
+    from, which only the job's own print shows (spec §21)."""
+    env = dict(environ)
+    argv = ["--backend", "launchd", "--token-source", "embedded", "--lore", str(lore_bin)]
+    sids = []
+    try:
+        for name in ("first", "second"):
+            project = tmp_path / name
+            project.mkdir()
+            r = tool("--json", "install", *argv, "--project", str(project), env=env)
+            assert r.code == 0, r.err + r.out
+            sids.append(r.data["service_id"])
+        everything = tool("--json", "status", "--all", env=env)
+        rows = {row["service_id"]: row["scheduler"] for row in everything.data["services"]}
+        for sid in sids:
+            own = tool("--json", "status", "--name", sid, env=env).data["scheduler"]
+            batched = rows[sid]
+            assert batched["runs"] is None and own["registered"] is True and own["drift"] == [], own
+            assert {**batched, "runs": own["runs"], "detail": own["detail"]} == own, (batched, own)
+    finally:
+        for sid in sids:
+            tool("--json", "uninstall", "--purge", "--name", sid, env=env)

@@ -660,3 +660,31 @@ def test_access_denied_is_recognised_in_the_users_language(cli, win: WinSystem) 
     other = GermanWindows(win.environ)
     other.respond(["schtasks", "/Create"], res(1, "", "FEHLER: Die Aufgabe existiert bereits.\n"))
     assert install(cli, "schtasks", system=other).doc["error"]["code"] == "schtasks"
+
+
+@pytest.mark.windows
+@on_windows
+def test_real_status_all_says_for_each_task_what_its_own_status_says(tool, environ: dict[str, str], tmp_path: Path):
+    """status --all reads every task from one `/Query /V /FO CSV` and one
+    `/Query /XML ONE` (issue 12.6): the real outputs give each service what
+    `status` of that one service gives."""
+    lore = tmp_path / "lore.cmd"
+    lore.write_text("@echo off\r\nexit /b 0\r\n")
+    env = {**os.environ, **environ}
+    argv = ["--backend", "schtasks", "--token-source", "credential-manager", "--lore", str(lore)]
+    sids = []
+    try:
+        for name in ("first", "second"):
+            project = tmp_path / name
+            project.mkdir()
+            r = tool("--json", "install", *argv, "--project", str(project), env=env)
+            assert r.code == 0, r.err + r.out
+            sids.append(r.data["service_id"])
+        everything = tool("--json", "status", "--all", env=env)
+        rows = {row["service_id"]: row["scheduler"] for row in everything.data["services"]}
+        for sid in sids:
+            own = tool("--json", "status", "--name", sid, env=env).data["scheduler"]
+            assert rows[sid] == own and own["registered"] is True and own["drift"] == [], (rows[sid], own)
+    finally:
+        for sid in sids:
+            tool("--json", "uninstall", "--purge", "--name", sid, env=env)
