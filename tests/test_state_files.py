@@ -246,12 +246,14 @@ def tomllib_or_error(text: str) -> object:
 
 
 def written_configs() -> list[str]:
-    """service.toml as install writes it: defaults, and with odd paths, a stale_after and extra paths."""
+    """service.toml as install writes it: defaults, and with odd paths, a stale_after, extra paths, [notify]."""
     cfg = ls.ServiceConfig.defaults('/opt/it\'s "lore" 100% é\\bin/lore')
     configs = [cfg.to_toml("p-1234abcd")]
     cfg.extra_write_paths = ["/data/lore db", "/x/\\y"]
     cfg.stale_after_seconds = 7200
     cfg.permanent_exit_codes = []
+    configs.append(cfg.to_toml("p-1234abcd"))
+    cfg.notify = ls.NotifyConfig(False, 'https://hooks.example/a?b="c"', "https://hc-ping.com/1234-abcd")
     configs.append(cfg.to_toml("p-1234abcd"))
     return configs
 
