@@ -3561,6 +3561,12 @@ def _show_properties(text: str) -> dict[str, str]:
     return dict(line.partition("=")[::2] for line in text.splitlines() if "=" in line)
 
 
+def _show_blocks(text: str, units: int) -> list[str]:
+    """`systemctl show A B` output, one block per unit (a blank line between them)."""
+    blocks = text.replace("\r\n", "\n").split("\n\n")
+    return (blocks + [""] * units)[:units]
+
+
 def _json_rows(text: str, key: str) -> dict[str, dict[str, Any]] | None:
     """A JSON table of systemctl (`--output=json`: a list of objects) by each
     row's `key`; None when the text is not one."""
@@ -3844,14 +3850,6 @@ class SystemdBackend(SchedulerBackend):
             )
 
     # -- state
-    def _show(self, unit: str, props: str) -> dict[str, str]:
-        out = self._systemctl("show", unit, "-p", props, "--timestamp=unix")
-        if not out.ok:
-            raise SchedulerError(
-                f"cannot ask the systemd user manager about {unit}: {out.summary()}", f"`{TOOL_NAME} doctor`"
-            )
-        return _show_properties(out.stdout)
-
     def _next_due_tick(self, manifest: Manifest, tick_ms: int) -> int:
         """The first timer tick at which `run` will not skip as not due."""
         step = manifest.schedule_step_seconds * 1000
@@ -3886,13 +3884,14 @@ class SystemdBackend(SchedulerBackend):
 
     def state(self, manifest: Manifest) -> SchedulerState:
         base = self.unit_base(manifest.service_id)
-        # asked directly (no is-system-running first): `status` pays for each call
-        answer = self._systemctl("show", base + ".timer", "-p", SYSTEMD_TIMER_PROPERTIES)
+        # asked directly (no is-system-running first), both units in one `show`:
+        # `status` pays for each call
+        props = f"{SYSTEMD_TIMER_PROPERTIES},{SYSTEMD_SERVICE_PROPERTIES}"
+        answer = self._systemctl("show", base + ".timer", base + ".service", "-p", props, "--timestamp=unix")
         if not answer.ok:
             return self._unreadable_view(manifest, answer)
-        timer = _show_properties(answer.stdout)
+        timer, service = (_show_properties(block) for block in _show_blocks(answer.stdout, 2))
         elapses = self._list_timers([base + ".timer"])
-        service = self._show(base + ".service", SYSTEMD_SERVICE_PROPERTIES)
         return self._view(manifest, timer, elapses.get(base + ".timer", {}), service)
 
     def states(self, manifests: Sequence[Manifest]) -> dict[str, SchedulerState | LoreServiceError]:

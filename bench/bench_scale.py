@@ -22,8 +22,8 @@ and how many commands each of them runs through the System seam (subprocesses:
 systemctl calls). Targets: `status --all` of 200 services within 20x `python
 -c pass`, one service's `status --json` within 3x (what bench/bench.py
 measures, a service with no scheduler to ask: a systemd one also waits for
-the three `systemctl` calls that describe it). Results go to
-bench/results/scale.json.
+the two `systemctl` calls that describe it, one `show` of timer and service
+and `list-timers`). Results go to bench/results/scale.json.
 """
 
 from __future__ import annotations

@@ -152,9 +152,14 @@ def test_lingering_is_reported_with_its_fix(cli, linux, answer, status, words):
 def test_status_reads_systemd_properties_not_human_text(cli, linux):
     sid = install(cli, "systemd", *EVERY_45M).data["service_id"]
     timer, service = f"lore-sync-{sid}.timer", f"lore-sync-{sid}.service"
+    # one `show` for both units, a blank line between their blocks (as systemctl prints them)
     linux.respond(
-        ["systemctl", "--user", "--no-pager", "show", timer],
-        res(0, "LoadState=loaded\nActiveState=active\nSubState=waiting\nUnitFileState=enabled\n"),
+        ["systemctl", "--user", "--no-pager", "show", timer, service],
+        res(
+            0,
+            "LoadState=loaded\nActiveState=active\nSubState=waiting\nUnitFileState=enabled\n\n"
+            "Result=success\nExecMainStatus=0\nExecMainExitTimestamp=@1795825944\nActiveState=inactive\n",
+        ),
     )
     linux.respond(
         ["systemctl", "--user", "--no-pager", "list-timers"],
@@ -174,11 +179,10 @@ def test_status_reads_systemd_properties_not_human_text(cli, linux):
             ),
         ),
     )
-    linux.respond(
-        ["systemctl", "--user", "--no-pager", "show", service],
-        res(0, "Result=success\nExecMainStatus=0\nExecMainExitTimestamp=@1795825944\nActiveState=inactive\n"),
-    )
+    before = len(linux.commands)
     sched = cli("--json", "status").data["scheduler"]
+    asked = [c[3] for c in linux.commands[before:] if c[0] == "systemctl"]
+    assert asked == ["show", "list-timers"]  # both units in one show
     assert sched["registered"] and sched["active"] and sched["drift"] == []
     assert sched["next_run_iso"] == ls.iso_from_ms(1795827886249)
     assert sched["last_trigger_iso"] == ls.iso_from_ms(1795825943722)
