@@ -42,6 +42,10 @@ def run_four_kinds(tool, project: Path, tmp_path: Path) -> str:
 )
 def test_status_shows_the_last_runs_as_marks_newest_last(tool, environ, project, tmp_path, env, strip):
     sid = run_four_kinds(tool, project, tmp_path)
+    if "PYTHONIOENCODING" in env and not tool.program[-1].endswith(".py"):
+        # the frozen program ignores PYTHON* variables (PyInstaller's interpreter
+        # runs without them): its stdout stays UTF-8, so the marks are right there
+        strip = "\u25d0\u2718\u2714\u25cb"
     result = tool("status", "--name", sid, cwd=tmp_path, env={**environ, **env})
     assert result.code == 0, result.err
     assert STRIP.findall(result.out) == [strip]  # the three skips in a row are one entry, one mark
@@ -64,7 +68,7 @@ def test_history_lists_each_run_newest_last_with_its_stages_and_a_skip_with_its_
     skip = rf"{when}  scheduled       -  skipped   project folder missing \({re.escape(str(project))}\)"
     assert re.fullmatch(rf"{skip} \(3 in a row, the last at {when}\)", lines[4]), lines[4]
     assert len(lines) == 5
-    ascii_only = tool("history", "--name", sid, cwd=tmp_path, env={**environ, "PYTHONIOENCODING": "ascii"})
+    ascii_only = tool("history", "--name", sid, cwd=tmp_path, env={**environ, "LC_ALL": "C"})
     assert ascii_only.out.splitlines()[1].endswith("  degraded  issues + mrs + docs x")
 
 
