@@ -106,6 +106,16 @@ class UserManagerModel:
         return res(0, json.dumps(rows))
 
 
+def windows_with_python(environ: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> WinSystem:
+    """A Windows system whose lore-service runs from a Python folder with pythonw.exe beside python.exe."""
+    python = tmp_path / "Python 3.11"
+    python.mkdir()
+    for exe in ("python.exe", "pythonw.exe"):
+        (python / exe).write_text("")
+    monkeypatch.setattr(ls, "self_command", lambda: [str(python / "python.exe"), str(ls.__file__)])
+    return WinSystem(dict(environ))
+
+
 class LaunchdModel(MacSystem):
     """MacSystem whose jobs were loaded from the plist install wrote, one of
     them running: `print` of a job and of the domain tell the same story."""
@@ -222,12 +232,7 @@ def machine(request, environ, memory_keyring, monkeypatch, tmp_path) -> tuple[st
         mac = LaunchdModel(dict(environ))
         return backend, mac, mac
     if backend == "schtasks":
-        python = tmp_path / "Python 3.11"
-        python.mkdir()
-        for exe in ("python.exe", "pythonw.exe"):
-            (python / exe).write_text("")
-        monkeypatch.setattr(ls, "self_command", lambda: [str(python / "python.exe"), str(ls.__file__)])
-        win = WinSystem(dict(environ))
+        win = windows_with_python(environ, monkeypatch, tmp_path)
         return backend, win, TaskSchedulerModel(win)
     system = FakeSystem(dict(environ))
     model = linux_systemd(system, monkeypatch) if backend == "systemd" else linux_cron(system)
@@ -422,12 +427,7 @@ def test_no_gui_session_is_every_launchd_services_error_as_with_one_service(cli,
 
 
 def test_task_scheduler_refusing_the_whole_list_asks_each_task_on_its_own(cli, environ, monkeypatch, tmp_path):
-    python = tmp_path / "Python 3.11"
-    python.mkdir()
-    for exe in ("python.exe", "pythonw.exe"):
-        (python / exe).write_text("")
-    monkeypatch.setattr(ls, "self_command", lambda: [str(python / "python.exe"), str(ls.__file__)])
-    win = WinSystem(dict(environ))
+    win = windows_with_python(environ, monkeypatch, tmp_path)
     model = TaskSchedulerModel(win)
     sids = install_services(cli, win, "schtasks", tmp_path, 3)
     query = model.query
