@@ -459,3 +459,27 @@ def start_hanging_run(
     )
     wait_until((project / ".fake-lore-grandchild-issues.pid").exists, 10)
     return runner, calls(project)[0]["pid"], int((project / ".fake-lore-grandchild-issues.pid").read_text())
+
+
+def status_all_beside_each(
+    tool: Callable[..., Result], argv: list[str], env: dict[str, str], tmp_path: Path
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Install two services with `argv` (native tests): each one's scheduler
+    view from `status --all` beside its own `status`, read before both are purged."""
+    sids: list[str] = []
+    pairs = []
+    try:
+        for name in ("first", "second"):
+            project = tmp_path / name
+            project.mkdir()
+            r = tool("--json", "install", *argv, "--project", str(project), env=env)
+            assert r.code == 0, r.err + r.out
+            sids.append(r.data["service_id"])
+        everything = tool("--json", "status", "--all", env=env)
+        rows = {row["service_id"]: row["scheduler"] for row in everything.data["services"]}
+        for sid in sids:
+            pairs.append((rows[sid], tool("--json", "status", "--name", sid, env=env).data["scheduler"]))
+    finally:
+        for sid in sids:
+            tool("--json", "uninstall", "--purge", "--name", sid, env=env)
+    return pairs

@@ -31,6 +31,7 @@ from conftest import (
     res,
     scheduler_state,
     shared_schema,
+    status_all_beside_each,
 )
 
 import lore_service as ls
@@ -969,21 +970,6 @@ def test_real_status_all_says_for_each_job_what_its_own_status_says(tool, enviro
     from, which only the job's own print shows (spec §21)."""
     env = dict(environ)
     argv = ["--backend", "launchd", "--token-source", "embedded", "--lore", str(lore_bin)]
-    sids = []
-    try:
-        for name in ("first", "second"):
-            project = tmp_path / name
-            project.mkdir()
-            r = tool("--json", "install", *argv, "--project", str(project), env=env)
-            assert r.code == 0, r.err + r.out
-            sids.append(r.data["service_id"])
-        everything = tool("--json", "status", "--all", env=env)
-        rows = {row["service_id"]: row["scheduler"] for row in everything.data["services"]}
-        for sid in sids:
-            own = tool("--json", "status", "--name", sid, env=env).data["scheduler"]
-            batched = rows[sid]
-            assert batched["runs"] is None and own["registered"] is True and own["drift"] == [], own
-            assert {**batched, "runs": own["runs"], "detail": own["detail"]} == own, (batched, own)
-    finally:
-        for sid in sids:
-            tool("--json", "uninstall", "--purge", "--name", sid, env=env)
+    for batched, own in status_all_beside_each(tool, argv, env, tmp_path):
+        assert batched["runs"] is None and own["registered"] is True and own["drift"] == [], own
+        assert {**batched, "runs": own["runs"], "detail": own["detail"]} == own, (batched, own)

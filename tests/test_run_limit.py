@@ -90,6 +90,13 @@ def finish(procs: list[subprocess.Popen]) -> list[tuple[int, dict[str, Any], str
     return out
 
 
+def waiting_trigger(argv: list[str], cwd: Path, environ: dict[str, str], err: Any) -> subprocess.Popen:
+    """A real `trigger` started with its stderr in a file, once it says it waits for a slot."""
+    proc = subprocess.Popen(argv, cwd=cwd, env=environ, stdout=subprocess.PIPE, stderr=err, text=True)
+    wait_until(lambda: "waiting" in Path(err.name).read_text(), 30)
+    return proc
+
+
 def outcome_of(home: Path, sid: str) -> str:
     """ "ran" or "busy" from the service's status: every run is one or the other."""
     st = status_file(home, sid)
@@ -175,15 +182,7 @@ def test_trigger_waits_for_a_slot_says_so_on_stderr_only_and_then_syncs(services
     wait_until(lambda: bool(calls(holder_project)), 30)
     errors = tmp_path / "trigger.err"
     with open(errors, "w") as err:
-        second = subprocess.Popen(
-            [*program, "--json", "trigger", "--name", waiter],
-            cwd=waiter_project,
-            env=environ,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-        )
-        wait_until(lambda: "waiting" in errors.read_text(), 30)
+        second = waiting_trigger([*program, "--json", "trigger", "--name", waiter], waiter_project, environ, err)
         assert not calls(waiter_project)  # it waits: no stage runs while the holder syncs
         release.touch()
         stdout, _ = second.communicate(timeout=120)
@@ -203,15 +202,7 @@ def test_ctrl_c_ends_a_trigger_that_waits_for_a_slot_and_nothing_is_recorded(
     errors = tmp_path / "trigger.err"
     try:
         with open(errors, "w") as err:
-            waiter = subprocess.Popen(
-                [*tool.program, "--json", "trigger"],
-                cwd=project,
-                env=environ,
-                stdout=subprocess.PIPE,
-                stderr=err,
-                text=True,
-            )
-            wait_until(lambda: "waiting" in errors.read_text(), 30)
+            waiter = waiting_trigger([*tool.program, "--json", "trigger"], project, environ, err)
             waiter.send_signal(signal.SIGINT)
             stdout, _ = waiter.communicate(timeout=30)
     finally:

@@ -30,6 +30,7 @@ from conftest import (
     res,
     scheduler_state,
     shared_schema,
+    status_all_beside_each,
 )
 
 import lore_service as ls
@@ -672,19 +673,5 @@ def test_real_status_all_says_for_each_task_what_its_own_status_says(tool, envir
     lore.write_text("@echo off\r\nexit /b 0\r\n")
     env = {**os.environ, **environ}
     argv = ["--backend", "schtasks", "--token-source", "credential-manager", "--lore", str(lore)]
-    sids = []
-    try:
-        for name in ("first", "second"):
-            project = tmp_path / name
-            project.mkdir()
-            r = tool("--json", "install", *argv, "--project", str(project), env=env)
-            assert r.code == 0, r.err + r.out
-            sids.append(r.data["service_id"])
-        everything = tool("--json", "status", "--all", env=env)
-        rows = {row["service_id"]: row["scheduler"] for row in everything.data["services"]}
-        for sid in sids:
-            own = tool("--json", "status", "--name", sid, env=env).data["scheduler"]
-            assert rows[sid] == own and own["registered"] is True and own["drift"] == [], (rows[sid], own)
-    finally:
-        for sid in sids:
-            tool("--json", "uninstall", "--purge", "--name", sid, env=env)
+    for batched, own in status_all_beside_each(tool, argv, env, tmp_path):
+        assert batched == own and own["registered"] is True and own["drift"] == [], (batched, own)
