@@ -1123,8 +1123,8 @@ class Status:
 
 def load_status(paths: Paths, sid: str) -> Status:
     """The service's status; a fresh one (no runs yet) when the file is absent.
-    A command that only reads (`status --all`) sets paths.read_statuses, and
-    each file is then parsed once (its scheduler view reads it too)."""
+    A command that only reads (`status`, `doctor`) sets paths.read_statuses,
+    and each file is then parsed once (its scheduler view reads it too)."""
     kept = paths.read_statuses
     if kept is not None and sid in kept:
         return kept[sid]
@@ -1450,6 +1450,12 @@ class RunObserver:
         pass
 
 
+def new_run_id(started_ms: int) -> str:
+    """`<start ms hex>-<pid hex>`: one spelling, since the stages get it as
+    LORE_SERVICE_RUN_ID and the next run finds a stage left behind by it."""
+    return f"{started_ms:x}-{os.getpid():x}"
+
+
 def run_service(
     system: System,
     paths: Paths,
@@ -1656,7 +1662,7 @@ def record_skip(
     now = system.now_ms()
     log.write_line("skip", f"{held.reason}: {held.detail}" if held.detail else held.reason)
     at = iso_from_ms(now)
-    run = RunRecord(f"{now:x}-{os.getpid():x}", trigger, at, at, 0, "skipped", None, [], now, held.name, held.reason)
+    run = RunRecord(new_run_id(now), trigger, at, at, 0, "skipped", None, [], now, held.name, held.reason)
     status = update_status(paths, manifest.service_id, system, lambda s: apply_skip(s, run, cfg))
     return RunResult(manifest.service_id, held.reason, record=status.last_skip or run, status=status)
 
@@ -1678,12 +1684,14 @@ class RunSlot:
     """The slot this run holds, if any; released by run_service's finally."""
 
     def __init__(self, paths: Paths, settings: Settings) -> None:
-        self.paths, self.limit = paths, settings.max_concurrent_runs
-        self.settings = settings
+        self.paths, self.settings = paths, settings
         self.held: FileLock | None = None
 
+    @property
+    def limit(self) -> int:
+        return self.settings.max_concurrent_runs
+
     def try_take(self, sid: str) -> bool:
-        self.paths.verify_trusted(os.path.dirname(self.paths.slot(0)))
         for i in range(self.limit):
             lock = FileLock(self.paths.slot(i))
             if lock.try_acquire():
@@ -1709,6 +1717,7 @@ class RunSlot:
         if not system.can_write(folder):  # a sandbox written before the limit: sync anyway, and say so
             log.write_line("run", f"warning: the run limit is not enforced: {folder} is read-only here ({SLOTS_FIX})")
             return None
+        self.paths.verify_trusted(folder)  # once: the polls below only take locks in it
         if self.try_take(sid):
             return None
         wait = slot_wait_seconds(self.settings, cfg, manifest, trigger)
@@ -1830,7 +1839,7 @@ def token_failure(
     why = f"skipped: no token from {manifest.token_source}: {exc.message} (fix: {exc.hint})"
     stages = [StageResult(s.name, s.critical, "skipped", None, 0, None, why) for s in cfg.active_stages()]
     started = iso_from_ms(now_ms)
-    run_id = f"{now_ms:x}-{os.getpid():x}"
+    run_id = new_run_id(now_ms)
     return RunRecord(run_id, trigger, started, started, 0, "failed", "secret_store", stages, now_ms)
 
 
@@ -1871,7 +1880,7 @@ def run_stages(
     started_ms = system.now_ms()
     start = system.monotonic()
     deadline = start + cfg.run_budget_seconds
-    run_id = f"{started_ms:x}-{os.getpid():x}"
+    run_id = new_run_id(started_ms)
     env = _stage_environ(system, manifest, cfg, run_id, secret)
     log.write_line("run", f"run {run_id} ({trigger}) profile {cfg.profile} in {manifest.project_root}")
     results: list[StageResult] = []
@@ -2240,11 +2249,17 @@ class Alert:
 
 
 def claim_alert(
-    system: System, paths: Paths, manifest: Manifest, events: Sequence[str], desktop: bool | None = None
+    system: System,
+    paths: Paths,
+    manifest: Manifest,
+    events: Sequence[str],
+    desktop: bool | None = None,
+    notify: NotifyConfig | None = None,
 ) -> Alert | None:
     """The event (one of `events`) the service's condition calls for, marked
     sent in status.json under its status lock (so two runs never both send
-    it); desktop: what this scheduled run found, kept for doctor. Nothing is
+    it); desktop: what this scheduled run found, kept for doctor; notify: the
+    service's [notify] when the caller has read it already. Nothing is
     written when nothing changed."""
     sid, now = manifest.service_id, system.now_ms()
     status = load_status(paths, sid)
@@ -2264,7 +2279,7 @@ def claim_alert(
     status = update_status(paths, sid, system, change)
     if not claimed:
         return None
-    notify = load_config(paths, sid).notify
+    notify = notify if notify is not None else load_config(paths, sid).notify
     return Alert(notify, event_document(claimed[0], manifest, status, now, system.hostname()))
 
 
@@ -2462,7 +2477,7 @@ class RunAlerts:
 
     def _claim(self, trigger: str) -> list[Alert]:
         desktop = self.system.desktop_session() is not None if trigger == "scheduled" else None
-        own = claim_alert(self.system, self.paths, self.manifest, ALERT_EVENTS, desktop)
+        own = claim_alert(self.system, self.paths, self.manifest, ALERT_EVENTS, desktop, self.notify)
         return ([own] if own else []) + stale_elsewhere(self.system, self.paths, self.manifest.service_id)
 
 
@@ -4082,13 +4097,16 @@ def cron_next_ms(expression: str, after_ms: int) -> int | None:
     """The first minute strictly after `after_ms` at which cron fires the
     expression (local time, like cron); None for fields we do not parse."""
     times = _cron_times(expression)
-    if times is None:
-        return None
-    minutes, hours = times
+    return None if times is None else next_calendar_ms([times], after_ms)
+
+
+def next_calendar_ms(times: Sequence[tuple[set[int], set[int]]], after_ms: int) -> int | None:
+    """The first minute strictly after `after_ms` whose local (minute, hour)
+    one of the (minutes, hours) pairs holds: cron's fields, launchd's calendar."""
     t = (after_ms // 60000 + 1) * 60
     for _ in range(2 * 24 * 60 + 120):  # two days (plus a DST hour) always hold a match
         lt = time.localtime(t)
-        if lt.tm_min in minutes and lt.tm_hour in hours:
+        if any(lt.tm_min in minutes and lt.tm_hour in hours for minutes, hours in times):
             return t * 1000
         t += 60
     return None
@@ -4750,15 +4768,7 @@ def launchd_next_ms(entries: object, after_ms: int) -> int | None:
     of the calendar entries (local time, as launchd reads them); None for
     entries launchd_calendar_times does not read."""
     times = launchd_calendar_times(entries)
-    if times is None:
-        return None
-    t = (after_ms // 60000 + 1) * 60
-    for _ in range(2 * 24 * 60 + 120):  # two days (plus a DST hour) always hold a match
-        lt = time.localtime(t)
-        if any(lt.tm_min in minutes and lt.tm_hour in hours for minutes, hours in times):
-            return t * 1000
-        t += 60
-    return None
+    return None if times is None else next_calendar_ms(times, after_ms)
 
 
 def launchd_fires_by_interval(job: dict[str, Any] | None) -> bool:
@@ -5058,7 +5068,7 @@ class LaunchdBackend(SchedulerBackend):
         if switched_off:
             drift.append(f"{self.label(manifest)} is disabled in {LOGIN_ITEMS}")
             extra = {"running": False, "pid": None, "runs": None, "login_item_disabled": True}
-            catch_up = self._calendar(manifest, job)[1]
+            catch_up = LAUNCHD_INTERVAL_CATCH_UP if launchd_fires_by_interval(job) else None
             detail = f"disabled in {LOGIN_ITEMS}"
             return SchedulerState(True, False, detail, drift=drift, catch_up=catch_up, extra=extra)
         if info is None:
@@ -7138,6 +7148,7 @@ def _render_last_run(st: Status, now_ms: int) -> list[str]:
 
 
 def cmd_status(ctx: Context, args: argparse.Namespace) -> Outcome:
+    ctx.paths.read_statuses = {}  # status writes nothing: the report and the scheduler view share each file
     if args.check:
         return status_check(ctx, args)
     now = ctx.system.now_ms()
@@ -7159,7 +7170,6 @@ def status_all(ctx: Context, now: int) -> Outcome:
     texts: list[Painted] = []
     errors: list[LoreServiceError] = []
     loaded: list[tuple[str, Manifest | LoreServiceError]] = []
-    ctx.paths.read_statuses = {}  # nothing is written: the report and the scheduler view share each status
     for sid in ctx.paths.installed_ids():
         try:
             manifest = load_manifest(ctx.paths, sid)
@@ -7349,6 +7359,7 @@ def cmd_doctor(ctx: Context, args: argparse.Namespace) -> Outcome:
         if text is None:
             raise UsageError(f"cannot read {source}", "give the file `export --format kubernetes` wrote", code="usage")
         return _doctor_report(kubernetes_checks(text, source), f"the Kubernetes manifest {source}", None)
+    ctx.paths.read_statuses = {}  # doctor writes no status either: each check reads the file once
     manifest: Manifest | None = None
     broken: StateFileError | None = None
     try:
