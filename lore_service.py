@@ -3271,13 +3271,17 @@ class SchedulerBackend(ABC):
         (skip_reason): now, or just before next_due_at_ms on a coarse schedule
         that is not due yet. `state` looks for its next run after it."""
         now = self.system.now_ms()
-        if manifest.schedule_step_seconds >= manifest.interval_seconds:
-            return now
-        try:
-            due = load_status(self.paths, manifest.service_id).next_due_at_ms
-        except LoreServiceError:  # status reports the broken file itself
-            return now
+        due = self.pending_due_ms(manifest)
         return due - 1 if due is not None and due > now else now
+
+    def pending_due_ms(self, manifest: Manifest) -> int | None:
+        """next_due_at_ms where `run` skips until due (a coarse schedule), else None."""
+        if manifest.schedule_step_seconds >= manifest.interval_seconds:
+            return None
+        try:
+            return load_status(self.paths, manifest.service_id).next_due_at_ms
+        except LoreServiceError:  # status reports the broken file itself
+            return None
 
     @abstractmethod
     def plan(self, manifest: Manifest, cfg: ServiceConfig, embedded_token: str | None) -> Plan:
@@ -3867,15 +3871,10 @@ class SystemdBackend(SchedulerBackend):
     # -- state
     def _next_due_tick(self, manifest: Manifest, tick_ms: int) -> int:
         """The first timer tick at which `run` will not skip as not due."""
-        step = manifest.schedule_step_seconds * 1000
-        if step >= manifest.interval_seconds * 1000:
-            return tick_ms
-        try:
-            due = load_status(self.paths, manifest.service_id).next_due_at_ms
-        except LoreServiceError:
-            return tick_ms
+        due = self.pending_due_ms(manifest)
         if due is None or due <= tick_ms:
             return tick_ms
+        step = manifest.schedule_step_seconds * 1000
         return tick_ms + -(-(due - tick_ms) // step) * step
 
     def _drift(self, manifest: Manifest) -> list[str]:
