@@ -1674,6 +1674,7 @@ def record_skip(
 # slot is the last condition: a run that is offline never takes one.
 
 SLOT_POLL_SECONDS = (0.5, 3.0)  # a waiting run tries again after a random pause in this range
+SLOT_NAME_TRIES, SLOT_NAME_PAUSE_SECONDS = 10, 0.05  # up to 0.5 s for a new holder to name itself
 # a scheduled run under a scheduler's time limit (systemd, Task Scheduler) waits
 # only as long as its run budget still fits in that limit, less this margin
 SLOT_WAIT_MARGIN_SECONDS = 30
@@ -1722,7 +1723,7 @@ class RunSlot:
             return None
         wait = slot_wait_seconds(self.settings, cfg, manifest, trigger)
         if wait > 0:
-            users = [u for u in (lock_note(self.paths.slot(i)) for i in range(self.limit)) if u]
+            users = self.holders(system)
             in_use = f"{self.limit} of {self.limit} in use" + (f" by: {', '.join(users)}" if users else "")
             log.write_line("run", f"waiting up to {human_duration(wait)} for a free run slot ({in_use})")
             if notify is not None:
@@ -1733,6 +1734,19 @@ class RunSlot:
                 if self.try_take(sid):
                     return None
         return Condition("host_busy", f"host busy ({self.limit} run{'s' if self.limit > 1 else ''} in progress)")
+
+    def holders(self, system: System) -> list[str]:
+        """The services holding the slots, as they recorded themselves. A run
+        names itself just after it takes its slot, so a slot whose note is not
+        yet its live holder's is read again for a moment before it is left out."""
+        names: list[str] = []
+        for _ in range(1 if System.windows else SLOT_NAME_TRIES):  # (Windows records no note)
+            owners = [lock_owner(self.paths.slot(i)) for i in range(self.limit)]
+            names = [note for pid, note in owners if note and pid is not None and system.pid_alive(pid)]
+            if len(names) == self.limit:
+                break
+            system.sleep(SLOT_NAME_PAUSE_SECONDS)
+        return names
 
     def release(self) -> None:
         if self.held is not None:
@@ -9258,8 +9272,9 @@ class FileLock:
         """Write our pid (and a note: the running stage) into the held lock
         file, for lock_is_held() and for the next run after a crash."""
         if self._fd is not None and not System.windows:  # msvcrt locks the byte we would write
-            os.ftruncate(self._fd, 0)
-            os.pwrite(self._fd, f"{os.getpid()}\n{note}".encode(), 0)
+            data = f"{os.getpid()}\n{note}".encode()
+            os.pwrite(self._fd, data, 0)  # then cut: a reader never sees the file empty between
+            os.ftruncate(self._fd, len(data))
 
     def previous_note(self) -> str:
         """What the last holder recorded (read before record_owner overwrites it)."""
@@ -9295,22 +9310,27 @@ def lock_holder(path: str) -> int | None:
     return int(head) if head.isdigit() else None
 
 
-def lock_note(path: str) -> str:
-    """The note the last holder of a lock recorded after its pid (a slot's
-    service id); "" when there is none (Windows records none)."""
+def lock_owner(path: str) -> tuple[int | None, str]:
+    """The pid and note (a slot's service id) the last holder of a lock
+    recorded; (None, "") when there are none (Windows records none)."""
     try:
         fd = open_trusted(path, os.O_RDONLY, "lock file")
     except LoreServiceError:
-        return ""
+        return None, ""
     if fd is None:
-        return ""
+        return None, ""
     try:
-        lines = os.read(fd, 512).decode("utf-8", "replace").split("\n")
+        head, _, rest = os.read(fd, 512).decode("utf-8", "replace").partition("\n")
     except OSError:
-        return ""
+        return None, ""
     finally:
         os.close(fd)
-    return lines[1].strip() if len(lines) > 1 else ""
+    return (int(head) if head.strip().isdigit() else None), rest.strip()
+
+
+def lock_note(path: str) -> str:
+    """The note the last holder of a lock recorded after its pid."""
+    return lock_owner(path)[1]
 
 
 def lock_is_held(path: str, system: System) -> bool:

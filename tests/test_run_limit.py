@@ -301,6 +301,39 @@ def test_a_run_takes_the_slot_that_frees_up_while_it_waits(cli, installed, proje
     assert ls.FileLock(ls.Paths(waiting).slot(1)).try_acquire()  # the run gave its slot back
 
 
+def test_a_slot_taken_an_instant_ago_is_named_once_its_holder_has_written_its_name(cli, installed, home, waiting):
+    write_settings(home, "max_concurrent_runs = 2\nbusy_wait_seconds = 1\n")
+    named = hold_slot(waiting, 0, "svc-a")
+    fresh = ls.FileLock(ls.Paths(waiting).slot(1))
+    assert fresh.try_acquire()  # taken, its name not yet written: the window a waiting run can read in
+    waiting.on_sleep = lambda n: fresh.record_owner("svc-b") if n == 2 else None
+    try:
+        result = cli("--json", "run", sys_=waiting)
+    finally:
+        named.release(), fresh.release()
+    assert result.data["run"]["condition"] == "host_busy"
+    assert waiting.sleeps[:2] == [ls.SLOT_NAME_PAUSE_SECONDS] * 2  # read again until both are named
+    log = (home / "logs" / installed["service_id"] / "service.log").read_text()
+    assert "(2 of 2 in use by: svc-a, svc-b)" in log
+
+
+def test_a_slot_note_left_by_an_ended_run_never_names_the_new_holder(cli, installed, home, waiting):
+    write_settings(home, "max_concurrent_runs = 1\nbusy_wait_seconds = 1\n")
+    path = Path(ls.Paths(waiting).slot(0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{2**22 + 7}\nsvc-gone")  # a pid above pid_max: that run is over
+    held = ls.FileLock(str(path))
+    assert held.try_acquire()  # taken by a run that has not named itself (and never will here)
+    try:
+        result = cli("--json", "run", sys_=waiting)
+    finally:
+        held.release()
+    assert result.data["run"]["condition"] == "host_busy"
+    assert waiting.sleeps[: ls.SLOT_NAME_TRIES] == [ls.SLOT_NAME_PAUSE_SECONDS] * ls.SLOT_NAME_TRIES
+    log = (home / "logs" / installed["service_id"] / "service.log").read_text()
+    assert "for a free run slot (1 of 1 in use)" in log and "svc-gone" not in log
+
+
 def test_a_run_with_a_free_slot_never_waits_and_gives_the_slot_back(cli, installed, home, waiting):
     assert cli("--json", "run", sys_=waiting).data["run"]["outcome"] == "success"
     assert waiting.sleeps == [] and waiting.uniform_calls == []
