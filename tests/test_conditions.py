@@ -191,6 +191,7 @@ def test_a_status_file_from_an_older_build_without_skip_fields_still_reads(home,
 
 # -- helpers for the machine's conditions ------------------------------------------------------
 
+
 def required_or_skip(reason: str) -> None:
     """A test that needs something of this machine: skipped here, a failure in CI (LORE_E2E_REQUIRED=1)."""
     if os.environ.get("LORE_E2E_REQUIRED") == "1":
@@ -939,7 +940,10 @@ def test_doctor_before_install_shows_what_the_conditions_would_see(cli, project,
     assert result.data["service_id"] is None
     checks = {c["name"]: c for c in result.data["checks"]}
     assert checks["gitlab reachable"]["status"] == "ok"
-    assert checks["gitlab reachable"]["message"] == f"127.0.0.1:{listener} answers (gitlab_url http://127.0.0.1:{listener})"
+    assert (
+        checks["gitlab reachable"]["message"]
+        == f"127.0.0.1:{listener} answers (gitlab_url http://127.0.0.1:{listener})"
+    )
     assert {"power", "metered", "sleep inhibitor"} <= set(checks)
 
 

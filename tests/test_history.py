@@ -52,9 +52,7 @@ def test_status_shows_the_last_runs_as_marks_newest_last(tool, environ, project,
     assert "\x1b" not in result.out  # a pipe gets no colour
 
 
-def test_history_lists_each_run_newest_last_with_its_stages_and_a_skip_with_its_count(
-    tool, environ, project, tmp_path
-):
+def test_history_lists_each_run_newest_last_with_its_stages_and_a_skip_with_its_count(tool, environ, project, tmp_path):
     sid = run_four_kinds(tool, project, tmp_path)
     result = tool("history", "--name", sid, cwd=tmp_path)
     assert result.code == 0, result.err

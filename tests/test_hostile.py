@@ -241,9 +241,10 @@ def test_ctrl_c_and_sighup_stop_the_stage_group_and_record_the_run(tool, environ
         wait_for_exit(pid)
         assert not pid_alive(pid)
     status = json.loads(tool("--json", "status").out)["data"]
-    assert status["last_run"]["outcome"] == "failed" and "stopped by signal" in status["last_run"]["stage_results"][0][
-        "message"
-    ]
+    assert (
+        status["last_run"]["outcome"] == "failed"
+        and "stopped by signal" in status["last_run"]["stage_results"][0]["message"]
+    )
 
 
 # -- the token does not linger ---------------------------------------------------------------------
@@ -580,9 +581,7 @@ def test_a_secret_store_error_is_recorded_with_its_fix(cli, system, monkeypatch,
     assert "no token:" in log and "fix:" in log
 
 
-def test_a_keychain_item_that_went_missing_is_a_recorded_failure_with_the_way_to_store_one(
-    cli, system, memory_keyring
-):
+def test_a_keychain_item_that_went_missing_is_a_recorded_failure_with_the_way_to_store_one(cli, system, memory_keyring):
     assert cli("--json", "install", "--backend", "fake", "--token-source", "keychain").code == 0
     memory_keyring.store.clear()  # deleted in Keychain Access, say
     system.environ.pop("GITLAB_TOKEN")

@@ -239,8 +239,8 @@ def test_the_containers_command_lines_run_as_the_pod_runs_them(cli, tmp_path):
         shutil.copy(FAKE_LORE, image / "fake_lore.py")
         shutil.copytree(Path(tomli_w.__file__).parent, image / "tomli_w")
         program, lore = image / "lore-service", image / "lore"
-        program.write_text(f"#!/bin/sh\nexec /usr/bin/python3 {image / 'lore_service.py'} \"$@\"\n")
-        lore.write_text(f"#!/bin/sh\nexec /usr/bin/python3 {image / 'fake_lore.py'} \"$@\"\n")
+        program.write_text(f'#!/bin/sh\nexec /usr/bin/python3 {image / "lore_service.py"} "$@"\n')
+        lore.write_text(f'#!/bin/sh\nexec /usr/bin/python3 {image / "fake_lore.py"} "$@"\n')
         for path in [image, *image.rglob("*")]:
             path.chmod(0o755)
         volume = base / "volume"

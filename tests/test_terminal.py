@@ -145,9 +145,7 @@ def test_trigger_at_a_terminal_shows_each_stage_live_then_one_finished_line_each
     assert set(re.findall(r"\x1b\[[0-9;]*[A-Za-z]", term.screen)) <= sgr
 
 
-def test_no_color_at_a_terminal_still_draws_the_stages_but_sends_no_escape_code(
-    tool, installed_here, environ, project
-):
+def test_no_color_at_a_terminal_still_draws_the_stages_but_sends_no_escape_code(tool, installed_here, environ, project):
     write_plan(project, {"issues": {"wait_for": ".release-issues"}, "docs": {"exit": 3}})
     term = Terminal([*tool.program, "trigger"], terminal_env(environ, NO_COLOR="1"), project)
     term.wait_for("issues running", lambda t: any("fake lore: stage issues" in f for f in t.frames("issues")))
