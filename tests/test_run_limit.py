@@ -165,7 +165,7 @@ def test_with_a_short_wait_the_runs_beyond_the_limit_are_skipped_as_host_busy_ne
     assert sorted(sid for sid, o in outcomes.items() if o == "ran") == sorted(syncing)
     assert list(outcomes.values()).count("busy") == RUNS - 2
     busy_sid = next(sid for sid, o in outcomes.items() if o == "busy")
-    log = (home / "logs" / busy_sid / "service.log").read_text()
+    log = service_log(home, busy_sid)
     waiting = next(line for line in log.splitlines() if "for a free run slot" in line)
     assert "waiting up to 1.0s for a free run slot (2 of 2 in use by: " in waiting
     assert all(sid in waiting for sid in syncing)
@@ -265,16 +265,25 @@ def hold_slot(system: ls.System, index: int, sid: str) -> ls.FileLock:
     return lock
 
 
+def run_while_held(cli, system: ls.System, held: list[ls.FileLock], command: str = "run") -> Any:
+    """`command --json` while other runs hold these slots; they are released after."""
+    try:
+        return cli("--json", command, sys_=system)
+    finally:
+        for lock in held:
+            lock.release()
+
+
+def service_log(home: Path, sid: str) -> str:
+    return (home / "logs" / sid / "service.log").read_text()
+
+
 def test_a_waiting_run_polls_with_a_random_pause_of_half_a_second_to_3_s_and_gives_up_after_busy_wait(
     cli, installed, project, home, waiting
 ):
     write_settings(home, "max_concurrent_runs = 1\nbusy_wait_seconds = 10\n")
     waiting.jitter = 0.5
-    held = hold_slot(waiting, 0, "svc-a")
-    try:
-        result = cli("--json", "run", sys_=waiting)
-    finally:
-        held.release()
+    result = run_while_held(cli, waiting, [hold_slot(waiting, 0, "svc-a")])
     assert result.code == 0 and result.data["run"]["condition"] == "host_busy"
     assert result.data["skip_reason"] == "host busy (1 run in progress)"
     assert set(waiting.uniform_calls) == {ls.SLOT_POLL_SECONDS} == {(0.5, 3.0)}
@@ -289,14 +298,11 @@ def test_a_run_takes_the_slot_that_frees_up_while_it_waits(cli, installed, proje
     write_settings(home, "max_concurrent_runs = 2\n")
     held = [hold_slot(waiting, 0, "svc-a"), hold_slot(waiting, 1, "svc-b")]
     waiting.on_sleep = lambda n: held[1].release() if n == 3 else None
-    try:
-        result = cli("--json", "run", sys_=waiting)
-    finally:
-        held[0].release()
+    result = run_while_held(cli, waiting, held[:1])
     assert result.code == 0 and result.data["run"]["outcome"] == "success"
     assert len(waiting.sleeps) == 3
     assert [c["stage"] for c in calls(project)] == ["issues", "mrs", "docs"]
-    log = (home / "logs" / installed["service_id"] / "service.log").read_text()
+    log = service_log(home, installed["service_id"])
     assert "waiting up to 5m for a free run slot (2 of 2 in use by: svc-a, svc-b)" in log
     assert ls.FileLock(ls.Paths(waiting).slot(1)).try_acquire()  # the run gave its slot back
 
@@ -307,13 +313,10 @@ def test_a_slot_taken_an_instant_ago_is_named_once_its_holder_has_written_its_na
     fresh = ls.FileLock(ls.Paths(waiting).slot(1))
     assert fresh.try_acquire()  # taken, its name not yet written: the window a waiting run can read in
     waiting.on_sleep = lambda n: fresh.record_owner("svc-b") if n == 2 else None
-    try:
-        result = cli("--json", "run", sys_=waiting)
-    finally:
-        named.release(), fresh.release()
+    result = run_while_held(cli, waiting, [named, fresh])
     assert result.data["run"]["condition"] == "host_busy"
     assert waiting.sleeps[:2] == [ls.SLOT_NAME_PAUSE_SECONDS] * 2  # read again until both are named
-    log = (home / "logs" / installed["service_id"] / "service.log").read_text()
+    log = service_log(home, installed["service_id"])
     assert "(2 of 2 in use by: svc-a, svc-b)" in log
 
 
@@ -324,13 +327,10 @@ def test_a_slot_note_left_by_an_ended_run_never_names_the_new_holder(cli, instal
     path.write_text(f"{2**22 + 7}\nsvc-gone")  # a pid above pid_max: that run is over
     held = ls.FileLock(str(path))
     assert held.try_acquire()  # taken by a run that has not named itself (and never will here)
-    try:
-        result = cli("--json", "run", sys_=waiting)
-    finally:
-        held.release()
+    result = run_while_held(cli, waiting, [held])
     assert result.data["run"]["condition"] == "host_busy"
     assert waiting.sleeps[: ls.SLOT_NAME_TRIES] == [ls.SLOT_NAME_PAUSE_SECONDS] * ls.SLOT_NAME_TRIES
-    log = (home / "logs" / installed["service_id"] / "service.log").read_text()
+    log = service_log(home, installed["service_id"])
     assert "for a free run slot (1 of 1 in use)" in log and "svc-gone" not in log
 
 
@@ -343,11 +343,7 @@ def test_a_run_with_a_free_slot_never_waits_and_gives_the_slot_back(cli, install
 
 def test_trigger_says_it_waits_on_stderr_and_exits_1_skipped_when_no_slot_frees_up(cli, installed, home, waiting):
     write_settings(home, "max_concurrent_runs = 1\ntrigger_busy_wait_seconds = 60\n")
-    held = hold_slot(waiting, 0, "svc-a")
-    try:
-        result = cli("--json", "trigger", sys_=waiting)
-    finally:
-        held.release()
+    result = run_while_held(cli, waiting, [hold_slot(waiting, 0, "svc-a")], "trigger")
     assert result.code == 1 and result.doc["error"]["code"] == "skipped"
     assert result.doc["error"]["message"] == "not synced: host busy (1 run in progress)"
     assert sum(waiting.sleeps) == pytest.approx(60)
@@ -455,6 +451,6 @@ def test_a_run_in_a_sandbox_from_before_the_limit_syncs_without_a_slot_and_says_
     finally:
         held.release()
     assert result.code == 0 and result.data["run"]["outcome"] == "success"
-    log = (home / "logs" / installed["service_id"] / "service.log").read_text()
+    log = service_log(home, installed["service_id"])
     assert f"warning: the run limit is not enforced: {slots} is read-only here" in log
     assert "run `lore-service install` again" in log
