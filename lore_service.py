@@ -1312,6 +1312,12 @@ def derive_state(status: Status, now_ms: int, running: bool, stale: bool = False
     return "degraded" if status.last_run.outcome == "degraded" else "healthy"
 
 
+def assess(status: Status, manifest: Manifest, now_ms: int, running: bool) -> tuple[Freshness, str]:
+    """Freshness and state from one reading of the clock, as status, list and doctor show them."""
+    fresh = freshness(status, manifest, now_ms)
+    return fresh, derive_state(status, now_ms, running, fresh.stale)
+
+
 def skip_reason(status: Status, manifest: Manifest, now_ms: int, trigger: str) -> tuple[str, bool] | None:
     """Why a run must not start now, and whether that is routine (a coarse
     schedule firing before the interval is due: no event worth a log line);
@@ -2233,7 +2239,7 @@ def alert_message(event: str, manifest: Manifest, status: Status, fresh: Freshne
 
 def event_document(event: str, manifest: Manifest, status: Status, now_ms: int, host: str) -> dict[str, Any]:
     """The webhook's JSON (specs/schemas/event.schema.json); never the token or a URL."""
-    fresh = freshness(status, manifest, now_ms)
+    fresh, state = assess(status, manifest, now_ms, False)
     success = fresh.last_success_at_ms
     return {
         "schema_version": EVENT_SCHEMA_VERSION,
@@ -2241,7 +2247,7 @@ def event_document(event: str, manifest: Manifest, status: Status, now_ms: int, 
         "service_id": manifest.service_id,
         "project_root": manifest.project_root,
         "host": host,
-        "state": derive_state(status, now_ms, False, fresh.stale),
+        "state": state,
         "message": alert_message(event, manifest, status, fresh, now_ms),
         "at_iso": iso_from_ms(now_ms),
         "at_ms": now_ms,
@@ -4239,17 +4245,24 @@ class CronBackend(SchedulerBackend):
             )
             hint = "use the default backend there (`--backend auto`); `--dry-run` previews the cron line anywhere"
             return Check("crontab", "fail", why, hint)
-        result = system.run(["crontab", "-l"], timeout=30)
-        if result.returncode == 127:
-            return Check("crontab", "fail", "crontab is not installed", CRON_INSTALL_HINT)
-        if result.ok or cls._no_crontab(result):
+        failure = cls._crontab_failure(system.run(["crontab", "-l"], timeout=30))
+        if failure is None:
             return Check("crontab", "ok", "the user's crontab can be read (`crontab -l`)")
-        why = f"`crontab -l` failed ({result.returncode}): {result.summary()}"
-        return Check("crontab", "fail", why, cls._crontab_hint(result))
+        return Check("crontab", "fail", failure.message, failure.hint)
 
     @staticmethod
     def _no_crontab(result: CommandResult) -> bool:
         return result.returncode == 1 and "no crontab for" in (result.stderr + result.stdout)
+
+    @classmethod
+    def _crontab_failure(cls, result: CommandResult) -> SchedulerError | None:
+        """What a `crontab -l` that failed means; None when it read a crontab (or there is none yet)."""
+        if result.ok or cls._no_crontab(result):
+            return None
+        if result.returncode == 127:
+            return SchedulerError("crontab is not installed", CRON_INSTALL_HINT, code="crontab_missing")
+        why = f"`crontab -l` failed ({result.returncode}): {result.summary()}"
+        return SchedulerError(why, cls._crontab_hint(result), code="crontab")
 
     def schedule_step(self, interval_seconds: int) -> int:
         return cron_step(interval_seconds)
@@ -4346,14 +4359,10 @@ class CronBackend(SchedulerBackend):
     def read_crontab(self) -> str:
         """The user's crontab; '' when there is none yet."""
         result = self.system.run(["crontab", "-l"], timeout=30, keep_newlines=True)
+        if (failure := self._crontab_failure(result)) is not None:
+            raise failure
         if self._no_crontab(result):
             return ""
-        if not result.ok:
-            raise SchedulerError(
-                f"`crontab -l` failed ({result.returncode}): {result.summary()}",
-                CRON_INSTALL_HINT if result.returncode == 127 else self._crontab_hint(result),
-                code="crontab_missing" if result.returncode == 127 else "crontab",
-            )
         if "\ufffd" in result.stdout:
             raise SchedulerError(
                 "your crontab is not valid UTF-8; rewriting it could change bytes that are not ours",
@@ -6923,7 +6932,7 @@ def _run_command(ctx: Context, args: argparse.Namespace, trigger: str) -> Outcom
         "skipped": False,
         "skip_reason": None,
         "run": record.to_dict(),
-        "state": derive_state(status, ctx.system.now_ms(), False),
+        "state": assess(status, manifest, ctx.system.now_ms(), False)[1],  # as `status` would say now
         "consecutive_failures": status.consecutive_failures,
         "next_retry_at_ms": status.next_retry_at_ms,
         "paused": status.paused.to_dict() if status.paused else None,
@@ -7008,9 +7017,7 @@ def service_report(ctx: Context, manifest: Manifest, view: SchedulerView | None 
     asked (`status --all` asks each backend once for all of its services)."""
     sid, paths = manifest.service_id, ctx.paths
     status = load_status(paths, sid)
-    running = lock_is_held(paths.run_lock(sid), ctx.system)
-    fresh = freshness(status, manifest, ctx.system.now_ms())
-    state = derive_state(status, ctx.system.now_ms(), running, fresh.stale)
+    fresh, state = assess(status, manifest, ctx.system.now_ms(), lock_is_held(paths.run_lock(sid), ctx.system))
     report = ServiceReport(manifest, status, state, paths.log(sid), paths.status(sid), fresh)
     if view is None:
         view = scheduler_views(ctx, [manifest], batch=False)[sid]
@@ -7260,14 +7267,14 @@ def cmd_list(ctx: Context, args: argparse.Namespace) -> Outcome:
     rows: list[dict[str, Any]] = []
     lines: list[str] = []
     errors: list[LoreServiceError] = []
+    now = ctx.system.now_ms()
     for sid in ctx.paths.installed_ids():
         try:
             manifest = load_manifest(ctx.paths, sid)
             if manifest is None:
                 continue
             status = load_status(ctx.paths, sid)
-            stale = freshness(status, manifest, ctx.system.now_ms()).stale
-            state = derive_state(status, ctx.system.now_ms(), lock_is_held(ctx.paths.run_lock(sid), ctx.system), stale)
+            state = assess(status, manifest, now, lock_is_held(ctx.paths.run_lock(sid), ctx.system))[1]
         except LoreServiceError as exc:
             errors.append(exc)
             rows.append({"service_id": sid, "state": "error", "error": exc.payload()})
