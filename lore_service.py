@@ -1386,6 +1386,13 @@ def apply_skip(status: Status, record: RunRecord, cfg: ServiceConfig) -> None:
     status.last_skip = record
 
 
+def culprit_stage(record: RunRecord) -> StageResult | None:
+    """The stage a failed run is told by: the first critical stage that failed
+    or timed out, else the first stage that did; None when none ran (no token)."""
+    bad = [r for r in record.stage_results if r.outcome in ("failed", "timeout")]
+    return next((r for r in bad if r.critical), bad[0] if bad else None)
+
+
 def apply_outcome(status: Status, record: RunRecord, cfg: ServiceConfig, system: System, now_ms: int) -> None:
     """Fold a finished run into the status: the one place policy decides."""
     status.last_run = record
@@ -1396,8 +1403,7 @@ def apply_outcome(status: Status, record: RunRecord, cfg: ServiceConfig, system:
         status.next_retry_at_ms = None
         status.last_success_at_ms = now_ms
         return
-    failed = [s for s in record.stage_results if s.critical and s.outcome in ("failed", "timeout")]
-    culprit = failed[0] if failed else None
+    culprit = culprit_stage(record)
     detail = f"stage {culprit.stage}: {culprit.message}" if culprit else "a critical stage failed"
     if record.error_class == "secret_store" and record.stage_results:  # no stage ran: say why
         detail = record.stage_results[0].message.removeprefix("skipped: ")
@@ -2216,8 +2222,7 @@ def alert_to_send(last: str | None, condition: str | None) -> str | None:
 
 def run_problem(record: RunRecord) -> str:
     """`issues failed: exit status 1`: the stage that failed the run (a critical one first)."""
-    bad = [r for r in record.stage_results if r.outcome in ("failed", "timeout")]
-    culprit = next((r for r in bad if r.critical), bad[0] if bad else None)
+    culprit = culprit_stage(record)
     if culprit is None:  # no stage ran (no token): the first stage says why
         first = record.stage_results[0].message if record.stage_results else "no stage ran"
         return first.removeprefix("skipped: ")
@@ -7130,8 +7135,7 @@ def stale_cause(report: ServiceReport) -> str:
         return f"the runs are skipped: {skip.reason} ({skip.repeats} in a row)"
     last = report.status.last_run
     if last is not None and last.outcome == "failed":
-        bad = next((r for r in last.stage_results if r.outcome != "success"), None)
-        return f"the runs fail: {bad.stage} {bad.message}" if bad else "the runs fail"
+        return f"the runs fail: {run_problem(last)}"
     return "no run has happened in time: is the machine asleep or off at the scheduled times?"
 
 

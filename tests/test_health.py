@@ -64,7 +64,7 @@ def test_backing_off_and_stale_at_once_reads_stale_with_both_facts(tool, later, 
     data = json.loads(later(3, "--json", "status").stdout)["data"]
     assert data["state"] == "stale" and data["stale"] is True
     assert data["consecutive_failures"] == 1 and data["last_success_at_ms"] is None  # never synced since install
-    assert "the runs fail: issues exit status 75" in later(3, "status").stdout
+    assert "the runs fail: issues failed: exit status 75" in later(3, "status").stdout
     failed_again = json.loads(later(3, "--json", "trigger").stdout)
     assert failed_again["data"]["state"] == "stale"  # a run's result says what `status` says just after it
 
