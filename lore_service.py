@@ -761,12 +761,22 @@ class ServiceConfig:
 
 
 def load_config(paths: Paths, sid: str) -> ServiceConfig:
-    path = paths.config(sid)
-    raw = read_state_bytes(path, "config")
-    if raw is None:
+    cfg = read_config(paths, sid)
+    if cfg is None:
+        path = paths.config(sid)
         raise StateFileError(
             f"config {path} is missing", f"re-run `{TOOL_NAME} install` to recreate it", code="config_missing"
         )
+    return cfg
+
+
+def read_config(paths: Paths, sid: str) -> ServiceConfig | None:
+    """service.toml, or None when there is none: one read, so an uninstall
+    running beside it cannot remove the file between a look and the read."""
+    path = paths.config(sid)
+    raw = read_state_bytes(path, "config")
+    if raw is None:
+        return None
     text = user_toml_text(raw, f"config {path}", "save the file as UTF-8, or delete it and re-run install")
     return ServiceConfig.from_toml(text, path)
 
@@ -1145,9 +1155,27 @@ def update_status(paths: Paths, sid: str, system: System, change: Callable[[Stat
     """Read-modify-write of status.json under its own short lock, so `pause`
     during a run and the run's own update never lose each other's change."""
     with FileLock(paths.status_lock(sid)):
-        status = load_status(paths, sid)
-        change(status)
-        save_status(paths, status, system.now_ms())
+        return _rewrite_status(paths, sid, system, change)
+
+
+def update_installed_status(paths: Paths, sid: str, system: System, change: Callable[[Status], None]) -> Status | None:
+    """update_status for a writer that holds no run lock of the service (an
+    alert claimed after a run, another service's stale event): once uninstall
+    has removed the manifest (it does so under this lock) nothing is written
+    and no folder is made again; None then."""
+    lock = FileLock(paths.status_lock(sid), make_folder=False)
+    if not lock.try_acquire(blocking=True):  # the state folder is gone
+        return None
+    try:
+        return _rewrite_status(paths, sid, system, change) if os.path.lexists(paths.manifest(sid)) else None
+    finally:
+        lock.release()
+
+
+def _rewrite_status(paths: Paths, sid: str, system: System, change: Callable[[Status], None]) -> Status:
+    status = load_status(paths, sid)
+    change(status)
+    save_status(paths, status, system.now_ms())
     return status
 
 
@@ -2301,11 +2329,11 @@ def claim_alert(
         if desktop is not None:
             s.desktop_session = desktop
 
-    status = update_status(paths, sid, system, change)
-    if not claimed:
+    written = update_installed_status(paths, sid, system, change)
+    if written is None or not claimed:  # (uninstalled since it was read)
         return None
     notify = notify if notify is not None else load_config(paths, sid).notify
-    return Alert(notify, event_document(claimed[0], manifest, status, now, system.hostname()))
+    return Alert(notify, event_document(claimed[0], manifest, written, now, system.hostname()))
 
 
 def stale_elsewhere(system: System, paths: Paths, own: str) -> list[Alert]:
@@ -2688,7 +2716,7 @@ def _resolve_config(
     given keeps what service.toml says now: the user's edits there are exactly
     what a re-install is asked to apply."""
     sid = existing.service_id if existing else ""
-    old = load_config(paths, sid) if existing is not None and os.path.exists(paths.config(sid)) else None
+    old = read_config(paths, sid) if existing is not None else None
     if old is None and existing is not None:  # config deleted: the manifest remembers the options
         now = ServiceConfig(existing.interval_seconds, existing.profile, existing.token_env)
     else:
@@ -3178,8 +3206,16 @@ def _remove_service(system: System, paths: Paths, manifest: Manifest, purge: boo
         delete_secret(paths, manifest)
     except LoreServiceError as exc:  # the entry is gone already: finish, and say what is left
         warnings.append(f"the token may still be in {manifest.token_source}: {exc.message}")
-    for path in (paths.config(sid), paths.manifest(sid)):
-        remove_file(path)
+    # under the status lock: an alert claimed after a run (update_installed_status)
+    # either wrote before this or sees the manifest gone and writes nothing
+    status_lock = FileLock(paths.status_lock(sid), make_folder=False)
+    locked = status_lock.try_acquire(blocking=True)
+    try:
+        for path in (paths.config(sid), paths.manifest(sid)):
+            remove_file(path)
+    finally:
+        if locked:
+            status_lock.release()
     removed += [paths.config(sid), paths.manifest(sid)]
     kept: list[str] = []
     if purge:
@@ -8434,7 +8470,7 @@ class System:
             )
         except OSError as exc:
             return SleepHold(name, f"cannot start {name}: {exc.strerror}")
-        problem = self._await_held(helper, name, 2.0) if name == "systemd-inhibit" else None
+        problem = self._await_held(helper, name, INHIBIT_ANSWER_SECONDS) if name == "systemd-inhibit" else None
         hold = SleepHold(name, problem, release=lambda: self._end_helper(helper))
         if problem:
             hold.release()
@@ -8577,6 +8613,11 @@ class SleepHold:
         done, self._release = self._release, None
         if done is not None:
             done()
+
+
+# logind grants an inhibitor in milliseconds; this much covers a slow start of
+# systemd-inhibit on a loaded machine, and only a hung logind costs it in full
+INHIBIT_ANSWER_SECONDS = 5.0
 
 
 def sleep_inhibitor_argv(platform: str, pid: int, why: str) -> list[str] | None:
@@ -9265,14 +9306,17 @@ class FileLock:
     """An OS file lock (flock / msvcrt) that dies with its process, so a
     crashed run never leaves a stale lock behind."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, make_folder: bool = True) -> None:
         self.path = path
+        self.make_folder = make_folder  # False: a lock in a folder that is gone is not taken (False)
         self._fd: int | None = None
 
     def try_acquire(self, blocking: bool = False) -> bool:
-        ensure_dir(os.path.dirname(self.path))
+        if self.make_folder:
+            ensure_dir(os.path.dirname(self.path))
         fd = open_trusted(self.path, os.O_RDWR | os.O_CREAT, "lock file")
-        assert fd is not None  # (O_CREAT)
+        if fd is None:  # (O_CREAT: only when the folder is missing)
+            return False
         if System.lock_fd(fd, blocking):
             self._fd = fd
             return True

@@ -272,6 +272,26 @@ def test_another_services_run_sends_its_stale_event_once(cli, installed, project
     assert f"[notify] stale event of other to webhook {hook.url}" in log_text(home, installed["service_id"])
 
 
+@pytest.mark.parametrize("purge", [True, False])
+def test_an_alert_claimed_after_its_service_was_uninstalled_writes_nothing_and_makes_no_folder(
+    cli, installed, home, system, tmp_path, purge
+):
+    """A run claims its alerts after its run lock is released, so an uninstall
+    can come between; what is left after it must stay as uninstall left it."""
+    other_project = tmp_path / "other"
+    other_project.mkdir()
+    assert install(cli, "fake", "--project", str(other_project), "--name", "other").code == 0
+    manifest = ls.load_manifest(ls.Paths(system), "other")
+    assert cli("--json", "uninstall", "--name", "other", *(["--purge"] if purge else [])).code == 0
+    state = home / "state" / "other"
+    before = sorted(p.name for p in state.iterdir()) if state.exists() else None
+    system.clock_ms = system.now_ms() + 3 * 3600 * 1000  # stale by now, were it installed
+    assert ls.claim_alert(system, ls.Paths(system), manifest, ("stale",)) is None
+    assert ls.stale_elsewhere(system, ls.Paths(system), installed["service_id"]) == []
+    assert (sorted(p.name for p in state.iterdir()) if state.exists() else None) == before
+    assert state.exists() is not purge
+
+
 # -- Healthchecks pings and endpoints that fail -----------------------------------------------
 
 
