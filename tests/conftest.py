@@ -323,10 +323,11 @@ def write_plan(project: Path, plan: dict[str, Any]) -> None:
 
 
 def calls(project: Path) -> list[dict[str, Any]]:
+    """The fake lore's calls so far; read while stages run, so only whole lines count."""
     path = project / ".fake-lore-calls.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return [json.loads(line) for line in path.read_text().splitlines(keepends=True) if line.endswith("\n")]
 
 
 @pytest.fixture
@@ -457,8 +458,9 @@ def start_hanging_run(
     runner = subprocess.Popen(
         [*tool.program, "--json", command], cwd=project, env=environ, stdout=subprocess.PIPE, text=True
     )
-    wait_until((project / ".fake-lore-grandchild-issues.pid").exists, 10)
-    return runner, calls(project)[0]["pid"], int((project / ".fake-lore-grandchild-issues.pid").read_text())
+    pidfile = project / ".fake-lore-grandchild-issues.pid"
+    wait_until(lambda: pidfile.exists() and pidfile.read_text().strip().isdigit(), 30)
+    return runner, calls(project)[0]["pid"], int(pidfile.read_text())
 
 
 def status_all_beside_each(

@@ -21,6 +21,8 @@ most two minutes). Every call appends one JSON line to
 start_ns; one that ends by returning appends its start_ns and end_ns to
 `.fake-lore-times.jsonl` too (time.monotonic_ns: one clock for every
 process of the machine, so intervals of different runs can be compared).
+Tests read these files while it runs: each line is appended whole and each
+other file appears complete (see append_line, write_whole).
 """
 
 from __future__ import annotations
@@ -52,6 +54,23 @@ def print_token_forms(token: str) -> None:
     out.flush()
 
 
+def append_line(path: str, record: dict) -> None:
+    """One write of the whole line on an O_APPEND descriptor: a reader never sees half a line."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(record) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def write_whole(path: str, text: str) -> None:
+    """Written aside, then renamed: a test that sees the file sees all of it."""
+    temp = f"{path}.{os.getpid()}.tmp"
+    with open(temp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(temp, path)
+
+
 def wait_for(path: str) -> None:
     deadline = time.monotonic() + 120
     while not os.path.exists(path) and time.monotonic() < deadline:
@@ -76,8 +95,7 @@ def main() -> int:
         "token_set": bool(os.environ.get(var)),
         "start_ns": start_ns,
     }
-    with open(".fake-lore-calls.jsonl", "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record) + "\n")
+    append_line(".fake-lore-calls.jsonl", record)
     print(f"fake lore: stage {stage}", flush=True)
     if plan.get("print_token"):
         print(f"token is {os.environ.get(var, '')}", flush=True)
@@ -89,12 +107,10 @@ def main() -> int:
     if plan.get("record_parent_limits") and os.path.exists(f"/proc/{os.getppid()}/limits"):
         with open(f"/proc/{os.getppid()}/limits", encoding="utf-8") as fh:
             core = next(line for line in fh if line.startswith("Max core file size"))
-        with open(f".fake-lore-parent-limits-{stage}.txt", "w", encoding="utf-8") as fh:
-            fh.write(core)
+        write_whole(f".fake-lore-parent-limits-{stage}.txt", core)
     if plan.get("grandchild"):
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
-        with open(f".fake-lore-grandchild-{stage}.pid", "w", encoding="utf-8") as fh:
-            fh.write(str(child.pid))
+        write_whole(f".fake-lore-grandchild-{stage}.pid", str(child.pid))
     if plan.get("print_mb"):
         line = ("x" * 99 + "\n").encode()
         block = line * 10486  # ~1 MiB
@@ -114,9 +130,8 @@ def main() -> int:
     code = int(plan.get("exit", 0))
     if code:
         print(f"fake lore: failing with {code}", file=sys.stderr, flush=True)
-    with open(".fake-lore-times.jsonl", "a", encoding="utf-8") as fh:
-        times = {"stage": stage, "pid": os.getpid(), "start_ns": start_ns, "end_ns": time.monotonic_ns()}
-        fh.write(json.dumps(times) + "\n")
+    times = {"stage": stage, "pid": os.getpid(), "start_ns": start_ns, "end_ns": time.monotonic_ns()}
+    append_line(".fake-lore-times.jsonl", times)
     return code
 
 

@@ -404,18 +404,28 @@ def session_bus(tmp_path: Path) -> Iterator[tuple[str, Path]]:
             proc.wait(10)
 
 
-def test_a_failed_scheduled_run_shows_a_desktop_notification_on_the_session_bus(tool, environ, project, session_bus):
+def test_a_failed_scheduled_run_shows_a_desktop_notification_on_the_session_bus(
+    tool, environ, project, home, session_bus
+):
     address, record = session_bus
     env = {**environ, "DBUS_SESSION_BUS_ADDRESS": address}
-    assert tool("--json", "install", "--backend", "none", env=env).code == 0
+    installed = tool("--json", "install", "--backend", "none", env=env)
+    assert installed.code == 0
+    sid = installed.data["service_id"]
     write_plan(project, {"issues": {"exit": 75}})
     assert tool("--json", "run", env=env).code == 1
-    assert tool("--json", "run", env=env).code == 0  # backing off: skipped, nothing new to say
+    path = home / "state" / sid / "status.json"
+    st = json.loads(path.read_text())
+    assert st["next_retry_at_ms"] is not None
+    # full jitter may have drawn a retry due at once: move it an hour away
+    st["next_retry_at_ms"] = int(time.time() * 1000) + 3_600_000
+    path.write_text(json.dumps(st))
+    skipped = tool("--json", "run", env=env)
+    assert skipped.code == 0 and skipped.data["skipped"] is True  # backing off: nothing new to say
     write_plan(project, {})
     assert tool("--json", "trigger", env=env).code == 0
-    wait_until(lambda: record.exists() and len(record.read_text().splitlines()) >= 2, 10)
+    wait_until(lambda: record.exists() and record.read_text().count("\n") >= 2, 10)  # two whole lines
     shown = [json.loads(line) for line in record.read_text().splitlines()]
-    sid = json.loads(tool("--json", "status", env=env).out)["data"]["service_id"]
     assert [(n["app_name"], n["summary"]) for n in shown] == [
         ("lore-service", f"lore-service: {sid} failed"),
         ("lore-service", f"lore-service: {sid} recovered"),

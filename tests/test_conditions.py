@@ -857,8 +857,10 @@ def test_the_real_systemd_inhibit_holds_a_sleep_lock_while_the_stages_run(tool, 
 
 
 FAKE_CAFFEINATE = """#!/bin/sh
-# caffeinate -i -w PID as far as a run can tell: records its argv and waits
-printf '%s\\n' "$$" "$@" > "$FAKE_INHIBIT_DIR/caffeinate"
+# caffeinate -i -w PID as far as a run can tell: records its argv (written aside
+# and renamed, so the test never reads it half written) and waits
+printf '%s\\n' "$$" "$@" > "$FAKE_INHIBIT_DIR/caffeinate.tmp"
+mv "$FAKE_INHIBIT_DIR/caffeinate.tmp" "$FAKE_INHIBIT_DIR/caffeinate"
 exec sleep 3600
 """
 

@@ -121,15 +121,18 @@ def test_sigkilled_writer_never_leaves_a_torn_file(tmp_path):
     ]
 
 
-def test_concurrent_scheduled_runs_execute_exactly_once(tool, project, lore_bin, environ):
+def test_concurrent_scheduled_runs_execute_exactly_once(tool, project, lore_bin, environ, tmp_path):
     assert tool("--json", "install", "--backend", "none").code == 0
-    write_plan(project, {"issues": {"sleep": 2}})
+    release = tmp_path / "release"
+    write_plan(project, {"issues": {"wait_for": str(release)}})  # the run that syncs holds on until the rest ended
     procs = [
         subprocess.Popen(
             [sys.executable, SCRIPT, "--json", "run"], cwd=project, env=environ, stdout=subprocess.PIPE, text=True
         )
         for _ in range(6)
     ]
+    wait_until(lambda: sum(p.poll() is not None for p in procs) >= 5, 60)
+    release.touch()
     docs = [json.loads(p.communicate(timeout=60)[0]) for p in procs]
     assert all(p.returncode == 0 for p in procs)
     executed = [d for d in docs if not d["data"]["skipped"]]
@@ -139,27 +142,38 @@ def test_concurrent_scheduled_runs_execute_exactly_once(tool, project, lore_bin,
     assert [c["stage"] for c in calls(project)].count("issues") == 1
 
 
-def test_trigger_while_running_is_busy_exit_5_and_status_says_running(tool, project, lore_bin, environ):
+def test_trigger_while_running_is_busy_exit_5_and_status_says_running(tool, project, lore_bin, environ, tmp_path):
     assert tool("--json", "install", "--backend", "none").code == 0
-    write_plan(project, {"issues": {"sleep": 3}})
+    release = tmp_path / "release"
+    write_plan(project, {"issues": {"wait_for": str(release)}})  # running until the checks are done
     runner = subprocess.Popen(
         [sys.executable, SCRIPT, "--json", "run"], cwd=project, env=environ, stdout=subprocess.PIPE, text=True
     )
-    wait_until((project / ".fake-lore-calls.jsonl").exists, 10)
-    busy = tool("--json", "trigger")
-    assert busy.code == 5 and json.loads(busy.out)["error"]["code"] == "busy"
-    assert json.loads(tool("--json", "status").out)["data"]["state"] == "running"
+    try:
+        wait_until(lambda: bool(calls(project)), 30)
+        busy = tool("--json", "trigger")
+        assert busy.code == 5 and json.loads(busy.out)["error"]["code"] == "busy"
+        assert json.loads(tool("--json", "status").out)["data"]["state"] == "running"
+    finally:
+        release.touch()
     runner.communicate(timeout=30)
     assert runner.returncode == 0
     assert json.loads(tool("--json", "status").out)["data"]["state"] == "healthy"
 
 
-def test_a_killed_run_leaves_no_stale_lock_and_the_next_run_ends_its_orphaned_stage(tool, project, lore_bin, environ):
-    assert tool("--json", "install", "--backend", "none").code == 0
+def test_a_killed_run_leaves_no_stale_lock_and_the_next_run_ends_its_orphaned_stage(
+    tool, project, lore_bin, environ, home
+):
+    installed = tool("--json", "install", "--backend", "none")
+    assert installed.code == 0
     write_plan(project, {"issues": {"hang": True}})
     runner = subprocess.Popen([sys.executable, SCRIPT, "run"], cwd=project, env=environ, start_new_session=True)
-    wait_until((project / ".fake-lore-calls.jsonl").exists, 10)
+    wait_until(lambda: bool(calls(project)), 30)
     stage_pid = calls(project)[0]["pid"]
+    # the kill must come after the run noted its stage's group in the lock ("<pid>\n<run id> <pgid>")
+    lock = home / "state" / installed.data["service_id"] / "run.lock"
+    wait_until(lambda: lock.read_text().endswith(f" {stage_pid}"), 30)
+    assert lock.read_text().endswith(f" {stage_pid}"), lock.read_text()
     os.killpg(runner.pid, signal.SIGKILL)  # the run dies; its stage, in its own session, does not
     runner.wait()
     assert pid_alive(stage_pid)
