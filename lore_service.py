@@ -3778,8 +3778,8 @@ class SystemdBackend(SchedulerBackend):
         value = answer.stdout.strip()
         if answer.ok and value in ("yes", "no"):
             linger = value == "yes"
-        elif os.path.isdir("/var/lib/systemd/linger"):
-            linger = os.path.exists(os.path.join("/var/lib/systemd/linger", user))
+        elif (recorded := self.system.lingering(user)) is not None:
+            linger = recorded
         else:
             return Check(
                 "lingering",
@@ -4015,7 +4015,9 @@ class SystemdBackend(SchedulerBackend):
         """The entry as the timer's and the service's properties and the timer's elapses say."""
         base = self.unit_base(manifest.service_id)
         units = [base + ".timer", base + ".service"]
-        view = SchedulerState(False, False, "", drift=self._drift(manifest), extra={"units": units})
+        # lingering: whether the timer fires while the user is logged out (STALE's likeliest cause when off)
+        extra = {"units": units, "linger": self.system.lingering(self.system.username())}
+        view = SchedulerState(False, False, "", drift=self._drift(manifest), extra=extra)
         loaded, enabled = timer.get("LoadState") == "loaded", timer.get("UnitFileState") == "enabled"
         view.registered, view.active = loaded and enabled, timer.get("ActiveState") == "active"
         self._read_elapses(manifest, view, elapses)
@@ -7158,10 +7160,16 @@ def _render_stale(report: ServiceReport, now_ms: int) -> list[str]:
 
 
 def stale_cause(report: ServiceReport) -> str:
-    """What the scheduler's own view says stops the runs, else the last run's failure."""
+    """The likeliest reason the runs stopped, first match: what the scheduler
+    says is wrong with its entry, a scheduled program that is gone, the
+    condition that skips the runs, the runs' own failure, a start that failed
+    before the run could record anything, lingering off; else sleep."""
     sched = report.scheduler
     if report.scheduler_error is not None:
         return report.scheduler_error.message
+    gone = next((p for p in report.manifest.program[:2] if os.path.isabs(p) and not os.path.exists(p)), None)
+    if gone is not None:  # the pinned binary (or the source file) deleted: every firing fails to start
+        return f"the scheduled program {gone} is missing"
     if sched is not None and sched.drift:
         return sched.drift[0]
     if sched is not None and sched.active is False:
@@ -7172,7 +7180,19 @@ def stale_cause(report: ServiceReport) -> str:
     last = report.status.last_run
     if last is not None and last.outcome == "failed":
         return f"the runs fail: {run_problem(last)}"
-    return "no run has happened in time: is the machine asleep or off at the scheduled times?"
+    return _quiet_scheduler_cause(sched)
+
+
+def _quiet_scheduler_cause(sched: SchedulerState | None) -> str:
+    """When no run recorded a problem: the scheduler's own last result, then lingering."""
+    asleep = "the machine was asleep or off at the scheduled times"
+    if sched is not None and sched.last_result not in (None, 0, "success"):
+        code = sched.extra.get("last_exit_status")
+        result = f"{sched.last_result}" + (f", exit status {code}" if code is not None else "")
+        return f"the scheduler's last start of the run failed ({result}) before it recorded anything"
+    if sched is not None and sched.extra.get("linger") is False:
+        return f"the timer fires only while you are logged in (lingering is off), or {asleep}"
+    return f"no run has happened in time: {asleep}?"
 
 
 def _stage_outcome(stage: StageResult) -> str:
@@ -8052,6 +8072,15 @@ class System:
         # where Linux's power supplies are read (class/power_supply); tests and a
         # diagnosis point it at a tree of their own (LORE_SERVICE_SYSFS)
         self.sysfs_root = self.environ.get("LORE_SERVICE_SYSFS") or "/sys"
+        self.linger_dir = "/var/lib/systemd/linger"  # where logind records who lingers (a file per user)
+
+    def lingering(self, user: str) -> bool | None:
+        """Whether logind keeps the user's manager running while logged out, as
+        its records say (read, not asked: status reads it for every service);
+        None where there are no such records (no logind)."""
+        if not os.path.isdir(self.linger_dir):
+            return None
+        return os.path.exists(os.path.join(self.linger_dir, user))
 
     # -- platform and identity
     @property

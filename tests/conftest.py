@@ -51,6 +51,7 @@ class FakeSystem(ls.System):
         self.stdin_text = ""
         self.tty = False
         self.undumpable = False
+        self.linger_dir = os.path.join(environ.get("HOME", "/nonexistent"), "no-logind")  # the machine's is not ours
 
     @property
     def platform(self) -> str:

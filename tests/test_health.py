@@ -123,3 +123,29 @@ def test_the_cause_of_staleness_comes_from_the_schedulers_own_view(cli, system, 
     text = cli("status").out
     assert "STALE       no successful sync for 8h (expected every 30m)" in text
     assert f"cause: {entry} is missing" in text
+
+
+def test_a_stale_cause_no_run_recorded_comes_from_the_program_then_the_schedulers_last_result_then_lingering(
+    cli, system, installed, tmp_path
+):
+    import lore_service as ls
+
+    assert cli("--json", "trigger").code == 0
+    ctx = ls.Context(system, ls.Paths(system), robot=True)
+    report = ls.service_report(ctx, ls.load_manifest(ctx.paths, installed["service_id"]))
+    quiet = ls.SchedulerState(True, True, "timer active/waiting", last_result="success", extra={"linger": None})
+    report.scheduler = quiet
+    assert ls.stale_cause(report) == (
+        "no run has happened in time: the machine was asleep or off at the scheduled times?"
+    )
+    quiet.extra["linger"] = False
+    assert ls.stale_cause(report).startswith("the timer fires only while you are logged in (lingering is off)")
+    quiet.last_result, quiet.extra["last_exit_status"] = "exit-code", 203  # systemd could not exec it
+    assert ls.stale_cause(report) == (
+        "the scheduler's last start of the run failed (exit-code, exit status 203) before it recorded anything"
+    )
+    gone = tmp_path / "bin" / "0.9.0" / "lore-service"
+    report.manifest.program = [str(gone), "run", "--service-id", installed["service_id"]]
+    assert ls.stale_cause(report) == f"the scheduled program {gone} is missing"
+    quiet.drift = ["lore-sync-x.timer is not active (inactive/dead)"]
+    assert ls.stale_cause(report) == f"the scheduled program {gone} is missing"  # what every firing runs into first

@@ -5,6 +5,7 @@ test_systemd_e2e.py.)"""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from conftest import TOKEN, FakeSystem, edit_config, install, res
@@ -188,6 +189,11 @@ def test_status_reads_systemd_properties_not_human_text(cli, linux):
     assert sched["last_trigger_iso"] == ls.iso_from_ms(1795825943722)
     assert sched["last_result"] == "success" and sched["last_exit_status"] == 0
     assert sched["last_finished_iso"] == ls.iso_from_ms(1795825944000)
+    assert sched["linger"] is None  # no logind records here
+    os.makedirs(linux.linger_dir)
+    assert cli("--json", "status").data["scheduler"]["linger"] is False
+    open(os.path.join(linux.linger_dir, linux.username()), "w").close()  # what `loginctl enable-linger` leaves
+    assert cli("--json", "status").data["scheduler"]["linger"] is True
     from test_schemas import validate
 
     validate(cli("--json", "status").data, "status-output.schema.json")

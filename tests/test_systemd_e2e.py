@@ -366,6 +366,62 @@ def test_frozen_install_pins_a_copy_and_keeps_running_after_the_download_is_dele
         aside.rename(download)
 
 
+def later(um: UserManager, app: dict, hours: int, *argv: str):
+    """The tool as if `hours` had passed (faketime shifts only this process and its children)."""
+    faketime = shutil.which("faketime")
+    if faketime is None:
+        if e2e_required():
+            pytest.fail("faketime is not installed (./run-tests installs it as root on Debian)")
+        pytest.skip("faketime is not installed")
+    # a faked monotonic clock would make systemctl turn the timer's monotonic elapse into 1970
+    env = {"GITLAB_TOKEN": TOKEN, "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+    res = um.run_as([faketime, "-f", f"+{hours}h", *app["argv"], *argv], extra_env=env, timeout=120)
+    assert "Traceback" not in res.stderr, res.stderr
+    return res
+
+
+def test_stale_hours_later_names_what_the_real_user_manager_says_stopped_the_timer(um, app, installed):
+    """The cause line comes from the scheduler's real answer: a stopped timer,
+    then a disabled one; with both right again, no scheduler fact explains it."""
+    sid = installed["service_id"]
+    timer = f"lore-sync-{sid}.timer"
+    ran = tool(um, app, "--json", "trigger", "--name", sid)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert um.systemctl("stop", timer).returncode == 0
+    try:
+        text = later(um, app, 8, "status", "--name", sid).stdout
+        assert "STALE       no successful sync for 8h (expected every 5m)" in text, text
+        assert f"cause: {timer} is not active (inactive/dead)" in text, text
+        data = json.loads(later(um, app, 8, "--json", "status", "--name", sid).stdout)["data"]
+        assert data["state"] == "stale" and data["scheduler"]["active"] is False
+        assert um.systemctl("start", timer).returncode == 0
+        assert um.systemctl("disable", timer).returncode == 0
+        assert f"cause: {timer} is not enabled (disabled)" in later(um, app, 8, "status", "--name", sid).stdout
+        assert um.systemctl("enable", timer).returncode == 0
+        text = later(um, app, 8, "status", "--name", sid).stdout
+        assert "STALE" in text and "cause: no run has happened in time" in text, text  # (no logind here)
+        assert re.search(r"next run    \S+ \S+ \(in \d+m", text), text  # the timer's answer, read 8h later
+        check = later(um, app, 8, "status", "--check", "--name", sid)
+        assert check.returncode == 1 and f"{sid}: STALE: no successful sync for 8h" in check.stderr
+    finally:
+        um.systemctl("enable", "--now", timer)
+
+
+def test_stale_with_the_pinned_program_deleted_says_the_program_is_missing(um, app, installed):
+    if app["layout"] != "frozen":
+        pytest.skip("the pinned copy is a frozen-binary matter")
+    sid = installed["service_id"]
+    assert tool(um, app, "--json", "trigger", "--name", sid).returncode == 0
+    pinned = Path(json.loads((um.home / ".config/lore/services" / sid / "manifest.json").read_text())["program"][0])
+    aside = pinned.parent.with_name(pinned.parent.name + ".deleted")
+    pinned.parent.rename(aside)  # every firing now fails to start (203/EXEC)
+    try:
+        text = later(um, app, 8, "status", "--name", sid).stdout
+        assert f"cause: the scheduled program {pinned} is missing" in text, text
+    finally:
+        aside.rename(pinned.parent)
+
+
 def test_the_timer_fires_by_itself_and_the_run_is_recorded(um, app):
     """No `systemctl start`: the timer's own start trigger (OnStartupSec, 5 min
     after the manager started, at once if that is past) runs the sync."""
