@@ -4288,7 +4288,7 @@ class CronBackend(SchedulerBackend):
             )
             hint = "use the default backend there (`--backend auto`); `--dry-run` previews the cron line anywhere"
             return Check("crontab", "fail", why, hint)
-        failure = cls._crontab_failure(system.run(["crontab", "-l"], timeout=30))
+        failure = cls._crontab_failure(system.ask(["crontab", "-l"], timeout=30, keep_newlines=True))
         if failure is None:
             return Check("crontab", "ok", "the user's crontab can be read (`crontab -l`)")
         return Check("crontab", "fail", failure.message, failure.hint)
@@ -4401,7 +4401,7 @@ class CronBackend(SchedulerBackend):
     # -- crontab
     def read_crontab(self) -> str:
         """The user's crontab; '' when there is none yet."""
-        result = self.system.run(["crontab", "-l"], timeout=30, keep_newlines=True)
+        result = self.system.ask(["crontab", "-l"], timeout=30, keep_newlines=True)
         if (failure := self._crontab_failure(result)) is not None:
             raise failure
         if self._no_crontab(result):
@@ -4508,7 +4508,7 @@ class CronBackend(SchedulerBackend):
     def daemon(self) -> tuple[bool | None, str]:
         """(running, how we know); None when it cannot be told."""
         for name in CRON_DAEMONS:
-            result = self.system.run(["pgrep", "-x", name], timeout=10)
+            result = self.system.ask(["pgrep", "-x", name], timeout=10)
             if result.ok:
                 pid = (result.stdout.split() or ["?"])[0]
                 return True, f"the cron daemon runs ({name}, pid {pid})"
@@ -5606,7 +5606,7 @@ class SchtasksBackend(SchedulerBackend):
         import xml.etree.ElementTree as ET
 
         argv = ["schtasks", "/Query", "/TN", self.task_name(manifest), "/XML"]
-        result = self.system.run(argv, timeout=60, console=True)
+        result = self.system.ask(argv, timeout=60, console=True)
         if not result.ok:
             return None
         try:
@@ -5652,7 +5652,7 @@ class SchtasksBackend(SchedulerBackend):
 
     def state(self, manifest: Manifest) -> SchedulerState:
         name = self.task_name(manifest)
-        result = self.system.run(["schtasks", "/Query", "/TN", name, "/V", "/FO", "CSV"], timeout=60, console=True)
+        result = self.system.ask(["schtasks", "/Query", "/TN", name, "/V", "/FO", "CSV"], timeout=60, console=True)
         if not result.ok:
             if self._access_denied(result):
                 raise self._schtasks_error(result)
@@ -7440,6 +7440,7 @@ def cmd_doctor(ctx: Context, args: argparse.Namespace) -> Outcome:
             raise UsageError(f"cannot read {source}", "give the file `export --format kubernetes` wrote", code="usage")
         return _doctor_report(kubernetes_checks(text, source), f"the Kubernetes manifest {source}", None)
     ctx.paths.read_statuses = {}  # doctor writes no status either: each check reads the file once
+    ctx.system.answers = {}  # and asks the scheduler each question once, for its checks and its report
     manifest: Manifest | None = None
     broken: StateFileError | None = None
     try:
@@ -7986,6 +7987,7 @@ def main(argv: Sequence[str] | None = None, system: System | None = None) -> int
         if not args.command:
             raise UsageError("no command given", f"`{TOOL_NAME} --help` lists the commands")
         system = system or System()
+        system.answers = None  # each command asks afresh (one System may serve several: tests, embedders)
         ctx = Context(system, Paths(system, getattr(args, "home", None)), robot, sys.stdout)
         ctx.console = Console() if robot else console_of(system, ctx.out)
         outcome = HANDLERS[args.command](ctx, args)
@@ -8073,6 +8075,7 @@ class System:
         # diagnosis point it at a tree of their own (LORE_SERVICE_SYSFS)
         self.sysfs_root = self.environ.get("LORE_SERVICE_SYSFS") or "/sys"
         self.linger_dir = "/var/lib/systemd/linger"  # where logind records who lingers (a file per user)
+        self.answers: dict[str, CommandResult] | None = None  # ask()'s memo, while a command turns it on
 
     def lingering(self, user: str) -> bool | None:
         """Whether logind keeps the user's manager running while logged out, as
@@ -8133,6 +8136,19 @@ class System:
         import shutil
 
         return shutil.which(name, path=self.environ.get("PATH", os.defpath))
+
+    def ask(
+        self, argv: Sequence[str], *, timeout: float = 60.0, keep_newlines: bool = False, console: bool = False
+    ) -> CommandResult:
+        """run() of a question that changes nothing (`crontab -l`, `pgrep`,
+        `schtasks /Query`). While a command has set `answers` (doctor, whose
+        checks and report ask the same things) each is asked once."""
+        if self.answers is None:
+            return self.run(argv, timeout=timeout, keep_newlines=keep_newlines, console=console)
+        key = repr((list(argv), keep_newlines, console))
+        if key not in self.answers:
+            self.answers[key] = self.run(argv, timeout=timeout, keep_newlines=keep_newlines, console=console)
+        return self.answers[key]
 
     def run(
         self,

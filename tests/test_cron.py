@@ -556,6 +556,18 @@ def test_doctor_all_ok(cli, csys: FakeSystem) -> None:
     assert checks["crash log"]["status"] == "ok"
 
 
+def test_doctor_asks_crontab_and_pgrep_once_for_its_checks_and_its_report(cli, csys: FakeSystem) -> None:
+    assert install(cli, "cron").code == 0
+    before = len(csys.commands)
+    assert cli("--json", "doctor").code == 0
+    asked = [tuple(c) for c in csys.commands[before:]]
+    assert asked.count(("crontab", "-l")) == 1 and asked.count(("pgrep", "-x", "cron")) == 1
+    before = len(csys.commands)  # the same System for the next commands, as main() may be called again
+    cli("--json", "status")
+    cli("--json", "status")
+    assert [tuple(c) for c in csys.commands[before:]].count(("crontab", "-l")) == 2  # nothing kept between commands
+
+
 def test_status_says_in_one_line_that_cron_does_not_catch_up(cli, csys: FakeSystem) -> None:
     assert install(cli, "cron").code == 0
     r = cli("--json", "status")

@@ -520,9 +520,12 @@ def test_parse_schtasks_time_unknown_or_never(text: str | None) -> None:
 def test_doctor_reports_task_and_battery(installed_win, win: WinSystem, cli, python_dir: Path) -> None:
     backend, manifest = installed_win
     answer(win, backend, manifest, fixture_text("schtasks", "csv_verbose_never_run.csv"), None)
+    before = len(win.commands)
     checks = {c["name"]: c for c in cli("--json", "doctor", sys_=win).data["checks"]}
     assert checks["task"]["status"] == "ok"
     assert checks["battery"]["status"] == "ok"
+    queries = [c for c in win.commands[before:] if c[:2] == ["schtasks", "/Query"]]
+    assert len(queries) == len({tuple(q) for q in queries}) == 2  # the task's CSV row and its XML, once each
     assert checks["windowed program"]["message"] == f"the task runs {python_dir / 'pythonw.exe'} (no console window)"
     # a task Windows stored with its defaults: no runs on battery
     foreign = fixture_bytes("schtasks", "query_xml_schtasks_created.utf16le.xml").decode("utf-16")
