@@ -1164,8 +1164,10 @@ def update_installed_status(paths: Paths, sid: str, system: System, change: Call
     has removed the manifest (it does so under this lock) nothing is written
     and no folder is made again; None then."""
     lock = FileLock(paths.status_lock(sid), make_folder=False)
-    if not lock.try_acquire(blocking=True):  # the state folder is gone
-        return None
+    if not lock.try_acquire(blocking=True):
+        if lock.folder_gone:  # uninstalled
+            return None
+        raise BusyError(f"could not lock {lock.path}", "the next run tries again")  # (msvcrt gave up)
     try:
         return _rewrite_status(paths, sid, system, change) if os.path.lexists(paths.manifest(sid)) else None
     finally:
@@ -1790,6 +1792,7 @@ class RunSlot:
 
     def release(self) -> None:
         if self.held is not None:
+            self.held.clear_owner()
             self.held.release()
             self.held = None
 
@@ -3175,6 +3178,19 @@ def uninstall_service(system: System, paths: Paths, manifest: Manifest, purge: b
             run_lock.release()
 
 
+def _set_aside(folder: str) -> str:
+    """Rename a folder that is about to be deleted out of its place first: a
+    writer that comes late (an alert claimed after its run) then finds no
+    folder rather than recreating a file in one half deleted. Where it cannot
+    be renamed (Windows, a file in it open), it is deleted where it is."""
+    aside = os.path.join(os.path.dirname(folder), f".{os.path.basename(folder)}.removed-{os.getpid()}")
+    try:
+        os.replace(folder, aside)
+    except OSError:
+        return folder
+    return aside
+
+
 def _check_removable(paths: Paths, sid: str, purge: bool) -> None:
     files = [paths.config(sid), paths.manifest(sid), paths.env_file(sid)]
     folders = [paths.state_dir(sid), paths.log_dir(sid)] if purge else []
@@ -3220,7 +3236,7 @@ def _remove_service(system: System, paths: Paths, manifest: Manifest, purge: boo
     kept: list[str] = []
     if purge:
         for folder in (paths.state_dir(sid), paths.log_dir(sid)):
-            shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(_set_aside(folder), ignore_errors=True)
         removed += [paths.state_dir(sid), paths.log_dir(sid)]
     else:
         kept = [p for p in (paths.status(sid), paths.log(sid), paths.crash_log(sid)) if os.path.exists(p)]
@@ -6165,6 +6181,12 @@ def _venv_problem(interpreter: str) -> Check | None:
     )
 
 
+def missing_program_paths(program: Sequence[str]) -> list[str]:
+    """The files of the scheduled argv that are gone: the executable, and the
+    script or .pyz a Python runs (the argv's other words are not paths)."""
+    return [p for p in program[:2] if os.path.isabs(p) and not os.path.exists(p)]
+
+
 def program_checks(program: Sequence[str]) -> list[Check]:
     """Is the argv the scheduler runs still there, and not in a folder that vanishes?
 
@@ -6175,9 +6197,10 @@ def program_checks(program: Sequence[str]) -> list[Check]:
     if bundle.kind != "source" and list(program) == bundle_command(bundle):  # readiness: this very build
         return [Check("program", "ok", f"install copies {bundle.executable} to lore-service's data folder, bin/")]
     checks: list[Check] = []
+    gone = missing_program_paths(program)
     for path in [p for p in program[:2] if os.path.isabs(p)]:
-        reason = None if not os.path.exists(path) else _disposable(path)
-        if not os.path.exists(path):
+        reason = None if path in gone else _disposable(path)
+        if path in gone:
             checks.append(Check("program", "fail", f"{path} no longer exists", f"re-run `{TOOL_NAME} install`"))
         elif reason:
             checks.append(
@@ -7160,16 +7183,17 @@ def _render_stale(report: ServiceReport, now_ms: int) -> list[str]:
 
 
 def stale_cause(report: ServiceReport) -> str:
-    """The likeliest reason the runs stopped, first match: what the scheduler
-    says is wrong with its entry, a scheduled program that is gone, the
-    condition that skips the runs, the runs' own failure, a start that failed
-    before the run could record anything, lingering off; else sleep."""
+    """The likeliest reason the runs stopped, first match (spec §7): the
+    scheduler cannot be read, a scheduled program that is gone, what the
+    scheduler says is wrong with its entry, the condition that skips the
+    runs, the runs' own failure, a start that failed before the run could
+    record anything, lingering off; else sleep."""
     sched = report.scheduler
     if report.scheduler_error is not None:
         return report.scheduler_error.message
-    gone = next((p for p in report.manifest.program[:2] if os.path.isabs(p) and not os.path.exists(p)), None)
-    if gone is not None:  # the pinned binary (or the source file) deleted: every firing fails to start
-        return f"the scheduled program {gone} is missing"
+    gone = missing_program_paths(report.manifest.program)
+    if gone:  # the pinned binary (or the source file) deleted: every firing fails to start
+        return f"the scheduled program {gone[0]} is missing"
     if sched is not None and sched.drift:
         return sched.drift[0]
     if sched is not None and sched.active is False:
@@ -7180,19 +7204,41 @@ def stale_cause(report: ServiceReport) -> str:
     last = report.status.last_run
     if last is not None and last.outcome == "failed":
         return f"the runs fail: {run_problem(last)}"
-    return _quiet_scheduler_cause(sched)
+    return _quiet_scheduler_cause(sched, report.status)
 
 
-def _quiet_scheduler_cause(sched: SchedulerState | None) -> str:
-    """When no run recorded a problem: the scheduler's own last result, then lingering."""
+def _quiet_scheduler_cause(sched: SchedulerState | None, status: Status) -> str:
+    """When no run recorded a problem: a failed start the scheduler saw after
+    the newest thing a run recorded, then lingering, then sleep."""
     asleep = "the machine was asleep or off at the scheduled times"
-    if sched is not None and sched.last_result not in (None, 0, "success"):
+    if sched is not None and _unrecorded_start_failure(sched, status):
         code = sched.extra.get("last_exit_status")
         result = f"{sched.last_result}" + (f", exit status {code}" if code is not None else "")
         return f"the scheduler's last start of the run failed ({result}) before it recorded anything"
     if sched is not None and sched.extra.get("linger") is False:
         return f"the timer fires only while you are logged in (lingering is off), or {asleep}"
     return f"no run has happened in time: {asleep}?"
+
+
+# Task Scheduler's own status codes (SCHED_S_*: ready, running, disabled, not
+# yet run, terminated, queued, ...) sit in 0x41300..0x413FF: not a program's exit
+TASK_STATUS_CODES = range(0x41300, 0x41400)
+# a run records its outcome a moment before the scheduler sees it exit
+START_RECORD_MARGIN_MS = 60_000
+
+
+def _unrecorded_start_failure(sched: SchedulerState, status: Status) -> bool:
+    """The scheduler's last result is a failure, and it came after everything
+    a run recorded (so no run can have said why: 203/EXEC, a missing binary)."""
+    result = sched.last_result
+    if result in (None, 0, "success") or (isinstance(result, int) and result in TASK_STATUS_CODES):
+        return False
+    when = ms_from_iso(sched.extra.get("last_finished_iso") or sched.last_trigger_iso or "")
+    if when is None:  # (launchd keeps no time of its last exit: too old to tell)
+        return False
+    records = [r for r in (status.last_run, status.last_skip) if r is not None]
+    recorded = max([ms_from_iso(r.finished_at_iso) or 0 for r in records] + [status.last_success_at_ms or 0])
+    return when > recorded + START_RECORD_MARGIN_MS
 
 
 def _stage_outcome(stage: StageResult) -> str:
@@ -7441,6 +7487,14 @@ def cmd_doctor(ctx: Context, args: argparse.Namespace) -> Outcome:
         return _doctor_report(kubernetes_checks(text, source), f"the Kubernetes manifest {source}", None)
     ctx.paths.read_statuses = {}  # doctor writes no status either: each check reads the file once
     ctx.system.answers = {}  # and asks the scheduler each question once, for its checks and its report
+    try:
+        return _doctor_service(ctx, args)
+    finally:
+        ctx.system.answers = None  # (whoever uses this System next asks afresh)
+
+
+def _doctor_service(ctx: Context, args: argparse.Namespace) -> Outcome:
+    """The checks of the folder's (or --name's) service, or of an install's readiness."""
     manifest: Manifest | None = None
     broken: StateFileError | None = None
     try:
@@ -9353,7 +9407,8 @@ class FileLock:
 
     def __init__(self, path: str, make_folder: bool = True) -> None:
         self.path = path
-        self.make_folder = make_folder  # False: a lock in a folder that is gone is not taken (False)
+        self.make_folder = make_folder  # False: a lock in a folder that is gone is not taken
+        self.folder_gone = False  # why try_acquire said False: the folder is gone, not the lock busy
         self._fd: int | None = None
 
     def try_acquire(self, blocking: bool = False) -> bool:
@@ -9361,6 +9416,7 @@ class FileLock:
             ensure_dir(os.path.dirname(self.path))
         fd = open_trusted(self.path, os.O_RDWR | os.O_CREAT, "lock file")
         if fd is None:  # (O_CREAT: only when the folder is missing)
+            self.folder_gone = True
             return False
         if System.lock_fd(fd, blocking):
             self._fd = fd
@@ -9372,9 +9428,18 @@ class FileLock:
         """Write our pid (and a note: the running stage) into the held lock
         file, for lock_is_held() and for the next run after a crash."""
         if self._fd is not None and not System.windows:  # msvcrt locks the byte we would write
-            data = f"{os.getpid()}\n{note}".encode()
-            os.pwrite(self._fd, data, 0)  # then cut: a reader never sees the file empty between
+            # the note ends in a line break, so a reader can tell it whole: written
+            # over a longer old note, the file holds the new one and old bytes after
+            # its line break until the cut (it is never empty in between)
+            data = f"{os.getpid()}\n{note}\n".encode()
+            os.pwrite(self._fd, data, 0)
             os.ftruncate(self._fd, len(data))
+
+    def clear_owner(self) -> None:
+        """Forget what record_owner wrote, before letting go (a slot's next
+        holder must not look like the last one until it has named itself)."""
+        if self._fd is not None and not System.windows:
+            os.ftruncate(self._fd, 0)
 
     def previous_note(self) -> str:
         """What the last holder recorded (read before record_owner overwrites it)."""
@@ -9425,7 +9490,8 @@ def lock_owner(path: str) -> tuple[int | None, str]:
         return None, ""
     finally:
         os.close(fd)
-    return (int(head) if head.strip().isdigit() else None), rest.strip()
+    note, whole, _ = rest.partition("\n")  # no line break yet: being written
+    return (int(head) if head.strip().isdigit() else None), note.strip() if whole else ""
 
 
 def lock_note(path: str) -> str:

@@ -287,9 +287,12 @@ def test_an_alert_claimed_after_its_service_was_uninstalled_writes_nothing_and_m
     before = sorted(p.name for p in state.iterdir()) if state.exists() else None
     system.clock_ms = system.now_ms() + 3 * 3600 * 1000  # stale by now, were it installed
     assert ls.claim_alert(system, ls.Paths(system), manifest, ("stale",)) is None
-    assert ls.stale_elsewhere(system, ls.Paths(system), installed["service_id"]) == []
     assert (sorted(p.name for p in state.iterdir()) if state.exists() else None) == before
     assert state.exists() is not purge
+    assert [p.name for p in (home / "state").iterdir() if "removed" in p.name] == []  # set aside, then deleted
+    if purge:  # a late writer's lock finds no folder, and makes none
+        late = ls.FileLock(str(state / "status.lock"), make_folder=False)
+        assert not late.try_acquire() and late.folder_gone and not state.exists()
 
 
 # -- Healthchecks pings and endpoints that fail -----------------------------------------------

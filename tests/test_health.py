@@ -141,9 +141,20 @@ def test_a_stale_cause_no_run_recorded_comes_from_the_program_then_the_scheduler
     quiet.extra["linger"] = False
     assert ls.stale_cause(report).startswith("the timer fires only while you are logged in (lingering is off)")
     quiet.last_result, quiet.extra["last_exit_status"] = "exit-code", 203  # systemd could not exec it
+    recorded = report.status.last_run.finished_at_iso
+    quiet.extra["last_finished_iso"] = recorded  # the run's own exit: it recorded how it went
+    assert "lingering is off" in ls.stale_cause(report)
+    quiet.extra["last_finished_iso"] = ls.iso_from_ms(ls.ms_from_iso(recorded) + 3600 * 1000)  # an hour after
     assert ls.stale_cause(report) == (
         "the scheduler's last start of the run failed (exit-code, exit status 203) before it recorded anything"
     )
+    quiet.extra = {"linger": None}  # Task Scheduler: its result codes, with the last run time
+    quiet.last_trigger_iso = ls.iso_from_ms(ls.ms_from_iso(recorded) + 3600 * 1000)
+    for status_code in (0x41300, 0x41301, 0x41303, 0x41306, 0x41325):  # ready, running, not yet run, ...
+        quiet.last_result = status_code
+        assert ls.stale_cause(report).startswith("no run has happened in time"), hex(status_code)
+    quiet.last_result = 0x80070002  # the file was not found
+    assert ls.stale_cause(report).startswith("the scheduler's last start of the run failed (2147942402)")
     gone = tmp_path / "bin" / "0.9.0" / "lore-service"
     report.manifest.program = [str(gone), "run", "--service-id", installed["service_id"]]
     assert ls.stale_cause(report) == f"the scheduled program {gone} is missing"

@@ -326,7 +326,7 @@ def test_a_slot_note_left_by_an_ended_run_never_names_the_new_holder(cli, instal
     write_settings(home, "max_concurrent_runs = 1\nbusy_wait_seconds = 1\n")
     path = Path(ls.Paths(waiting).slot(0))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"{2**22 + 7}\nsvc-gone")  # a pid above pid_max: that run is over
+    path.write_text(f"{2**22 + 7}\nsvc-gone\n")  # a pid above pid_max: that run is over
     held = ls.FileLock(str(path))
     assert held.try_acquire()  # taken by a run that has not named itself (and never will here)
     result = run_while_held(cli, waiting, [held])
@@ -334,6 +334,21 @@ def test_a_slot_note_left_by_an_ended_run_never_names_the_new_holder(cli, instal
     assert waiting.sleeps[: ls.SLOT_NAME_TRIES] == [ls.SLOT_NAME_PAUSE_SECONDS] * ls.SLOT_NAME_TRIES
     log = service_log(home, installed["service_id"])
     assert "for a free run slot (1 of 1 in use)" in log and "svc-gone" not in log
+
+
+def test_a_slot_note_is_read_only_whole_and_a_released_slot_names_nobody(waiting):
+    path = ls.Paths(waiting).slot(0)
+    lock = hold_slot(waiting, 0, "acme-api-f39022c8")
+    assert ls.lock_owner(path) == (os.getpid(), "acme-api-f39022c8")
+    with open(path, "r+b") as fh:  # a shorter name written over it, before the cut
+        fh.write(f"{os.getpid()}\nweb-1a2b3c4d\n".encode())
+    assert ls.lock_owner(path) == (os.getpid(), "web-1a2b3c4d")  # not web-1a2b3c4d-f39022c8
+    Path(path).write_text(f"{os.getpid()}\nweb-1a2")  # the name half written
+    assert ls.lock_owner(path) == (os.getpid(), "")
+    slot = ls.RunSlot(ls.Paths(waiting), ls.Settings())
+    slot.held = lock
+    slot.release()
+    assert Path(path).read_text() == ""  # the next holder is never taken for this one
 
 
 def test_a_run_with_a_free_slot_never_waits_and_gives_the_slot_back(cli, installed, home, waiting):
