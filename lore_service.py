@@ -683,7 +683,7 @@ class ServiceConfig:
             if value not in CONDITION_POLICIES:
                 raise ValueError(f"{key} must be one of {', '.join(repr(p) for p in CONDITION_POLICIES)}")
             setattr(self, key, value)
-        self.inhibit_sleep = doc.get("inhibit_sleep", True)
+        self.inhibit_sleep = doc.get("inhibit_sleep", self.inhibit_sleep)
         if not isinstance(self.inhibit_sleep, bool):
             raise ValueError("inhibit_sleep must be true or false")
 
@@ -1138,12 +1138,16 @@ def load_status(paths: Paths, sid: str) -> Status:
     kept = paths.read_statuses
     if kept is not None and sid in kept:
         return kept[sid]
-    path = paths.status(sid)
-    obj = read_json_file(path, "status")
-    status = Status(service_id=sid) if obj is None else Status.from_dict(obj, path)
+    status = _read_status(paths, sid)
     if kept is not None:
         kept[sid] = status
     return status
+
+
+def _read_status(paths: Paths, sid: str) -> Status:
+    path = paths.status(sid)
+    obj = read_json_file(path, "status")
+    return Status(service_id=sid) if obj is None else Status.from_dict(obj, path)
 
 
 def save_status(paths: Paths, status: Status, now_ms: int) -> None:
@@ -1175,7 +1179,7 @@ def update_installed_status(paths: Paths, sid: str, system: System, change: Call
 
 
 def _rewrite_status(paths: Paths, sid: str, system: System, change: Callable[[Status], None]) -> Status:
-    status = load_status(paths, sid)
+    status = _read_status(paths, sid)  # the file as it is now, never a read-only command's cached copy
     change(status)
     save_status(paths, status, system.now_ms())
     return status
@@ -1606,8 +1610,8 @@ def check_conditions(system: System, manifest: Manifest, cfg: ServiceConfig) -> 
     if offline is not None:
         return offline
     partial: Condition | None = None
-    for found in (_battery_condition(system, cfg), _metered_condition(system, cfg)):
-        if found is not None and not found.optional_only:
+    for found in _power_and_network(system, cfg):  # (lazily: once one skips the run, no more probing)
+        if not found.optional_only:
             return found
         partial = partial or found
     return partial
@@ -1668,32 +1672,22 @@ def _no_proxy(environ: dict[str, str], host: str) -> bool:
     return False
 
 
-def _battery_condition(system: System, cfg: ServiceConfig) -> Condition | None:
-    if not _policy_applies(cfg, cfg.on_battery):
-        return None
-    power, how = system.power_source()
-    return _held("on_battery", ON_BATTERY_REASON, how, cfg, cfg.on_battery) if power == "battery" else None
-
-
-def _metered_condition(system: System, cfg: ServiceConfig) -> Condition | None:
-    if not _policy_applies(cfg, cfg.on_metered):
-        return None
-    metered, how = system.metered()
-    return _held("metered", METERED_REASON, how, cfg, cfg.on_metered) if metered else None
-
-
-def _policy_applies(cfg: ServiceConfig, policy: str) -> bool:
-    """Whether asking the OS could change this run: not for "run", nor for
-    "critical-only" when the profile has no optional stage."""
+def _power_and_network(system: System, cfg: ServiceConfig) -> Iterator[Condition]:
+    """on_battery, then on_metered, each asked of the OS only when its policy
+    could change this run: "skip", or "critical-only" with an optional stage
+    to hold back. critical-only holds back only the optional stages, unless
+    no stage is critical (then nothing would run: the whole run is skipped)."""
     stages = cfg.active_stages()
-    return policy == "skip" or (policy == "critical-only" and any(not s.critical for s in stages))
-
-
-def _held(name: str, reason: str, how: str, cfg: ServiceConfig, policy: str) -> Condition:
-    """critical-only holds back the optional stages, unless no stage is critical
-    (then nothing would run: the whole run is skipped)."""
-    critical = any(s.critical for s in cfg.active_stages())
-    return Condition(name, reason, how, optional_only=policy == "critical-only" and critical)
+    optional, critical = any(not s.critical for s in stages), any(s.critical for s in stages)
+    probes: tuple[tuple[str, str, str, Callable[[], tuple[Any, str]], Any], ...] = (
+        ("on_battery", ON_BATTERY_REASON, cfg.on_battery, system.power_source, "battery"),
+        ("metered", METERED_REASON, cfg.on_metered, system.metered, True),
+    )
+    for name, reason, policy, probe, holding in probes:
+        if policy == "skip" or (policy == "critical-only" and optional):
+            seen, how = probe()
+            if seen == holding:
+                yield Condition(name, reason, how, optional_only=policy == "critical-only" and critical)
 
 
 def record_skip(
@@ -1813,7 +1807,12 @@ def slot_wait_seconds(settings: Settings, cfg: ServiceConfig, manifest: Manifest
 def slots_in_use(system: System, paths: Paths, limit: int) -> list[str]:
     """One entry per slot held now (doctor): the service it recorded, "" when
     unknown; probed as lock_is_held does, so asking never makes a run wait."""
-    return [lock_note(paths.slot(i)) for i in range(limit) if lock_is_held(paths.slot(i), system)]
+    held = []
+    for path in (paths.slot(i) for i in range(limit)):
+        pid, note = lock_record(path)  # one read for the pid and the name
+        if lock_is_held(path, system, pid):
+            held.append(note)
+    return held
 
 
 def _run_stages_and_record(
@@ -2064,9 +2063,9 @@ def run_stage(
     log: ServiceLog,
     cfg: ServiceConfig,
     secret: str | None,
-    on_spawn: Callable[[int], None] | None = None,
-    stop: StopSignal | None = None,
-    observer: RunObserver | None = None,
+    on_spawn: Callable[[int], None] | None,
+    stop: StopSignal | None,
+    observer: RunObserver,
 ) -> StageResult:
     """One stage in its own process group, in `where` = (cwd, environment,
     monotonic deadline of the run); its output, redacted, to the log and the observer."""
@@ -2176,7 +2175,7 @@ class Redactor:
         return self.scrub(text.encode("utf-8", "surrogateescape")).decode("utf-8", "surrogateescape")
 
 
-def _pump(stream: Any, stage: str, log: ServiceLog, redact: Redactor, observer: RunObserver | None = None) -> None:
+def _pump(stream: Any, stage: str, log: ServiceLog, redact: Redactor, observer: RunObserver) -> None:
     """Child output -> log (and observer), one line at a time. A line longer than
     MAX_LINE_BYTES is written in pieces; the last bytes of each piece (as
     many as the longest form of the token, less one) are carried into the
@@ -2196,8 +2195,7 @@ def _pump(stream: Any, stage: str, log: ServiceLog, redact: Redactor, observer: 
             if data:
                 line = data.decode("utf-8", "replace").rstrip("\r\n")
                 log.write_line(stage, line)
-                if observer is not None:
-                    observer.stage_output(stage, line)
+                observer.stage_output(stage, line)
     except (OSError, ValueError):
         pass  # pipe closed under us after a kill
     if carry:
@@ -2837,16 +2835,15 @@ def gitlab_url_from_remote(remote: str) -> str | None:
     if "://" in text:
         try:
             parts = urlsplit(text)
-            port = parts.port
+            parts.port  # noqa: B018  (a port that is not a number raises here)
         except ValueError:
             return None
         host, scheme = parts.hostname, parts.scheme.lower()
         if not host:
             return None
-        shown = f"[{host}]" if ":" in host else host
         if scheme in ("http", "https"):
-            return f"{scheme}://{shown}" + (f":{port}" if port else "")
-        return f"https://{shown}" if scheme in ("ssh", "git+ssh", "ssh+git") else None
+            return shown_url(text)  # scheme, host and port: a user or token in the remote stays behind
+        return f"https://{f'[{host}]' if ':' in host else host}" if scheme in ("ssh", "git+ssh", "ssh+git") else None
     # scp-like: a colon before any slash; `C:/x` (one letter before it) is a Windows path
     head, colon, _ = text.partition(":")
     if not colon or "/" in head or "\\" in head:
@@ -3787,6 +3784,14 @@ class SystemdBackend(SchedulerBackend):
             )
         return Check("systemd version", "ok", f"systemd {version}")
 
+    _linger_record: tuple[bool | None] | None = None
+
+    def _lingers(self) -> bool | None:
+        """logind's record of lingering, read once: the same for every service `status --all` shows."""
+        if self._linger_record is None:
+            self._linger_record = (self.system.lingering(self.system.username()),)
+        return self._linger_record[0]
+
     def _linger_check(self) -> Check:
         user = self.system.username()
         hint = f"loginctl enable-linger {user}"
@@ -4032,7 +4037,7 @@ class SystemdBackend(SchedulerBackend):
         base = self.unit_base(manifest.service_id)
         units = [base + ".timer", base + ".service"]
         # lingering: whether the timer fires while the user is logged out (STALE's likeliest cause when off)
-        extra = {"units": units, "linger": self.system.lingering(self.system.username())}
+        extra = {"units": units, "linger": self._lingers()}
         view = SchedulerState(False, False, "", drift=self._drift(manifest), extra=extra)
         loaded, enabled = timer.get("LoadState") == "loaded", timer.get("UnitFileState") == "enabled"
         view.registered, view.active = loaded and enabled, timer.get("ActiveState") == "active"
@@ -5680,7 +5685,8 @@ class SchtasksBackend(SchedulerBackend):
     def states(self, manifests: Sequence[Manifest]) -> dict[str, SchedulerState | LoreServiceError]:
         """Two questions for any number of tasks: the verbose CSV of every task
         and the XML of every task (`/XML ONE`). Should Task Scheduler refuse the
-        whole list, each task is asked on its own, as `status` of one does."""
+        whole list, or its XML not parse, each task is asked on its own (for
+        its XML only, in the second case), as `status` of one does."""
         result = self.system.run(["schtasks", "/Query", "/V", "/FO", "CSV"], timeout=120, console=True)
         if not result.ok:
             return super().states(manifests)
@@ -6258,7 +6264,8 @@ def core_checks(paths: Paths, system: System, manifest: Manifest) -> list[Check]
     checks.append(_token_check(paths, system, manifest))
     if cfg is not None:
         checks += _stage_checks(system, cfg, paths.config(sid))
-        checks += condition_checks(system, cfg)
+        # probes of the machine (an inhibitor, a socket): one that raises is its own failing check
+        checks += _guarded("conditions", lambda: condition_checks(system, cfg))
     return checks + program_checks(manifest.program) + macos_program_checks(system, manifest.program)
 
 
@@ -7185,8 +7192,8 @@ def _render_stale(report: ServiceReport, now_ms: int) -> list[str]:
 def stale_cause(report: ServiceReport) -> str:
     """The likeliest reason the runs stopped, first match (spec §7): the
     scheduler cannot be read, a scheduled program that is gone, what the
-    scheduler says is wrong with its entry, the condition that skips the
-    runs, the runs' own failure, a start that failed before the run could
+    scheduler says is wrong with its entry, an entry that is not active, the
+    condition that skips the runs, the runs' own failure, a start that failed before the run could
     record anything, lingering off; else sleep."""
     sched = report.scheduler
     if report.scheduler_error is not None:
@@ -7306,20 +7313,25 @@ def status_all(ctx: Context, now: int) -> Outcome:
             loaded.append((sid, manifest))
     views = scheduler_views(ctx, [m for _, m in loaded if not isinstance(m, LoreServiceError)])
     for sid, item in loaded:
-        try:
-            if isinstance(item, LoreServiceError):
-                raise item
-            report = service_report(ctx, item, views[sid])
+        report = item if isinstance(item, LoreServiceError) else _report_or_error(ctx, item, views[sid])
+        if isinstance(report, LoreServiceError):
+            errors.append(report)
+            rows.append({"service_id": sid, "error": report.payload()})
+            texts.append(Painted(f"{sid}: ").add("ERROR", RED).add(f" {report.message}\n  fix: {report.hint}"))
+        else:
             rows.append(report.to_dict())
             texts.append(_render_status(report, now, ctx.console))
-        except LoreServiceError as exc:
-            errors.append(exc)
-            rows.append({"service_id": sid, "error": exc.payload()})
-            texts.append(Painted(f"{sid}: ").add("ERROR", RED).add(f" {exc.message}\n  fix: {exc.hint}"))
     every = Painted()
     for i, text in enumerate(texts):
         every.add("\n\n" if i else "").extend(text)
     return _every_service(rows, errors, every if texts else Painted("no services installed"))
+
+
+def _report_or_error(ctx: Context, manifest: Manifest, view: SchedulerView) -> ServiceReport | LoreServiceError:
+    try:
+        return service_report(ctx, manifest, view)
+    except LoreServiceError as exc:
+        return exc
 
 
 def status_check(ctx: Context, args: argparse.Namespace) -> Outcome:
@@ -8041,7 +8053,6 @@ def main(argv: Sequence[str] | None = None, system: System | None = None) -> int
         if not args.command:
             raise UsageError("no command given", f"`{TOOL_NAME} --help` lists the commands")
         system = system or System()
-        system.answers = None  # each command asks afresh (one System may serve several: tests, embedders)
         ctx = Context(system, Paths(system, getattr(args, "home", None)), robot, sys.stdout)
         ctx.console = Console() if robot else console_of(system, ctx.out)
         outcome = HANDLERS[args.command](ctx, args)
@@ -8569,7 +8580,10 @@ class System:
             )
         except OSError as exc:
             return SleepHold(name, f"cannot start {name}: {exc.strerror}")
-        problem = self._await_held(helper, name, INHIBIT_ANSWER_SECONDS) if name == "systemd-inhibit" else None
+        try:
+            problem = self._await_held(helper, name, INHIBIT_ANSWER_SECONDS) if name == "systemd-inhibit" else None
+        except OSError as exc:  # reading its answer failed: end it, or it would keep the machine awake
+            problem = f"{name}: {_os_reason(exc)}"
         hold = SleepHold(name, problem, release=lambda: self._end_helper(helper))
         if problem:
             hold.release()
@@ -9461,49 +9475,44 @@ class FileLock:
         self.release()
 
 
-def lock_holder(path: str) -> int | None:
-    """The pid the last holder of a run lock recorded (it may have ended since)."""
+def lock_record(path: str) -> tuple[int | None, str]:
+    """The pid and note (a slot's service id; a run's id and stage group) the
+    last holder of a lock recorded, which may have ended since; (None, "")
+    when there are none (Windows records none). The note ends in a line
+    break, so one still being written reads as ""."""
     fd = open_trusted(path, os.O_RDONLY, "lock file")
     if fd is None:
-        return None
+        return None, ""
     try:
-        head = os.read(fd, 64).split(b"\n", 1)[0].strip()
+        head, _, rest = os.read(fd, 512).partition(b"\n")
     except OSError:
-        return None
+        return None, ""
     finally:
         os.close(fd)
-    return int(head) if head.isdigit() else None
+    note, whole, _ = rest.partition(b"\n")
+    pid = int(head) if head.strip().isdigit() and head.strip().isascii() else None
+    return pid, note.decode("utf-8", "replace").strip() if whole else ""
+
+
+def lock_holder(path: str) -> int | None:
+    """The pid the last holder of a run lock recorded (it may have ended since)."""
+    return lock_record(path)[0]
 
 
 def lock_owner(path: str) -> tuple[int | None, str]:
-    """The pid and note (a slot's service id) the last holder of a lock
-    recorded; (None, "") when there are none (Windows records none)."""
+    """lock_record for a reader that must not fail (a waiting run naming the
+    slot holders): a lock file that cannot be trusted names nobody."""
     try:
-        fd = open_trusted(path, os.O_RDONLY, "lock file")
+        return lock_record(path)
     except LoreServiceError:
         return None, ""
-    if fd is None:
-        return None, ""
-    try:
-        head, _, rest = os.read(fd, 512).decode("utf-8", "replace").partition("\n")
-    except OSError:
-        return None, ""
-    finally:
-        os.close(fd)
-    note, whole, _ = rest.partition("\n")  # no line break yet: being written
-    return (int(head) if head.strip().isdigit() else None), note.strip() if whole else ""
 
 
-def lock_note(path: str) -> str:
-    """The note the last holder of a lock recorded after its pid."""
-    return lock_owner(path)[1]
-
-
-def lock_is_held(path: str, system: System) -> bool:
+def lock_is_held(path: str, system: System, pid: int | None = None) -> bool:
     """Whether a run holds the lock. Probing takes the lock for an instant,
     which could make a run starting at that instant skip, so it is only done
-    when the pid the holder recorded is alive."""
-    head = lock_holder(path)
+    when the pid the holder recorded (pid: read already) is alive."""
+    head = pid if pid is not None else lock_holder(path)
     if not System.windows and not (head is not None and system.pid_alive(head)):
         return False
     probe = FileLock(path)
