@@ -41,7 +41,10 @@ def timed(argv: list[str], env: dict[str, str], cwd: Path, reps: int) -> float:
     return statistics.median(samples)
 
 
-def interleaved(cases: dict[str, list[str]], env: dict[str, str], cwd: Path, reps: int) -> dict[str, float]:
+def interleaved(
+    cases: dict[str, list[str]], env: dict[str, str] | None, cwd: Path | None, reps: int
+) -> dict[str, float]:
+    """Median wall time in ms of each case, run round by round (None: this process's env and folder)."""
     samples: dict[str, list[float]] = {k: [] for k in cases}
     for _ in range(reps):
         for name, argv in cases.items():
@@ -49,6 +52,17 @@ def interleaved(cases: dict[str, list[str]], env: dict[str, str], cwd: Path, rep
             subprocess.run(argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
             samples[name].append((time.perf_counter() - start) * 1000)
     return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def ms_and_ratios(medians: dict[str, float], base: str = "python -c pass", show_base: bool = True) -> dict[str, float]:
+    """Each case's median in ms (the baseline's first, unless another bench shows it),
+    then each other case's ratio to the baseline."""
+    others = {k: v for k, v in medians.items() if k != base}
+    return {
+        **({f"{base} ms": round(medians[base], 1)} if show_base else {}),
+        **{f"{k} ms": round(v, 1) for k, v in others.items()},
+        **{f"{k} ratio": round(v / medians[base], 2) for k, v in others.items()},
+    }
 
 
 def setup(tmp: Path) -> tuple[dict[str, str], Path, str]:
@@ -111,12 +125,7 @@ def bench_status(tmp: Path, env: dict[str, str], project: Path, reps: int) -> di
         # a script handed to python is compiled on every start (never cached)
         "python lore_service.py status --json": [py, str(SCRIPT), "status", "--json"],
     }
-    medians = interleaved(cases, env, project, reps)
-    base = medians["python -c pass"]
-    return {
-        **{f"{k} ms": round(v, 1) for k, v in medians.items()},
-        **{f"{k} ratio": round(v / base, 2) for k, v in medians.items() if k != "python -c pass"},
-    }
+    return ms_and_ratios(interleaved(cases, env, project, reps))
 
 
 def bench_history(tmp: Path, env: dict[str, str], project: Path, reps: int) -> dict[str, float]:
@@ -126,7 +135,10 @@ def bench_history(tmp: Path, env: dict[str, str], project: Path, reps: int) -> d
     if not venv.exists():
         user_install(tmp)
     py, exe = str(venv / "bin" / "python"), str(venv / "bin" / "lore-service")
-    for _ in range(20):
+    sys.path.insert(0, str(ROOT))
+    from lore_service import HISTORY_LIMIT
+
+    for _ in range(HISTORY_LIMIT):
         subprocess.run([PY, str(SCRIPT), "trigger"], env=env, cwd=project, capture_output=True, check=True)
     status_json = Path(env["LORE_SERVICE_HOME"]) / "state"
     size = sum(p.stat().st_size for p in status_json.glob("*/status.json"))
@@ -137,12 +149,9 @@ def bench_history(tmp: Path, env: dict[str, str], project: Path, reps: int) -> d
         "full history: lore-service history": [exe, "history"],
         "full history: lore-service history --json": [exe, "history", "--json"],
     }
-    medians = interleaved(cases, env, project, reps)
-    base = medians.pop("python -c pass")
     return {
         "full history: status.json bytes": size,
-        **{f"{k} ms": round(v, 1) for k, v in medians.items()},
-        **{f"{k} ratio": round(v / base, 2) for k, v in medians.items()},
+        **ms_and_ratios(interleaved(cases, env, project, reps), show_base=False),
     }
 
 

@@ -32,11 +32,12 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench import interleaved, ms_and_ratios
 
 ROOT = Path(__file__).resolve().parent.parent
 ALL_TARGET, ONE_TARGET = 20.0, 3.0
@@ -64,17 +65,12 @@ print(len(calls))
 
 def measure(config: dict) -> dict:
     """Interleaved rounds of every case; medians in ms, and each case's command count."""
-    samples: dict[str, list[float]] = {name: [] for name in config["cases"]}
-    for _ in range(config["rounds"]):
-        for name, argv in config["cases"].items():
-            start = time.perf_counter()
-            subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
-            samples[name].append((time.perf_counter() - start) * 1000)
+    ms = interleaved(config["cases"], None, None, config["rounds"])
     counts = {}
     for name, (python, argv) in config["counts"].items():
         out = subprocess.run([python, "-c", COUNT, *argv], capture_output=True, text=True, check=True)
         counts[name] = int(out.stdout.split()[-1])
-    return {"ms": {k: statistics.median(v) for k, v in samples.items()}, "commands": counts}
+    return {"ms": ms, "commands": counts}
 
 
 # -- as root: the machine -------------------------------------------------------------------
@@ -108,6 +104,7 @@ def setup_user(um, compare: str | None) -> dict[str, Path]:
         source_tree(rev, app / f"src-{name}")
     shutil.copy(ROOT / "tests" / "fake_lore.py", app / "fake_lore.py")
     shutil.copy(Path(__file__), app / "bench_scale.py")
+    shutil.copy(Path(__file__).with_name("bench.py"), app / "bench.py")  # its --measure imports it
     chown_tree(um, app)
     venvs = {}
     for name in versions:
@@ -121,18 +118,24 @@ def setup_user(um, compare: str | None) -> dict[str, Path]:
     return {"app": app, "lore": lore, **{f"venv-{k}": v for k, v in venvs.items()}}
 
 
+def install_one(um, where: dict[str, Path], project: Path, what: str, *argv: str) -> str:
+    """`lore-service --json install ARGV` for `project`, as the test user; its service id."""
+    um.run_as(["mkdir", "-p", str(project)], check=True)
+    exe = str(where["venv-new"] / "lore-service")
+    argv = (exe, "--json", "install", *argv, "--lore", str(where["lore"]), "--project", str(project))
+    res = um.run_as(list(argv), extra_env={"GITLAB_TOKEN": "glpat-bench"}, timeout=120)
+    if res.returncode != 0:
+        raise SystemExit(f"{what} failed: {res.stdout}{res.stderr}")
+    return json.loads(res.stdout)["data"]["service_id"]
+
+
 def install_services(um, where: dict[str, Path], count: int) -> list[str]:
     """Services for projects s000, s001, ... up to `count` (those already there stay)."""
     exe = str(where["venv-new"] / "lore-service")
     for i in range(count):
         project = um.home / "projects" / f"s{i:03d}"
         if not project.exists():
-            um.run_as(["mkdir", "-p", str(project)], check=True)
-            argv = [exe, "--json", "install", "--backend", "systemd", "--interval", "24h"]
-            argv += ["--lore", str(where["lore"]), "--project", str(project)]
-            res = um.run_as(argv, extra_env={"GITLAB_TOKEN": "glpat-bench"}, timeout=120)
-            if res.returncode != 0:
-                raise SystemExit(f"install {i} failed: {res.stdout}{res.stderr}")
+            install_one(um, where, project, f"install {i}", "--backend", "systemd", "--interval", "24h")
             if (i + 1) % 20 == 0:
                 print(f"  {i + 1} services installed", file=sys.stderr)
     listed = um.run_as([exe, "--json", "list"], timeout=120)
@@ -141,14 +144,7 @@ def install_services(um, where: dict[str, Path], count: int) -> list[str]:
 
 def install_unscheduled(um, where: dict[str, Path]) -> str:
     """One `--backend none` service: its `status` asks no scheduler."""
-    project = um.home / "projects" / "unscheduled"
-    um.run_as(["mkdir", "-p", str(project)], check=True)
-    argv = [str(where["venv-new"] / "lore-service"), "--json", "install", "--backend", "none"]
-    argv += ["--lore", str(where["lore"]), "--project", str(project)]
-    res = um.run_as(argv, extra_env={"GITLAB_TOKEN": "glpat-bench"}, timeout=120)
-    if res.returncode != 0:
-        raise SystemExit(f"install --backend none failed: {res.stdout}{res.stderr}")
-    return json.loads(res.stdout)["data"]["service_id"]
+    return install_one(um, where, um.home / "projects" / "unscheduled", "install --backend none", "--backend", "none")
 
 
 def wait_until_quiet(um) -> float:
@@ -195,12 +191,7 @@ def bench_size(um, where: dict[str, Path], count: int, rounds: int, unscheduled:
     if res.returncode != 0:
         raise SystemExit(f"measuring failed: {res.stderr}")
     got = json.loads(res.stdout)
-    base = got["ms"]["python -c pass"]
-    result: dict[str, float | int] = {"services": len(sids), "python -c pass ms": round(base, 1)}
-    for name, ms in got["ms"].items():
-        if name != "python -c pass":
-            result[f"{name} ms"] = round(ms, 1)
-            result[f"{name} ratio"] = round(ms / base, 2)
+    result: dict[str, float | int] = {"services": len(sids), **ms_and_ratios(got["ms"])}
     for name, n in got["commands"].items():
         result[f"{name} commands"] = n
     return result

@@ -4,16 +4,18 @@ in-process and a real subprocess."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import pytest
 
@@ -22,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fake_backend  # noqa: E402,F401  (registers the "fake" backend)
+from harness.systemd_user import e2e_required  # noqa: E402
 
 import lore_service as ls  # noqa: E402
 
@@ -279,18 +282,23 @@ def install(cli: Callable[..., Result], backend: str, *extra: str, system: FakeS
 FROZEN = os.environ.get("LORE_SERVICE_FROZEN", "")
 
 
+def frozen_or_skip() -> str:
+    """The frozen binary: a skip without one, a failure under LORE_E2E_REQUIRED=1."""
+    if not FROZEN:
+        reason = "no frozen binary: set LORE_SERVICE_FROZEN, or run ./run-tests with LORE_BUILD_FROZEN=1"
+        if e2e_required():
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return FROZEN
+
+
 @pytest.fixture(params=["source", "frozen"])
 def program(request: pytest.FixtureRequest) -> list[str]:
     """The tool as users start it: `python lore_service.py`, and the frozen
     binary that build.py makes (LORE_SERVICE_FROZEN, set by ./run-tests in CI)."""
     if request.param == "source":
         return [sys.executable, SCRIPT]
-    if not FROZEN:
-        reason = "no frozen binary: set LORE_SERVICE_FROZEN, or run ./run-tests with LORE_BUILD_FROZEN=1"
-        if os.environ.get("LORE_E2E_REQUIRED") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return [FROZEN]
+    return [frozen_or_skip()]
 
 
 @pytest.fixture
@@ -416,10 +424,7 @@ def shared_schema(name: str) -> Path:
     for folder in (Path(__file__).resolve().parents[2] / "shared" / "schemas", ROOT.parent / "shared" / "schemas"):
         if (folder / name).exists():
             return folder / name
-    message = f"shared/schemas/{name} not found next to the repository (../shared/schemas)"
-    if os.environ.get("LORE_E2E_REQUIRED") == "1":
-        pytest.fail(message + "; LORE_E2E_REQUIRED=1 makes this an error")
-    pytest.skip(message)
+    required_or_skip(f"shared/schemas/{name} not found next to the repository (../shared/schemas)")
 
 
 def pid_alive(pid: int) -> bool:
@@ -486,3 +491,123 @@ def status_all_beside_each(
         for sid in sids:
             tool("--json", "uninstall", "--purge", "--name", sid, env=env)
     return pairs
+
+
+# -- what the machine must have ------------------------------------------------------------
+
+
+def required_or_skip(reason: str) -> NoReturn:
+    """A test that needs something of this machine: skipped here, a failure in CI (LORE_E2E_REQUIRED=1)."""
+    if e2e_required():
+        pytest.fail(reason + "; LORE_E2E_REQUIRED=1 makes this an error")
+    pytest.skip(reason)
+
+
+def faketime_or_skip() -> str:
+    """Debian's faketime, which the tests that shift the clock need."""
+    faketime = shutil.which("faketime")
+    if faketime is None:
+        if e2e_required():
+            pytest.fail("faketime is not installed (./run-tests installs it as root on Debian)")
+        pytest.skip("faketime is not installed")
+    return faketime
+
+
+# -- a service's files ---------------------------------------------------------------------
+
+
+def status_file(home: Path, sid: str) -> dict[str, Any]:
+    """A service's status.json, parsed."""
+    return json.loads((home / "state" / sid / "status.json").read_text())
+
+
+def log_text(home: Path, sid: str) -> str:
+    """A service's service.log."""
+    return (home / "logs" / sid / "service.log").read_text()
+
+
+def doctor_checks(cli: Callable[..., Result], *argv: str, sys_: FakeSystem | None = None) -> dict[str, dict[str, Any]]:
+    """`doctor --json ARGV`'s checks by name."""
+    return {c["name"]: c for c in cli("--json", "doctor", *argv, sys_=sys_).data["checks"]}
+
+
+@contextlib.contextmanager
+def commands_during(system: FakeSystem) -> Iterator[list[list[str]]]:
+    """The commands run through `system` inside the block (the list fills when it ends)."""
+    before = len(system.commands)
+    ran: list[list[str]] = []
+    yield ran
+    ran.extend(system.commands[before:])
+
+
+# -- the run limit ---------------------------------------------------------------------------
+
+
+def write_settings(home: Path, text: str) -> Path:
+    """The user's settings.toml (the run limit's), as written by hand."""
+    path = home / "config" / "settings.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def hold_slot(system: ls.System, index: int, sid: str) -> ls.FileLock:
+    """Hold a run slot as another service's run would (this process's own lock on it)."""
+    lock = ls.FileLock(ls.Paths(system).slot(index))
+    assert lock.try_acquire()
+    lock.record_owner(sid)
+    return lock
+
+
+def run_while_held(
+    cli: Callable[..., Result], system: ls.System, held: list[ls.FileLock], command: str = "run", *argv: str
+) -> Result:
+    """`command --json ARGV` while other runs hold these slots; they are released after."""
+    try:
+        return cli("--json", command, *argv, sys_=system)
+    finally:
+        for lock in held:
+            lock.release()
+
+
+# -- schedulers as the backends' tests and test_scale.py set them up -----------------------
+
+
+def systemd_user_manager(system: FakeSystem, monkeypatch: pytest.MonkeyPatch) -> FakeSystem:
+    """A Linux box whose systemd user manager runs and whose user may linger."""
+    # pytest's folders live under /tmp, which the real unit's PrivateTmp hides
+    monkeypatch.setattr(ls.SystemdBackend, "hidden_roots", ())
+    system.which_map["systemctl"] = "/usr/bin/systemctl"
+    system.respond(["systemctl", "--user", "is-system-running"], res(0, "running\n"))
+    system.respond(
+        ["systemctl", "--user", "--no-pager", "--version"],
+        res(0, "systemd 252 (252.38-1~deb12u1)\n+PAM\n"),
+    )
+    system.respond(["loginctl"], res(0, "yes\n"))
+    return system
+
+
+def cron_box(system: FakeSystem, crontab: Any, user: str = "alice") -> FakeSystem:
+    """A Linux box with cron installed and its daemon running; `crontab` answers
+    `crontab FILE` and `crontab -l` (its install and list)."""
+    system.environ["USER"] = user
+    system.which_map["crontab"] = "/usr/bin/crontab"
+    system.respond(["crontab"], crontab.install)
+    system.respond(["crontab", "-l"], crontab.list)
+    system.respond(["pgrep", "-x", "cron"], res(0, "4242\n"))
+    return system
+
+
+def python_folder(folder: Path) -> Path:
+    """A Windows Python folder holding python.exe and its windowed twin."""
+    folder.mkdir()
+    for exe in ("python.exe", "pythonw.exe"):
+        (folder / exe).write_text("")
+    return folder
+
+
+def windows_from(python: Path, environ: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> WinSystem:
+    """A Windows system whose lore-service runs as `python.exe lore_service.py` from `python`."""
+    # the argv prefix a Windows install would schedule; our own function, not the stdlib
+    monkeypatch.setattr(ls, "self_command", lambda: [str(python / "python.exe"), SCRIPT])
+    return WinSystem(dict(environ))

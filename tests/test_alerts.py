@@ -21,7 +21,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TOKEN, FakeSystem, MacSystem, WinSystem, edit_config, install, wait_until, write_plan
+from conftest import (
+    TOKEN,
+    FakeSystem,
+    MacSystem,
+    WinSystem,
+    edit_config,
+    install,
+    log_text,
+    status_file,
+    wait_until,
+    write_plan,
+)
 from test_schemas import validate
 
 import lore_service as ls
@@ -90,14 +101,6 @@ def refused_url() -> str:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     return f"http://127.0.0.1:{port}"
-
-
-def status_file(home: Path, sid: str) -> dict[str, Any]:
-    return json.loads((home / "state" / sid / "status.json").read_text())
-
-
-def log_text(home: Path, sid: str) -> str:
-    return (home / "logs" / sid / "service.log").read_text()
 
 
 def set_notify(home: Path, sid: str, **notify: Any) -> None:
@@ -224,7 +227,7 @@ def test_a_skipped_run_never_sends_failed(cli, installed, project, home, endpoin
     set_notify(home, sid, webhook=hook.url + SECRET_PATH, healthchecks_url=hook.url + "/hc")
     assert cli("--json", "run").code == 0
     path = home / "state" / sid / "status.json"
-    st = json.loads(path.read_text())
+    st = status_file(home, sid)
     st["next_retry_at_ms"] = system.now_ms() + 3_600_000  # backing off, as after a failure
     path.write_text(json.dumps(st))
     for _ in range(3):
@@ -418,7 +421,7 @@ def test_a_failed_scheduled_run_shows_a_desktop_notification_on_the_session_bus(
     write_plan(project, {"issues": {"exit": 75}})
     assert tool("--json", "run", env=env).code == 1
     path = home / "state" / sid / "status.json"
-    st = json.loads(path.read_text())
+    st = status_file(home, sid)
     assert st["next_retry_at_ms"] is not None
     # full jitter may have drawn a retry due at once: move it an hour away
     st["next_retry_at_ms"] = int(time.time() * 1000) + 3_600_000

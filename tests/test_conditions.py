@@ -19,24 +19,27 @@ from conftest import (
     MacSystem,
     WinSystem,
     calls,
+    doctor_checks,
     edit_config,
     fixture_text,
+    hold_slot,
     install,
+    log_text,
     pid_alive,
+    required_or_skip,
     res,
+    run_while_held,
     start_hanging_run,
+    status_file,
     wait_for_exit,
     wait_until,
     write_plan,
+    write_settings,
 )
 
 import lore_service as ls
 
 DAY_MS = 24 * 3600 * 1000
-
-
-def status_file(home: Path, sid: str) -> dict:
-    return json.loads((home / "state" / sid / "status.json").read_text())
 
 
 def test_a_missing_project_folder_skips_the_run_and_never_pauses_the_service(
@@ -192,13 +195,6 @@ def test_a_status_file_from_an_older_build_without_skip_fields_still_reads(home,
 # -- helpers for the machine's conditions ------------------------------------------------------
 
 
-def required_or_skip(reason: str) -> None:
-    """A test that needs something of this machine: skipped here, a failure in CI (LORE_E2E_REQUIRED=1)."""
-    if os.environ.get("LORE_E2E_REQUIRED") == "1":
-        pytest.fail(reason + "; LORE_E2E_REQUIRED=1 makes this an error")
-    pytest.skip(reason)
-
-
 def netns_prefix() -> list[str]:
     """The argv prefix that runs a command in a network namespace of its own, with
     nothing but a loopback device (not even up): no packet can leave it."""
@@ -242,13 +238,20 @@ ON_AC = {"AC": {"type": "Mains", "online": "1"}, "BAT0": {"type": "Battery", "st
 ON_BATTERY = {"AC": {"type": "Mains", "online": "0"}, "BAT0": {"type": "Battery", "status": "Discharging"}}
 
 
+def on_battery(system: FakeSystem, tmp_path: Path) -> None:
+    """The machine runs on its battery, as its sysfs says."""
+    system.sysfs_root = str(power_tree(tmp_path / "sys", ON_BATTERY))
+
+
+def nmcli_says(system: FakeSystem, name: str) -> None:
+    """NetworkManager is there and answers with tests/fixtures/nmcli/<name>."""
+    system.which_map["nmcli"] = "/usr/bin/nmcli"
+    system.respond(["nmcli"], res(0, fixture_text("nmcli", name)))
+
+
 def run_json(cli, sid: str, command: str = "run"):
     result = cli("--json", command, "--name", sid)
     return result, result.doc.get("data", {})
-
-
-def log_text(home: Path, sid: str) -> str:
-    return (home / "logs" / sid / "service.log").read_text()
 
 
 # -- gitlab_url: from the git remote, validated ------------------------------------------------
@@ -541,7 +544,7 @@ def test_on_battery_the_optional_stages_are_skipped_and_the_run_still_succeeds(
     cli, system, installed, project, home, tmp_path
 ):
     sid = installed["service_id"]
-    system.sysfs_root = str(power_tree(tmp_path / "sys", ON_BATTERY))
+    on_battery(system, tmp_path)
     result, data = run_json(cli, sid)
     assert result.code == 0 and data["run"]["outcome"] == "success" and data["run"]["condition"] is None
     stages = {s["stage"]: (s["outcome"], s["message"]) for s in data["run"]["stage_results"]}
@@ -561,7 +564,7 @@ def test_on_battery_skip_skips_the_whole_run_and_run_does_not_look(
 ):
     sid = installed["service_id"]
     edit_config(home, sid, lambda doc: doc.update(on_battery=policy))
-    system.sysfs_root = str(power_tree(tmp_path / "sys", ON_BATTERY))
+    on_battery(system, tmp_path)
     result, data = run_json(cli, sid)
     assert result.code == 0
     assert [c["stage"] for c in calls(project)] == ran
@@ -588,7 +591,7 @@ def test_critical_only_on_a_profile_with_no_critical_stage_skips_the_whole_run(c
             stage["critical"] = False
 
     edit_config(home, sid, all_optional)
-    system.sysfs_root = str(power_tree(tmp_path / "sys", ON_BATTERY))
+    on_battery(system, tmp_path)
     data = run_json(cli, sid)[1]
     assert data["skipped"] is True and data["run"]["condition"] == "on_battery"
 
@@ -648,8 +651,7 @@ def test_on_windows_the_battery_percent_is_shown():
     ],
 )
 def test_metered_is_what_networkmanager_says_of_the_connected_devices(system, name, metered):
-    system.which_map["nmcli"] = "/usr/bin/nmcli"
-    system.respond(["nmcli"], res(0, fixture_text("nmcli", name)))
+    nmcli_says(system, name)
     assert system.metered()[0] is metered
     assert system.commands[-1] == ls.NMCLI_METERED
 
@@ -679,8 +681,7 @@ def test_metered_is_unknown_on_macos(environ):
 
 def test_on_metered_critical_only_and_skip(cli, system, installed, project, home):
     sid = installed["service_id"]
-    system.which_map["nmcli"] = "/usr/bin/nmcli"
-    system.respond(["nmcli"], res(0, fixture_text("nmcli", "wifi_metered_guessed.txt")))
+    nmcli_says(system, "wifi_metered_guessed.txt")
     assert run_json(cli, sid)[1]["run"]["outcome"] == "success"  # default "run": not even asked
     assert ls.NMCLI_METERED not in system.commands
     edit_config(home, sid, lambda doc: doc.update(on_metered="critical-only"))
@@ -696,9 +697,8 @@ def test_a_whole_run_skip_wins_over_optional_stages_held_back(cli, system, insta
     """On battery (critical-only) and metered (skip): the run is skipped as metered."""
     sid = installed["service_id"]
     edit_config(home, sid, lambda doc: doc.update(on_metered="skip"))
-    system.sysfs_root = str(power_tree(tmp_path / "sys", ON_BATTERY))
-    system.which_map["nmcli"] = "/usr/bin/nmcli"
-    system.respond(["nmcli"], res(0, fixture_text("nmcli", "wifi_metered_guessed.txt")))
+    on_battery(system, tmp_path)
+    nmcli_says(system, "wifi_metered_guessed.txt")
     data = run_json(cli, sid)[1]
     assert data["run"]["condition"] == "metered" and calls(project) == []
 
@@ -743,15 +743,21 @@ def fake_program(folder: Path, name: str, text: str) -> Path:
     return path
 
 
+def inhibit_on_path(environ: dict[str, str], tmp_path: Path, name: str, script: str) -> Path:
+    """`script` as the systemd-inhibit first on PATH (tmp_path/<name>-bin); the
+    folder FAKE_INHIBIT_DIR names for its records (tmp_path/<name>)."""
+    fake_program(tmp_path / f"{name}-bin", "systemd-inhibit", script)
+    records = tmp_path / name
+    records.mkdir()
+    environ["PATH"] = f"{tmp_path / f'{name}-bin'}{os.pathsep}{environ['PATH']}"
+    environ["FAKE_INHIBIT_DIR"] = str(records)
+    return records
+
+
 @pytest.fixture
 def fake_inhibit(environ, tmp_path) -> Path:
     """A systemd-inhibit first on PATH; its records go to the folder returned."""
-    fake_program(tmp_path / "inhibit-bin", "systemd-inhibit", FAKE_INHIBIT)
-    records = tmp_path / "inhibit"
-    records.mkdir()
-    environ["PATH"] = f"{tmp_path / 'inhibit-bin'}{os.pathsep}{environ['PATH']}"
-    environ["FAKE_INHIBIT_DIR"] = str(records)
-    return records
+    return inhibit_on_path(environ, tmp_path, "inhibit", FAKE_INHIBIT)
 
 
 def inhibitor_pid(records: Path) -> int | None:
@@ -795,15 +801,14 @@ def test_the_inhibitor_does_not_outlive_a_run_that_is_killed(tool, environ, proj
 
 
 def test_an_inhibitor_that_is_refused_never_fails_the_run(cli, installed, project, home, environ, tmp_path):
-    fake_program(tmp_path / "refusing-bin", "systemd-inhibit", REFUSING_INHIBIT)
-    environ["PATH"] = f"{tmp_path / 'refusing-bin'}{os.pathsep}{environ['PATH']}"
+    inhibit_on_path(environ, tmp_path, "refusing", REFUSING_INHIBIT)
     sid = installed["service_id"]
     assert run_json(cli, sid)[1]["run"]["outcome"] == "success"
     assert (
         "sleep inhibitor unavailable (systemd-inhibit: Failed to inhibit: Access denied); the run goes on without it"
         in log_text(home, sid)
     )
-    check = {c["name"]: c for c in cli("--json", "doctor", "--name", sid).data["checks"]}["sleep inhibitor"]
+    check = doctor_checks(cli, "--name", sid)["sleep inhibitor"]
     assert check["status"] == "warn" and "Access denied" in check["message"]
     assert "inhibit_sleep = false" in check["hint"]
 
@@ -813,7 +818,7 @@ def test_inhibit_sleep_false_starts_no_inhibitor(cli, installed, project, home, 
     edit_config(home, sid, lambda doc: doc.update(inhibit_sleep=False))
     assert run_json(cli, sid)[1]["run"]["outcome"] == "success"
     assert inhibitor_pid(fake_inhibit) is None
-    check = {c["name"]: c for c in cli("--json", "doctor", "--name", sid).data["checks"]}["sleep inhibitor"]
+    check = doctor_checks(cli, "--name", sid)["sleep inhibitor"]
     assert check["status"] == "ok" and "inhibit_sleep = false" in check["message"]
 
 
@@ -829,7 +834,7 @@ def test_where_logind_does_not_answer_doctor_says_so_and_the_run_still_succeeds(
     sid = installed["service_id"]
     assert run_json(cli, sid)[1]["run"]["outcome"] == "success"
     assert "sleep inhibitor unavailable (systemd-inhibit: " in log_text(home, sid)
-    check = {c["name"]: c for c in cli("--json", "doctor", "--name", sid).data["checks"]}["sleep inhibitor"]
+    check = doctor_checks(cli, "--name", sid)["sleep inhibitor"]
     assert check["status"] == "warn" and check["message"].startswith("unavailable (systemd-inhibit: ")
 
 
@@ -908,10 +913,9 @@ def test_on_windows_the_run_asks_set_thread_execution_state_and_gives_it_back(en
 def test_doctor_shows_what_the_conditions_see(cli, system, installed, home, tmp_path, listener):
     sid = installed["service_id"]
     edit_config(home, sid, lambda doc: doc.update(gitlab_url=f"http://127.0.0.1:{listener}"))
-    system.sysfs_root = str(power_tree(tmp_path / "sys", ON_BATTERY))
-    system.which_map["nmcli"] = "/usr/bin/nmcli"
-    system.respond(["nmcli"], res(0, fixture_text("nmcli", "ethernet_and_tether.txt")))
-    checks = {c["name"]: c for c in cli("--json", "doctor", "--name", sid).data["checks"]}
+    on_battery(system, tmp_path)
+    nmcli_says(system, "ethernet_and_tether.txt")
+    checks = doctor_checks(cli, "--name", sid)
     assert checks["gitlab reachable"]["status"] == "ok"
     assert checks["gitlab reachable"]["message"].startswith(f"127.0.0.1:{listener} answers")
     assert checks["power"]["message"].startswith(f"on battery ({tmp_path}/sys/class/power_supply/BAT0 is discharging)")
@@ -919,17 +923,17 @@ def test_doctor_shows_what_the_conditions_see(cli, system, installed, home, tmp_
     assert checks["metered"]["message"].startswith("not metered (NetworkManager: enp0s31f6, usb0")
     assert checks["sleep inhibitor"]["status"] in ("ok", "warn")
     edit_config(home, sid, lambda doc: doc.update(gitlab_url=f"http://127.0.0.1:{closed_port()}"))
-    check = {c["name"]: c for c in cli("--json", "doctor", "--name", sid).data["checks"]}["gitlab reachable"]
+    check = doctor_checks(cli, "--name", sid)["gitlab reachable"]
     assert check["status"] == "warn" and "runs are skipped as offline" in check["message"]
 
 
 def test_doctor_says_when_no_gitlab_host_is_known_and_how_to_give_one(cli, installed, home):
     sid = installed["service_id"]
-    check = {c["name"]: c for c in cli("--json", "doctor", "--name", sid).data["checks"]}["gitlab reachable"]
+    check = doctor_checks(cli, "--name", sid)["gitlab reachable"]
     assert check["status"] == "warn" and "no GitLab host known" in check["message"]
     assert "--gitlab-url" in check["hint"]
     edit_config(home, sid, lambda doc: doc.update(gitlab_url="none"))
-    check = {c["name"]: c for c in cli("--json", "doctor", "--name", sid).data["checks"]}["gitlab reachable"]
+    check = doctor_checks(cli, "--name", sid)["gitlab reachable"]
     assert check["status"] == "ok" and "not checked" in check["message"]
 
 
@@ -959,11 +963,7 @@ exec "$@"
 
 
 def test_a_run_stopped_while_it_takes_the_inhibitor_is_still_recorded(tool, environ, project, home, tmp_path):
-    fake_program(tmp_path / "slow-bin", "systemd-inhibit", SLOW_INHIBIT)
-    records = tmp_path / "slow"
-    records.mkdir()
-    environ["PATH"] = f"{tmp_path / 'slow-bin'}{os.pathsep}{environ['PATH']}"
-    environ["FAKE_INHIBIT_DIR"] = str(records)
+    records = inhibit_on_path(environ, tmp_path, "slow", SLOW_INHIBIT)
     assert tool("--json", "install", "--backend", "none").code == 0
     runner = subprocess.Popen([*tool.program, "--json", "run"], cwd=project, env=environ, stdout=subprocess.PIPE)
     wait_until(lambda: inhibitor_pid(records) is not None, 10)
@@ -999,15 +999,10 @@ def test_a_home_folder_kept_in_git_says_nothing_about_a_project_under_it(cli, en
 def test_a_run_whose_optional_stages_wait_on_battery_still_needs_a_run_slot(
     cli, system, installed, project, home, tmp_path
 ):
-    (home / "config" / "settings.toml").write_text("max_concurrent_runs = 1\nbusy_wait_seconds = 0\n")
-    system.sysfs_root = str(power_tree(tmp_path / "sys", ON_BATTERY))
-    slot = ls.FileLock(ls.Paths(system).slot(0))
-    assert slot.try_acquire()  # another service's run holds the only slot
-    slot.record_owner("svc-a")
-    try:
-        data = run_json(cli, installed["service_id"])[1]
-    finally:
-        slot.release()
+    write_settings(home, "max_concurrent_runs = 1\nbusy_wait_seconds = 0\n")
+    on_battery(system, tmp_path)
+    held = [hold_slot(system, 0, "svc-a")]  # another service's run holds the only slot
+    data = run_while_held(cli, system, held, "run", "--name", installed["service_id"]).data
     assert data["run"]["condition"] == "host_busy" and calls(project) == []
     data = run_json(cli, installed["service_id"])[1]
     assert data["run"]["outcome"] == "success" and [c["stage"] for c in calls(project)] == ["issues", "mrs"]

@@ -23,6 +23,8 @@ from conftest import (
     MacSystem,
     WinSystem,
     backend_and_manifest,
+    commands_during,
+    cron_box,
     detect,
     install,
     res,
@@ -71,11 +73,7 @@ def crontab() -> MemoryCrontab:
 @pytest.fixture
 def csys(system: FakeSystem, crontab: MemoryCrontab) -> FakeSystem:
     """A Linux box with cron installed and its daemon running."""
-    system.environ["USER"] = USER
-    system.which_map["crontab"] = "/usr/bin/crontab"
-    system.respond(["crontab"], crontab.install)
-    system.respond(["crontab", "-l"], crontab.list)
-    system.respond(["pgrep", "-x", "cron"], res(0, "4242\n"))
+    cron_box(system, crontab, USER)
     system.slept = []  # type: ignore[attr-defined]
 
     def sleep(seconds: float) -> None:  # recorded, and the fake clock moves on
@@ -558,14 +556,14 @@ def test_doctor_all_ok(cli, csys: FakeSystem) -> None:
 
 def test_doctor_asks_crontab_and_pgrep_once_for_its_checks_and_its_report(cli, csys: FakeSystem) -> None:
     assert install(cli, "cron").code == 0
-    before = len(csys.commands)
-    assert cli("--json", "doctor").code == 0
-    asked = [tuple(c) for c in csys.commands[before:]]
+    with commands_during(csys) as ran:
+        assert cli("--json", "doctor").code == 0
+    asked = [tuple(c) for c in ran]
     assert asked.count(("crontab", "-l")) == 1 and asked.count(("pgrep", "-x", "cron")) == 1
-    before = len(csys.commands)  # the same System for the next commands, as main() may be called again
-    cli("--json", "status")
-    cli("--json", "status")
-    assert [tuple(c) for c in csys.commands[before:]].count(("crontab", "-l")) == 2  # nothing kept between commands
+    with commands_during(csys) as ran:  # the same System for the next commands, as main() may be called again
+        cli("--json", "status")
+        cli("--json", "status")
+    assert [tuple(c) for c in ran].count(("crontab", "-l")) == 2  # nothing kept between commands
 
 
 def test_status_says_in_one_line_that_cron_does_not_catch_up(cli, csys: FakeSystem) -> None:

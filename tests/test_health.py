@@ -5,22 +5,16 @@ faketime), as hours passing without a run would leave it."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 
 import pytest
-from conftest import edit_config, write_plan
+from conftest import edit_config, faketime_or_skip, write_plan
 
 
 @pytest.fixture
 def later(tool, environ, project):
     """Run the tool as if `hours` had passed (faketime shifts this process's clock only)."""
-    faketime = shutil.which("faketime")
-    if faketime is None:
-        if os.environ.get("LORE_E2E_REQUIRED") == "1":
-            pytest.fail("faketime is not installed (./run-tests installs it as root on Debian)")
-        pytest.skip("faketime is not installed")
+    faketime = faketime_or_skip()
 
     def call(hours: float, *argv: str):
         proc = subprocess.run(

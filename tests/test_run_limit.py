@@ -15,22 +15,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FakeSystem, calls, start_hanging_run, wait_until, write_plan
+from conftest import (
+    FakeSystem,
+    calls,
+    hold_slot,
+    log_text,
+    run_while_held,
+    start_hanging_run,
+    status_file,
+    wait_until,
+    write_plan,
+    write_settings,
+)
 
 import lore_service as ls
 
 RUNS = 10
-
-
-def write_settings(home: Path, text: str) -> Path:
-    path = home / "config" / "settings.toml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def status_file(home: Path, sid: str) -> dict[str, Any]:
-    return json.loads((home / "state" / sid / "status.json").read_text())
 
 
 def stage_times(project: Path) -> list[dict[str, Any]]:
@@ -167,7 +167,7 @@ def test_with_a_short_wait_the_runs_beyond_the_limit_are_skipped_as_host_busy_ne
     assert sorted(sid for sid, o in outcomes.items() if o == "ran") == sorted(syncing)
     assert list(outcomes.values()).count("busy") == RUNS - 2
     busy_sid = next(sid for sid, o in outcomes.items() if o == "busy")
-    log = service_log(home, busy_sid)
+    log = log_text(home, busy_sid)
     waiting = next(line for line in log.splitlines() if "for a free run slot" in line)
     assert "waiting up to 1.0s for a free run slot (2 of 2 in use by: " in waiting
     assert all(sid in waiting for sid in syncing)
@@ -259,27 +259,6 @@ def waiting(environ: dict[str, str]) -> WaitingSystem:
     return WaitingSystem(environ)
 
 
-def hold_slot(system: ls.System, index: int, sid: str) -> ls.FileLock:
-    """Hold a run slot as another service's run would (this process's own lock on it)."""
-    lock = ls.FileLock(ls.Paths(system).slot(index))
-    assert lock.try_acquire()
-    lock.record_owner(sid)
-    return lock
-
-
-def run_while_held(cli, system: ls.System, held: list[ls.FileLock], command: str = "run") -> Any:
-    """`command --json` while other runs hold these slots; they are released after."""
-    try:
-        return cli("--json", command, sys_=system)
-    finally:
-        for lock in held:
-            lock.release()
-
-
-def service_log(home: Path, sid: str) -> str:
-    return (home / "logs" / sid / "service.log").read_text()
-
-
 def test_a_waiting_run_polls_with_a_random_pause_of_half_a_second_to_3_s_and_gives_up_after_busy_wait(
     cli, installed, project, home, waiting
 ):
@@ -304,7 +283,7 @@ def test_a_run_takes_the_slot_that_frees_up_while_it_waits(cli, installed, proje
     assert result.code == 0 and result.data["run"]["outcome"] == "success"
     assert len(waiting.sleeps) == 3
     assert [c["stage"] for c in calls(project)] == ["issues", "mrs", "docs"]
-    log = service_log(home, installed["service_id"])
+    log = log_text(home, installed["service_id"])
     assert "waiting up to 5m for a free run slot (2 of 2 in use by: svc-a, svc-b)" in log
     assert ls.FileLock(ls.Paths(waiting).slot(1)).try_acquire()  # the run gave its slot back
 
@@ -318,7 +297,7 @@ def test_a_slot_taken_an_instant_ago_is_named_once_its_holder_has_written_its_na
     result = run_while_held(cli, waiting, [named, fresh])
     assert result.data["run"]["condition"] == "host_busy"
     assert waiting.sleeps[:2] == [ls.SLOT_NAME_PAUSE_SECONDS] * 2  # read again until both are named
-    log = service_log(home, installed["service_id"])
+    log = log_text(home, installed["service_id"])
     assert "(2 of 2 in use by: svc-a, svc-b)" in log
 
 
@@ -332,7 +311,7 @@ def test_a_slot_note_left_by_an_ended_run_never_names_the_new_holder(cli, instal
     result = run_while_held(cli, waiting, [held])
     assert result.data["run"]["condition"] == "host_busy"
     assert waiting.sleeps[: ls.SLOT_NAME_TRIES] == [ls.SLOT_NAME_PAUSE_SECONDS] * ls.SLOT_NAME_TRIES
-    log = service_log(home, installed["service_id"])
+    log = log_text(home, installed["service_id"])
     assert "for a free run slot (1 of 1 in use)" in log and "svc-gone" not in log
 
 
@@ -462,12 +441,8 @@ def test_a_run_in_a_sandbox_from_before_the_limit_syncs_without_a_slot_and_says_
     write_settings(home, "max_concurrent_runs = 1\nbusy_wait_seconds = 0\n")
     slots = str(home / "state" / ".slots")
     waiting.can_write = lambda folder: folder != slots  # type: ignore[method-assign]
-    held = hold_slot(waiting, 0, "svc-a")
-    try:
-        result = cli("--json", "run", sys_=waiting)
-    finally:
-        held.release()
+    result = run_while_held(cli, waiting, [hold_slot(waiting, 0, "svc-a")])
     assert result.code == 0 and result.data["run"]["outcome"] == "success"
-    log = service_log(home, installed["service_id"])
+    log = log_text(home, installed["service_id"])
     assert f"warning: the run limit is not enforced: {slots} is read-only here" in log
     assert "run `lore-service install` again" in log

@@ -5,13 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import TOKEN, calls, write_plan
+from conftest import TOKEN, calls, log_text, status_file, write_plan
 
 import lore_service as ls
-
-
-def status_file(home, sid: str) -> dict:
-    return json.loads((home / "state" / sid / "status.json").read_text())
 
 
 def test_successful_trigger_runs_balanced_stages_in_project_with_token(cli, installed, project):
@@ -159,7 +155,7 @@ def test_manual_pause_skips_scheduled_runs_and_keeps_last_run(cli, installed, pr
     skipped = cli("--json", "run")
     assert skipped.code == 0 and skipped.data["skipped"]
     assert status_file(home, installed["service_id"])["last_run"] == before
-    log = (home / "logs" / installed["service_id"] / "service.log").read_text()
+    log = log_text(home, installed["service_id"])
     assert "[skip] paused (manual)" in log
 
 
@@ -167,7 +163,7 @@ def test_token_is_redacted_from_the_log_and_outputs(cli, installed, project, hom
     write_plan(project, {"issues": {"print_token": True}})
     result = cli("--json", "trigger")
     assert TOKEN not in result.out
-    log = (home / "logs" / installed["service_id"] / "service.log").read_text()
+    log = log_text(home, installed["service_id"])
     assert "token is <redacted>" in log and TOKEN not in log
     for path in home.rglob("*"):
         if path.is_file() and path.name != "token.env":

@@ -17,7 +17,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import UID, FakeSystem, MacSystem, WinSystem, fixture_text, install, res
+from conftest import (
+    UID,
+    FakeSystem,
+    MacSystem,
+    WinSystem,
+    commands_during,
+    cron_box,
+    fixture_text,
+    install,
+    python_folder,
+    res,
+    systemd_user_manager,
+    windows_from,
+)
 from test_cron import MemoryCrontab
 
 import lore_service as ls
@@ -108,12 +121,7 @@ class UserManagerModel:
 
 def windows_with_python(environ: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> WinSystem:
     """A Windows system whose lore-service runs from a Python folder with pythonw.exe beside python.exe."""
-    python = tmp_path / "Python 3.11"
-    python.mkdir()
-    for exe in ("python.exe", "pythonw.exe"):
-        (python / exe).write_text("")
-    monkeypatch.setattr(ls, "self_command", lambda: [str(python / "python.exe"), str(ls.__file__)])
-    return WinSystem(dict(environ))
+    return windows_from(python_folder(tmp_path / "Python 3.11"), environ, monkeypatch)
 
 
 class LaunchdModel(MacSystem):
@@ -205,21 +213,12 @@ class TaskSchedulerModel:
 
 
 def linux_systemd(system: FakeSystem, monkeypatch: pytest.MonkeyPatch) -> UserManagerModel:
-    monkeypatch.setattr(ls.SystemdBackend, "hidden_roots", ())  # pytest's folders are under /tmp
-    system.which_map["systemctl"] = "/usr/bin/systemctl"
-    system.respond(["systemctl", "--user", "is-system-running"], res(0, "running\n"))
-    system.respond(["systemctl", "--user", "--no-pager", "--version"], res(0, "systemd 252 (252.38-1~deb12u1)\n"))
-    system.respond(["loginctl"], res(0, "yes\n"))
-    return UserManagerModel(system)
+    return UserManagerModel(systemd_user_manager(system, monkeypatch))
 
 
 def linux_cron(system: FakeSystem) -> MemoryCrontab:
     crontab = MemoryCrontab()
-    system.environ["USER"] = "alice"
-    system.which_map["crontab"] = "/usr/bin/crontab"
-    system.respond(["crontab"], crontab.install)
-    system.respond(["crontab", "-l"], crontab.list)
-    system.respond(["pgrep", "-x", "cron"], res(0, "4242\n"))
+    cron_box(system, crontab)
     system.sleep = lambda seconds: None  # type: ignore[method-assign]  (the crontab's reload guard)
     return crontab
 
@@ -254,9 +253,9 @@ def install_services(cli, system: FakeSystem, backend: str, tmp_path: Path, coun
 
 def asked(cli, system: FakeSystem, *argv: str) -> tuple[Any, list[list[str]]]:
     """The command's result and the scheduler commands it ran through System."""
-    system.commands.clear()
-    result = cli(*argv, sys_=system)
-    return result, list(system.commands)
+    with commands_during(system) as ran:
+        result = cli(*argv, sys_=system)
+    return result, ran
 
 
 def comparable(backend: str, view: dict[str, Any]) -> dict[str, Any]:

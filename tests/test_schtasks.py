@@ -23,14 +23,18 @@ from conftest import (
     MemoryKeyring,
     WinSystem,
     backend_and_manifest,
+    commands_during,
     detect,
+    doctor_checks,
     fixture_bytes,
     fixture_text,
     install,
+    python_folder,
     res,
     scheduler_state,
     shared_schema,
     status_all_beside_each,
+    windows_from,
 )
 
 import lore_service as ls
@@ -99,18 +103,12 @@ def parse_windows_args(cmdline: str) -> list[str]:
 @pytest.fixture
 def python_dir(tmp_path: Path) -> Path:
     """A Python folder with an awkward name, holding python.exe and its windowed twin."""
-    folder = tmp_path / 'Zoë\'s "Python" 3.11'
-    folder.mkdir()
-    for exe in ("python.exe", "pythonw.exe"):
-        (folder / exe).write_text("")
-    return folder
+    return python_folder(tmp_path / 'Zoë\'s "Python" 3.11')
 
 
 @pytest.fixture
 def win(environ: dict[str, str], memory_keyring: MemoryKeyring, python_dir: Path, monkeypatch) -> WinSystem:
-    # the argv prefix a Windows install would schedule; our own function, not the stdlib
-    monkeypatch.setattr(ls, "self_command", lambda: [str(python_dir / "python.exe"), str(ROOT / "lore_service.py")])
-    return WinSystem(dict(environ))
+    return windows_from(python_dir, environ, monkeypatch)
 
 
 def task_file(data: dict[str, Any]) -> dict[str, Any]:
@@ -520,21 +518,21 @@ def test_parse_schtasks_time_unknown_or_never(text: str | None) -> None:
 def test_doctor_reports_task_and_battery(installed_win, win: WinSystem, cli, python_dir: Path) -> None:
     backend, manifest = installed_win
     answer(win, backend, manifest, fixture_text("schtasks", "csv_verbose_never_run.csv"), None)
-    before = len(win.commands)
-    checks = {c["name"]: c for c in cli("--json", "doctor", sys_=win).data["checks"]}
+    with commands_during(win) as ran:
+        checks = doctor_checks(cli, sys_=win)
     assert checks["task"]["status"] == "ok"
     assert checks["battery"]["status"] == "ok"
-    queries = [c for c in win.commands[before:] if c[:2] == ["schtasks", "/Query"]]
+    queries = [c for c in ran if c[:2] == ["schtasks", "/Query"]]
     assert len(queries) == len({tuple(q) for q in queries}) == 2  # the task's CSV row and its XML, once each
     assert checks["windowed program"]["message"] == f"the task runs {python_dir / 'pythonw.exe'} (no console window)"
     # a task Windows stored with its defaults: no runs on battery
     foreign = fixture_bytes("schtasks", "query_xml_schtasks_created.utf16le.xml").decode("utf-16")
     answer(win, backend, manifest, fixture_text("schtasks", "csv_verbose_never_run.csv"), foreign)
-    checks = {c["name"]: c for c in cli("--json", "doctor", sys_=win).data["checks"]}
+    checks = doctor_checks(cli, sys_=win)
     assert checks["battery"]["status"] == "warn"
     assert "DisallowStartIfOnBatteries" in checks["battery"]["message"]
     win.respond(["schtasks", "/Query"], res(1, "", fixture_text("schtasks", "query_missing.stderr.txt")))
-    checks = {c["name"]: c for c in cli("--json", "doctor", sys_=win).data["checks"]}
+    checks = doctor_checks(cli, sys_=win)
     assert checks["task"]["status"] == "fail"
 
 

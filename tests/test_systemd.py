@@ -8,7 +8,7 @@ import json
 import os
 
 import pytest
-from conftest import TOKEN, FakeSystem, edit_config, install, res
+from conftest import TOKEN, FakeSystem, commands_during, doctor_checks, edit_config, install, res, systemd_user_manager
 
 import lore_service as ls
 
@@ -17,16 +17,7 @@ EVERY_45M = ("--interval", "45m")
 
 @pytest.fixture
 def linux(system: FakeSystem, monkeypatch: pytest.MonkeyPatch) -> FakeSystem:
-    # pytest's folders live under /tmp, which the real unit's PrivateTmp hides
-    monkeypatch.setattr(ls.SystemdBackend, "hidden_roots", ())
-    system.which_map["systemctl"] = "/usr/bin/systemctl"
-    system.respond(["systemctl", "--user", "is-system-running"], res(0, "running\n"))
-    system.respond(
-        ["systemctl", "--user", "--no-pager", "--version"],
-        res(0, "systemd 252 (252.38-1~deb12u1)\n+PAM\n"),
-    )
-    system.respond(["loginctl"], res(0, "yes\n"))
-    return system
+    return systemd_user_manager(system, monkeypatch)
 
 
 def units(system: FakeSystem, sid: str) -> tuple[str, str]:
@@ -144,7 +135,7 @@ def test_too_old_systemd_is_a_prerequisite_failure(cli, linux):
 def test_lingering_is_reported_with_its_fix(cli, linux, answer, status, words):
     linux.respond(["loginctl"], answer)
     install(cli, "systemd", *EVERY_45M)
-    checks = {c["name"]: c for c in cli("--json", "doctor").data["checks"]}
+    checks = doctor_checks(cli)
     assert checks["lingering"]["status"] == status and words in checks["lingering"]["message"]
     if status == "warn":
         assert "loginctl enable-linger" in checks["lingering"]["hint"]
@@ -180,9 +171,9 @@ def test_status_reads_systemd_properties_not_human_text(cli, linux):
             ),
         ),
     )
-    before = len(linux.commands)
-    sched = cli("--json", "status").data["scheduler"]
-    asked = [c[3] for c in linux.commands[before:] if c[0] == "systemctl"]
+    with commands_during(linux) as ran:
+        sched = cli("--json", "status").data["scheduler"]
+    asked = [c[3] for c in ran if c[0] == "systemctl"]
     assert asked == ["show", "list-timers"]  # both units in one show
     assert sched["registered"] and sched["active"] and sched["drift"] == []
     assert sched["next_run_iso"] == ls.iso_from_ms(1795827886249)

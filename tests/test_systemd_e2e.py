@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FAKE_LORE, FROZEN, ROOT, TOKEN
+from conftest import FAKE_LORE, FROZEN, ROOT, TOKEN, faketime_or_skip, frozen_or_skip
 from harness.systemd_user import HarnessError, UserManager, e2e_required
 
 import lore_service as ls
@@ -66,11 +66,7 @@ def app(um: UserManager, request: pytest.FixtureRequest):
     if request.param == "source":
         argv = [str(py), str(appdir / "lore_service.py")]
     else:
-        if not FROZEN:
-            reason = "no frozen binary: set LORE_SERVICE_FROZEN, or run ./run-tests with LORE_BUILD_FROZEN=1"
-            if e2e_required():
-                pytest.fail(reason)
-            pytest.skip(reason)
+        frozen_or_skip()
         download = home / "Downloads" / "lore-service"
         shutil.rmtree(download, ignore_errors=True)
         shutil.copytree(Path(FROZEN).parent, download, symlinks=True)
@@ -370,11 +366,7 @@ def test_frozen_install_pins_a_copy_and_keeps_running_after_the_download_is_dele
 
 def later(um: UserManager, app: dict, hours: int, *argv: str):
     """The tool as if `hours` had passed (faketime shifts only this process and its children)."""
-    faketime = shutil.which("faketime")
-    if faketime is None:
-        if e2e_required():
-            pytest.fail("faketime is not installed (./run-tests installs it as root on Debian)")
-        pytest.skip("faketime is not installed")
+    faketime = faketime_or_skip()
     # faketime shifts the monotonic clock too, so the systemctl it starts places the
     # timer's next elapse in 1970: the next run is not judged here. (Keeping monotonic
     # real, FAKETIME_DONT_FAKE_MONOTONIC, makes libfaketime fail time.sleep with EINVAL.)
